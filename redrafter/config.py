@@ -1,0 +1,294 @@
+"""Frozen configs and run-time knobs.
+
+`BaseModelConfig` and `DrafterConfig` are read from a checkpoint's `config.json` and keep the
+Hugging Face / Apple field names; unknown keys are ignored and bad values are rejected by name.
+`BeamShape` and `SamplingParams` are the small value objects threaded through decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from redrafter.errors import ConfigError, UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DRAFTER_MODEL_TYPE = "recurrent_drafting_drafter"
+TOP_K = 50  # Apple's warp: both the drafter's and the LLM's logits are cut to their top 50.
+LOG_0 = -50000.0  # Apple's stand-in for log(0): masked logits and the initial beam scores.
+
+
+def _from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """Build a dataclass from a dict, ignoring unknown keys and naming missing ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - raw.keys())
+    if missing:
+        raise ConfigError(f"{where}: missing required field(s) {missing}; add them to config.json")
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config.json not found; point at a checkpoint folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); fix or re-export the config") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return raw
+
+
+def _check_positive_int(obj: Any, *fields: str) -> None:
+    for name in fields:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config field {name}={value!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    """A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in HF `config.json` terms."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    model_type: str = "llama"
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported model_type {self.model_type!r}; supported: "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        _check_positive_int(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        )
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        _check_positive_int(self, "num_key_value_heads")
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(
+                f"config field num_key_value_heads={self.kv_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"config field hidden_size={self.hidden_size} is not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        _check_positive_int(self, "head_dim")
+        if self.head_dim % 2:
+            raise ConfigError(f"config field head_dim={self.head_dim} must be even for RoPE")
+        if self.hidden_act != "silu":
+            raise UnsupportedModelError(
+                f"unsupported hidden_act {self.hidden_act!r}; only 'silu' (SwiGLU) is supported"
+            )
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ConfigError(f"config field rms_norm_eps={self.rms_norm_eps!r} must be > 0")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"config field rope_theta={self.rope_theta!r} must be > 0")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind == "default":
+                object.__setattr__(self, "rope_scaling", None)
+            elif kind != "llama3":
+                raise UnsupportedModelError(
+                    f"unsupported rope_scaling type {kind!r}; supported: llama3 (or none)"
+                )
+            else:
+                for key in (
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                ):
+                    if key not in self.rope_scaling:
+                        raise ConfigError(f"config rope_scaling is missing {key!r} for llama3")
+
+    @property
+    def kv_heads(self) -> int:
+        assert self.num_key_value_heads is not None
+        return self.num_key_value_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        assert self.head_dim is not None
+        return self.head_dim
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2 always has q/k/v biases (its config has no flag for it)."""
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model attends over in full (Mistral's window caps it)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, int(self.sliding_window))
+        return self.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(int(t) for t in self.eos_token_id)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> BaseModelConfig:
+        raw = dict(raw)
+        if "model_type" not in raw:
+            raise ConfigError(f"{where}: missing 'model_type'; expected one of llama/mistral/qwen2")
+        if raw.get("model_type") == DRAFTER_MODEL_TYPE:
+            raise UnsupportedModelError(
+                f"{where} is a ReDrafter drafter, not a base model; pass it as --drafter"
+            )
+        # Wrong-type values must fail by name, not deep inside torch.
+        try:
+            return _from_dict(cls, raw, where)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> BaseModelConfig:
+        return cls.from_dict(_read_json(Path(path)), where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+    """Apple's ReDrafter drafter config (`model_type: recurrent_drafting_drafter`)."""
+
+    vocab_size: int
+    hidden_size: int
+    exit_dim: int
+    num_draft_layers: int
+    rnn: bool = True
+    num_lookback_tokens: int = 1
+    model_type: str = DRAFTER_MODEL_TYPE
+
+    def __post_init__(self) -> None:
+        if self.model_type != DRAFTER_MODEL_TYPE:
+            raise UnsupportedModelError(
+                f"drafter model_type {self.model_type!r} is not {DRAFTER_MODEL_TYPE!r}; "
+                "pass a ReDrafter drafter checkpoint (or make one with `redrafter init-drafter`)"
+            )
+        _check_positive_int(self, "vocab_size", "hidden_size", "exit_dim")
+        if (
+            isinstance(self.num_draft_layers, bool)
+            or not isinstance(self.num_draft_layers, int)
+            or self.num_draft_layers < 0
+        ):
+            raise ConfigError(
+                f"drafter config field num_draft_layers={self.num_draft_layers!r} "
+                "must be an integer >= 0"
+            )
+        if not self.rnn:
+            raise UnsupportedModelError(
+                "drafter config rnn=false is not supported; ReDrafter drafters are recurrent"
+            )
+
+    @property
+    def has_input_proj(self) -> bool:
+        return self.exit_dim != 2 * self.hidden_size
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> DrafterConfig:
+        if raw.get("model_type") != DRAFTER_MODEL_TYPE:
+            raise UnsupportedModelError(
+                f"{where}: model_type {raw.get('model_type')!r} is not {DRAFTER_MODEL_TYPE!r}; "
+                "pass a ReDrafter drafter checkpoint (or make one with `redrafter init-drafter`)"
+            )
+        try:
+            return _from_dict(cls, raw, where)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> DrafterConfig:
+        return cls.from_dict(_read_json(Path(path)), where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamShape:
+    """Drafter beam: `width` beams, each `length` tokens long (column 0 is the LLM's token)."""
+
+    width: int = 4
+    length: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ConfigError(f"beam width {self.width!r} must be an integer >= 1")
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 2:
+            raise ConfigError(
+                f"beam length {self.length!r} must be an integer >= 2 "
+                "(it counts the LLM's own token; 1 would draft nothing)"
+            )
+
+
+Acceptance = Literal["exact", "apple"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """`temperature == 0` means greedy. `acceptance` picks the sampling rule:
+    `exact` (tree walk that preserves the target distribution) or `apple` (Apple's rule)."""
+
+    temperature: float = 0.0
+    seed: int | None = None
+    acceptance: Acceptance = "exact"
+    top_k: int = TOP_K
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ConfigError(f"temperature {self.temperature!r} must be >= 0 (0 means greedy)")
+        if self.acceptance not in ("exact", "apple"):
+            raise ConfigError(f"acceptance {self.acceptance!r} must be 'exact' or 'apple'")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"top_k {self.top_k!r} must be an integer >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

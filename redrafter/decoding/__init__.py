@@ -1,0 +1,2 @@
+"""Runtime-agnostic decoding: numpy only (no torch, onnxruntime or coremltools imports), so the
+same driver serves every runtime."""

@@ -1,0 +1,143 @@
+"""Acceptance (DESIGN.md §3.5): decide how much of the drafted beam the LLM keeps.
+
+Dimensions: B batch, W beam width, L beam length, V vocab.
+
+Index convention: `beams[b, w, 0]` is g0 (the LLM's token from the previous step) and
+`beams[b, w, k]` (k >= 1) are drafts. The LLM's output at beam position k predicts the token
+*after* `beams[b, w, k]`, so draft k+1 is judged by `llm[b, w, k]`, and the drafter's
+`draft_log_probs[b, w, k]` is the distribution draft k+1 was drawn from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from redrafter.config import LOG_0, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+    """beam (B,) the chosen beam; n (B,) drafts accepted (0..L-1); next_token (B,) the LLM's own
+    token after them (the next step's g0)."""
+
+    beam: np.ndarray
+    n: np.ndarray
+    next_token: np.ndarray
+
+
+def warp_logits(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """Apple's top-k warp: values below the k-th largest become LOG_0 (ties are kept)."""
+    k = min(top_k, logits.shape[-1])
+    kth = np.partition(logits, -k, axis=-1)[..., -k, None]
+    return np.where(logits < kth, np.float32(LOG_0), logits)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def target_probs(logits: np.ndarray, sampling: SamplingParams) -> np.ndarray:
+    """The LLM's sampling distribution P: top-k warp, then temperature. (..., V) -> (..., V)."""
+    scaled = warp_logits(logits.astype(np.float64), sampling.top_k) / sampling.temperature
+    return np.exp(log_softmax(scaled))
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a (V,) distribution that need not be normalised."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def choose_token(
+    logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator
+) -> np.ndarray:
+    """The LLM's own next token per row: argmax (first max) or a sample from P. (B, V) -> (B,)."""
+    if sampling.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)
+    probs = target_probs(logits, sampling)
+    return np.array([sample(p, rng) for p in probs], dtype=np.int64)
+
+
+def accept_greedy(beams: np.ndarray, llm_tokens: np.ndarray) -> Acceptance:
+    """Longest prefix of drafts equal to the LLM's argmax; the first beam with the max wins.
+
+    beams: (B, W, L) int64; llm_tokens: (B, W, L) the LLM's argmax at each beam position.
+    """
+    matches = beams[:, :, 1:] == llm_tokens[:, :, :-1]  # (B, W, L-1)
+    n_per_beam = np.cumprod(matches, axis=-1).sum(axis=-1)  # (B, W)
+    beam = n_per_beam.argmax(axis=-1)  # (B,) argmax takes the first max
+    rows = np.arange(beams.shape[0])
+    n = n_per_beam[rows, beam]  # (B,)
+    return Acceptance(beam, n, llm_tokens[rows, beam, n].astype(np.int64))
+
+
+def accept_apple(
+    beams: np.ndarray,
+    llm_logits: np.ndarray,
+    draft_log_probs: np.ndarray,
+    sampling: SamplingParams,
+    rng: np.random.Generator,
+) -> Acceptance:
+    """Apple's rule: accept draft v iff u < P(v)/Q(v); the first beam with the longest accepted
+    prefix wins; a rejection is resampled from relu(P - Q), a fully accepted beam gets a bonus
+    token from P at its last position. Does not preserve P exactly (beam drafts are not samples
+    from Q); kept for parity with Apple's implementation.
+
+    beams: (B, W, L); llm_logits: (B, W, L, V); draft_log_probs: (B, W, L-1, V) normalised.
+    """
+    B, W, L = beams.shape
+    p = target_probs(llm_logits, sampling)  # (B, W, L, V)
+    q = np.exp(draft_log_probs.astype(np.float64))  # (B, W, L-1, V)
+    drafts = beams[:, :, 1:, None]  # (B, W, L-1, 1)
+    p_draft = np.take_along_axis(p[:, :, :-1], drafts, axis=-1)[..., 0]  # (B, W, L-1)
+    q_draft = np.take_along_axis(q, drafts, axis=-1)[..., 0]  # (B, W, L-1)
+    u = rng.random((B, W, L - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accepted = u < p_draft / q_draft  # (B, W, L-1)
+    n_per_beam = np.cumprod(accepted, axis=-1).sum(axis=-1)  # (B, W)
+    beam = n_per_beam.argmax(axis=-1)  # (B,)
+    next_token = np.empty(B, dtype=np.int64)
+    for b in range(B):
+        w, n = beam[b], n_per_beam[b, beam[b]]
+        if n == L - 1:  # whole beam accepted: bonus token from P after the last draft
+            dist = p[b, w, L - 1]
+        else:
+            dist = np.maximum(p[b, w, n] - q[b, w, n], 0.0)
+            if dist.sum() <= 0:  # P == Q: the residual is empty, fall back to P
+                dist = p[b, w, n]
+        next_token[b] = sample(dist, rng)
+    return Acceptance(beam, n_per_beam[np.arange(B), beam], next_token)
+
+
+def accept_exact(
+    beams: np.ndarray,
+    llm_logits: np.ndarray,
+    sampling: SamplingParams,
+    rng: np.random.Generator,
+) -> Acceptance:
+    """Tree walk that preserves P exactly: from the root, sample x from P at the current node;
+    if x is one of the node's drafted children, accept it and descend, else x is the next token;
+    at a leaf, x is the bonus token. Each emitted token is a draw from P given its prefix.
+
+    beams: (B, W, L); llm_logits: (B, W, L, V).
+    """
+    B, W, L = beams.shape
+    beam = np.zeros(B, dtype=np.int64)
+    n = np.zeros(B, dtype=np.int64)
+    next_token = np.zeros(B, dtype=np.int64)
+    for b in range(B):
+        alive = np.arange(W)  # beams whose prefix equals the current node
+        depth = 0
+        while True:
+            x = sample(target_probs(llm_logits[b, alive[0], depth], sampling), rng)
+            if depth == L - 1:
+                break
+            children = alive[beams[b, alive, depth + 1] == x]
+            if children.size == 0:
+                break
+            alive, depth = children, depth + 1
+        beam[b], n[b], next_token[b] = alive[0], depth, x
+    return Acceptance(beam, n, next_token)

@@ -1,0 +1,82 @@
+"""What the decode loops share: prompt checks, padding, and the per-row output stream that
+applies EOS and max-token stops. Dimensions: B batch, T longest prompt."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from redrafter.errors import PromptError
+
+
+@dataclasses.dataclass
+class Step:
+    """One decode step. `new_tokens[b]`: tokens row b emitted this step (after stops);
+    `accepted` (B,): drafts accepted (0 for prefill and autoregressive steps); `seconds`:
+    wall time per phase (draft, verify, accept, commit, prefill)."""
+
+    new_tokens: list[list[int]]
+    accepted: np.ndarray
+    seconds: dict[str, float]
+    kind: str  # "prefill" | "speculative" | "autoregressive"
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], *, vocab_size: int, context_length: int, max_new_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check prompts and right-pad them: returns tokens (B, T) int64 and lengths (B,) int64."""
+    if not prompts:
+        raise PromptError("no prompts given; pass at least one prompt")
+    if max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise PromptError(f"prompt {i} is empty; give at least one token")
+        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise PromptError(
+                f"prompt {i} has token id(s) {bad[:5]} outside the vocab [0, {vocab_size}); "
+                "check the tokenizer matches the model"
+            )
+        if len(p) + max_new_tokens > context_length:
+            raise PromptError(
+                f"prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} > the model's "
+                f"context {context_length}; shorten the prompt or lower --max-new-tokens"
+            )
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    tokens = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+class OutputStream:
+    """Per-row generated tokens with stops: a row finishes at an EOS token (kept) or at
+    `max_new_tokens`; later tokens of that row are dropped."""
+
+    def __init__(self, batch: int, *, max_new_tokens: int, eos_token_ids: Sequence[int]) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.finished = np.zeros(batch, dtype=bool)
+        self.max_new_tokens = max_new_tokens
+        self.eos = set(int(t) for t in eos_token_ids)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    def emit(self, per_row: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Append each row's candidate tokens, honouring stops; returns what was kept."""
+        kept: list[list[int]] = []
+        for b, candidates in enumerate(per_row):
+            row: list[int] = []
+            for t in candidates:
+                if self.finished[b]:
+                    break
+                row.append(int(t))
+                self.tokens[b].append(int(t))
+                if int(t) in self.eos or len(self.tokens[b]) >= self.max_new_tokens:
+                    self.finished[b] = True
+            kept.append(row)
+        return kept

@@ -1,0 +1,39 @@
+"""Generation statistics from a list of `Step`s: tokens/step, tokens/s, acceptance histogram,
+time per phase. Dimensions: B batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redrafter.decoding.output import Step
+
+
+def summarize(steps: Sequence[Step], *, beam_length: int | None = None) -> dict[str, Any]:
+    """Aggregate per-step results. `tokens_per_step` counts, per row, tokens emitted per decode
+    step while the row was generating (1.0 for autoregressive decoding); `tokens_per_second` is
+    decode-phase throughput over all rows (the prefill's first token and time excluded)."""
+    decode = [s for s in steps if s.kind != "prefill"]
+    seconds: dict[str, float] = {}
+    for s in steps:
+        for k, v in s.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    emitted = sum(len(row) for s in decode for row in s.new_tokens)
+    row_steps = sum(1 for s in decode for row in s.new_tokens if row)
+    decode_seconds = sum(v for k, v in seconds.items() if k != "prefill")
+    histogram = [0] * (beam_length if beam_length else 1)
+    for s in decode:
+        for b, row in enumerate(s.new_tokens):
+            if row and s.kind == "speculative":
+                histogram[int(s.accepted[b])] += 1
+    return {
+        "steps": len(decode),
+        "generated_tokens": emitted
+        + sum(len(r) for s in steps if s.kind == "prefill" for r in s.new_tokens),
+        "tokens_per_step": emitted / row_steps if row_steps else 0.0,
+        "tokens_per_second": emitted / decode_seconds if decode_seconds > 0 else 0.0,
+        "prefill_seconds": seconds.get("prefill", 0.0),
+        "decode_seconds": decode_seconds,
+        "seconds_by_phase": seconds,
+        "acceptance_histogram": histogram if beam_length else None,
+    }

@@ -1,0 +1,98 @@
+"""The ReDrafter drafter (DESIGN.md §3.1-3.2): a recurrent head over the LLM's embeddings.
+
+Dimensions: B batch, W beam width, L beam length (column 0 is the LLM's token g0), E the LLM's
+hidden size, X exit_dim, V vocab.
+
+    s_0 = 0;  s_t = SiLU(rnn_w · E(tok_{t-1}) + rnn_u · s_{t-1})      (rnn_u has the bias)
+    logits_t = lm_head([h ⊕ s_t])    h: the LLM's post-norm hidden state at the last accepted token
+    lm_head = num_draft_layers × (x + SiLU(Linear(x))) then a bias-free Linear(X → V)
+
+Parameter names are Apple's (`lm_head.0.linear.weight`, `lm_head.{n}.weight`, `rnn_u.*`,
+`rnn_w.weight`, `input_proj.*`), so checkpoints load and save in Apple's layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redrafter.config import LOG_0, TOP_K, BeamShape, DrafterConfig
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+def warp_log_probs(logits: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
+    """Apple's logits warp then log-softmax: subtract the max, set everything below the k-th
+    largest value to LOG_0 (ties with the k-th value are kept), normalise. (..., V) -> (..., V)."""
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, LOG_0).log_softmax(dim=-1)
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        self.config = config
+        E, X = config.hidden_size, config.exit_dim
+        if config.has_input_proj:
+            self.input_proj = nn.Linear(2 * E, X, bias=True)
+        self.lm_head = nn.Sequential(
+            *[ResBlock(X) for _ in range(config.num_draft_layers)],
+            nn.Linear(X, config.vocab_size, bias=False),
+        )
+        self.rnn_u = nn.Linear(E, E, bias=True)
+        self.rnn_w = nn.Linear(E, E, bias=False)
+
+    def next_state(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """s_t = SiLU(rnn_w·e + rnn_u·s_{t-1}); (..., E) -> (..., E). rnn_u's bias applies even
+        at step 1, where s_0 = 0."""
+        return F.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
+
+    def log_probs(self, context: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Warped draft log-probs from [context ⊕ state]: (..., E) x2 -> (..., V)."""
+        x = torch.cat([context, state], dim=-1)  # (..., 2E) context first, state second
+        if self.config.has_input_proj:
+            x = self.input_proj(x)  # (..., X)
+        return warp_log_probs(self.lm_head(x))
+
+    def beam_search(
+        self,
+        context: torch.Tensor,
+        first_token: torch.Tensor,
+        embed_weight: torch.Tensor,
+        beam: BeamShape,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's beam search, unrolled L-1 times at static W (exportable as one graph).
+
+        context: (B, E) post-norm hidden state at the last accepted token;
+        first_token: (B,) int64, the LLM's token g0; embed_weight: (V, E) the LLM's embeddings.
+        Returns beams (B, W, L) int64 and the draft log-probs (B, W, L-1, V).
+        """
+        B, E = context.shape
+        W, V = beam.width, embed_weight.shape[0]
+        rows = torch.arange(B, device=context.device)[:, None]  # (B, 1)
+        # Only beam 0 is live at step 1, so its top-W children fill all W beams.
+        scores = torch.full((B, W), LOG_0, dtype=context.dtype, device=context.device)
+        scores[:, 0] = 0.0  # (B, W)
+        ctx = context[:, None, :].expand(B, W, E)  # (B, W, E)
+        beams = first_token[:, None, None].expand(B, W, 1)  # (B, W, 1)
+        state = torch.zeros(B, W, E, dtype=context.dtype, device=context.device)  # (B, W, E)
+        history = context.new_zeros(B, W, 0, V)  # (B, W, t, V)
+        for _ in range(beam.length - 1):
+            state = self.next_state(state, F.embedding(beams[:, :, -1], embed_weight))
+            logp = self.log_probs(ctx, state)  # (B, W, V)
+            total = (logp + scores[:, :, None]).reshape(B, W * V)  # (B, W*V)
+            scores, flat = torch.topk(total, W, dim=-1)  # (B, W)
+            parent, token = flat // V, flat % V  # (B, W)
+            beams = torch.cat([beams[rows, parent], token[:, :, None]], dim=-1)  # (B, W, t+1)
+            state = state[rows, parent]  # (B, W, E)
+            history = torch.cat([history[rows, parent], logp[rows, parent][:, :, None]], dim=2)
+        return beams, history

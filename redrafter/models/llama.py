@@ -1,0 +1,197 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE (with Llama-3
+scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias.
+
+Dimensions: B batch, T new tokens, S cache capacity, P committed length, Hq/Hkv heads,
+D head dim, E hidden size, F MLP size, V vocab, Lyr layers.
+
+Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a HF
+state dict loads after an explicit key-set check (`checkpoints.py`). `forward` has static shapes
+and no data-dependent Python control flow: it is what gets exported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redrafter.config import BaseModelConfig
+from redrafter.models.attention import tree_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as HF does, so fp16 runs do not overflow the mean of squares.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: BaseModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies (D/2,), with Llama-3 scaling when configured.
+
+    Computed in float64 on the host and stored as a constant: no `1/x` in the exported graph
+    (Core ML lowers `1/x` with an epsilon that shifts the frequencies).
+    """
+    D = config.dim_per_head
+    inv = torch.exp(-math.log(config.rope_theta) * torch.arange(0, D, 2, dtype=torch.float64) / D)
+    rs = config.rope_scaling
+    if rs is not None:  # Llama 3.1: stretch low frequencies, keep high ones, blend between.
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(mid, blended, inv)
+    return inv.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__()
+        E, D = config.hidden_size, config.dim_per_head
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.kv_heads,
+            D,
+        )
+        self.q_proj = nn.Linear(E, self.n_heads * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, E, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        tree_mask: torch.Tensor,
+        past_len: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out, _, _ = tree_attention(q, k, v, key_cache, value_cache, past_len, tree_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * D))  # (B, T, E)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__()
+        E, Fd, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(E, Fd, bias=bias)
+        self.up_proj = nn.Linear(E, Fd, bias=bias)
+        self.down_proj = nn.Linear(Fd, E, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, *attn_args: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `model.*` submodule: embeddings, layers, final norm."""
+
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A decoder LLM whose forward verifies a token tree against a preallocated KV cache."""
+
+    def __init__(self, config: BaseModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        """The token embedding table (V, E), shared with the drafter."""
+        return self.model.embed_tokens.weight
+
+    def new_cache(
+        self, batch: int, capacity: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A zeroed KV cache (Lyr, 2, B, Hkv, S, D); index [layer, 0] is keys, [layer, 1] values."""
+        c = self.config
+        return torch.zeros(
+            c.num_hidden_layers, 2, batch, c.kv_heads, capacity, c.dim_per_head, dtype=dtype
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor,
+        past_len: torch.Tensor,
+        cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Post-final-norm hidden states (B, T, E); writes the new K/V into `cache` in place.
+
+        input_ids, position_ids: (B, T) int64; tree_mask: (B, T, T) bool (true = may attend);
+        past_len: (B,) int64 committed length P per row; cache: (Lyr, 2, B, Hkv, S, D).
+        """
+        x = self.model.embed_tokens(input_ids)  # (B, T, E)
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, tree_mask, past_len, cache[i, 0], cache[i, 1])
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: (..., E) -> (..., V)."""
+        weight = self.embed_weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor,
+        past_len: torch.Tensor,
+        cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns logits (B, T, V) and post-final-norm hidden states (B, T, E)."""
+        hidden = self.hidden_states(input_ids, position_ids, tree_mask, past_len, cache)
+        return self.logits(hidden), hidden

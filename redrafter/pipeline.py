@@ -1,0 +1,136 @@
+"""The library entry point: a runtime plus a tokenizer, with `generate` and a streaming iterator.
+
+import redrafter
+pipe = redrafter.from_checkpoints("path/to/base", drafter="path/to/drafter")
+out = pipe.generate(["What is the capital of France?"], chat=True)
+print(out.texts[0], out.stats["tokens_per_step"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from redrafter.config import BeamShape, SamplingParams
+from redrafter.decoding.autoregressive import autoregressive_decode
+from redrafter.decoding.driver import speculative_decode
+from redrafter.decoding.output import Step
+from redrafter.decoding.runtime import Runtime
+from redrafter.decoding.stats import summarize
+from redrafter.decoding.tree import Packing
+from redrafter.errors import TokenizerError
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """How to decode: speculative (ReDrafter) or the autoregressive baseline."""
+
+    max_new_tokens: int = 64
+    beam: BeamShape = BeamShape()
+    sampling: SamplingParams = SamplingParams()
+    packing: Packing = "dedup"
+    speculative: bool = True
+
+
+@dataclasses.dataclass
+class Generation:
+    """token_ids: generated ids per prompt (prompt excluded); texts: their decoded text (None
+    without a tokenizer); stats: see `redrafter.decoding.stats.summarize`."""
+
+    token_ids: list[list[int]]
+    texts: list[str] | None
+    stats: dict[str, Any]
+
+
+Prompt = str | Sequence[int]
+
+
+class Pipeline:
+    """A runtime, a tokenizer (optional: id prompts work without one) and the stop tokens."""
+
+    def __init__(
+        self, runtime: Runtime, tokenizer: Any | None = None, eos_token_ids: Sequence[int] = ()
+    ) -> None:
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        eos = set(eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Text (optionally wrapped in the chat template) or ids -> ids."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise TokenizerError("this model has no tokenizer; pass token ids (--prompt-ids)")
+        text = self.tokenizer.chat_prompt(prompt) if chat else prompt
+        return self.tokenizer.encode(text)
+
+    def stream(
+        self,
+        prompts: Sequence[Prompt],
+        options: GenerationOptions = GenerationOptions(),
+        *,
+        chat: bool = False,
+    ) -> Iterator[Step]:
+        """Yield one `Step` per runtime round trip; `step.new_tokens[b]` is what row b emitted."""
+        ids = [self.encode(p, chat=chat) for p in prompts]
+        if options.speculative:
+            return speculative_decode(
+                self.runtime,
+                ids,
+                beam=options.beam,
+                sampling=options.sampling,
+                max_new_tokens=options.max_new_tokens,
+                eos_token_ids=self.eos_token_ids,
+                packing=options.packing,
+            )
+        return autoregressive_decode(
+            self.runtime,
+            ids,
+            sampling=options.sampling,
+            max_new_tokens=options.max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        options: GenerationOptions = GenerationOptions(),
+        *,
+        chat: bool = False,
+    ) -> Generation:
+        """Run to completion; returns ids, texts and stats."""
+        steps = list(self.stream(prompts, options, chat=chat))
+        token_ids = [sum((s.new_tokens[b] for s in steps), []) for b in range(len(prompts))]
+        texts = None if self.tokenizer is None else [self.tokenizer.decode(t) for t in token_ids]
+        stats = summarize(steps, beam_length=options.beam.length if options.speculative else None)
+        return Generation(token_ids, texts, stats)
+
+
+def from_checkpoints(
+    base: str | Path, *, drafter: str | Path | None = None, runtime: str = "torch"
+) -> Pipeline:
+    """Load a base checkpoint (HF folder, .gguf or llama2.c .bin) and optionally a drafter
+    (Apple's layout) into a pipeline on the eager torch runtime."""
+    from redrafter.errors import RuntimeUnavailableError
+    from redrafter.models.checkpoints import check_drafter_fits, load_base, load_drafter
+    from redrafter.models.tokenizer import load_tokenizer
+
+    if runtime != "torch":
+        raise RuntimeUnavailableError(
+            f"runtime {runtime!r} needs an exported bundle; checkpoints run on 'torch'"
+        )
+    from redrafter.runtimes.torch import TorchRuntime
+
+    model = load_base(base)
+    draft = None
+    if drafter is not None:
+        draft = load_drafter(drafter)
+        check_drafter_fits(model.config, draft.config)
+    try:
+        tokenizer = load_tokenizer(base)
+    except TokenizerError:
+        tokenizer = None  # id prompts still work; text prompts raise a clear error
+    return Pipeline(TorchRuntime(model, draft), tokenizer, model.config.eos_token_ids)

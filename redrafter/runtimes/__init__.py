@@ -1,0 +1,1 @@
+"""Runtimes: each implements `redrafter.decoding.runtime.Runtime` over its own tensors."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models built in-process (no files, no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redrafter.config import BaseModelConfig, DrafterConfig
+from redrafter.models.drafter import Drafter
+from redrafter.models.llama import Transformer
+
+
+def tiny_base_config(**overrides) -> BaseModelConfig:
+    fields = dict(
+        model_type="llama",
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    return BaseModelConfig(**fields)
+
+
+def tiny_base(seed: int = 0, **overrides) -> Transformer:
+    """A random base model whose logits are peaked enough that greedy decoding has structure."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_base_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def tiny_drafter(
+    base: Transformer, seed: int = 1, exit_dim: int | None = None, layers: int = 1
+) -> Drafter:
+    torch.manual_seed(seed)
+    c = base.config
+    cfg = DrafterConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        exit_dim=exit_dim or 2 * c.hidden_size,
+        num_draft_layers=layers,
+    )
+    drafter = Drafter(cfg).eval()
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0, 0.3)
+    return drafter
+
+
+@pytest.fixture
+def base() -> Transformer:
+    return tiny_base()
+
+
+@pytest.fixture
+def drafter(base: Transformer) -> Drafter:
+    return tiny_drafter(base)
