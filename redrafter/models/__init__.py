@@ -1,0 +1,1 @@
+"""PyTorch reference models and their checkpoint loaders."""
