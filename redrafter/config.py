@@ -180,6 +180,13 @@ class BaseModelConfig:
             raise UnsupportedModelError(
                 f"{where} is a ReDrafter drafter, not a base model; pass it as --drafter"
             )
+        # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters` only.
+        rope = raw.get("rope_parameters")
+        if isinstance(rope, dict):
+            if "rope_theta" in rope:
+                raw.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raw.setdefault("rope_scaling", rope)
         # Wrong-type values must fail by name, not deep inside torch.
         try:
             return _from_dict(cls, raw, where)

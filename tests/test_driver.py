@@ -76,8 +76,9 @@ def test_greedy_speculative_equals_autoregressive(prompts, W, L, packing) -> Non
     runtime = TorchRuntime(base, tiny_drafter(base))
     ar = _collect(autoregressive_decode(runtime, prompts, max_new_tokens=24), len(prompts))
     spec = _collect(
-        speculative_decode(runtime, prompts, beam=BeamShape(W, L), max_new_tokens=24,
-                           packing=packing),
+        speculative_decode(
+            runtime, prompts, beam=BeamShape(W, L), max_new_tokens=24, packing=packing
+        ),
         len(prompts),
     )
     assert spec == ar
@@ -91,8 +92,11 @@ def test_greedy_parity_with_long_accepts(W, L, packing) -> None:
     runtime = TorchRuntime(base, tiny_drafter(base))
     ar = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=40), 3)
     oracle = OracleDrafts(runtime, PROMPTS_3, ar, seed=W * 10 + L)
-    steps = list(speculative_decode(oracle, PROMPTS_3, beam=BeamShape(W, L), max_new_tokens=40,
-                                    packing=packing))
+    steps = list(
+        speculative_decode(
+            oracle, PROMPTS_3, beam=BeamShape(W, L), max_new_tokens=40, packing=packing
+        )
+    )
     assert _collect(steps, 3) == ar
     accepted = np.concatenate([s.accepted for s in steps[1:]])
     assert accepted.max() == L - 1  # whole beams were accepted, so commits moved real rows
@@ -104,8 +108,12 @@ def test_eos_stops_each_row_and_is_kept() -> None:
     runtime = TorchRuntime(base, tiny_drafter(base))
     ar = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=20), 3)
     eos = ar[1][6]  # stop row 1 at its 7th token; other rows stop at their first eos, if any
-    spec = _collect(speculative_decode(runtime, PROMPTS_3, beam=BeamShape(3, 4),
-                                       max_new_tokens=20, eos_token_ids=[eos]), 3)
+    spec = _collect(
+        speculative_decode(
+            runtime, PROMPTS_3, beam=BeamShape(3, 4), max_new_tokens=20, eos_token_ids=[eos]
+        ),
+        3,
+    )
     for row_ar, row_spec in zip(ar, spec):
         cut = row_ar.index(eos) + 1 if eos in row_ar else 20
         assert row_spec == row_ar[:cut]
@@ -143,13 +151,23 @@ def _target_joint(base, prompt, sampling) -> np.ndarray:
         ids = torch.tensor([prompt])
         T = ids.shape[1]
         mask = torch.ones(1, T, T, dtype=torch.bool).tril()
-        logits, _ = base(ids, torch.arange(T)[None], mask, torch.zeros(1, dtype=torch.long),
-                         base.new_cache(1, T + 1))
+        logits, _, _ = base(
+            ids,
+            torch.arange(T)[None],
+            mask,
+            torch.zeros(1, dtype=torch.long),
+            base.layer_caches(base.new_cache(1, T + 1)),
+        )
         p1 = target_probs(logits[0, -1].numpy(), sampling)  # (V,)
         seqs = torch.tensor([prompt + [x] for x in range(V)])  # (V, T+1)
         mask2 = torch.ones(V, T + 1, T + 1, dtype=torch.bool).tril()
-        logits2, _ = base(seqs, torch.arange(T + 1).expand(V, -1), mask2,
-                          torch.zeros(V, dtype=torch.long), base.new_cache(V, T + 1))
+        logits2, _, _ = base(
+            seqs,
+            torch.arange(T + 1).expand(V, -1),
+            mask2,
+            torch.zeros(V, dtype=torch.long),
+            base.layer_caches(base.new_cache(V, T + 1)),
+        )
         p2 = target_probs(logits2[:, -1].numpy(), sampling)  # (V, V)
     return p1[:, None] * p2
 
@@ -165,8 +183,11 @@ def test_exact_sampling_preserves_the_target_distribution(W) -> None:
     prompt = [1, 2, 3]
     rows = 3000
     runtime = TorchRuntime(base, drafter)
-    steps = list(speculative_decode(runtime, [prompt] * rows, beam=BeamShape(W, 3),
-                                    sampling=sampling, max_new_tokens=2))
+    steps = list(
+        speculative_decode(
+            runtime, [prompt] * rows, beam=BeamShape(W, 3), sampling=sampling, max_new_tokens=2
+        )
+    )
     firsts = _collect(steps, rows)
     observed = np.zeros((6, 6))
     for row in firsts:

@@ -12,6 +12,7 @@ and no data-dependent Python control flow: it is what gets exported.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=config.o_bias)
+        # The tree-attention implementation: the eager in-place reference by default; export
+        # swaps in the `redrafter::tree_attention` custom op (functional, one ONNX node).
+        self.op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = tree_attention
 
     def forward(
         self,
@@ -83,7 +87,8 @@ class Attention(nn.Module):
         past_len: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the attention output (B, T, E) and the updated caches (B, Hkv, S, D)."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)  # (B, Hq, T, D)
@@ -91,8 +96,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out, _, _ = tree_attention(q, k, v, key_cache, value_cache, past_len, tree_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * D))  # (B, T, E)
+        out, key_cache, value_cache = self.op(q, k, v, key_cache, value_cache, past_len, tree_mask)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)  # (B, T, Hq*D)
+        return self.o_proj(out), key_cache, value_cache
 
 
 class MLP(nn.Module):
@@ -115,9 +121,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, *attn_args: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, *attn_args: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, key_cache, value_cache = self.self_attn(self.input_layernorm(x), *attn_args)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), key_cache, value_cache
 
 
 class Backbone(nn.Module):
@@ -152,11 +161,16 @@ class Transformer(nn.Module):
     def new_cache(
         self, batch: int, capacity: int, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """A zeroed KV cache (Lyr, 2, B, Hkv, S, D); index [layer, 0] is keys, [layer, 1] values."""
+        """A zeroed stacked KV cache (Lyr, 2, B, Hkv, S, D): [layer, 0] keys, [layer, 1] values."""
         c = self.config
         return torch.zeros(
             c.num_hidden_layers, 2, batch, c.kv_heads, capacity, c.dim_per_head, dtype=dtype
         )
+
+    @staticmethod
+    def layer_caches(cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (key, value) views of a stacked cache; writes to them land in `cache`."""
+        return [(cache[i, 0], cache[i, 1]) for i in range(cache.shape[0])]
 
     def hidden_states(
         self,
@@ -164,20 +178,25 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor,
         past_len: torch.Tensor,
-        cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """Post-final-norm hidden states (B, T, E); writes the new K/V into `cache` in place.
+        caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Post-final-norm hidden states (B, T, E) and the updated per-layer caches.
 
         input_ids, position_ids: (B, T) int64; tree_mask: (B, T, T) bool (true = may attend);
-        past_len: (B,) int64 committed length P per row; cache: (Lyr, 2, B, Hkv, S, D).
+        past_len: (B,) int64 committed length P per row; caches: one (key, value) pair of
+        (B, Hkv, S, D) per layer. The eager attention writes them in place and returns them.
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, E)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, tree_mask, past_len, cache[i, 0], cache[i, 1])
-        return self.model.norm(x)
+        new_caches = []
+        for layer, (key_cache, value_cache) in zip(self.model.layers, caches, strict=True):
+            x, key_cache, value_cache = layer(
+                x, cos, sin, tree_mask, past_len, key_cache, value_cache
+            )
+            new_caches.append((key_cache, value_cache))
+        return self.model.norm(x), new_caches
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: (..., E) -> (..., V)."""
@@ -190,8 +209,8 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         tree_mask: torch.Tensor,
         past_len: torch.Tensor,
-        cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns logits (B, T, V) and post-final-norm hidden states (B, T, E)."""
-        hidden = self.hidden_states(input_ids, position_ids, tree_mask, past_len, cache)
-        return self.logits(hidden), hidden
+        caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Returns logits (B, T, V), post-final-norm hidden states (B, T, E) and the caches."""
+        hidden, caches = self.hidden_states(input_ids, position_ids, tree_mask, past_len, caches)
+        return self.logits(hidden), hidden, caches

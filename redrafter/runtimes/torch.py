@@ -41,7 +41,8 @@ class TorchRuntime:
         positions = torch.arange(T).expand(B, T)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)  # (B, T, T)
         past_len = torch.zeros(B, dtype=torch.int64)
-        hidden = self.base.hidden_states(ids, positions, causal, past_len, self.cache)  # (B, T, E)
+        caches = self.base.layer_caches(self.cache)
+        hidden, _ = self.base.hidden_states(ids, positions, causal, past_len, caches)  # (B, T, E)
         last = hidden[torch.arange(B), torch.from_numpy(lengths) - 1]  # (B, E)
         return self.base.logits(last).float().numpy(), last.float().numpy()
 
@@ -63,13 +64,13 @@ class TorchRuntime:
         self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         assert self.cache is not None, "call reset() first"
-        logits, hidden = self.base(
+        logits, hidden, _ = self.base(
             torch.from_numpy(tokens),
             torch.from_numpy(positions),
             torch.from_numpy(tree_mask),
             torch.from_numpy(past_len),
-            self.cache,
-        )  # (B, N, V), (B, N, E)
+            self.base.layer_caches(self.cache),
+        )  # (B, N, V), (B, N, E); the caches are updated in place
         return logits.float().numpy(), hidden.float().numpy()
 
     @torch.inference_mode()

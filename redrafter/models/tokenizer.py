@@ -1,0 +1,327 @@
+"""Tokenizers for every checkpoint format we load, behind one small class.
+
+`load_tokenizer(path)` accepts a Hugging Face folder (`tokenizer.json` [+ `tokenizer_config.json`]),
+a `.gguf` file (a byte-level BPE tokenizer is rebuilt from its `tokenizer.ggml.*` metadata), or a
+llama2.c `.bin` (which carries no tokenizer: a `tokenizer.json` must sit next to it).
+
+`StreamDecoder` turns token ids arriving one step at a time into text that is safe to print: it
+holds back a piece whose last character is U+FFFD, i.e. a multi-byte UTF-8 character whose bytes
+are split over tokens that have not all arrived yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from redrafter.errors import TokenizerError
+
+log = logging.getLogger(__name__)
+
+REPLACEMENT_CHAR = "\ufffd"
+GGUF_CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: special tokens
+GGUF_USER_DEFINED_TOKEN = 4  # LLAMA_TOKEN_TYPE_USER_DEFINED: added, never split
+
+# llama.cpp `tokenizer.ggml.pre` names whose split regex we reproduce before the GPT-2 byte map.
+# `smollm` is verified against SmolLM2's tokenizer.json (Digits(individual) then ByteLevel);
+# the two regexes below are the published Llama-3 / Qwen2 ones (digits in runs of 1-3 / single).
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+_GPT2_PRES = ("default", "gpt2", "gpt-2")
+
+
+def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer llama.cpp applies for `tokenizer.ggml.pre == pre`."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return pre_tokenizers.Sequence([digits, byte_level])
+    regex = {"llama-bpe": _LLAMA3_REGEX, "llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}.get(pre)
+    if regex is not None:
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
+        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        return pre_tokenizers.Sequence([split, no_regex])
+    if pre not in _GPT2_PRES:
+        log.warning("GGUF tokenizer.ggml.pre=%r is not known; using plain GPT-2 byte-level", pre)
+    return byte_level
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special ids and chat template decoding needs."""
+
+    def __init__(
+        self,
+        inner: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+    ) -> None:
+        self.inner = inner
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in eos_token_ids))
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are always
+        recognised; `add_special_tokens` adds the post-processor's extras (e.g. a BOS)."""
+        return list(self.inner.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.inner.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.inner.token_to_id(token)
+
+    def chat_prompt(self, user_text: str, *, system: str | None = None) -> str:
+        """The prompt text for one user turn, ending where the assistant's reply starts.
+
+        With a checkpoint chat template and jinja2 installed, the template is rendered (SmolLM2's
+        adds its default system prompt). Otherwise ChatML:
+        `[<|im_start|>system\\n{system}<|im_end|>\\n]<|im_start|>user\\n{user_text}<|im_end|>\\n
+        <|im_start|>assistant\\n` (the system turn only when `system` is given).
+        """
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": user_text}
+        ]
+        if self.chat_template is not None:
+            rendered = _render_template(self.chat_template, messages, self._special_strings())
+            if rendered is not None:
+                return rendered
+        return (
+            "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            + "<|im_start|>assistant\n"
+        )
+
+    def _special_strings(self) -> dict[str, str]:
+        out = {}
+        if self.bos_token_id is not None:
+            out["bos_token"] = self.inner.id_to_token(self.bos_token_id) or ""
+        if self.eos_token_ids:
+            out["eos_token"] = self.inner.id_to_token(self.eos_token_ids[0]) or ""
+        return out
+
+
+def _render_template(
+    template: str, messages: list[dict[str, str]], specials: dict[str, str]
+) -> str | None:
+    """Render a HF chat template in jinja2's sandbox; None when jinja2 is not installed."""
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return None
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"chat template refused the prompt: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, **specials
+        )
+    except TemplateError as e:
+        raise TokenizerError(
+            f"chat template failed to render ({e}); fix the checkpoint's chat_template"
+        ) from None
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(ids)` returns only text that is new and stable.
+
+    Decoding a window of recent tokens (not one token alone) keeps context-dependent pieces right
+    (SentencePiece's leading space, byte-level merges); text ending in U+FFFD is an incomplete
+    UTF-8 character and is held back until its remaining bytes arrive.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window re-decoded for context
+        self._read = 0  # ids before this are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Add token id(s); return the text they complete (possibly empty)."""
+        self.ids.extend([ids] if isinstance(ids, int) else [int(i) for i in ids])
+        seen = self._decode(self.ids[self._prefix : self._read])
+        full = self._decode(self.ids[self._prefix :])
+        if len(full) <= len(seen) or full.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return full[len(seen) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        seen = self._decode(self.ids[self._prefix : self._read])
+        full = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return full[len(seen) :]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint: HF folder, `tokenizer.json`, `.gguf` or llama2.c `.bin`."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise TokenizerError(
+                f"{path}: no tokenizer.json; save the tokenizer there "
+                "(AutoTokenizer.save_pretrained) or pass --prompt-ids"
+            )
+        return _load_hf(path)
+    if path.name.endswith(".json") and path.is_file():
+        return _load_hf(path.parent, tokenizer_json=path)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path)
+    if path.suffix == ".bin" and path.is_file():
+        if (path.parent / "tokenizer.json").is_file():
+            return _load_hf(path.parent)
+        raise TokenizerError(
+            f"{path}: a llama2.c checkpoint has no tokenizer; put a tokenizer.json next to it "
+            "or pass --prompt-ids"
+        )
+    if not path.exists():
+        raise TokenizerError(f"{path}: not found; pass a checkpoint folder, .gguf or .bin")
+    raise TokenizerError(
+        f"{path}: cannot find a tokenizer here; pass a folder with tokenizer.json, a .gguf, "
+        "or a llama2.c .bin with tokenizer.json beside it"
+    )
+
+
+def _read_json_opt(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e}); fix or delete it") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _token_str(value: Any) -> str | None:
+    """`"<s>"` or `{"content": "<s>", ...}` (both appear in tokenizer_config.json)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [int(v) for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _load_hf(folder: Path, tokenizer_json: Path | None = None) -> Tokenizer:
+    tokenizer_json = tokenizer_json or folder / "tokenizer.json"
+    try:
+        inner = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:  # the Rust side raises a bare Exception on malformed files
+        raise TokenizerError(
+            f"{tokenizer_json}: cannot be read ({e}); re-save it with AutoTokenizer"
+        ) from None
+    tok_cfg = _read_json_opt(folder / "tokenizer_config.json")
+    model_cfg = _read_json_opt(folder / "config.json")
+    gen_cfg = _read_json_opt(folder / "generation_config.json")
+
+    def id_of(key: str) -> list[int]:
+        name = _token_str(tok_cfg.get(key))
+        tid = inner.token_to_id(name) if name is not None else None
+        return [] if tid is None else [tid]
+
+    bos = id_of("bos_token") or _ids(model_cfg.get("bos_token_id"))
+    eos = id_of("eos_token") + _ids(model_cfg.get("eos_token_id"))
+    eos += _ids(gen_cfg.get("eos_token_id"))
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # older format: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja_file = folder / "chat_template.jinja"  # where transformers >= 4.43 saves it
+    if not isinstance(template, str) and jinja_file.is_file():
+        template = jinja_file.read_text()
+    return Tokenizer(
+        inner,
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=eos,
+        chat_template=template if isinstance(template, str) else None,
+    )
+
+
+def _load_gguf(path: Path) -> Tokenizer:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors on damaged files
+        raise TokenizerError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+
+    def meta(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    kind = meta("tokenizer.ggml.model")
+    if kind != "gpt2":
+        if (path.parent / "tokenizer.json").is_file():
+            return _load_hf(path.parent)
+        raise TokenizerError(
+            f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2'); "
+            "put the model's tokenizer.json next to the .gguf"
+        )
+    tokens: list[str] = meta("tokenizer.ggml.tokens")
+    merges: list[str] = meta("tokenizer.ggml.merges", [])
+    types: list[int] = meta("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if len(vocab) != len(tokens):
+        log.warning(
+            "%s: %d duplicate token strings; keeping the first id of each",
+            path,
+            len(tokens) - len(vocab),
+        )
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    inner.pre_tokenizer = _gguf_pre_tokenizer(str(meta("tokenizer.ggml.pre", "default")))
+    inner.decoder = decoders.ByteLevel()
+    added = [
+        AddedToken(tokens[i], special=(t == GGUF_CONTROL_TOKEN), normalized=False)
+        for i, t in enumerate(types)
+        if t in (GGUF_CONTROL_TOKEN, GGUF_USER_DEFINED_TOKEN)
+    ]
+    inner.add_special_tokens([a for a in added if a.special])
+    inner.add_tokens([a for a in added if not a.special])
+    bos, eos = meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id")
+    if bos is not None and meta("tokenizer.ggml.add_bos_token", False):
+        name = tokens[int(bos)]
+        inner.post_processor = processors.TemplateProcessing(
+            single=f"{name} $A", pair=f"{name} $A {name} $B", special_tokens=[(name, int(bos))]
+        )
+    return Tokenizer(
+        inner,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=[int(t) for t in (eos, meta("tokenizer.ggml.eot_token_id")) if t is not None],
+        chat_template=meta("tokenizer.chat_template"),
+    )
