@@ -137,7 +137,11 @@ def _run(
     from redrafter.decoding.stats import summarize
     from redrafter.models.tokenizer import StreamDecoder
 
-    stream = None if as_json or pipe.tokenizer is None else StreamDecoder(pipe.tokenizer)
+    stream = (
+        None
+        if as_json or pipe.tokenizer is None
+        else StreamDecoder(pipe.tokenizer, skip_special_tokens=True)
+    )
     steps, ids = [], []
     start = time.perf_counter()
     for step in pipe.stream([prompt], options, chat=chat):
@@ -145,18 +149,22 @@ def _run(
         ids.extend(step.new_tokens[0])
         if stream is not None:
             click.echo(stream.push(step.new_tokens[0]), nl=False)
+            sys.stdout.flush()  # stream as tokens are accepted
         elif not as_json:
             click.echo(" ".join(map(str, step.new_tokens[0])) + " ", nl=False)
     wall = time.perf_counter() - start
     summary = summarize(steps, beam_length=options.beam.length if options.speculative else None)
     summary["wall_seconds"] = wall
     if as_json:
-        text = pipe.tokenizer.decode(ids) if pipe.tokenizer is not None else None
+        text = (
+            None if pipe.tokenizer is None else pipe.tokenizer.decode(ids, skip_special_tokens=True)
+        )
         click.echo(json.dumps({"token_ids": ids, "text": text, "stats": summary}))
         return
     if stream is not None:
         click.echo(stream.flush(), nl=False)
     click.echo()
+    sys.stdout.flush()
     if show_stats:
         _print_stats(summary, options)
 

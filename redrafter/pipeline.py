@@ -104,7 +104,11 @@ class Pipeline:
         """Run to completion; returns ids, texts and stats."""
         steps = list(self.stream(prompts, options, chat=chat))
         token_ids = [sum((s.new_tokens[b] for s in steps), []) for b in range(len(prompts))]
-        texts = None if self.tokenizer is None else [self.tokenizer.decode(t) for t in token_ids]
+        texts = (
+            None
+            if self.tokenizer is None
+            else [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+        )
         stats = summarize(steps, beam_length=options.beam.length if options.speculative else None)
         return Generation(token_ids, texts, stats)
 

@@ -65,3 +65,29 @@ def base() -> Transformer:
 @pytest.fixture
 def drafter(base: Transformer) -> Drafter:
     return tiny_drafter(base)
+
+
+WORDS = [f"w{i}" for i in range(59)]  # ids 2..60 in the tiny tokenizer below
+
+
+def write_hf_checkpoint(model: Transformer, folder, *, tokenizer: bool = True):
+    """Save `model` as a Hugging Face folder: config.json, model.safetensors and (optionally)
+    a word-level tokenizer.json whose vocab fits the tiny vocab."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in model.config.to_dict().items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    if tokenizer:
+        vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(folder / "tokenizer.json"))
+    return folder
