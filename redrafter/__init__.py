@@ -5,6 +5,14 @@ from redrafter.errors import RedrafterError
 
 __version__ = "0.1.0"
 
+
+def load(bundle, *, runtime: str = "onnxruntime", device: str = "cpu", native=None):  # type: ignore[no-untyped-def]
+    """Load an exported bundle; see `redrafter.pipeline.load`."""
+    from redrafter.pipeline import load as _load
+
+    return _load(bundle, runtime=runtime, device=device, native=native)
+
+
 __all__ = [
     "BaseModelConfig",
     "BeamShape",
@@ -12,4 +20,5 @@ __all__ = [
     "RedrafterError",
     "SamplingParams",
     "__version__",
+    "load",
 ]

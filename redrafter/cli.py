@@ -45,22 +45,33 @@ def _parse_ids(text: str) -> list[int]:
 @click.option(
     "--base",
     "base_path",
-    required=True,
     type=click.Path(),
-    help="Base model: HF folder, .gguf file or llama2.c .bin.",
+    help="Base model: HF folder, .gguf file or llama2.c .bin (torch runtime).",
 )
 @click.option(
     "--drafter",
     "drafter_path",
     type=click.Path(),
-    help="ReDrafter drafter folder (Apple's layout). Needed unless --autoregressive.",
+    help="ReDrafter drafter folder (Apple's layout), for --base.",
+)
+@click.option(
+    "--bundle",
+    "bundle_path",
+    type=click.Path(),
+    help="An exported bundle (from `redrafter export`), instead of --base/--drafter.",
 )
 @click.option("--prompt", help="Prompt text.")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--beam-width", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--beam-length", default=4, show_default=True, type=click.IntRange(min=2))
+@click.option(
+    "--beam-width", type=click.IntRange(min=1), help="Beams drafted per step [4, or the bundle's]."
+)
+@click.option(
+    "--beam-length",
+    type=click.IntRange(min=2),
+    help="Tokens per beam, counting the LLM's own [4, or the bundle's].",
+)
 @click.option("--greedy", is_flag=True, help="Greedy decoding (the default without --temperature).")
 @click.option(
     "--temperature",
@@ -78,53 +89,78 @@ def _parse_ids(text: str) -> list[int]:
 @click.option(
     "--packing",
     type=click.Choice(["dedup", "full"]),
-    default="dedup",
-    show_default=True,
-    help="Tree packing: dedup shared prefixes, or keep all W*L.",
+    help="Tree packing: dedup shared prefixes, or keep all W*L [dedup, or the bundle's].",
 )
 @click.option("--autoregressive", is_flag=True, help="Run the plain autoregressive baseline.")
-@click.option("--runtime", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option(
+    "--runtime",
+    type=click.Choice(["torch", "onnxruntime"]),
+    help="Runtime [torch for --base, onnxruntime for --bundle].",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime device.",
+)
 @click.option("--stats", is_flag=True, help="Print tokens/step, tokens/s and acceptance to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def generate(
-    base_path: str,
+    base_path: str | None,
     drafter_path: str | None,
+    bundle_path: str | None,
     prompt: str | None,
     prompt_ids: str | None,
     chat: bool,
     max_new_tokens: int,
-    beam_width: int,
-    beam_length: int,
+    beam_width: int | None,
+    beam_length: int | None,
     greedy: bool,
     temperature: float | None,
     seed: int | None,
     acceptance: str,
-    packing: str,
+    packing: str | None,
     autoregressive: bool,
-    runtime: str,
+    runtime: str | None,
+    device: str,
     stats: bool,
     as_json: bool,
 ) -> None:
     """Generate text with speculative decoding (or the autoregressive baseline)."""
-    from redrafter.pipeline import GenerationOptions, from_checkpoints
+    from redrafter.pipeline import GenerationOptions, from_checkpoints, load
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if greedy and temperature is not None:
         raise click.UsageError("--greedy and --temperature exclude each other")
-    if not autoregressive and drafter_path is None:
-        raise click.UsageError("speculative decoding needs --drafter (or pass --autoregressive)")
     if chat and prompt_ids is not None:
         raise click.UsageError("--chat applies to --prompt text, not --prompt-ids")
+    if (base_path is None) == (bundle_path is None):
+        raise click.UsageError("give exactly one of --base PATH (checkpoints) or --bundle DIR")
+    if bundle_path is not None:
+        if drafter_path is not None:
+            raise click.UsageError("--drafter goes with --base; a bundle carries its drafter")
+        pipe = load(bundle_path, runtime=runtime or "onnxruntime", device=device)
+    else:
+        if runtime == "onnxruntime":
+            raise click.UsageError(
+                "--runtime onnxruntime needs --bundle DIR (make one with `redrafter export`)"
+            )
+        if not autoregressive and drafter_path is None:
+            raise click.UsageError(
+                "speculative decoding needs --drafter (or pass --autoregressive)"
+            )
+        pipe = from_checkpoints(base_path or "", drafter=None if autoregressive else drafter_path)
+    d = pipe.defaults
+    if not autoregressive and bundle_path is not None and not d.speculative:
+        raise click.UsageError("this bundle has no drafter; pass --autoregressive")
     options = GenerationOptions(
         max_new_tokens=max_new_tokens,
-        beam=BeamShape(beam_width, beam_length),
+        beam=BeamShape(beam_width or d.beam.width, beam_length or d.beam.length),
         sampling=SamplingParams(temperature=temperature or 0.0, seed=seed, acceptance=acceptance),  # type: ignore[arg-type]
-        packing=packing,  # type: ignore[arg-type]
+        packing=packing or d.packing,  # type: ignore[arg-type]
         speculative=not autoregressive,
-    )
-    pipe = from_checkpoints(
-        base_path, drafter=None if autoregressive else drafter_path, runtime=runtime
     )
     the_prompt = prompt if prompt is not None else _parse_ids(prompt_ids or "")
     _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json)
@@ -155,6 +191,8 @@ def _run(
     wall = time.perf_counter() - start
     summary = summarize(steps, beam_length=options.beam.length if options.speculative else None)
     summary["wall_seconds"] = wall
+    summary["runtime"] = pipe.runtime.name
+    summary["implementation"] = getattr(pipe.runtime, "implementation", "eager")
     if as_json:
         text = (
             None if pipe.tokenizer is None else pipe.tokenizer.decode(ids, skip_special_tokens=True)
@@ -176,7 +214,8 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
         else "autoregressive"
     )
     lines = [
-        f"[{mode}] {s['generated_tokens']} tokens in {s['steps']} steps: "
+        f"[{s['runtime']} {s['implementation']}, {mode}] "
+        f"{s['generated_tokens']} tokens in {s['steps']} steps: "
         f"{s['tokens_per_step']:.2f} tokens/step, {s['tokens_per_second']:.1f} tokens/s "
         f"(prefill {1000 * s['prefill_seconds']:.0f} ms)",
         "time by phase: "
@@ -185,6 +224,147 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
     if s["acceptance_histogram"]:
         lines.append("accepted drafts per step (0..L-1): " + str(s["acceptance_histogram"]))
     click.echo("\n".join(lines), err=True)
+
+
+@main.command()
+@click.option(
+    "--base",
+    "base_path",
+    required=True,
+    type=click.Path(),
+    help="Base model: HF folder, .gguf file or llama2.c .bin.",
+)
+@click.option(
+    "--drafter",
+    "drafter_path",
+    type=click.Path(),
+    help="ReDrafter drafter folder (Apple's layout); omit for an autoregressive bundle.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Bundle directory.")
+@click.option("--target", default="onnx", show_default=True, help="Comma-separated targets (onnx).")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
+)
+@click.option(
+    "--beam-width",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Static beam width of the drafter graph.",
+)
+@click.option(
+    "--beam-length",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Static beam length of the drafter graph (counts the LLM's token).",
+)
+@click.option("--packing", type=click.Choice(["dedup", "full"]), default="dedup", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+def export(
+    base_path: str,
+    drafter_path: str | None,
+    out_dir: str,
+    target: str,
+    dtype: str,
+    beam_width: int,
+    beam_length: int,
+    packing: str,
+    overwrite: bool,
+) -> None:
+    """Export checkpoints to a bundle (ONNX graphs with redrafter::TreeAttention, tokenizer,
+    checksummed manifest), written to a temp dir and renamed into place."""
+    from redrafter.export.build import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        targets=tuple(t.strip() for t in target.split(",") if t.strip()),
+        dtype=dtype,
+        beam=BeamShape(beam_width, beam_length),
+        packing=packing,  # type: ignore[arg-type]
+    )
+    bundle = export_bundle(
+        base_path,
+        out_dir,
+        drafter_path=drafter_path,
+        options=options,
+        overwrite=overwrite,
+        progress=lambda m: click.echo(m, err=True),
+    )
+    size = sum(f["bytes"] for f in bundle.manifest["files"].values())
+    parity = "ok" if bundle.manifest["parity"]["passed"] else "FAILED"
+    click.echo(
+        f"wrote bundle {out_dir} ({size / 1e6:.1f} MB, "
+        f"{len(bundle.manifest['files'])} files, export-time parity {parity})"
+    )
+
+
+@main.command()
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(), help="Bundle directory.")
+@click.option(
+    "--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--base",
+    "base_path",
+    type=click.Path(),
+    help="Reference base checkpoint [the one recorded in the manifest].",
+)
+@click.option(
+    "--drafter",
+    "drafter_path",
+    type=click.Path(),
+    help="Reference drafter [the one recorded in the manifest].",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(),
+    help="Prompts: a text file (one per line) or JSONL with a 'prompt' field.",
+)
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the chat template.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_out", type=click.Path(), help="Write the JSON report here.")
+def validate(
+    bundle_path: str,
+    runtime: str,
+    device: str,
+    base_path: str | None,
+    drafter_path: str | None,
+    prompts_file: str | None,
+    chat: bool,
+    max_new_tokens: int,
+    json_out: str | None,
+) -> None:
+    """Prove parity of a bundle against the PyTorch reference: tensors per graph and greedy
+    tokens per prompt. Exit 0 pass, 1 parity failure, 2 bad input."""
+    from redrafter.pipeline import load, reference_runtime
+    from redrafter.validate.prompts import read_prompts
+    from redrafter.validate.report import DEFAULT_PROMPTS, validate_bundle
+
+    pipe = load(bundle_path, runtime=runtime, device=device)
+    bundle = pipe.runtime.bundle  # type: ignore[attr-defined]
+    reference = reference_runtime(bundle, base=base_path, drafter=drafter_path)
+    texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
+    if pipe.tokenizer is None:
+        if prompts_file is not None:
+            raise click.UsageError("this bundle has no tokenizer, so text prompts cannot be used")
+        V = bundle.base_config.vocab_size
+        prompts = [[(7 * i + j) % V for j in range(1, 9)] for i in range(4)]
+    else:
+        prompts = [pipe.encode(t, chat=chat) for t in texts]
+    report = validate_bundle(
+        bundle,
+        candidate=pipe.runtime,
+        reference=reference,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=pipe.eos_token_ids,
+    )
+    click.echo(report.table())
+    if json_out:
+        report.save(json_out)
+    sys.exit(0 if report.passed else 1)
 
 
 @main.command("init-drafter")

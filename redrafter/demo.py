@@ -54,14 +54,17 @@ def main() -> None:
     base = load_base(gguf)
     tokenizer = load_tokenizer(gguf)
     drafter = init_drafter(base.config, seed=0)
-    click.echo(f"loaded {gguf.name} in {time.perf_counter() - start:.1f} s "
-               "(random drafter: expect ~1 token/step until a trained one is used)")
+    click.echo(
+        f"loaded {gguf.name} in {time.perf_counter() - start:.1f} s "
+        "(random drafter: expect ~1 token/step until a trained one is used)"
+    )
     pipe = Pipeline(TorchRuntime(base, drafter), tokenizer, base.config.eos_token_ids)
     beam = BeamShape(4, 4)
     for prompt in DEMO_PROMPTS:
         click.echo(f"\n>>> {prompt}")
-        ar = pipe.generate([prompt], GenerationOptions(max_new_tokens=48, speculative=False),
-                           chat=True)
+        ar = pipe.generate(
+            [prompt], GenerationOptions(max_new_tokens=48, speculative=False), chat=True
+        )
         spec = pipe.generate([prompt], GenerationOptions(max_new_tokens=48, beam=beam), chat=True)
         assert spec.texts is not None and ar.texts is not None
         click.echo(spec.texts[0].strip())

@@ -51,9 +51,14 @@ class Pipeline:
     """A runtime, a tokenizer (optional: id prompts work without one) and the stop tokens."""
 
     def __init__(
-        self, runtime: Runtime, tokenizer: Any | None = None, eos_token_ids: Sequence[int] = ()
+        self,
+        runtime: Runtime,
+        tokenizer: Any | None = None,
+        eos_token_ids: Sequence[int] = (),
+        defaults: GenerationOptions = GenerationOptions(),
     ) -> None:
         self.runtime = runtime
+        self.defaults = defaults  # e.g. a bundle's beam shape and packing
         self.tokenizer = tokenizer
         eos = set(eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = tuple(sorted(eos))
@@ -70,11 +75,12 @@ class Pipeline:
     def stream(
         self,
         prompts: Sequence[Prompt],
-        options: GenerationOptions = GenerationOptions(),
+        options: GenerationOptions | None = None,
         *,
         chat: bool = False,
     ) -> Iterator[Step]:
         """Yield one `Step` per runtime round trip; `step.new_tokens[b]` is what row b emitted."""
+        options = options or self.defaults
         ids = [self.encode(p, chat=chat) for p in prompts]
         if options.speculative:
             return speculative_decode(
@@ -97,11 +103,12 @@ class Pipeline:
     def generate(
         self,
         prompts: Sequence[Prompt],
-        options: GenerationOptions = GenerationOptions(),
+        options: GenerationOptions | None = None,
         *,
         chat: bool = False,
     ) -> Generation:
         """Run to completion; returns ids, texts and stats."""
+        options = options or self.defaults
         steps = list(self.stream(prompts, options, chat=chat))
         token_ids = [sum((s.new_tokens[b] for s in steps), []) for b in range(len(prompts))]
         texts = (
@@ -138,3 +145,66 @@ def from_checkpoints(
     except TokenizerError:
         tokenizer = None  # id prompts still work; text prompts raise a clear error
     return Pipeline(TorchRuntime(model, draft), tokenizer, model.config.eos_token_ids)
+
+
+def load(
+    bundle: str | Path,
+    *,
+    runtime: str = "onnxruntime",
+    device: str = "cpu",
+    native: bool | None = None,
+) -> Pipeline:
+    """Load an exported bundle onto a runtime. `runtime`: 'onnxruntime' (the bundle's graphs;
+    `device` 'cpu' or 'cuda'; `native` None = use the native TreeAttention library when built)
+    or 'torch' (the PyTorch reference rebuilt from the checkpoints the bundle was exported from).
+    Defaults for `generate` come from the bundle (its beam shape and packing)."""
+    from redrafter.errors import RuntimeUnavailableError
+    from redrafter.export.bundle import load_bundle
+    from redrafter.models.tokenizer import load_tokenizer
+
+    b = load_bundle(bundle)
+    if runtime == "onnxruntime":
+        from redrafter.runtimes.onnxruntime import OnnxRuntime
+
+        rt: Runtime = OnnxRuntime(b, device=device, native=native)
+    elif runtime == "torch":
+        rt = reference_runtime(b)
+    else:
+        raise RuntimeUnavailableError(f"unknown runtime {runtime!r}; choose onnxruntime or torch")
+    tokenizer = load_tokenizer(b.root / "tokenizer") if (b.root / "tokenizer").is_dir() else None
+    defaults = GenerationOptions(
+        beam=b.beam,
+        packing=b.packing,  # type: ignore[arg-type]
+        speculative=b.drafter_config is not None,
+    )
+    return Pipeline(rt, tokenizer, b.base_config.eos_token_ids, defaults)
+
+
+def reference_runtime(
+    bundle: Any, *, base: str | Path | None = None, drafter: str | Path | None = None
+) -> Runtime:
+    """The torch reference for a bundle, from the checkpoints recorded in its manifest (or
+    the paths given)."""
+    from redrafter.errors import CheckpointError
+    from redrafter.models.checkpoints import load_base, load_drafter
+    from redrafter.runtimes.torch import TorchRuntime
+
+    def source(kind: str, given: str | Path | None) -> Path | None:
+        if given is not None:
+            return Path(given)
+        record = bundle.manifest.get(kind)
+        if record is None:
+            return None
+        path = Path(record["source"]["path"])
+        if not path.exists():
+            raise CheckpointError(
+                f"the {kind} checkpoint this bundle was exported from ({path}) is gone; "
+                f"pass --{kind} PATH to rebuild the torch reference"
+            )
+        return path
+
+    base_path, drafter_path = source("base", base), source("drafter", drafter)
+    assert base_path is not None
+    return TorchRuntime(
+        load_base(base_path), load_drafter(drafter_path) if drafter_path is not None else None
+    )

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import OracleDrafts, tiny_base, tiny_drafter
 
-from conftest import tiny_base, tiny_drafter
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import target_probs
 from redrafter.decoding.autoregressive import autoregressive_decode
@@ -24,48 +24,6 @@ PROMPTS_3 = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
 def _collect(steps, batch: int) -> list[list[int]]:
     steps = list(steps)
     return [sum((s.new_tokens[b] for s in steps), []) for b in range(batch)]
-
-
-class OracleDrafts:
-    """Wraps a runtime so its drafts come from the known greedy continuation: beam w follows it
-    for a random number of tokens, then goes wrong. Exercises long accepts, non-zero beams and
-    real cache moves, which random drafters rarely reach."""
-
-    def __init__(self, inner: TorchRuntime, prompts, truth, seed: int = 0) -> None:
-        self.inner, self.truth = inner, truth
-        self.lengths = np.array([len(p) for p in prompts])
-        self.rng = np.random.default_rng(seed)
-        self.name, self.vocab_size = "oracle", inner.vocab_size
-        self.context_length = inner.context_length
-
-    def reset(self, *, batch, capacity):
-        self.inner.reset(batch=batch, capacity=capacity)
-
-    def prefill(self, tokens, lengths):
-        self.past = lengths.copy()
-        return self.inner.prefill(tokens, lengths)
-
-    def draft(self, context, first_token, beam):
-        _, log_probs = self.inner.draft(context, first_token, beam)
-        B, W, L = len(first_token), beam.width, beam.length
-        beams = self.rng.integers(0, self.vocab_size, size=(B, W, L))
-        beams[:, :, 0] = first_token[:, None]
-        for b in range(B):
-            done = int(self.past[b] - self.lengths[b])  # tokens committed since the prompt
-            future = list(self.truth[b][done + 1 :]) + [0] * L
-            for w in range(W):
-                good = int(self.rng.integers(0, L))  # drafts that follow the truth
-                beams[b, w, 1 : 1 + good] = future[:good]
-                if good < L - 1 and beams[b, w, 1 + good] == future[good]:
-                    beams[b, w, 1 + good] = (future[good] + 1) % self.vocab_size
-        return beams, log_probs
-
-    def verify(self, *args):
-        return self.inner.verify(*args)
-
-    def commit(self, past_len, source, count):
-        self.inner.commit(past_len, source, count)
-        self.past = past_len + count
 
 
 @pytest.mark.parametrize("packing", ["dedup", "full"])

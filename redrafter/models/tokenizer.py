@@ -325,3 +325,21 @@ def _load_gguf(path: Path) -> Tokenizer:
         eos_token_ids=[int(t) for t in (eos, meta("tokenizer.ggml.eot_token_id")) if t is not None],
         chat_template=meta("tokenizer.chat_template"),
     )
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> None:
+    """Write `tokenizer.json` + `tokenizer_config.json` (+ `generation_config.json` for every
+    stop id) so that `load_tokenizer(folder)` gives back the same ids, specials and template."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.inner.save(str(folder / "tokenizer.json"))
+    config: dict[str, Any] = {}
+    if tokenizer.bos_token_id is not None:
+        config["bos_token"] = tokenizer.inner.id_to_token(tokenizer.bos_token_id)
+    if tokenizer.eos_token_ids:
+        config["eos_token"] = tokenizer.inner.id_to_token(tokenizer.eos_token_ids[0])
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"eos_token_id": list(tokenizer.eos_token_ids)}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Export: PyTorch models -> ONNX graphs (and Core ML programs) -> a checksummed bundle."""

@@ -1,0 +1,109 @@
+"""`redrafter export`: checkpoints -> a bundle (DESIGN.md §5), written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from redrafter.config import BeamShape
+from redrafter.decoding.tree import Packing
+from redrafter.errors import ConfigError, TokenizerError
+from redrafter.export.bundle import Bundle, atomic_directory, load_bundle, write_manifest
+
+TARGETS = ("onnx",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What to export: targets, weight dtype, the drafter graph's static beam shape, packing."""
+
+    targets: tuple[str, ...] = ("onnx",)
+    dtype: str = "float32"
+    beam: BeamShape = BeamShape()
+    packing: Packing = "dedup"
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(
+                f"export target(s) {unknown or '(none)'} not supported; "
+                f"supported: {', '.join(TARGETS)}"
+            )
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"dtype {self.dtype!r} must be float32 or float16")
+        if self.packing not in ("dedup", "full"):
+            raise ConfigError(f"packing {self.packing!r} must be dedup or full")
+
+
+def _source_record(path: Path) -> dict[str, Any]:
+    """Where the reference checkpoint lives, so `validate` can rebuild the torch reference."""
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {"path": str(path), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def export_bundle(
+    base_path: str | Path,
+    out: str | Path,
+    *,
+    drafter_path: str | Path | None = None,
+    options: ExportOptions = ExportOptions(),
+    overwrite: bool = False,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Bundle:
+    """Load the checkpoints, export every target graph, copy the tokenizer, check export-time
+    parity on random inputs, checksum everything, and rename the bundle into place."""
+    from redrafter.export.onnx import export_base, export_drafter, save_onnx
+    from redrafter.models.checkpoints import check_drafter_fits, load_base, load_drafter
+    from redrafter.models.tokenizer import load_tokenizer, save_tokenizer
+
+    start = time.perf_counter()
+    base = load_base(base_path)
+    drafter = None
+    if drafter_path is not None:
+        drafter = load_drafter(drafter_path)
+        check_drafter_fits(base.config, drafter.config)
+    try:
+        tokenizer = load_tokenizer(base_path)
+    except TokenizerError:
+        tokenizer = None
+    progress(f"loaded checkpoints in {time.perf_counter() - start:.1f} s")
+    timings: dict[str, float] = {}
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        (tmp / "onnx").mkdir()
+        t = time.perf_counter()
+        save_onnx(export_base(base, dtype=options.dtype), tmp / "onnx" / "base.onnx")
+        timings["base_onnx_seconds"] = round(time.perf_counter() - t, 2)
+        progress(f"exported onnx/base.onnx in {timings['base_onnx_seconds']} s")
+        if drafter is not None:
+            t = time.perf_counter()
+            graph = export_drafter(drafter, base, options.beam, dtype=options.dtype)
+            save_onnx(graph, tmp / "onnx" / "drafter.onnx")
+            timings["drafter_onnx_seconds"] = round(time.perf_counter() - t, 2)
+            progress(f"exported onnx/drafter.onnx in {timings['drafter_onnx_seconds']} s")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp / "tokenizer")
+        fields: dict[str, Any] = {
+            "base": {"config": base.config.to_dict(), "source": _source_record(Path(base_path))},
+            "drafter": None
+            if drafter is None
+            else {"config": drafter.config.to_dict(), "source": _source_record(Path(drafter_path))},
+            "beam": {"width": options.beam.width, "length": options.beam.length},
+            "packing": options.packing,
+            "dtype": options.dtype,
+            "targets": list(options.targets),
+            "onnx": {"opset": 18, "ir_version": 10},
+            "custom_op": {"domain": "redrafter", "name": "TreeAttention", "version": 1},
+            "export_seconds": timings,
+        }
+        write_manifest(tmp, fields)
+        # Export-time parity: the bundle against the torch modules it came from.
+        from redrafter.validate.tensors import check_tensor_parity
+
+        fields["parity"] = check_tensor_parity(load_bundle(tmp), base, drafter).summary()
+        write_manifest(tmp, fields)
+        progress(f"export-time parity: {fields['parity']}")
+    return load_bundle(out)

@@ -1,0 +1,195 @@
+"""ONNX export of the base model (verify/prefill graph) and of the drafter (one step's whole
+beam search), with tree attention as `redrafter::TreeAttention` nodes (DESIGN.md §4).
+
+Dimensions: B batch, T new tokens, S cache capacity, Lyr layers, Hkv KV heads, D head dim,
+E hidden, V vocab, W beam width, L beam length.
+
+base.onnx   inputs  input_ids (B,T) int64, position_ids (B,T) int64, tree_mask (B,T,T) bool,
+                    past_len (B,) int64, past_key_{i} / past_value_{i} (B,Hkv,S,D)
+            outputs logits (B,T,V) float32, hidden_states (B,T,E) float32,
+                    present_key_{i} / present_value_{i} (B,Hkv,S,D)  (the caches, updated)
+drafter.onnx inputs context (B,E) float32, first_token (B,) int64
+            outputs beams (B,W,L) int64, log_probs (B,W,L-1,V) float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from redrafter.config import BeamShape
+from redrafter.errors import RedrafterError
+from redrafter.export import tree_attention as ta
+from redrafter.models.drafter import Drafter
+from redrafter.models.llama import Transformer
+
+OPSET = 18
+IR_VERSION = 10  # ORT 1.20+ reads IR 10; the exporter writes a newer IR than ORT 1.31 accepts
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class ExportError(RedrafterError):
+    """The ONNX exporter failed on a model we expected to export."""
+
+
+def cache_names(num_layers: int, prefix: str) -> list[str]:
+    """[prefix_key_0, prefix_value_0, prefix_key_1, ...] for prefix in {past, present}."""
+    return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+class VerifyGraph(nn.Module):
+    """The base model with per-layer cache inputs/outputs and the custom attention op, so each
+    cache can be bound in place (input and output sharing one buffer) by the runtime."""
+
+    def __init__(self, base: Transformer) -> None:
+        super().__init__()
+        self.base = base
+        scale = 1.0 / math.sqrt(base.config.dim_per_head)
+        for layer in base.model.layers:
+            layer.self_attn.op = lambda *args: torch.ops.redrafter.tree_attention(*args, scale)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor,
+        past_len: torch.Tensor,
+        *caches: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        pairs = list(zip(caches[0::2], caches[1::2], strict=True))
+        logits, hidden, new = self.base(input_ids, position_ids, tree_mask, past_len, pairs)
+        return logits.float(), hidden.float(), *[t for pair in new for t in pair]
+
+
+class DraftGraph(nn.Module):
+    """One step's beam search: L-1 drafter steps unrolled at a static beam shape."""
+
+    def __init__(self, drafter: Drafter, embed_weight: torch.Tensor, beam: BeamShape) -> None:
+        super().__init__()
+        self.drafter, self.beam = drafter, beam
+        self.embed_weight = nn.Parameter(embed_weight.detach().clone(), requires_grad=False)
+
+    def forward(
+        self, context: torch.Tensor, first_token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.embed_weight.dtype
+        beams, log_probs = self.drafter.beam_search(
+            context.to(dtype), first_token, self.embed_weight, self.beam
+        )
+        return beams, log_probs.float()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress and warnings on every call; keep the CLI readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def _export(
+    module: nn.Module, args: tuple, names_in: list[str], names_out: list[str], dynamic_shapes: tuple
+) -> onnx.ModelProto:
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_shapes=dynamic_shapes,
+                custom_translation_table={
+                    torch.ops.redrafter.tree_attention.default: ta.onnx_translation()
+                },
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; name the graph and the cause
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: {e}") from e
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    return model
+
+
+def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto:
+    """The verify/prefill graph of `base` with one TreeAttention node per layer and the
+    portable function body attached."""
+    ta.register_onnx_schema()
+    model = copy.deepcopy(base).eval().to(DTYPES[dtype])
+    model.inv_freq = base.inv_freq.float()  # RoPE frequencies stay fp32 in an fp16 export
+    c = model.config
+    B, T, S = 2, 3, 16  # example sizes; all three are dynamic in the graph
+    cache = model.new_cache(B, S, dtype=DTYPES[dtype])
+    args = (
+        torch.zeros(B, T, dtype=torch.int64),
+        torch.arange(T).expand(B, T).contiguous(),
+        torch.ones(B, T, T, dtype=torch.bool).tril(),
+        torch.tensor([5, 7], dtype=torch.int64),
+        *[t.clone() for pair in model.layer_caches(cache) for t in pair],
+    )
+    batch, tokens, capacity = (torch.export.Dim(n) for n in ("batch", "tokens", "capacity"))
+    dynamic = (
+        {0: batch, 1: tokens},
+        {0: batch, 1: tokens},
+        {0: batch, 1: tokens, 2: tokens},
+        {0: batch},
+        tuple({0: batch, 2: capacity} for _ in range(2 * c.num_hidden_layers)),
+    )
+    names_in = ["input_ids", "position_ids", "tree_mask", "past_len"]
+    names_in += cache_names(c.num_hidden_layers, "past")
+    names_out = ["logits", "hidden_states", *cache_names(c.num_hidden_layers, "present")]
+    onnx_model = _export(VerifyGraph(model), args, names_in, names_out, dynamic)
+    onnx_model.functions.append(ta.function_body(OPSET))
+    count = sum(n.op_type == ta.OP_NAME and n.domain == ta.DOMAIN for n in onnx_model.graph.node)
+    if count != c.num_hidden_layers:
+        raise ExportError(
+            f"expected {c.num_hidden_layers} {ta.DOMAIN}::{ta.OP_NAME} nodes, found {count}; "
+            "the exporter inlined or rewrote the custom op"
+        )
+    return onnx_model
+
+
+def export_drafter(
+    drafter: Drafter, base: Transformer, beam: BeamShape, *, dtype: str = "float32"
+) -> onnx.ModelProto:
+    """The drafter's whole beam search for one step as one graph (batch is dynamic)."""
+    graph = DraftGraph(copy.deepcopy(drafter).eval(), base.embed_weight, beam).to(DTYPES[dtype])
+    B = 2
+    args = (torch.zeros(B, base.config.hidden_size), torch.zeros(B, dtype=torch.int64))
+    batch = torch.export.Dim("batch")
+    return _export(
+        graph, args, ["context", "first_token"], ["beams", "log_probs"], ({0: batch}, {0: batch})
+    )
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save with weights in one external-data file beside the graph; returns the files."""
+    data = path.with_name(path.name + ".data")
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    return [path, data] if data.exists() else [path]

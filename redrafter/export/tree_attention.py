@@ -1,0 +1,200 @@
+"""`redrafter::TreeAttention` for export (DESIGN.md §4): the torch custom op the exporter sees,
+its ONNX schema, the translation to one ONNX node, and the portable ONNX function body.
+
+Dimensions: B batch, Hq/Hkv heads, N new tokens, S cache capacity, P committed length, D head dim.
+
+Why this shape: torch 2.13's dynamo exporter inlines every model-local function during its
+version-conversion pass, so an onnxscript function in `custom_translation_table` vanishes. We
+register an ONNX schema in-process, translate the custom op into a single `TreeAttention` node,
+and append the body as a `FunctionProto` after export. Stock ONNX Runtime inlines the body; a
+registered native library overrides it (DESIGN.md §9).
+"""
+
+from __future__ import annotations
+
+import torch
+from onnx import FunctionProto, TensorProto, defs, helper
+
+from redrafter.models.attention import tree_attention as eager_tree_attention
+
+DOMAIN = "redrafter"
+OP_NAME = "TreeAttention"
+OP_VERSION = 1
+INPUTS = ("query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask")
+OUTPUTS = ("output", "key_cache_out", "value_cache_out")
+
+
+@torch.library.custom_op("redrafter::tree_attention", mutates_args=())
+def tree_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    past_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional tree attention: same math as the eager reference, on copies of the caches."""
+    return eager_tree_attention(
+        query,
+        key,
+        value,
+        key_cache.clone(),
+        value_cache.clone(),
+        past_len,
+        tree_mask,
+        scale=scale,
+    )
+
+
+@tree_attention_op.register_fake
+def _(query, key, value, key_cache, value_cache, past_len, tree_mask, scale):  # type: ignore[no-untyped-def]
+    return torch.empty_like(query), torch.empty_like(key_cache), torch.empty_like(value_cache)
+
+
+def register_onnx_schema() -> None:
+    """Make `redrafter::TreeAttention` known to onnx in this process (idempotent). Needed only
+    while exporting; checking or running a saved model relies on its function body instead."""
+    if defs.has(OP_NAME, DOMAIN):
+        return
+    param = defs.OpSchema.FormalParameter
+    kinds = {"past_len": "I", "tree_mask": "M"}
+    defs.register_schema(
+        defs.OpSchema(
+            OP_NAME,
+            DOMAIN,
+            OP_VERSION,
+            doc="Tree attention over a KV cache; see redrafter docs/tree_attention.md.",
+            inputs=[param(n, kinds.get(n, "T")) for n in INPUTS],
+            outputs=[param(n, "T") for n in OUTPUTS],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)"], "activations and caches"),
+                ("I", ["tensor(int64)"], "committed lengths"),
+                ("M", ["tensor(bool)"], "tree mask"),
+            ],
+            attributes=[defs.OpSchema.Attribute("scale", defs.OpSchema.AttrType.FLOAT, "")],
+        )
+    )
+
+
+def onnx_translation():  # type: ignore[no-untyped-def]
+    """The exporter's translation for `redrafter::tree_attention`: one `TreeAttention` node."""
+    from onnxscript.values import Opset
+
+    redrafter = Opset(DOMAIN, OP_VERSION)
+
+    def translate(query, key, value, key_cache, value_cache, past_len, tree_mask, scale: float):  # type: ignore[no-untyped-def]
+        return redrafter.TreeAttention(
+            query,
+            key,
+            value,
+            key_cache,
+            value_cache,
+            past_len,
+            tree_mask,
+            scale=scale,
+            _num_outputs=3,
+        )
+
+    return translate
+
+
+def function_body(opset: int) -> FunctionProto:
+    """The portable body of `TreeAttention` in standard ONNX ops (opset >= 18).
+
+    It computes in float32 whatever the I/O type, writes the caches with ScatterElements (a
+    full-cache copy, which the in-place native kernel avoids), and materialises the (B, Hq, N, S)
+    scores: correct everywhere, fast nowhere. The native kernels are the fast path."""
+    F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+    n = helper.make_node
+
+    def const(name: str, value: list[int]) -> list:
+        return [n("Constant", [], [name], value=helper.make_tensor(name, I64, [len(value)], value))]
+
+    scale_attr = helper.make_attribute_ref("scale", helper.AttributeProto.FLOAT)
+    scale_node = n("Constant", [], ["scale_f"])
+    scale_node.attribute.append(scale_attr)
+    scale_node.attribute[0].name = "value_float"
+    nodes = [
+        *const("zero", [0]),
+        *const("one", [1]),
+        *const("ax0", [0]),
+        *const("ax1", [1]),
+        *const("ax2", [2]),
+        *const("ax13", [1, 3]),
+        n("Shape", ["key"], ["kshape"]),  # [B, Hkv, N, D]
+        n("Shape", ["key_cache"], ["cshape"]),  # [B, Hkv, S, D]
+        n("Shape", ["query"], ["qshape"]),  # [B, Hq, N, D]
+        n("Gather", ["kshape", "ax2"], ["N1"], axis=0),  # [1]
+        n("Gather", ["cshape", "ax2"], ["S1"], axis=0),
+        n("Squeeze", ["N1", "ax0"], ["N"]),
+        n("Squeeze", ["S1", "ax0"], ["S"]),
+        n("Squeeze", ["zero", "ax0"], ["zero_s"]),
+        n("Squeeze", ["one", "ax0"], ["one_s"]),
+        # Write the new keys/values at slots [P, P+N).
+        n("Range", ["zero_s", "N", "one_s"], ["arN"]),  # [N]
+        n("Unsqueeze", ["past_len", "ax1"], ["P2"]),  # [B, 1]
+        n("Unsqueeze", ["arN", "ax0"], ["arN2"]),  # [1, N]
+        n("Add", ["P2", "arN2"], ["slots"]),  # [B, N]
+        n("Unsqueeze", ["slots", "ax13"], ["slots4"]),  # [B, 1, N, 1]
+        n("Expand", ["slots4", "kshape"], ["idx"]),  # [B, Hkv, N, D]
+        n("ScatterElements", ["key_cache", "idx", "key"], ["key_cache_out"], axis=2),
+        n("ScatterElements", ["value_cache", "idx", "value"], ["value_cache_out"], axis=2),
+        # Visible slots: committed (slot < P) or a new token the tree mask allows.
+        n("Range", ["zero_s", "S", "one_s"], ["arS"]),  # [S]
+        n("Unsqueeze", ["arS", "ax0"], ["arS2"]),  # [1, S]
+        n("Sub", ["arS2", "P2"], ["rel"]),  # [B, S]
+        n("Less", ["rel", "zero"], ["committed"]),  # [B, S]
+        n("Less", ["rel", "N1"], ["below_end"]),
+        n("Not", ["committed"], ["at_or_after_P"]),
+        n("And", ["at_or_after_P", "below_end"], ["is_new"]),  # [B, S]
+        n("Sub", ["N1", "one"], ["last"]),
+        n("Max", ["rel", "zero"], ["rel_lo"]),
+        n("Min", ["rel_lo", "last"], ["j"]),  # [B, S] clamped new-token index
+        n("Unsqueeze", ["j", "ax1"], ["j3"]),  # [B, 1, S]
+        n("Gather", ["kshape", "ax0"], ["B1"], axis=0),
+        n("Concat", ["B1", "N1", "S1"], ["bns"], axis=0),
+        n("Expand", ["j3", "bns"], ["jB"]),  # [B, N, S]
+        n("GatherElements", ["tree_mask", "jB"], ["tree_vis"], axis=2),  # [B, N, S]
+        n("Unsqueeze", ["is_new", "ax1"], ["is_new3"]),
+        n("And", ["tree_vis", "is_new3"], ["new_vis"]),
+        n("Unsqueeze", ["committed", "ax1"], ["committed3"]),
+        n("Or", ["committed3", "new_vis"], ["visible"]),  # [B, N, S]
+        n("Unsqueeze", ["visible", "ax1"], ["visible4"]),  # [B, 1, N, S]
+        # Grouped-query attention: query head h reads KV head h // (Hq / Hkv).
+        n("Gather", ["qshape", "ax1"], ["Hq1"], axis=0),
+        n("Gather", ["kshape", "ax1"], ["Hkv1"], axis=0),
+        n("Div", ["Hq1", "Hkv1"], ["rep1"]),
+        n("Shape", ["key_cache"], ["D1"], start=3),  # [1]
+        n("Concat", ["B1", "Hkv1", "rep1", "S1", "D1"], ["expand5"], axis=0),
+        n("Concat", ["B1", "Hq1", "S1", "D1"], ["full4"], axis=0),
+        n("Cast", ["key_cache_out"], ["kc_f"], to=F32),
+        n("Cast", ["value_cache_out"], ["vc_f"], to=F32),
+        n("Unsqueeze", ["kc_f", "ax2"], ["kc5"]),  # [B, Hkv, 1, S, D]
+        n("Unsqueeze", ["vc_f", "ax2"], ["vc5"]),
+        n("Expand", ["kc5", "expand5"], ["kc_rep"]),  # [B, Hkv, rep, S, D]
+        n("Expand", ["vc5", "expand5"], ["vc_rep"]),
+        n("Reshape", ["kc_rep", "full4"], ["k_all"]),  # [B, Hq, S, D]
+        n("Reshape", ["vc_rep", "full4"], ["v_all"]),
+        # Softmax over visible slots, in float32.
+        n("Cast", ["query"], ["q_f"], to=F32),
+        n("Transpose", ["k_all"], ["k_t"], perm=[0, 1, 3, 2]),  # [B, Hq, D, S]
+        n("MatMul", ["q_f", "k_t"], ["qk"]),  # [B, Hq, N, S]
+        scale_node,
+        n("Mul", ["qk", "scale_f"], ["scores"]),
+        n("Constant", [], ["neg_inf"], value_float=float("-inf")),
+        n("Where", ["visible4", "scores", "neg_inf"], ["masked"]),
+        n("Softmax", ["masked"], ["probs"], axis=-1),
+        n("MatMul", ["probs", "v_all"], ["out_f"]),  # [B, Hq, N, D]
+        n("CastLike", ["out_f", "query"], ["output"]),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        OP_NAME,
+        list(INPUTS),
+        list(OUTPUTS),
+        nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["scale"],
+    )

@@ -1,0 +1,217 @@
+"""The ONNX Runtime runtime: runs a bundle's base.onnx and drafter.onnx on the CPU or CUDA
+execution provider, with preallocated caches bound through IO binding.
+
+Dimensions: Lyr layers, B batch, Hkv KV heads, S cache capacity, D head dim, T/N new tokens,
+W beam width, L beam length, E hidden, V vocab, P committed length per row.
+
+Caches live in one stacked buffer (Lyr, 2, B, Hkv, S, D) per slot; each layer's key and value
+are bound by address. With the native TreeAttention library the output `present_*` is bound to
+the same buffer as the input `past_*`, so the kernel writes N rows in place (DESIGN.md §9).
+The portable function body cannot write in place safely (ORT does not know the two alias), so
+it ping-pongs between two buffers and copies the cache once per call.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from redrafter.config import BeamShape
+from redrafter.errors import RuntimeUnavailableError
+from redrafter.export.bundle import Bundle, load_bundle
+from redrafter.export.onnx import cache_names
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+PREFILL_CHUNK = 128  # prompt tokens per base call: bounds the (B, T, V) logits of a prefill
+
+
+def native_library() -> Path | None:
+    """The built native op library, if any (see `redrafter.ops`)."""
+    try:
+        from redrafter import ops
+    except ImportError:
+        return None
+    return ops.library_path()
+
+
+class OnnxRuntime:
+    """Runs a bundle with ONNX Runtime. `implementation` says which TreeAttention ran:
+    'native' (the C++/CUDA library) or 'portable' (the ONNX function body)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        *,
+        device: str = "cpu",
+        native: bool | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if device not in PROVIDERS:
+            raise RuntimeUnavailableError(f"device {device!r} must be 'cpu' or 'cuda'")
+        if not self.bundle.has("onnx/base.onnx"):
+            raise RuntimeUnavailableError(
+                f"{self.bundle.root} has no ONNX graphs; export with --target onnx"
+            )
+        config = self.bundle.base_config
+        self.vocab_size = config.vocab_size
+        self.context_length = config.context_length
+        self.num_layers = config.num_hidden_layers
+        self.cache_shape = (config.kv_heads, config.dim_per_head)
+        self.dtype = NP_DTYPES[self.bundle.dtype]
+        library = native_library() if native is not False else None
+        if native and library is None:
+            raise RuntimeUnavailableError(
+                "the native TreeAttention library is not built; run `make ops` "
+                "(or drop --native to use the portable ONNX body)"
+            )
+        self.implementation = "native" if library is not None else "portable"
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if library is not None:
+            options.register_custom_ops_library(str(library))
+        providers = (
+            [PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [PROVIDERS["cpu"]]
+        )
+        root = self.bundle.root / "onnx"
+        self.base = ort.InferenceSession(str(root / "base.onnx"), options, providers=providers)
+        self.drafter = (
+            ort.InferenceSession(str(root / "drafter.onnx"), options, providers=providers)
+            if self.bundle.has("onnx/drafter.onnx")
+            else None
+        )
+        active = self.base.get_providers()[0]
+        self.device = "cuda" if active == PROVIDERS["cuda"] else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            # ORT falls back silently when CUDA libraries are missing; say so once.
+            print(
+                f"warning: CUDA requested but ONNX Runtime is running on {active} "
+                f"(available: {', '.join(ort.get_available_providers())})",
+                file=sys.stderr,
+            )
+        self.ort_device = "cuda" if self.device == "cuda" else "cpu"
+        self._past = cache_names(self.num_layers, "past")
+        self._present = cache_names(self.num_layers, "present")
+        self.buffers: list[ort.OrtValue] = []  # one or two stacked caches
+        self.arrays: list[np.ndarray] = []  # their numpy views, on the CPU
+        self.live = 0  # which buffer holds the committed cache
+
+    # -- caches -----------------------------------------------------------------------------
+    def reset(self, *, batch: int, capacity: int) -> None:
+        shape = (self.num_layers, 2, batch, *self.cache_shape[:1], capacity, self.cache_shape[1])
+        if self.buffers and tuple(self.buffers[0].shape()) == shape:
+            return  # reuse: stale slots past P are masked, never read
+        count = 1 if self.implementation == "native" else 2
+        if self.device == "cpu":
+            # OrtValues wrap the numpy memory (no copy), so commit can move rows with numpy.
+            self.arrays = [np.zeros(shape, self.dtype) for _ in range(count)]
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+        else:
+            self.arrays = []
+            self.buffers = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, "cuda", 0)
+                for _ in range(count)
+            ]
+        self.live = 0
+
+    def _layer_address(self, buffer: ort.OrtValue, index: int) -> int:
+        """Address of layer index//2's key (even) or value (odd) inside a stacked buffer."""
+        shape = buffer.shape()
+        per = int(np.prod(shape[2:])) * np.dtype(self.dtype).itemsize
+        return buffer.data_ptr() + index * per
+
+    def _bind_caches(self, io: ort.IOBinding) -> int:
+        """Bind every layer's past_* to the live buffer and present_* to the output buffer."""
+        src = self.buffers[self.live]
+        dst_index = self.live if len(self.buffers) == 1 else 1 - self.live
+        dst = self.buffers[dst_index]
+        shape = list(src.shape()[2:])
+        elem = self.dtype
+        for i, (past, present) in enumerate(zip(self._past, self._present, strict=True)):
+            io.bind_input(past, self.ort_device, 0, elem, shape, self._layer_address(src, i))
+            io.bind_output(present, self.ort_device, 0, elem, shape, self._layer_address(dst, i))
+        return dst_index
+
+    # -- the four calls -----------------------------------------------------------------------
+    def _run_base(
+        self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        io = self.base.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        io.bind_cpu_input("tree_mask", np.ascontiguousarray(mask, dtype=bool))
+        io.bind_cpu_input("past_len", np.ascontiguousarray(past_len, dtype=np.int64))
+        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        io.bind_output("hidden_states", "cpu")
+        new_live = self._bind_caches(io)
+        self.base.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        self.live = new_live
+        return outputs[0].numpy(), outputs[1].numpy()  # (B, T, V), (B, T, E)
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        B, T = tokens.shape
+        logits = np.zeros((B, self.vocab_size), np.float32)
+        hidden: np.ndarray | None = None
+        for start in range(0, T, PREFILL_CHUNK):
+            chunk = tokens[:, start : start + PREFILL_CHUNK]  # (B, C)
+            C = chunk.shape[1]
+            causal = np.broadcast_to(np.tril(np.ones((C, C), bool)), (B, C, C))
+            out_logits, out_hidden = self._run_base(
+                chunk,
+                np.arange(start, start + C)[None].repeat(B, 0),
+                causal,
+                np.full(B, start, np.int64),
+            )
+            if hidden is None:
+                hidden = np.zeros((B, out_hidden.shape[-1]), np.float32)
+            last = lengths - 1 - start  # (B,) each row's last prompt token, if in this chunk
+            here = (last >= 0) & (last < C)
+            logits[here] = out_logits[here, last[here]]
+            hidden[here] = out_hidden[here, last[here]]
+        assert hidden is not None
+        return logits, hidden
+
+    def draft(
+        self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.drafter is None:
+            raise RuntimeUnavailableError(
+                f"{self.bundle.root} has no drafter graph; export with --drafter "
+                "(or decode with --autoregressive)"
+            )
+        if beam != self.bundle.beam:
+            raise RuntimeUnavailableError(
+                f"this bundle's drafter graph is exported for beam width {self.bundle.beam.width}"
+                f" and length {self.bundle.beam.length}, not {beam.width}x{beam.length}; "
+                "re-export with --beam-width/--beam-length"
+            )
+        beams, log_probs = self.drafter.run(
+            None,
+            {"context": context.astype(np.float32), "first_token": first_token.astype(np.int64)},
+        )
+        return beams, log_probs
+
+    def verify(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._run_base(tokens, positions, tree_mask, past_len)
+
+    def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
+        if self.device != "cpu":
+            raise RuntimeUnavailableError("commit on CUDA needs the native KVCommit kernel")
+        cache = self.arrays[self.live]  # (Lyr, 2, B, Hkv, S, D), the memory ORT reads
+        for b in range(len(past_len)):
+            P, c = int(past_len[b]), int(count[b])
+            if c == 0 or np.array_equal(source[b, :c], np.arange(c)):
+                continue  # the accepted path already sits at [P, P+c)
+            row = cache[:, :, b]  # (Lyr, 2, Hkv, S, D) view; a scalar b next to the fancy
+            # index below would move the gathered axis to the front (numpy's rule)
+            row[:, :, :, P : P + c] = row[:, :, :, P + source[b, :c]]

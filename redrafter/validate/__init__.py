@@ -1,0 +1,1 @@
+"""Parity: tensors per graph and tokens per generation, against the PyTorch reference."""

@@ -1,0 +1,128 @@
+"""`redrafter validate`: run tensor and token parity for a bundle and report them as a readable
+table and as JSON. Pass/fail is what a CI gate needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redrafter.export.bundle import Bundle
+from redrafter.validate.tensors import TensorReport, compare_runtimes
+from redrafter.validate.tokens import TokenCheck, check_token_parity
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that checks whether a number is prime.",
+    "Explain what a compiler does.",
+    "List three uses of a hash table.",
+)
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    bundle: str
+    runtime: str
+    implementation: str
+    device: str
+    dtype: str
+    tensors: TensorReport
+    tokens: list[TokenCheck]
+    token_reference: str = "torch autoregressive (fp32)"
+
+    @property
+    def passed(self) -> bool:
+        return self.tensors.passed and all(t.passed for t in self.tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle,
+            "runtime": self.runtime,
+            "implementation": self.implementation,
+            "device": self.device,
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "tensors": [dataclasses.asdict(c) for c in self.tensors.checks],
+            "tokens": [{**dataclasses.asdict(t), "passed": t.passed} for t in self.tokens],
+            "token_parity": f"{sum(t.passed for t in self.tokens)}/{len(self.tokens)}",
+            "token_reference": self.token_reference,
+        }
+
+    def table(self) -> str:
+        lines = [
+            f"bundle {self.bundle}: {self.runtime} ({self.implementation} TreeAttention, "
+            f"{self.device}, {self.dtype})",
+            "",
+            f"{'graph':8} {'output':16} {'max abs':>10} {'max rel':>10} {'argmax':>7} "
+            f"{'tol':>8}  result",
+        ]
+        for c in self.tensors.checks:
+            agree = "" if c.agreement is None else f"{c.agreement:.3f}"
+            lines.append(
+                f"{c.graph:8} {c.output:16} {c.max_abs:10.2e} {c.max_rel:10.2e} "
+                f"{agree:>7} {c.tolerance:8.0e}  {'ok' if c.passed else 'FAIL'}"
+            )
+        lines += [
+            "",
+            f"token parity against {self.token_reference}:",
+            f"{'prompt':>6} {'prompt tok':>10} {'generated':>9} {'tok/step':>8}  result",
+        ]
+        for t in self.tokens:
+            verdict = "identical" if t.passed else f"DIVERGES at token {t.first_divergence}"
+            lines.append(
+                f"{t.prompt:>6} {t.prompt_tokens:>10} {t.generated:>9} "
+                f"{t.tokens_per_step:>8.2f}  {verdict}"
+            )
+        ok = sum(t.passed for t in self.tokens)
+        lines += [
+            "",
+            f"{'PASS' if self.passed else 'FAIL'}: tensors "
+            f"{'ok' if self.tensors.passed else 'FAIL'}, tokens {ok}/{len(self.tokens)}",
+        ]
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def validate_bundle(
+    bundle: Bundle,
+    *,
+    candidate: Any,
+    reference: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+) -> ValidationReport:
+    """Tensor parity on random inputs, then greedy token parity on `prompts`.
+
+    fp32 bundles must emit exactly the torch reference's autoregressive tokens. fp16 rounding
+    flips some near-tied argmaxes, so an fp16 bundle's speculative tokens are held to its own
+    autoregressive tokens on the same runtime (speculation must change nothing), while its
+    tensors are held to the fp16 tolerances against the fp32 reference."""
+    beam = bundle.beam if bundle.drafter_config is not None else None
+    tensors = compare_runtimes(candidate, reference, dtype=bundle.dtype, beam=beam)
+    token_reference = reference if bundle.dtype == "float32" else candidate
+    tokens = check_token_parity(
+        candidate,
+        token_reference,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        beam=beam,
+        packing=bundle.packing,  # type: ignore[arg-type]
+        eos_token_ids=eos_token_ids,
+    )
+    return ValidationReport(
+        str(bundle.root),
+        candidate.name,
+        getattr(candidate, "implementation", "-"),
+        getattr(candidate, "device", "cpu"),
+        bundle.dtype,
+        tensors,
+        tokens,
+        "torch autoregressive (fp32)"
+        if token_reference is reference
+        else f"{candidate.name} autoregressive ({bundle.dtype})",
+    )

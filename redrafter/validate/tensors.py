@@ -1,0 +1,127 @@
+"""Tensor parity: the same protocol calls (prefill, draft, verify) on a candidate runtime and on
+the torch reference, compared output by output (DESIGN.md §7).
+
+Dimensions: B batch, T prompt, W beam width, L beam length, N packed tokens, E hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from redrafter.config import LOG_0
+from redrafter.decoding.runtime import Runtime
+from redrafter.decoding.tree import pack
+
+# Max-abs tolerances by bundle dtype, on fp32 logits / hidden states / draft log-probs. fp32 runs
+# the same math in another order; fp16 rounds weights and activations (see docs/parity.md).
+TOLERANCES = {
+    "float32": {"logits": 1e-3, "hidden": 1e-3, "log_probs": 1e-3, "argmax": 1.0, "beams": 1.0},
+    "float16": {"logits": 0.5, "hidden": 0.5, "log_probs": 0.5, "argmax": 0.95, "beams": 0.5},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorCheck:
+    """One output compared: max-abs and max-rel error, argmax agreement (logits only)."""
+
+    graph: str
+    output: str
+    max_abs: float
+    max_rel: float
+    agreement: float | None
+    tolerance: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorReport:
+    checks: list[TensorCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            **{f"{c.graph}.{c.output}.max_abs": round(c.max_abs, 7) for c in self.checks},
+        }
+
+
+def _compare(
+    graph: str,
+    output: str,
+    got: np.ndarray,
+    want: np.ndarray,
+    tol: dict[str, float],
+    key: str,
+    argmax: bool = False,
+) -> TensorCheck:
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    diff = np.abs(got64 - want64)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(want64), 1e-6)).max()) if diff.size else 0.0
+    agreement = float((got.argmax(-1) == want.argmax(-1)).mean()) if argmax else None
+    passed = max_abs <= tol[key] and (agreement is None or agreement >= tol["argmax"])
+    return TensorCheck(graph, output, max_abs, max_rel, agreement, tol[key], passed)
+
+
+def compare_runtimes(
+    candidate: Runtime, reference: Runtime, *, dtype: str, beam: Any | None, seed: int = 0
+) -> TensorReport:
+    """Prefill two ragged prompts, draft from the reference's context, verify the packed tree,
+    on both runtimes with identical inputs; compare every output."""
+    tol = TOLERANCES[dtype]
+    rng = np.random.default_rng(seed)
+    V = reference.vocab_size
+    lengths = np.array([9, 5], dtype=np.int64)
+    tokens = rng.integers(0, V, size=(2, int(lengths.max())))
+    checks = []
+    for rt in (candidate, reference):
+        rt.reset(batch=2, capacity=64)
+    got, want = candidate.prefill(tokens, lengths), reference.prefill(tokens, lengths)
+    checks.append(_compare("base", "prefill logits", got[0], want[0], tol, "logits", argmax=True))
+    checks.append(_compare("base", "prefill hidden", got[1], want[1], tol, "hidden"))
+    context, g0 = want[1], want[0].argmax(-1)
+    if beam is not None:
+        beams, log_probs = reference.draft(context, g0, beam)
+        c_beams, c_log_probs = candidate.draft(context, g0, beam)
+        same = float((c_beams == beams).all(axis=-1).mean())
+        checks.append(
+            TensorCheck("drafter", "beams", 0.0, 0.0, same, tol["beams"], same >= tol["beams"])
+        )
+        live = (log_probs > LOG_0 / 2) & (c_log_probs > LOG_0 / 2)  # the top-50 both kept
+        checks.append(
+            _compare("drafter", "log_probs", c_log_probs[live], log_probs[live], tol, "log_probs")
+        )
+    else:
+        beams = np.stack([g0, rng.integers(0, V, size=2), rng.integers(0, V, size=2)], axis=-1)
+        beams = beams[:, None, :]  # (B, 1, 3) an arbitrary chain to verify
+    tree = pack(beams)
+    positions = lengths[:, None] + tree.depth
+    got = candidate.verify(tree.tokens, positions, tree.tree_mask, lengths)
+    want = reference.verify(tree.tokens, positions, tree.tree_mask, lengths)
+    checks.append(_compare("base", "verify logits", got[0], want[0], tol, "logits", argmax=True))
+    checks.append(_compare("base", "verify hidden", got[1], want[1], tol, "hidden"))
+    return TensorReport(checks)
+
+
+def check_tensor_parity(
+    bundle: Any, base: Any, drafter: Any | None, *, device: str = "cpu", seed: int = 0
+) -> TensorReport:
+    """A bundle (ONNX Runtime, CPU) against the torch modules it was exported from."""
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
+    from redrafter.runtimes.torch import TorchRuntime
+
+    candidate = OnnxRuntime(bundle, device=device)
+    reference = TorchRuntime(base, drafter)
+    return compare_runtimes(
+        candidate,
+        reference,
+        dtype=bundle.dtype,
+        beam=bundle.beam if drafter is not None else None,
+        seed=seed,
+    )
