@@ -31,6 +31,19 @@ def main() -> None:
     """ReDrafter speculative decoding: export, run, validate and benchmark."""
 
 
+def _parse_ints(text: str, flag: str, *, minimum: int) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], each >= minimum, or a usage error naming the flag."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of integers", param_hint=flag
+        ) from None
+    if not values or min(values) < minimum:
+        raise click.BadParameter(f"{text!r}: each value must be >= {minimum}", param_hint=flag)
+    return list(dict.fromkeys(values))
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -247,17 +260,15 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
 )
 @click.option(
     "--beam-width",
-    default=4,
+    default="4",
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Static beam width of the drafter graph.",
+    help="Beam width(s) of the drafter graphs, e.g. 4 or 1,2,4 (the first is the default).",
 )
 @click.option(
     "--beam-length",
-    default=4,
+    default="4",
     show_default=True,
-    type=click.IntRange(min=2),
-    help="Static beam length of the drafter graph (counts the LLM's token).",
+    help="Beam length(s), counting the LLM's token, e.g. 4 or 3,4,5 (the first is the default).",
 )
 @click.option("--packing", type=click.Choice(["dedup", "full"]), default="dedup", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
@@ -267,8 +278,8 @@ def export(
     out_dir: str,
     target: str,
     dtype: str,
-    beam_width: int,
-    beam_length: int,
+    beam_width: str,
+    beam_length: str,
     packing: str,
     overwrite: bool,
 ) -> None:
@@ -276,10 +287,14 @@ def export(
     checksummed manifest), written to a temp dir and renamed into place."""
     from redrafter.export.build import ExportOptions, export_bundle
 
+    widths = _parse_ints(beam_width, "--beam-width", minimum=1)
+    lengths = _parse_ints(beam_length, "--beam-length", minimum=2)
+    beams = [BeamShape(w, n) for w in widths for n in lengths]
     options = ExportOptions(
         targets=tuple(t.strip() for t in target.split(",") if t.strip()),
         dtype=dtype,
-        beam=BeamShape(beam_width, beam_length),
+        beam=beams[0],
+        extra_beams=tuple(beams[1:]),
         packing=packing,  # type: ignore[arg-type]
     )
     bundle = export_bundle(

@@ -15,13 +15,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import OracleDrafts, tiny_base, tiny_drafter, write_hf_checkpoint
 
 import redrafter
-from conftest import OracleDrafts, tiny_base, tiny_drafter, write_hf_checkpoint
 from redrafter.cli import main
 from redrafter.config import BeamShape
 from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.driver import speculative_decode
+from redrafter.errors import RedrafterError
 from redrafter.export.build import ExportOptions, export_bundle
 from redrafter.export.bundle import BundleError, load_bundle
 from redrafter.models.checkpoints import save_drafter
@@ -66,7 +67,7 @@ def reference(checkpoints):
 
 def test_bundle_layout_and_manifest(bundle) -> None:
     files = set(bundle.manifest["files"])
-    assert {"onnx/base.onnx", "onnx/drafter.onnx", "tokenizer/tokenizer.json"} <= files
+    assert {"onnx/base.onnx", "onnx/drafter-w3-l4.onnx", "tokenizer/tokenizer.json"} <= files
     m = bundle.manifest
     assert m["format_version"] == 1 and m["dtype"] == "float32"
     assert m["custom_op"] == {"domain": "redrafter", "name": "TreeAttention", "version": 1}
@@ -91,7 +92,7 @@ def test_checker_passes_in_a_process_that_registered_nothing(bundle) -> None:
         "    onnx.checker.check_model(p, full_check=True)\n"
         "print('ok')\n"
     )
-    paths = [str(bundle.path("onnx/base.onnx")), str(bundle.path("onnx/drafter.onnx"))]
+    paths = [str(bundle.path("onnx/base.onnx")), str(bundle.path("onnx/drafter-w3-l4.onnx"))]
     out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -122,21 +123,43 @@ def test_long_accepts_move_cache_rows_correctly(bundle, reference, implementatio
     assert max(int(s.accepted.max()) for s in steps[1:]) == bundle.beam.length - 1
 
 
-def test_other_beam_shapes_and_fp16(checkpoints, reference) -> None:
+def test_several_beam_shapes_share_one_weights_file(checkpoints, bundle, reference) -> None:
     root, base_dir, drafter_dir = checkpoints
-    for beam, dtype in [(BeamShape(1, 2), "float32"), (BeamShape(4, 5), "float16")]:
-        out = root / f"bundle-{beam.width}x{beam.length}-{dtype}"
-        b = export_bundle(
-            base_dir, out, drafter_path=drafter_dir, options=ExportOptions(beam=beam, dtype=dtype)
-        )
-        assert b.manifest["parity"]["passed"], b.manifest["parity"]
-        runtime = OnnxRuntime(b)
+    beams = (BeamShape(1, 2), BeamShape(4, 5))
+    b = export_bundle(
+        base_dir,
+        root / "bundle-multi",
+        drafter_path=drafter_dir,
+        options=ExportOptions(beam=beams[0], extra_beams=beams[1:]),
+    )
+    assert b.manifest["parity"]["passed"], b.manifest["parity"]
+    assert set(b.drafter_graphs) == set(beams)
+    # Identical tensors are stored once: two drafter graphs cost no more disk than one.
+    single = bundle.manifest["files"]["onnx/weights.data"]["bytes"]
+    assert b.manifest["files"]["onnx/weights.data"]["bytes"] <= 1.05 * single
+    runtime = OnnxRuntime(b)
+    want = _collect(autoregressive_decode(reference, PROMPTS_3, max_new_tokens=16), 3)
+    for beam in beams:
         got = _collect(speculative_decode(runtime, PROMPTS_3, beam=beam, max_new_tokens=16), 3)
-        if dtype == "float32":
-            want = _collect(autoregressive_decode(reference, PROMPTS_3, max_new_tokens=16), 3)
-        else:  # fp16: speculation must not change the same runtime's greedy output
-            want = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=16), 3)
         assert got == want
+    with pytest.raises(RedrafterError, match="re-export with --beam-width"):
+        runtime.draft(np.zeros((1, 32), np.float32), np.zeros(1, np.int64), BeamShape(2, 3))
+
+
+def test_fp16_bundle_validates_under_tolerance(checkpoints) -> None:
+    root, base_dir, drafter_dir = checkpoints
+    b = export_bundle(
+        base_dir,
+        root / "bundle-fp16",
+        drafter_path=drafter_dir,
+        options=ExportOptions(beam=BeamShape(3, 4), dtype="float16"),
+    )
+    assert b.manifest["parity"]["passed"], b.manifest["parity"]
+    result = CliRunner().invoke(
+        main, ["validate", "--bundle", str(b.root), "--max-new-tokens", "12"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime autoregressive (float16)" in result.output
 
 
 def test_library_api_loads_a_bundle(bundle) -> None:
@@ -229,7 +252,7 @@ def test_bad_bundles_get_one_line_errors(bundle, tmp_path, damage, message) -> N
     root = _broken_copy(bundle, tmp_path, damage)
     manifest = json.loads((root / "manifest.json").read_text())
     if damage == "missing":
-        (root / "onnx" / "drafter.onnx").unlink()
+        (root / "onnx" / "drafter-w3-l4.onnx").unlink()
     elif damage == "tampered":
         with open(root / "tokenizer" / "tokenizer.json", "a") as f:
             f.write(" ")

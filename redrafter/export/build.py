@@ -24,6 +24,12 @@ class ExportOptions:
     dtype: str = "float32"
     beam: BeamShape = BeamShape()
     packing: Packing = "dedup"
+    extra_beams: tuple[BeamShape, ...] = ()  # more drafter graphs, e.g. for a benchmark grid
+
+    @property
+    def beams(self) -> tuple[BeamShape, ...]:
+        """Every beam shape to export a drafter graph for; the first is the default."""
+        return tuple(dict.fromkeys((self.beam, *self.extra_beams)))
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -56,7 +62,7 @@ def export_bundle(
 ) -> Bundle:
     """Load the checkpoints, export every target graph, copy the tokenizer, check export-time
     parity on random inputs, checksum everything, and rename the bundle into place."""
-    from redrafter.export.onnx import export_base, export_drafter, save_onnx
+    from redrafter.export.onnx import SharedWeights, drafter_graph_name, export_base, export_drafter
     from redrafter.models.checkpoints import check_drafter_fits, load_base, load_drafter
     from redrafter.models.tokenizer import load_tokenizer, save_tokenizer
 
@@ -74,16 +80,23 @@ def export_bundle(
     timings: dict[str, float] = {}
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         (tmp / "onnx").mkdir()
+        weights = SharedWeights(tmp / "onnx" / "weights.data")
         t = time.perf_counter()
-        save_onnx(export_base(base, dtype=options.dtype), tmp / "onnx" / "base.onnx")
+        weights.save(export_base(base, dtype=options.dtype), tmp / "onnx" / "base.onnx")
         timings["base_onnx_seconds"] = round(time.perf_counter() - t, 2)
         progress(f"exported onnx/base.onnx in {timings['base_onnx_seconds']} s")
+        drafters = []
         if drafter is not None:
             t = time.perf_counter()
-            graph = export_drafter(drafter, base, options.beam, dtype=options.dtype)
-            save_onnx(graph, tmp / "onnx" / "drafter.onnx")
+            for beam in options.beams:
+                name = drafter_graph_name(beam)
+                graph = export_drafter(drafter, base, beam, dtype=options.dtype)
+                weights.save(graph, tmp / "onnx" / name)
+                drafters.append(
+                    {"width": beam.width, "length": beam.length, "file": f"onnx/{name}"}
+                )
+                progress(f"exported onnx/{name}")
             timings["drafter_onnx_seconds"] = round(time.perf_counter() - t, 2)
-            progress(f"exported onnx/drafter.onnx in {timings['drafter_onnx_seconds']} s")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / "tokenizer")
         fields: dict[str, Any] = {
@@ -92,6 +105,7 @@ def export_bundle(
             if drafter is None
             else {"config": drafter.config.to_dict(), "source": _source_record(Path(drafter_path))},
             "beam": {"width": options.beam.width, "length": options.beam.length},
+            "drafters": drafters,
             "packing": options.packing,
             "dtype": options.dtype,
             "targets": list(options.targets),

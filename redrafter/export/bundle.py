@@ -102,6 +102,14 @@ class Bundle:
         return BeamShape(int(b["width"]), int(b["length"]))
 
     @property
+    def drafter_graphs(self) -> dict[BeamShape, str]:
+        """Beam shape -> the drafter graph exported for it (relative path)."""
+        return {
+            BeamShape(int(d["width"]), int(d["length"])): d["file"]
+            for d in self.manifest.get("drafters") or []
+        }
+
+    @property
     def packing(self) -> str:
         return str(self.manifest["packing"])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import logging
 import math
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from redrafter.config import BeamShape
@@ -181,15 +183,58 @@ def export_drafter(
     )
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save with weights in one external-data file beside the graph; returns the files."""
-    data = path.with_name(path.name + ".data")
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    return [path, data] if data.exists() else [path]
+class SharedWeights:
+    """One external-data file for several graphs of a bundle, each distinct tensor stored once
+    (matched by content): the drafter graphs of every beam shape and the base graph share their
+    weights and the embedding table on disk. Offsets are page-aligned so ORT can memory-map."""
+
+    ALIGN = 4096
+    THRESHOLD = 1024  # bytes; smaller tensors stay inline in the graph
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.index: dict[str, tuple[int, int]] = {}
+        self.size = 0
+
+    def _store(self, raw: bytes) -> tuple[int, int]:
+        key = hashlib.sha256(raw).hexdigest()
+        if key not in self.index:
+            offset = -(-self.size // self.ALIGN) * self.ALIGN
+            with open(self.path, "r+b" if self.path.exists() else "wb") as f:
+                f.seek(offset)
+                f.write(raw)
+            self.index[key] = (offset, len(raw))
+            self.size = offset + len(raw)
+        return self.index[key]
+
+    def save(self, model: onnx.ModelProto, path: Path) -> None:
+        """Move `model`'s large initializers into the shared file, then save the graph."""
+        for tensor in model.graph.initializer:
+            raw = numpy_helper.to_array(tensor).tobytes()
+            if len(raw) < self.THRESHOLD:
+                continue
+            offset, length = self._store(raw)
+            for field in (
+                "raw_data",
+                "float_data",
+                "int32_data",
+                "int64_data",
+                "double_data",
+                "uint64_data",
+                "string_data",
+            ):
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            for key, value in (
+                ("location", self.path.name),
+                ("offset", offset),
+                ("length", length),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+        onnx.save_model(model, str(path))
+
+
+def drafter_graph_name(beam: BeamShape) -> str:
+    return f"drafter-w{beam.width}-l{beam.length}.onnx"

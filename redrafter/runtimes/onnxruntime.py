@@ -82,11 +82,8 @@ class OnnxRuntime:
         )
         root = self.bundle.root / "onnx"
         self.base = ort.InferenceSession(str(root / "base.onnx"), options, providers=providers)
-        self.drafter = (
-            ort.InferenceSession(str(root / "drafter.onnx"), options, providers=providers)
-            if self.bundle.has("onnx/drafter.onnx")
-            else None
-        )
+        self._options, self._providers = options, providers
+        self._drafters: dict[BeamShape, ort.InferenceSession] = {}  # opened on first use
         active = self.base.get_providers()[0]
         self.device = "cuda" if active == PROVIDERS["cuda"] else "cpu"
         if device == "cuda" and self.device != "cuda":
@@ -182,22 +179,31 @@ class OnnxRuntime:
     def draft(
         self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self.drafter is None:
-            raise RuntimeUnavailableError(
-                f"{self.bundle.root} has no drafter graph; export with --drafter "
-                "(or decode with --autoregressive)"
-            )
-        if beam != self.bundle.beam:
-            raise RuntimeUnavailableError(
-                f"this bundle's drafter graph is exported for beam width {self.bundle.beam.width}"
-                f" and length {self.bundle.beam.length}, not {beam.width}x{beam.length}; "
-                "re-export with --beam-width/--beam-length"
-            )
-        beams, log_probs = self.drafter.run(
+        session = self._drafter_session(beam)
+        beams, log_probs = session.run(
             None,
             {"context": context.astype(np.float32), "first_token": first_token.astype(np.int64)},
         )
         return beams, log_probs
+
+    def _drafter_session(self, beam: BeamShape) -> ort.InferenceSession:
+        graphs = self.bundle.drafter_graphs
+        if not graphs:
+            raise RuntimeUnavailableError(
+                f"{self.bundle.root} has no drafter graph; export with --drafter "
+                "(or decode with --autoregressive)"
+            )
+        if beam not in graphs:
+            shapes = ", ".join(f"{b.width}x{b.length}" for b in graphs)
+            raise RuntimeUnavailableError(
+                f"this bundle has drafter graphs for beam width x length {shapes}, not "
+                f"{beam.width}x{beam.length}; re-export with --beam-width/--beam-length"
+            )
+        if beam not in self._drafters:
+            self._drafters[beam] = ort.InferenceSession(
+                str(self.bundle.root / graphs[beam]), self._options, providers=self._providers
+            )
+        return self._drafters[beam]
 
     def verify(
         self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
