@@ -382,6 +382,124 @@ def validate(
     sys.exit(0 if report.passed else 1)
 
 
+@main.command()
+@click.option("--bundle", "bundle_path", required=True, type=click.Path(), help="Bundle directory.")
+@click.option(
+    "--runtime",
+    type=click.Choice(["onnxruntime", "torch"]),
+    default="onnxruntime",
+    show_default=True,
+    help="torch = the reference rebuilt from the bundle's sources.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--native/--portable",
+    "native",
+    default=None,
+    help="ONNX Runtime TreeAttention: the native library or the portable body [native when built].",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(),
+    help="Prompts: a text file (one per line) or JSONL with a 'prompt' field.",
+)
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the chat template.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--beam-width", default=None, help="Comma list, e.g. 1,2,4 [the bundle's graphs].")
+@click.option("--beam-length", default=None, help="Comma list, e.g. 3,4,5 [the bundle's graphs].")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_out", type=click.Path(), help="Write the JSON results here.")
+@click.option("--plot", "plot_out", type=click.Path(), help="Write a PNG speed-up plot here.")
+def bench(
+    bundle_path: str,
+    runtime: str,
+    device: str,
+    native: bool | None,
+    prompts_file: str | None,
+    chat: bool,
+    max_new_tokens: int,
+    beam_width: str | None,
+    beam_length: str | None,
+    repeats: int,
+    json_out: str | None,
+    plot_out: str | None,
+) -> None:
+    """Speculative vs autoregressive decoding on the same runtime and prompts, side by side:
+    tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
+    from rich.progress import Progress
+
+    from redrafter.bench.harness import run_bench
+    from redrafter.bench.report import markdown_table, plot_speedup, save_json
+    from redrafter.pipeline import load, reference_runtime
+    from redrafter.validate.prompts import read_prompts
+    from redrafter.validate.report import DEFAULT_PROMPTS
+
+    if runtime == "torch" and native is not None:
+        raise click.UsageError("--native/--portable apply to --runtime onnxruntime")
+    pipe = load(bundle_path, runtime="onnxruntime", device=device, native=native)
+    bundle = pipe.runtime.bundle  # type: ignore[attr-defined]
+    rt = pipe.runtime if runtime == "onnxruntime" else reference_runtime(bundle)
+    available = list(bundle.drafter_graphs)
+    if not available:
+        raise click.UsageError("this bundle has no drafter graph: nothing to compare")
+    widths = _parse_ints(beam_width, "--beam-width", minimum=1) if beam_width else None
+    lengths = _parse_ints(beam_length, "--beam-length", minimum=2) if beam_length else None
+    beams = [
+        b
+        for b in available
+        if (widths is None or b.width in widths) and (lengths is None or b.length in lengths)
+    ]
+    wanted = {(w, n) for w in (widths or []) for n in (lengths or [])}
+    missing = sorted(wanted - {(b.width, b.length) for b in available})
+    if runtime == "onnxruntime" and missing:
+        raise click.UsageError(
+            f"the bundle has no drafter graph for (W, L) {missing}; re-export with "
+            f"--beam-width {beam_width} --beam-length {beam_length}"
+        )
+    if runtime == "torch" and wanted:
+        beams = [BeamShape(w, n) for w, n in sorted(wanted)]
+    if not beams:
+        raise click.UsageError("no beam shape selected; check --beam-width/--beam-length")
+    texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
+    prompts = [pipe.encode(t, chat=chat) for t in texts]
+    total = (repeats + 1) * (len(beams) + 1)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("benchmarking", total=total)
+        results = run_bench(
+            rt,
+            prompts,
+            beams,
+            max_new_tokens=max_new_tokens,
+            repeats=repeats,
+            packing=bundle.packing,
+            eos_token_ids=pipe.eos_token_ids,
+            on_run=lambda name: progress.update(task, advance=1, description=name),
+        )
+    implementation = getattr(rt, "implementation", "eager")
+    title = (
+        f"{bundle.root.name}: {rt.name} ({implementation}, {device}), "
+        f"{len(prompts)} prompts x {max_new_tokens} tokens"
+    )
+    click.echo(title)
+    click.echo(markdown_table(results))
+    payload = {
+        "bundle": str(bundle.root),
+        "runtime": rt.name,
+        "implementation": implementation,
+        "device": device,
+        "dtype": bundle.dtype,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "results": results,
+    }
+    if json_out:
+        save_json(payload, json_out)
+    if plot_out:
+        plot_speedup(results, plot_out, title=title)
+
+
 @main.command("init-drafter")
 @click.option(
     "--base",

@@ -1,0 +1,1 @@
+"""Benchmark harness: speculative vs autoregressive on the same runtime, side by side."""

@@ -1,0 +1,155 @@
+"""Run autoregressive and speculative decoding on the same runtime and prompts, interleaved,
+after a warm-up, for `repeats` rounds; aggregate per configuration (DESIGN.md §8).
+
+A configuration is `None` (autoregressive) or a `BeamShape`. Timings come from the driver's
+per-phase clocks plus the wall time between steps; host overhead is what is left over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from redrafter.config import BeamShape
+from redrafter.decoding.autoregressive import autoregressive_decode
+from redrafter.decoding.driver import speculative_decode
+from redrafter.decoding.runtime import Runtime
+from redrafter.decoding.tree import Packing
+
+Config = BeamShape | None
+PHASES = ("draft", "verify", "accept_commit", "host")
+
+
+def config_name(config: Config) -> str:
+    return "autoregressive" if config is None else f"W{config.width} L{config.length}"
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e6
+
+
+@dataclasses.dataclass
+class RunStats:
+    """One configuration, one repeat, all prompts."""
+
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    phase_seconds: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(PHASES, 0.0)
+    )
+    token_latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    peak_rss_mb: float = 0.0
+
+
+def run_once(
+    runtime: Runtime,
+    prompts: Sequence[Sequence[int]],
+    config: Config,
+    *,
+    max_new_tokens: int,
+    packing: Packing,
+    eos_token_ids: Sequence[int],
+) -> RunStats:
+    """Decode every prompt (batch 1, greedy); prefill time is excluded from the decode figures."""
+    stats = RunStats()
+    for prompt in prompts:
+        if config is None:
+            steps = autoregressive_decode(
+                runtime, [prompt], max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids
+            )
+        else:
+            steps = speculative_decode(
+                runtime,
+                [prompt],
+                beam=config,
+                packing=packing,
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=eos_token_ids,
+            )
+        last = time.perf_counter()
+        for step in steps:
+            now = time.perf_counter()
+            wall, last = now - last, now
+            if step.kind == "prefill":
+                continue
+            n = len(step.new_tokens[0])
+            s = step.seconds
+            phases = {
+                "draft": s.get("draft", 0.0),
+                "verify": s.get("verify", 0.0),
+                "accept_commit": s.get("accept", 0.0) + s.get("commit", 0.0),
+            }
+            phases["host"] = max(wall - sum(phases.values()), 0.0)
+            for k, v in phases.items():
+                stats.phase_seconds[k] += v
+            stats.tokens += n
+            stats.steps += 1
+            stats.seconds += wall
+            # Every token of a step becomes visible when the step ends.
+            stats.token_latencies_ms += [1000 * wall / max(n, 1)] * n
+        stats.peak_rss_mb = max(stats.peak_rss_mb, _rss_mb())
+    return stats
+
+
+def summarize_runs(runs: list[RunStats]) -> dict[str, Any]:
+    """Median over repeats of each figure; latency percentiles over all tokens of all repeats."""
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    lat = np.array([x for r in runs for x in r.token_latencies_ms] or [0.0])
+    return {
+        "tokens_per_second": med([r.tokens / r.seconds if r.seconds else 0.0 for r in runs]),
+        "tokens_per_step": med([r.tokens / r.steps if r.steps else 0.0 for r in runs]),
+        "ms_per_step": med([1000 * r.seconds / r.steps if r.steps else 0.0 for r in runs]),
+        "ms_per_step_by_phase": {
+            k: med([1000 * r.phase_seconds[k] / r.steps if r.steps else 0.0 for r in runs])
+            for k in PHASES
+        },
+        "token_latency_ms_p50": float(np.percentile(lat, 50)),
+        "token_latency_ms_p95": float(np.percentile(lat, 95)),
+        "peak_rss_mb": max(r.peak_rss_mb for r in runs),
+        "tokens_per_second_repeats": [r.tokens / r.seconds if r.seconds else 0.0 for r in runs],
+        "tokens": runs[0].tokens,
+    }
+
+
+def run_bench(
+    runtime: Runtime,
+    prompts: Sequence[Sequence[int]],
+    beams: Sequence[BeamShape],
+    *,
+    max_new_tokens: int,
+    repeats: int = 3,
+    packing: Packing = "dedup",
+    eos_token_ids: Sequence[int] = (),
+    on_run: Callable[[str], None] = lambda name: None,
+) -> dict[str, Any]:
+    """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
+    ...), so slow drifts of the machine hit every configuration alike."""
+    configs: list[Config] = [None, *beams]
+    kwargs = dict(max_new_tokens=max_new_tokens, packing=packing, eos_token_ids=eos_token_ids)
+    for c in configs:  # warm-up: session init, allocator growth, caches
+        run_once(runtime, prompts[:1], c, **kwargs)  # type: ignore[arg-type]
+        on_run(f"warm-up {config_name(c)}")
+    runs: dict[str, list[RunStats]] = {config_name(c): [] for c in configs}
+    for r in range(repeats):
+        for c in configs:
+            runs[config_name(c)].append(run_once(runtime, prompts, c, **kwargs))  # type: ignore[arg-type]
+            on_run(f"repeat {r + 1}/{repeats} {config_name(c)}")
+    results = {name: summarize_runs(rs) for name, rs in runs.items()}
+    base = results["autoregressive"]["tokens_per_second"]
+    for c in beams:
+        entry = results[config_name(c)]
+        entry["beam_width"], entry["beam_length"] = c.width, c.length
+        entry["speedup"] = entry["tokens_per_second"] / base if base else 0.0
+    results["autoregressive"]["speedup"] = 1.0
+    return results

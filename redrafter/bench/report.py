@@ -1,0 +1,61 @@
+"""Benchmark output: a Markdown table, a JSON document and a PNG plot of the speed-up over the
+(W, L) grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    head = (
+        "| config | tok/s | speed-up | tok/step | ms/step | draft | verify | accept+commit "
+        "| host | p50 ms/tok | p95 ms/tok | peak RSS MB |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for name, r in results.items():
+        p = r["ms_per_step_by_phase"]
+        lines.append(
+            f"| {name} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['tokens_per_step']:.2f} | {r['ms_per_step']:.1f} | {p['draft']:.1f} | "
+            f"{p['verify']:.1f} | {p['accept_commit']:.1f} | {p['host']:.1f} | "
+            f"{r['token_latency_ms_p50']:.1f} | {r['token_latency_ms_p95']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def save_json(payload: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> None:
+    """Heat map of speed-up over beam width x beam length (annotated), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    spec = [r for r in results.values() if "beam_width" in r]
+    widths = sorted({r["beam_width"] for r in spec})
+    lengths = sorted({r["beam_length"] for r in spec})
+    grid = np.full((len(widths), len(lengths)), np.nan)
+    for r in spec:
+        grid[widths.index(r["beam_width"]), lengths.index(r["beam_length"])] = r["speedup"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lengths), 1.4 + 0.9 * len(widths)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+    ax.set_xlabel("beam length L")
+    ax.set_ylabel("beam width W")
+    for i in range(len(widths)):
+        for j in range(len(lengths)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", color="white")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="speed-up vs autoregressive")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

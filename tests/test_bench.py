@@ -1,0 +1,116 @@
+"""`redrafter bench` on a tiny bundle: every JSON field present, ratios consistent with the raw
+timings, plot written, bad arguments rejected with exit 2. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
+from redrafter.cli import main
+from redrafter.config import BeamShape
+from redrafter.export.build import ExportOptions, export_bundle
+from redrafter.models.checkpoints import save_drafter
+
+FIELDS = {
+    "tokens_per_second",
+    "tokens_per_step",
+    "ms_per_step",
+    "ms_per_step_by_phase",
+    "token_latency_ms_p50",
+    "token_latency_ms_p95",
+    "peak_rss_mb",
+    "speedup",
+    "tokens_per_second_repeats",
+    "tokens",
+}
+
+
+@pytest.fixture(scope="module")
+def grid_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    base = tiny_base(seed=1)
+    base_dir = write_hf_checkpoint(base, root / "base")
+    save_drafter(tiny_drafter(base), root / "drafter")
+    options = ExportOptions(beam=BeamShape(1, 3), extra_beams=(BeamShape(2, 3), BeamShape(2, 4)))
+    return export_bundle(base_dir, root / "bundle", drafter_path=root / "drafter", options=options)
+
+
+def test_bench_json_markdown_and_plot(grid_bundle, tmp_path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--bundle",
+            str(grid_bundle.root),
+            "--max-new-tokens",
+            "8",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| autoregressive |" in result.output and "| W2 L4 |" in result.output
+    data = json.loads(out.read_text())
+    assert data["runtime"] == "onnxruntime" and data["repeats"] == 2
+    results = data["results"]
+    assert set(results) == {"autoregressive", "W1 L3", "W2 L3", "W2 L4"}
+    ar = results["autoregressive"]["tokens_per_second"]
+    for name, r in results.items():
+        assert FIELDS <= set(r), name
+        assert set(r["ms_per_step_by_phase"]) == {"draft", "verify", "accept_commit", "host"}
+        assert len(r["tokens_per_second_repeats"]) == 2
+        assert r["speedup"] == pytest.approx(r["tokens_per_second"] / ar)
+        # The phases add up to the step time (host overhead is the remainder, never negative).
+        assert sum(r["ms_per_step_by_phase"].values()) == pytest.approx(r["ms_per_step"], rel=0.05)
+        assert r["token_latency_ms_p50"] <= r["token_latency_ms_p95"]
+        # Four default prompts, no EOS in the tiny vocab; the prefill token is not a decode token.
+        assert r["tokens"] == 4 * (8 - 1)
+    assert results["autoregressive"]["tokens_per_step"] == 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--bundle",
+            str(grid_bundle.root),
+            "--runtime",
+            "torch",
+            "--beam-width",
+            "3",
+            "--beam-length",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--repeats",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| W3 L2 |" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--beam-width", "0"], "must be >= 1"),
+        (["--beam-length", "x"], "comma-separated"),
+        (["--beam-width", "8", "--beam-length", "3"], "re-export"),
+        (["--repeats", "0"], "repeats"),
+        (["--runtime", "torch", "--portable"], "--native/--portable"),
+    ],
+)
+def test_bench_bad_arguments_exit_2(grid_bundle, args, message) -> None:
+    result = CliRunner().invoke(main, ["bench", "--bundle", str(grid_bundle.root), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
