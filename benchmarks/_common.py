@@ -51,3 +51,26 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"saved {path}")
     return path
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_prompts(n_jargon: int, n_code: int, *, offset: int = 0) -> list[tuple[str, bool]]:
+    """Real prompts from ../shared/data: (text, chat) pairs. Jargon File terms become chat
+    questions; HumanEval prompts are raw code to continue. `offset` picks a later slice (e.g.
+    to stay clear of drafter-training data)."""
+    import gzip
+
+    entries = [
+        json.loads(line)
+        for line in (SHARED_DATA / "jargon-file" / "entries.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    step = max(1, len(entries) // max(n_jargon, 1))
+    picked = entries[offset % step :: step][:n_jargon]
+    prompts = [(f"Explain the computing slang term '{e['term']}'.", True) for e in picked]
+    with gzip.open(SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        code = [json.loads(line)["prompt"] for line in f if line.strip()]
+    prompts += [(p, False) for p in code[offset : offset + n_code]]
+    return prompts

@@ -14,14 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, save  # noqa: E402
-
 from redrafter.config import BeamShape  # noqa: E402
 from redrafter.demo import find_demo_gguf  # noqa: E402
 from redrafter.models.checkpoints import init_drafter, load_base  # noqa: E402
 from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
 from redrafter.pipeline import GenerationOptions, Pipeline  # noqa: E402
 from redrafter.runtimes.torch import TorchRuntime  # noqa: E402
+
+from _common import machine, save  # noqa: E402
 
 PROMPT = "What is the capital of France?"
 REPEATS = 3
@@ -37,13 +37,18 @@ def main() -> None:
     drafter = init_drafter(base.config, seed=0)
     pipe = Pipeline(TorchRuntime(base, drafter), tokenizer, base.config.eos_token_ids)
 
-    answer = pipe.generate([PROMPT], GenerationOptions(max_new_tokens=32, speculative=False),
-                           chat=True)
+    answer = pipe.generate(
+        [PROMPT], GenerationOptions(max_new_tokens=32, speculative=False), chat=True
+    )
     assert answer.texts is not None
     # Throughput on a longer, fixed-length generation (no early EOS), median of REPEATS.
     long = "Write a long story about a lighthouse keeper."
-    ar_runs = [pipe.generate([long], GenerationOptions(max_new_tokens=128, speculative=False),
-                             chat=True).stats for _ in range(REPEATS)]
+    ar_runs = [
+        pipe.generate(
+            [long], GenerationOptions(max_new_tokens=128, speculative=False), chat=True
+        ).stats
+        for _ in range(REPEATS)
+    ]
     beam = BeamShape(4, 4)
     spec = pipe.generate([long], GenerationOptions(max_new_tokens=128, beam=beam), chat=True)
     result = {
@@ -54,18 +59,27 @@ def main() -> None:
         "answer": answer.texts[0],
         "answer_token_ids": answer.token_ids[0],
         "ar_tokens_per_second_median": round(
-            statistics.median(r["tokens_per_second"] for r in ar_runs), 2),
+            statistics.median(r["tokens_per_second"] for r in ar_runs), 2
+        ),
         "ar_tokens_per_second_runs": [round(r["tokens_per_second"], 2) for r in ar_runs],
-        "random_drafter": {"beam_width": beam.width, "beam_length": beam.length,
-                           "tokens_per_step": round(spec.stats["tokens_per_step"], 3),
-                           "tokens_per_second": round(spec.stats["tokens_per_second"], 2),
-                           "seconds_by_phase": spec.stats["seconds_by_phase"]},
+        "random_drafter": {
+            "beam_width": beam.width,
+            "beam_length": beam.length,
+            "tokens_per_step": round(spec.stats["tokens_per_step"], 3),
+            "tokens_per_second": round(spec.stats["tokens_per_second"], 2),
+            "seconds_by_phase": spec.stats["seconds_by_phase"],
+        },
     }
     print(f"answer: {answer.texts[0]!r}")
-    print(f"autoregressive (torch, fp32, 128 tokens): "
-          f"{result['ar_tokens_per_second_median']} tok/s (runs {result['ar_tokens_per_second_runs']})")
-    print(f"random drafter W=4 L=4: {result['random_drafter']['tokens_per_step']} tokens/step, "
-          f"{result['random_drafter']['tokens_per_second']} tok/s")
+    runs = result["ar_tokens_per_second_runs"]
+    print(
+        f"autoregressive (torch, fp32, 128 tokens): "
+        f"{result['ar_tokens_per_second_median']} tok/s (runs {runs})"
+    )
+    print(
+        f"random drafter W=4 L=4: {result['random_drafter']['tokens_per_step']} tokens/step, "
+        f"{result['random_drafter']['tokens_per_second']} tok/s"
+    )
     save("spine", result)
 
 

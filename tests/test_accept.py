@@ -104,8 +104,9 @@ def test_apple_resamples_rejections_from_relu_p_minus_q() -> None:
 
 def test_apple_bonus_token_when_whole_beam_accepted() -> None:
     V, L = 8, 3
-    llm = np.stack([_one_hot_logits(V, 2, 1)[0], _one_hot_logits(V, 5, 1)[0],
-                    _one_hot_logits(V, 7, 1)[0]])[None, None]  # (1, 1, 3, V)
+    llm = np.stack(
+        [_one_hot_logits(V, 2, 1)[0], _one_hot_logits(V, 5, 1)[0], _one_hot_logits(V, 7, 1)[0]]
+    )[None, None]  # (1, 1, 3, V)
     beams = np.array([[[0, 2, 5]]])  # drafts agree with the LLM's point masses
     q = np.log(np.full((1, 1, L - 1, V), 1.0 / V))
     acc = accept_apple(beams, llm, q, SamplingParams(temperature=1.0), np.random.default_rng(0))
@@ -113,14 +114,26 @@ def test_apple_bonus_token_when_whole_beam_accepted() -> None:
 
 
 def test_exact_walks_the_tree() -> None:
-    V, L = 8, 3
+    V = 8
     # Point masses: the LLM wants 2 after g0, then 5 (only beam 1 drafted 2, 5), then 7.
-    llm = np.stack([
-        np.stack([_one_hot_logits(V, 2, 1)[0], _one_hot_logits(V, 3, 1)[0],
-                  _one_hot_logits(V, 0, 1)[0]]),
-        np.stack([_one_hot_logits(V, 2, 1)[0], _one_hot_logits(V, 5, 1)[0],
-                  _one_hot_logits(V, 7, 1)[0]]),
-    ])[None]  # (1, 2, 3, V)
+    llm = np.stack(
+        [
+            np.stack(
+                [
+                    _one_hot_logits(V, 2, 1)[0],
+                    _one_hot_logits(V, 3, 1)[0],
+                    _one_hot_logits(V, 0, 1)[0],
+                ]
+            ),
+            np.stack(
+                [
+                    _one_hot_logits(V, 2, 1)[0],
+                    _one_hot_logits(V, 5, 1)[0],
+                    _one_hot_logits(V, 7, 1)[0],
+                ]
+            ),
+        ]
+    )[None]  # (1, 2, 3, V)
     beams = np.array([[[0, 1, 4], [0, 2, 5]]])
     acc = accept_exact(beams, llm, SamplingParams(temperature=1.0), np.random.default_rng(0))
     assert (acc.beam[0], acc.n[0], acc.next_token[0]) == (1, 2, 7)

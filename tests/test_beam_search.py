@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_base, tiny_drafter
 from redrafter.config import LOG_0, BeamShape
 from redrafter.decoding.beam_search import beam_search, draft_log_probs
 from redrafter.models.drafter import warp_log_probs
+
+from conftest import tiny_base, tiny_drafter
 
 
 def _numpy_weights(drafter) -> dict[str, np.ndarray]:
@@ -25,8 +26,11 @@ def test_torch_beam_search_matches_numpy_reference(exit_dim, layers, W, L) -> No
     with torch.no_grad():
         beams, logp = drafter.beam_search(context, g0, base.embed_weight, BeamShape(W, L))
     ref_beams, ref_logp = beam_search(
-        _numpy_weights(drafter), base.embed_weight.detach().double().numpy(),
-        context.double().numpy(), g0.numpy(), BeamShape(W, L),
+        _numpy_weights(drafter),
+        base.embed_weight.detach().double().numpy(),
+        context.double().numpy(),
+        g0.numpy(),
+        BeamShape(W, L),
     )
     assert beams.shape == (2, W, L) and logp.shape == (2, W, L - 1, 97)
     np.testing.assert_array_equal(beams.numpy(), ref_beams)
@@ -43,8 +47,7 @@ def test_step_one_state_uses_silu_and_the_rnn_u_bias() -> None:
     with torch.no_grad():
         drafter.rnn_w.weight.zero_()
         drafter.rnn_u.bias.copy_(torch.linspace(-2, 2, base.config.hidden_size))
-        state = drafter.next_state(torch.zeros(1, base.config.hidden_size),
-                                   base.embed_weight[:1])
+        state = drafter.next_state(torch.zeros(1, base.config.hidden_size), base.embed_weight[:1])
     bias = drafter.rnn_u.bias.detach()
     torch.testing.assert_close(state[0], bias * torch.sigmoid(bias))
     assert not torch.allclose(state[0], bias)
@@ -77,6 +80,10 @@ def test_step_one_expands_only_beam_zero() -> None:
     base = tiny_base()
     drafter = tiny_drafter(base)
     with torch.no_grad():
-        beams, _ = drafter.beam_search(torch.randn(1, base.config.hidden_size),
-                                       torch.tensor([4]), base.embed_weight, BeamShape(5, 2))
+        beams, _ = drafter.beam_search(
+            torch.randn(1, base.config.hidden_size),
+            torch.tensor([4]),
+            base.embed_weight,
+            BeamShape(5, 2),
+        )
     assert len(set(beams[0, :, 1].tolist())) == 5

@@ -8,11 +8,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
 from redrafter.cli import main
 from redrafter.config import BeamShape
 from redrafter.export.build import ExportOptions, export_bundle
 from redrafter.models.checkpoints import save_drafter
+
+from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
 
 FIELDS = {
     "tokens_per_second",

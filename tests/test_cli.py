@@ -8,9 +8,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_base, write_hf_checkpoint
 from redrafter.cli import main
 from redrafter.models.checkpoints import load_drafter
+
+from conftest import tiny_base, write_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,20 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     base_dir = write_hf_checkpoint(tiny_base(), root / "base")
     runner = CliRunner()
-    result = runner.invoke(main, ["init-drafter", "--base", str(base_dir), "--out",
-                                  str(root / "drafter"), "--seed", "3", "--exit-dim", "40"])
+    result = runner.invoke(
+        main,
+        [
+            "init-drafter",
+            "--base",
+            str(base_dir),
+            "--out",
+            str(root / "drafter"),
+            "--seed",
+            "3",
+            "--exit-dim",
+            "40",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return base_dir, root / "drafter"
 
@@ -37,12 +50,22 @@ def test_init_drafter_writes_apple_layout(checkpoints) -> None:
     assert "input_proj.weight" in drafter.state_dict()  # exit_dim != 2 * hidden
 
 
-@pytest.mark.parametrize("beam", [["--beam-width", "1", "--beam-length", "2"],
-                                  ["--beam-width", "3", "--beam-length", "4"]])
+@pytest.mark.parametrize(
+    "beam",
+    [["--beam-width", "1", "--beam-length", "2"], ["--beam-width", "3", "--beam-length", "4"]],
+)
 def test_generate_json_speculative_equals_autoregressive(checkpoints, beam) -> None:
     base_dir, drafter_dir = checkpoints
-    common = ["generate", "--base", str(base_dir), "--prompt-ids", "3,4,5,6",
-              "--max-new-tokens", "12", "--json"]
+    common = [
+        "generate",
+        "--base",
+        str(base_dir),
+        "--prompt-ids",
+        "3,4,5,6",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]
     ar = _run([*common, "--autoregressive"])
     spec = _run([*common, "--drafter", str(drafter_dir), *beam, "--packing", "full"])
     assert ar.exit_code == 0 and spec.exit_code == 0, ar.output + spec.output
@@ -56,8 +79,20 @@ def test_generate_json_speculative_equals_autoregressive(checkpoints, beam) -> N
 
 def test_generate_streams_text_and_prints_stats(checkpoints) -> None:
     base_dir, drafter_dir = checkpoints
-    result = _run(["generate", "--base", str(base_dir), "--drafter", str(drafter_dir),
-                   "--prompt", "w1 w2 w3", "--max-new-tokens", "6", "--stats"])
+    result = _run(
+        [
+            "generate",
+            "--base",
+            str(base_dir),
+            "--drafter",
+            str(drafter_dir),
+            "--prompt",
+            "w1 w2 w3",
+            "--max-new-tokens",
+            "6",
+            "--stats",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert "tokens/step" in result.output
     words = result.output.splitlines()[0].split()
@@ -66,8 +101,22 @@ def test_generate_streams_text_and_prints_stats(checkpoints) -> None:
 
 def test_generate_sampling_is_seeded(checkpoints) -> None:
     base_dir, drafter_dir = checkpoints
-    args = ["generate", "--base", str(base_dir), "--drafter", str(drafter_dir), "--prompt-ids",
-            "3,4", "--max-new-tokens", "10", "--temperature", "0.8", "--seed", "7", "--json"]
+    args = [
+        "generate",
+        "--base",
+        str(base_dir),
+        "--drafter",
+        str(drafter_dir),
+        "--prompt-ids",
+        "3,4",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+        "--json",
+    ]
     for rule in ("exact", "apple"):
         a = _run([*args, "--acceptance", rule])
         b = _run([*args, "--acceptance", rule])
@@ -84,8 +133,10 @@ def test_generate_sampling_is_seeded(checkpoints) -> None:
         (["--prompt-ids", "1"], "needs --drafter"),
         (["--prompt-ids", "1", "--prompt", "w1", "--autoregressive"], "exactly one"),
         (["--prompt-ids", "1,2,500", "--autoregressive"], "outside the vocab"),
-        (["--prompt-ids", ",".join(["3"] * 250), "--autoregressive", "--max-new-tokens", "20"],
-         "context"),
+        (
+            ["--prompt-ids", ",".join(["3"] * 250), "--autoregressive", "--max-new-tokens", "20"],
+            "context",
+        ),
         (["--prompt-ids", "1", "--autoregressive", "--max-new-tokens", "0"], "max-new-tokens"),
         (["--prompt-ids", "1", "--autoregressive", "--beam-width", "0"], "beam-width"),
     ],
@@ -104,8 +155,17 @@ def test_drafter_that_does_not_fit_is_rejected(checkpoints, tmp_path) -> None:
     base_dir, _ = checkpoints
     other = write_hf_checkpoint(tiny_base(vocab_size=70), tmp_path / "other")
     assert _run(["init-drafter", "--base", str(other), "--out", str(tmp_path / "d")]).exit_code == 0
-    result = _run(["generate", "--base", str(base_dir), "--drafter", str(tmp_path / "d"),
-                   "--prompt-ids", "1,2"])
+    result = _run(
+        [
+            "generate",
+            "--base",
+            str(base_dir),
+            "--drafter",
+            str(tmp_path / "d"),
+            "--prompt-ids",
+            "1,2",
+        ]
+    )
     assert result.exit_code == 2
     assert "vocab" in result.output and "Traceback" not in result.output
 

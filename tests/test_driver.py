@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import OracleDrafts, tiny_base, tiny_drafter
 
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import target_probs
@@ -16,6 +15,8 @@ from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.driver import speculative_decode
 from redrafter.errors import PromptError
 from redrafter.runtimes.torch import TorchRuntime
+
+from conftest import OracleDrafts, tiny_base, tiny_drafter
 
 PROMPTS_1 = [[1, 2, 3, 4, 5]]
 PROMPTS_3 = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
@@ -72,7 +73,7 @@ def test_eos_stops_each_row_and_is_kept() -> None:
         ),
         3,
     )
-    for row_ar, row_spec in zip(ar, spec):
+    for row_ar, row_spec in zip(ar, spec, strict=True):
         cut = row_ar.index(eos) + 1 if eos in row_ar else 20
         assert row_spec == row_ar[:cut]
 

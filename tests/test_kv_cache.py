@@ -6,10 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import tiny_base
 from redrafter.decoding.kv_cache import apply_commit, commit_plan
 from redrafter.decoding.tree import pack
 from redrafter.runtimes.torch import TorchRuntime
+
+from conftest import tiny_base
 
 case = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(2, 5)).flatmap(
     lambda s: st.tuples(
@@ -44,7 +45,9 @@ def test_commit_moves_exactly_the_accepted_path(case, packing) -> None:
         c = int(count[b])
         path = tree.unpacker[b, beam[b], :c]
         assert np.all(np.diff(path) > 0) and np.all(path >= np.arange(c))  # safe in-place move
-        np.testing.assert_array_equal(cache[0, b, 0, past[b] : past[b] + c, 0], beams[b, beam[b], :c])
+        np.testing.assert_array_equal(
+            cache[0, b, 0, past[b] : past[b] + c, 0], beams[b, beam[b], :c]
+        )
         np.testing.assert_array_equal(cache[0, b, 0, past[b] : past[b] + c, 1], path)
         np.testing.assert_array_equal(cache[:, b, :, : past[b]], before[:, b, :, : past[b]])
 

@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import OracleDrafts, tiny_base, tiny_drafter, write_hf_checkpoint
 
 import redrafter
 from redrafter.cli import main
@@ -28,6 +27,8 @@ from redrafter.export.bundle import BundleError, load_bundle
 from redrafter.models.checkpoints import save_drafter
 from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library
 from redrafter.runtimes.torch import TorchRuntime
+
+from conftest import OracleDrafts, tiny_base, tiny_drafter, write_hf_checkpoint
 
 # Three layers and 1 KV head: no two cache dimensions are equal, so a transposed index fails.
 SHAPE = dict(num_hidden_layers=3, num_key_value_heads=1, num_attention_heads=4)

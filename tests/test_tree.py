@@ -60,9 +60,7 @@ def test_unknown_packing_is_rejected() -> None:
 
 beams_strategy = st.tuples(
     st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 4)
-).flatmap(
-    lambda s: hnp.arrays(np.int64, (s[0], s[1], s[2]), elements=st.integers(0, s[3]))
-)
+).flatmap(lambda s: hnp.arrays(np.int64, (s[0], s[1], s[2]), elements=st.integers(0, s[3])))
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,125 @@
+"""The demo model through the ONNX path (issue 4): export SmolLM2-135M (fp32 and fp16) with a
+drafter, validate tensor and token parity on real prompts from ../shared/data, and measure
+ms/step at context 128 and 2048 for the portable body and the native kernel.
+
+    .venv/bin/python benchmarks/onnx_demo.py [--drafter DIR] [--skip-fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from redrafter.config import BeamShape  # noqa: E402
+from redrafter.decoding.tree import pack  # noqa: E402
+from redrafter.demo import find_demo_gguf  # noqa: E402
+from redrafter.export.build import ExportOptions, export_bundle  # noqa: E402
+from redrafter.models.checkpoints import init_drafter, load_base, save_drafter  # noqa: E402
+from redrafter.pipeline import load, reference_runtime  # noqa: E402
+from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library  # noqa: E402
+from redrafter.validate.report import validate_bundle  # noqa: E402
+
+from _common import machine, save, shared_prompts  # noqa: E402
+
+
+def ms_per_step(runtime: OnnxRuntime, context: int, beam: BeamShape, repeats: int = 5) -> dict:
+    """Median ms of one verify call with N=1 (autoregressive) and with a full W*L tree, on top
+    of a committed cache of `context` tokens."""
+    rng = np.random.default_rng(0)
+    runtime.reset(batch=1, capacity=context + beam.width * beam.length + 8)
+    # Fill the cache by prefilling a random prompt of `context` tokens.
+    runtime.prefill(rng.integers(0, runtime.vocab_size, (1, context)), np.array([context]))
+    past = np.array([context])
+    beams = rng.integers(0, runtime.vocab_size, (1, beam.width, beam.length))
+    tree = pack(beams)
+    out = {}
+    for label, (tokens, depth, mask) in {
+        "n1": (beams[:, 0, :1], np.zeros((1, 1), np.int64), np.ones((1, 1, 1), bool)),
+        f"n{tree.tokens.shape[1]}": (tree.tokens, tree.depth, tree.tree_mask),
+    }.items():
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            runtime.verify(tokens, past[:, None] + depth, mask, past)
+            times.append(time.perf_counter() - t)
+        out[label] = round(1000 * statistics.median(times[1:]), 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--drafter", help="drafter folder (default: a random one)")
+    parser.add_argument("--skip-fp16", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="where to keep bundles (default: temp)")
+    args = parser.parse_args()
+    info = machine()
+    gguf = find_demo_gguf()
+    work = Path(args.out or tempfile.mkdtemp(prefix="redrafter-onnx-demo-"))
+    drafter_dir = Path(args.drafter) if args.drafter else work / "random-drafter"
+    if not args.drafter:
+        save_drafter(init_drafter(load_base(gguf).config, seed=0, exit_dim=256), drafter_dir)
+    prompts_text = shared_prompts(12, 10)
+    result: dict = {
+        "machine": info,
+        "model": gguf.name,
+        "drafter": str(drafter_dir),
+        "prompts": len(prompts_text),
+        "max_new_tokens": args.max_new_tokens,
+    }
+    beam = BeamShape(4, 4)
+    for dtype in ["float32"] + ([] if args.skip_fp16 else ["float16"]):
+        out = work / f"bundle-{dtype}"
+        t = time.perf_counter()
+        bundle = export_bundle(
+            gguf,
+            out,
+            drafter_path=drafter_dir,
+            overwrite=True,
+            options=ExportOptions(dtype=dtype, beam=beam),
+            progress=print,
+        )
+        export_seconds = time.perf_counter() - t
+        size = sum(f["bytes"] for f in bundle.manifest["files"].values())
+        pipe = load(out)
+        prompts = [pipe.encode(text, chat=chat) for text, chat in prompts_text]
+        reference = reference_runtime(bundle)
+        t = time.perf_counter()
+        report = validate_bundle(
+            bundle,
+            candidate=pipe.runtime,
+            reference=reference,
+            prompts=prompts,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_ids=pipe.eos_token_ids,
+        )
+        print(report.table())
+        entry = {
+            "export_seconds": round(export_seconds, 1),
+            "bundle_mb": round(size / 1e6, 1),
+            "validate_seconds": round(time.perf_counter() - t, 1),
+            "implementation": report.implementation,
+            "passed": report.passed,
+            "report": report.to_dict(),
+        }
+        if dtype == "float32":
+            steps = {}
+            for impl in ["portable"] + (["native"] if native_library() else []):
+                rt = OnnxRuntime(bundle, native=impl == "native")
+                steps[impl] = {str(ctx): ms_per_step(rt, ctx, beam) for ctx in (128, 2048)}
+                print(f"{impl}: ms/step {steps[impl]}")
+            entry["ms_per_step"] = steps
+        result[dtype] = entry
+    save("onnx_demo", result)
+
+
+if __name__ == "__main__":
+    main()
