@@ -115,7 +115,7 @@ def _parse_ids(text: str) -> list[int]:
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
     show_default=True,
-    help="ONNX Runtime device.",
+    help="Device for the runtime (cuda: ORT CUDA provider, or torch on CUDA).",
 )
 @click.option("--stats", is_flag=True, help="Print tokens/step, tokens/s and acceptance to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -164,7 +164,9 @@ def generate(
             raise click.UsageError(
                 "speculative decoding needs --drafter (or pass --autoregressive)"
             )
-        pipe = from_checkpoints(base_path or "", drafter=None if autoregressive else drafter_path)
+        pipe = from_checkpoints(
+            base_path or "", drafter=None if autoregressive else drafter_path, device=device
+        )
     d = pipe.defaults
     if not autoregressive and bundle_path is not None and not d.speculative:
         raise click.UsageError("this bundle has no drafter; pass --autoregressive")

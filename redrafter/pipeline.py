@@ -121,7 +121,11 @@ class Pipeline:
 
 
 def from_checkpoints(
-    base: str | Path, *, drafter: str | Path | None = None, runtime: str = "torch"
+    base: str | Path,
+    *,
+    drafter: str | Path | None = None,
+    runtime: str = "torch",
+    device: str = "cpu",
 ) -> Pipeline:
     """Load a base checkpoint (HF folder, .gguf or llama2.c .bin) and optionally a drafter
     (Apple's layout) into a pipeline on the eager torch runtime."""
@@ -144,7 +148,9 @@ def from_checkpoints(
         tokenizer = load_tokenizer(base)
     except TokenizerError:
         tokenizer = None  # id prompts still work; text prompts raise a clear error
-    return Pipeline(TorchRuntime(model, draft), tokenizer, model.config.eos_token_ids)
+    return Pipeline(
+        TorchRuntime(model, draft, device=device), tokenizer, model.config.eos_token_ids
+    )
 
 
 def load(

@@ -139,6 +139,7 @@ def test_generate_sampling_is_seeded(checkpoints) -> None:
         ),
         (["--prompt-ids", "1", "--autoregressive", "--max-new-tokens", "0"], "max-new-tokens"),
         (["--prompt-ids", "1", "--autoregressive", "--beam-width", "0"], "beam-width"),
+        (["--prompt-ids", "1", "--autoregressive", "--device", "cuda"], "no CUDA device"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(checkpoints, args, message) -> None:

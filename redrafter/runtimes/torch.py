@@ -16,35 +16,51 @@ from redrafter.models.llama import Transformer
 
 
 class TorchRuntime:
-    """Runs a `Transformer` (and optionally a `Drafter`) eagerly, with the cache in place."""
+    """Runs a `Transformer` (and optionally a `Drafter`) eagerly, with the cache in place, on
+    `device` ('cpu', or 'cuda' where torch has CUDA; the driver still talks numpy)."""
 
     name = "torch"
+    implementation = "eager"
 
-    def __init__(self, base: Transformer, drafter: Drafter | None = None) -> None:
-        self.base = base.eval()
-        self.drafter = drafter.eval() if drafter is not None else None
+    def __init__(
+        self, base: Transformer, drafter: Drafter | None = None, *, device: str = "cpu"
+    ) -> None:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailableError(
+                "device 'cuda' requested but this torch has no CUDA device; use --device cpu"
+            )
+        self.device = device
+        self.base = base.eval().to(device)
+        self.drafter = drafter.eval().to(device) if drafter is not None else None
         self.vocab_size = base.config.vocab_size
         self.context_length = base.config.context_length
         self.cache: torch.Tensor | None = None  # (Lyr, 2, B, Hkv, S, D)
 
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    @staticmethod
+    def _numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.float().cpu().numpy() if tensor.is_floating_point() else tensor.cpu().numpy()
+
     def reset(self, *, batch: int, capacity: int) -> None:
         c = self.cache
         if c is None or c.shape[2] != batch or c.shape[4] < capacity:
-            self.cache = self.base.new_cache(batch, capacity)
+            self.cache = self.base.new_cache(batch, capacity).to(self.device)
         # Stale slots past P are never read (the mask hides them), so no zeroing is needed.
 
     @torch.inference_mode()
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.cache is not None, "call reset() first"
         B, T = tokens.shape
-        ids = torch.from_numpy(tokens)  # (B, T)
-        positions = torch.arange(T).expand(B, T)  # (B, T)
-        causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)  # (B, T, T)
-        past_len = torch.zeros(B, dtype=torch.int64)
+        ids = self._tensor(tokens)  # (B, T)
+        positions = torch.arange(T, device=self.device).expand(B, T)  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril().expand(B, T, T)
+        past_len = torch.zeros(B, dtype=torch.int64, device=self.device)
         caches = self.base.layer_caches(self.cache)
         hidden, _ = self.base.hidden_states(ids, positions, causal, past_len, caches)  # (B, T, E)
-        last = hidden[torch.arange(B), torch.from_numpy(lengths) - 1]  # (B, E)
-        return self.base.logits(last).float().numpy(), last.float().numpy()
+        last = hidden[torch.arange(B, device=self.device), self._tensor(lengths) - 1]  # (B, E)
+        return self._numpy(self.base.logits(last)), self._numpy(last)
 
     @torch.inference_mode()
     def draft(
@@ -55,9 +71,9 @@ class TorchRuntime:
                 "speculative decoding needs a drafter; pass --drafter (or use --autoregressive)"
             )
         beams, log_probs = self.drafter.beam_search(
-            torch.from_numpy(context), torch.from_numpy(first_token), self.base.embed_weight, beam
+            self._tensor(context), self._tensor(first_token), self.base.embed_weight, beam
         )  # (B, W, L), (B, W, L-1, V)
-        return beams.numpy(), log_probs.float().numpy()
+        return self._numpy(beams), self._numpy(log_probs)
 
     @torch.inference_mode()
     def verify(
@@ -65,13 +81,13 @@ class TorchRuntime:
     ) -> tuple[np.ndarray, np.ndarray]:
         assert self.cache is not None, "call reset() first"
         logits, hidden, _ = self.base(
-            torch.from_numpy(tokens),
-            torch.from_numpy(positions),
-            torch.from_numpy(tree_mask),
-            torch.from_numpy(past_len),
+            self._tensor(tokens),
+            self._tensor(positions),
+            self._tensor(tree_mask),
+            self._tensor(past_len),
             self.base.layer_caches(self.cache),
         )  # (B, N, V), (B, N, E); the caches are updated in place
-        return logits.float().numpy(), hidden.float().numpy()
+        return self._numpy(logits), self._numpy(hidden)
 
     @torch.inference_mode()
     def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
@@ -80,6 +96,6 @@ class TorchRuntime:
             P, c = int(past_len[b]), int(count[b])
             if c == 0 or np.array_equal(source[b, :c], np.arange(c)):
                 continue  # the accepted path already sits at [P, P+c)
-            src = torch.from_numpy(source[b, :c] + P)  # (c,) increasing, >= destinations
+            src = self._tensor(source[b, :c] + P)  # (c,) increasing, >= destinations
             # Gather first, then write: one move of c rows per layer, keys and values together.
             self.cache[:, :, b, :, P : P + c] = self.cache[:, :, b, :, src]
