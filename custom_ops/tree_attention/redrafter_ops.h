@@ -1,0 +1,82 @@
+// The native op library's public face: the op identity (defined here once; redrafter/ops.py
+// mirrors it and tests/test_native_ops.py checks that the two agree) and the C ABI that tests and
+// benchmarks call through ctypes without ONNX Runtime.
+//
+// Semantics and shapes of both ops: tree_attention.h.
+#pragma once
+
+#include <stdint.h>
+
+#define REDRAFTER_OP_DOMAIN "redrafter"
+#define REDRAFTER_TREE_ATTENTION_OP "TreeAttention"
+#define REDRAFTER_KV_COMMIT_OP "KVCommit"
+#define REDRAFTER_OP_VERSION 1
+
+// Element types, numbered as ONNX's TensorProto.DataType.
+#define RD_DTYPE_FLOAT32 1
+#define RD_DTYPE_FLOAT16 10
+
+#if defined(__GNUC__)
+#define RD_EXPORT __attribute__((visibility("default")))
+#else
+#define RD_EXPORT
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Every rd_* function returns 0 on success; otherwise non-zero, and rd_last_error() (per thread)
+// says what was wrong. Shapes, dtypes and ranges are validated as the ORT kernels validate them.
+
+RD_EXPORT const char* rd_last_error(void);
+RD_EXPORT int rd_has_cuda_kernels(void);  // 1 when the library was built with nvcc
+
+// TreeAttention on host pointers with the CPU kernel. past_len: [B] int64, tree_mask: [B,N,N]
+// bytes (0/1). key_cache_out may equal key_cache (in place); otherwise the whole cache is copied
+// first. num_threads <= 0: one per hardware thread.
+RD_EXPORT int rd_tree_attention_cpu(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
+                                    int64_t D, int64_t S, float scale, const void* query,
+                                    const void* key, const void* value, const void* key_cache,
+                                    const void* value_cache, const int64_t* past_len,
+                                    const uint8_t* tree_mask, void* output, void* key_cache_out,
+                                    void* value_cache_out, int num_threads);
+
+// The CUDA kernel's algorithm run sequentially on the host: the same launch plan (row chunks,
+// key splits), the same 32-key tiles and the same __host__ __device__ tile math (tile_math.h),
+// then the same split combine. num_sms: the multiprocessor count whose plan to emulate.
+RD_EXPORT int rd_tree_attention_cuda_emulated(int dtype, int64_t B, int64_t Hq, int64_t Hkv,
+                                              int64_t N, int64_t D, int64_t S, float scale,
+                                              const void* query, const void* key,
+                                              const void* value, const void* key_cache,
+                                              const void* value_cache, const int64_t* past_len,
+                                              const uint8_t* tree_mask, void* output,
+                                              void* key_cache_out, void* value_cache_out,
+                                              int num_sms);
+
+// TreeAttention with the CUDA kernel: tensors are device pointers, past_len is a HOST array (as
+// in the ORT CUDA kernel, where past_len is a CPU input), stream a cudaStream_t (0: default).
+// Asynchronous: errors of the launch itself are reported, not those of the running kernel.
+RD_EXPORT int rd_tree_attention_cuda(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
+                                     int64_t D, int64_t S, float scale, const void* query,
+                                     const void* key, const void* value, const void* key_cache,
+                                     const void* value_cache, const int64_t* past_len,
+                                     const uint8_t* tree_mask, void* output, void* key_cache_out,
+                                     void* value_cache_out, void* stream);
+
+// KVCommit on a cache of shape [Z, B, Hkv, S, D] (Z: the product of any leading dims, e.g.
+// layers x 2). past_len, count: [B] int64; source: [B, K] int64. cache_out may equal cache.
+RD_EXPORT int rd_kv_commit_cpu(int dtype, int64_t Z, int64_t B, int64_t Hkv, int64_t S,
+                               int64_t D, int64_t K, const void* cache, void* cache_out,
+                               const int64_t* past_len, const int64_t* source,
+                               const int64_t* count);
+
+// KVCommit on a device cache; past_len, source and count are HOST arrays (CPU inputs in ORT).
+RD_EXPORT int rd_kv_commit_cuda(int dtype, int64_t Z, int64_t B, int64_t Hkv, int64_t S,
+                                int64_t D, int64_t K, const void* cache, void* cache_out,
+                                const int64_t* past_len, const int64_t* source,
+                                const int64_t* count, void* stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif

@@ -1,0 +1,347 @@
+// Registers redrafter::TreeAttention and redrafter::KVCommit (tree_attention.h) with ONNX Runtime:
+// float32 and float16 kernels for the CPU execution provider and, when built with nvcc, for the
+// CUDA execution provider. ORT picks the kernel by the node's element type and provider.
+//
+// Load it with SessionOptions.register_custom_ops_library(path) (redrafter/ops.py: register()).
+// Built against ORT's API 29 headers: onnxruntime >= 1.29.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tree_attention.h"
+
+namespace redrafter {
+namespace {
+
+constexpr const char* kCpuProvider = "CPUExecutionProvider";
+constexpr const char* kCudaProvider = "CUDAExecutionProvider";
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << "]";
+  return s.str();
+}
+
+struct Input {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> shape;
+  const void* data;
+};
+
+Input get_input(const Ort::KernelContext& ctx, std::size_t index) {
+  Ort::ConstValue value = ctx.GetInput(index);
+  Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
+  return Input{info.GetElementType(), info.GetShape(), value.GetTensorRawData()};
+}
+
+// "" when `in` has shape `want`, else a message naming the input and both shapes.
+std::string expect_shape(const char* op, const char* name, const Input& in,
+                         const std::vector<int64_t>& want) {
+  if (in.shape == want) return "";
+  return std::string(op) + ": input '" + name + "' has shape " + shape_string(in.shape) +
+         ", expected " + shape_string(want);
+}
+
+OrtStatus* error_status(const std::string& message, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  return Ort::GetApi().CreateStatus(code, message.c_str());
+}
+
+// Runs the CPU kernel's work items on the session's intra-op thread pool.
+struct OrtRunner final : ParallelRunner {
+  explicit OrtRunner(const Ort::KernelContext& ctx) : ctx_(ctx) {}
+  void run(std::size_t total, void (*fn)(void*, std::size_t), void* user) const override {
+    if (total == 1) return fn(user, 0);
+    ctx_.ParallelFor(fn, total, 0, user);
+  }
+  int num_threads() const override {
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }
+
+ private:
+  const Ort::KernelContext& ctx_;
+};
+
+void warn_copy_once(const Ort::KernelContext& ctx, std::once_flag& flag, const char* op) {
+  std::call_once(flag, [&] {
+    const std::string msg =
+        std::string("redrafter::") + op +
+        ": the cache output is not bound to the cache input's buffer, so every call copies the "
+        "whole cache. Bind one OrtValue as both (io_binding: bind_ortvalue_input + "
+        "bind_ortvalue_output) to update it in place.";
+    Ort::Logger logger = ctx.GetLogger();
+    ORT_CXX_LOG_NOEXCEPT(logger, ORT_LOGGING_LEVEL_WARNING, msg.c_str());
+  });
+}
+
+// Converts C++ exceptions (the Ort:: wrappers throw) into a status: nothing crosses the C ABI.
+template <typename Body>
+OrtStatus* guarded(Body body) {
+  try {
+    return body();
+  } catch (const Ort::Exception& e) {
+    return error_status(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return error_status(e.what(), ORT_RUNTIME_EXCEPTION);
+  }
+}
+
+// ---- TreeAttention ---------------------------------------------------------------------------
+
+struct TreeAttentionKernel {
+  TreeAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, bool cuda) : cuda_(cuda) {
+    float scale = 0.0f;
+    if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, "scale", &scale)) {
+      api.ReleaseStatus(status);  // absent: 1/sqrt(D)
+      scale = 0.0f;
+    }
+    scale_ = scale;
+  }
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded([&]() -> OrtStatus* {
+      constexpr const char* op = "TreeAttention";
+      Ort::KernelContext ctx(context);
+      const Input q = get_input(ctx, 0), k = get_input(ctx, 1), v = get_input(ctx, 2),
+                  kc = get_input(ctx, 3), vc = get_input(ctx, 4), past = get_input(ctx, 5),
+                  mask = get_input(ctx, 6);
+      if (q.shape.size() != 4 || kc.shape.size() != 4)
+        return error_status(std::string(op) + ": query " + shape_string(q.shape) +
+                            " and key_cache " + shape_string(kc.shape) +
+                            " must be 4-D [B, H, N, D] and [B, Hkv, S, D]");
+      const int64_t B = q.shape[0], Hq = q.shape[1], N = q.shape[2], D = q.shape[3];
+      const int64_t Hkv = kc.shape[1], S = kc.shape[2];
+      std::string err;
+      for (const std::string& e :
+           {expect_shape(op, "key", k, {B, Hkv, N, D}), expect_shape(op, "value", v, {B, Hkv, N, D}),
+            expect_shape(op, "key_cache", kc, {B, Hkv, S, D}),
+            expect_shape(op, "value_cache", vc, {B, Hkv, S, D}),
+            expect_shape(op, "past_len", past, {B}), expect_shape(op, "tree_mask", mask, {B, N, N})})
+        if (err.empty()) err = e;
+      if (!err.empty()) return error_status(err);
+      for (const Input* in : {&k, &v, &kc, &vc})
+        if (in->type != q.type)
+          return error_status(std::string(op) + ": query, key, value and the caches must share "
+                                                "one element type");
+
+      TreeAttentionArgs a;
+      a.dtype = q.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? DType::kFloat16 : DType::kFloat32;
+      a.B = B;
+      a.Hq = Hq;
+      a.Hkv = Hkv;
+      a.N = N;
+      a.D = D;
+      a.S = S;
+      a.scale = resolve_scale(scale_, D > 0 ? D : 1);
+      a.query = q.data;
+      a.key = k.data;
+      a.value = v.data;
+      a.key_cache = kc.data;
+      a.value_cache = vc.data;
+      a.past_len = static_cast<const int64_t*>(past.data);
+      a.tree_mask = static_cast<const uint8_t*>(mask.data);
+      err = check_tree_attention(a);
+      if (!err.empty()) return error_status(err);
+
+      a.output = ctx.GetOutput(0, q.shape).GetTensorMutableRawData();
+      a.key_cache_out = ctx.GetOutput(1, kc.shape).GetTensorMutableRawData();
+      a.value_cache_out = ctx.GetOutput(2, vc.shape).GetTensorMutableRawData();
+      if (a.key_cache_out != a.key_cache || a.value_cache_out != a.value_cache)
+        warn_copy_once(ctx, copy_warning_, op);
+
+      if (!cuda_) {
+        tree_attention_cpu(a, OrtRunner(ctx));
+        return nullptr;
+      }
+#if defined(REDRAFTER_WITH_CUDA)
+      err = tree_attention_cuda(a, ctx.GetGPUComputeStream());
+      return err.empty() ? nullptr : error_status(err, ORT_RUNTIME_EXCEPTION);
+#else
+      return error_status("redrafter ops: built without CUDA", ORT_NOT_IMPLEMENTED);
+#endif
+    });
+  }
+
+ private:
+  bool cuda_;
+  float scale_;
+  std::once_flag copy_warning_;
+};
+
+template <ONNXTensorElementDataType kType, bool kCuda>
+struct TreeAttentionOp
+    : Ort::CustomOpBase<TreeAttentionOp<kType, kCuda>, TreeAttentionKernel, /*WithStatus=*/true> {
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&]() -> OrtStatus* {
+      *kernel = new TreeAttentionKernel(api, info, kCuda);
+      return nullptr;
+    });
+  }
+  const char* GetName() const { return REDRAFTER_TREE_ATTENTION_OP; }
+  const char* GetExecutionProviderType() const { return kCuda ? kCudaProvider : kCpuProvider; }
+  // query, key, value, key_cache, value_cache, past_len, tree_mask
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 5) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    if (i == 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+    return kType;
+  }
+  // past_len is read on the host (range checks, launch plan): a CPU input on the CUDA provider.
+  OrtMemType GetInputMemoryType(size_t i) const {
+    return kCuda && i == 5 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  // output, key_cache_out, value_cache_out
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
+};
+
+// ---- KVCommit --------------------------------------------------------------------------------
+
+struct KVCommitKernel {
+  KVCommitKernel(const OrtApi&, const OrtKernelInfo*, bool cuda) : cuda_(cuda) {}
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded([&]() -> OrtStatus* {
+      constexpr const char* op = "KVCommit";
+      Ort::KernelContext ctx(context);
+      const Input cache = get_input(ctx, 0), past = get_input(ctx, 1), source = get_input(ctx, 2),
+                  count = get_input(ctx, 3);
+      const std::size_t rank = cache.shape.size();
+      if (rank < 4)
+        return error_status(std::string(op) + ": cache has shape " + shape_string(cache.shape) +
+                            ", expected [..., B, Hkv, S, D]");
+      const int64_t B = cache.shape[rank - 4];
+      if (source.shape.size() != 2 || source.shape[0] != B)
+        return error_status(std::string(op) + ": source has shape " +
+                            shape_string(source.shape) + ", expected [B=" + std::to_string(B) +
+                            ", K]");
+      std::string err = expect_shape(op, "past_len", past, {B});
+      if (err.empty()) err = expect_shape(op, "count", count, {B});
+      if (!err.empty()) return error_status(err);
+
+      KVCommitArgs a;
+      a.dtype =
+          cache.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? DType::kFloat16 : DType::kFloat32;
+      a.Z = 1;
+      for (std::size_t i = 0; i + 4 < rank; ++i) a.Z *= cache.shape[i];
+      a.B = B;
+      a.Hkv = cache.shape[rank - 3];
+      a.S = cache.shape[rank - 2];
+      a.D = cache.shape[rank - 1];
+      a.K = source.shape[1];
+      a.cache = cache.data;
+      a.past_len = static_cast<const int64_t*>(past.data);
+      a.source = static_cast<const int64_t*>(source.data);
+      a.count = static_cast<const int64_t*>(count.data);
+      err = check_kv_commit(a);
+      if (!err.empty()) return error_status(err);
+
+      a.cache_out = ctx.GetOutput(0, cache.shape).GetTensorMutableRawData();
+      if (a.cache_out != a.cache) warn_copy_once(ctx, copy_warning_, op);
+      if (!cuda_) {
+        kv_commit_cpu(a);
+        return nullptr;
+      }
+#if defined(REDRAFTER_WITH_CUDA)
+      err = kv_commit_cuda(a, ctx.GetGPUComputeStream());
+      return err.empty() ? nullptr : error_status(err, ORT_RUNTIME_EXCEPTION);
+#else
+      return error_status("redrafter ops: built without CUDA", ORT_NOT_IMPLEMENTED);
+#endif
+    });
+  }
+
+ private:
+  bool cuda_;
+  std::once_flag copy_warning_;
+};
+
+template <ONNXTensorElementDataType kType, bool kCuda>
+struct KVCommitOp
+    : Ort::CustomOpBase<KVCommitOp<kType, kCuda>, KVCommitKernel, /*WithStatus=*/true> {
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&]() -> OrtStatus* {
+      *kernel = new KVCommitKernel(api, info, kCuda);
+      return nullptr;
+    });
+  }
+  const char* GetName() const { return REDRAFTER_KV_COMMIT_OP; }
+  const char* GetExecutionProviderType() const { return kCuda ? kCudaProvider : kCpuProvider; }
+  // cache, past_len, source, count
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtMemType GetInputMemoryType(size_t i) const {
+    return kCuda && i > 0 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
+};
+
+constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+
+// One domain for the whole process: session options only keep a pointer to it, so every
+// RegisterCustomOps call adds the same object, and it is never released (sessions may outlive
+// any point where it would be safe to).
+OrtStatus* shared_domain(const OrtApi* api, OrtCustomOpDomain** out) {
+  static std::mutex mu;
+  static OrtCustomOpDomain* domain = nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (domain == nullptr) {
+    static TreeAttentionOp<kF32, false> attention_f32_cpu;
+    static TreeAttentionOp<kF16, false> attention_f16_cpu;
+    static KVCommitOp<kF32, false> commit_f32_cpu;
+    static KVCommitOp<kF16, false> commit_f16_cpu;
+    std::vector<OrtCustomOp*> ops = {&attention_f32_cpu, &attention_f16_cpu, &commit_f32_cpu,
+                                     &commit_f16_cpu};
+#if defined(REDRAFTER_WITH_CUDA)
+    static TreeAttentionOp<kF32, true> attention_f32_cuda;
+    static TreeAttentionOp<kF16, true> attention_f16_cuda;
+    static KVCommitOp<kF32, true> commit_f32_cuda;
+    static KVCommitOp<kF16, true> commit_f16_cuda;
+    ops.insert(ops.end(),
+               {&attention_f32_cuda, &attention_f16_cuda, &commit_f32_cuda, &commit_f16_cuda});
+#endif
+    OrtCustomOpDomain* created = nullptr;
+    if (OrtStatus* status = api->CreateCustomOpDomain(REDRAFTER_OP_DOMAIN, &created)) return status;
+    for (OrtCustomOp* op : ops)
+      if (OrtStatus* status = api->CustomOpDomain_Add(created, op)) {
+        api->ReleaseCustomOpDomain(created);
+        return status;
+      }
+    domain = created;
+  }
+  *out = domain;
+  return nullptr;
+}
+
+}  // namespace
+}  // namespace redrafter
+
+extern "C" RD_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                               const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // An onnxruntime older than the headers we were built with. CreateStatus has been in the API
+    // since version 1, so ask for that one to say so.
+    const OrtApi* v1 = api_base->GetApi(1);
+    const std::string msg =
+        "redrafter ops library needs ONNX Runtime API version " + std::to_string(ORT_API_VERSION) +
+        " (onnxruntime >= 1." + std::to_string(ORT_API_VERSION) + "), but this onnxruntime is " +
+        api_base->GetVersionString() + ": upgrade onnxruntime or run without the native ops";
+    return v1 != nullptr ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  Ort::InitApi(api);
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* status = redrafter::shared_domain(api, &domain)) return status;
+  return api->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,515 @@
+"""The native op library (custom_ops/): TreeAttention and KVCommit against a numpy reference,
+through the C ABI (CPU kernel, host emulation of the CUDA kernel, CUDA kernel on a GPU) and
+through ONNX Runtime (CPU provider), including the in-place cache update by IO binding.
+
+Dimensions: B batch, Hq query heads, Hkv key/value heads, N new tokens, D head dim,
+S cache capacity, P committed length, K commit slots.
+
+The library is built by `make test` before pytest runs; these tests fail (not skip) without it.
+Only the CUDA-device tests skip, when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from redrafter import ops
+from redrafter.decoding.kv_cache import apply_commit
+from redrafter.errors import RuntimeUnavailableError
+
+REPO = Path(__file__).resolve().parent.parent
+OPS_HEADER = REPO / "custom_ops" / "tree_attention" / "redrafter_ops.h"
+
+ATOL = {np.float32: 1e-5, np.float16: 2e-3}
+ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+# (B, Hq, Hkv, N, D, S): N=1, odd N and D, GQA ratios 1, 3 and 8, the demo model's heads, and a
+# head dim that is not a multiple of 8 (the CUDA kernel's element-by-element staging path).
+CASES = [
+    (1, 1, 1, 1, 8, 1),
+    (3, 6, 2, 13, 24, 64),
+    (2, 8, 8, 4, 32, 100),
+    (2, 8, 1, 7, 16, 50),
+    (2, 9, 3, 1, 64, 700),
+    (1, 9, 3, 64, 64, 300),
+    (2, 4, 2, 3, 20, 30),
+]
+DTYPES = [np.float32, np.float16]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    path = ops.library_path()
+    if path is None:
+        pytest.fail(
+            f"native op library missing: run `make ops` (expected build/ops/{ops.LIBRARY_NAME})"
+        )
+    return ops.load_c_api(path)
+
+
+# ---- reference -------------------------------------------------------------------------------
+
+
+def reference(query, key, value, key_cache, value_cache, past_len, tree_mask, scale=None):
+    """out[b,h,i] = softmax over {slots < P_b} ∪ {new j: mask[b,i,j]} of (q·k)·scale, @ v; in
+    float64. A row that sees no key gives 0. Returns (out, key_cache_out, value_cache_out)."""
+    q, k, v, kc, vc = query, key, value, key_cache, value_cache
+    B, Hq, N, D = q.shape
+    G = Hq // k.shape[1]
+    scale = scale or 1.0 / np.sqrt(D)
+    out = np.zeros(q.shape, np.float64)
+    kc_out, vc_out = kc.copy(), vc.copy()
+    for b in range(B):
+        P = int(past_len[b])
+        kc_out[b, :, P : P + N], vc_out[b, :, P : P + N] = k[b], v[b]
+        keys = np.concatenate([kc[b, :, :P], k[b]], axis=1).astype(np.float64)  # (Hkv, P+N, D)
+        vals = np.concatenate([vc[b, :, :P], v[b]], axis=1).astype(np.float64)
+        visible = np.concatenate([np.ones((N, P), bool), tree_mask[b]], axis=1)  # (N, P+N)
+        for h in range(Hq):
+            s = q[b, h].astype(np.float64) @ keys[h // G].T * scale  # (N, P+N)
+            s = np.where(visible, s, -np.inf)
+            m = s.max(axis=1, keepdims=True)
+            e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+            total = e.sum(axis=1, keepdims=True)
+            out[b, h] = np.where(total > 0, (e / np.maximum(total, 1e-300)) @ vals[h // G], 0.0)
+    return out, kc_out, vc_out
+
+
+def make_inputs(case, dtype, seed):
+    B, Hq, Hkv, N, D, S = case
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    past = rng.integers(0, S - N + 1, size=B).astype(np.int64)
+    past[0] = S - N  # a full cache ...
+    past[-1] = min(past[-1], 3)  # ... and a nearly empty one in the same batch (ragged)
+    mask = rng.random((B, N, N)) < 0.5
+    mask |= np.eye(N, dtype=bool)[None]
+    return dict(
+        query=normal(B, Hq, N, D),
+        key=normal(B, Hkv, N, D),
+        value=normal(B, Hkv, N, D),
+        key_cache=normal(B, Hkv, S, D),
+        value_cache=normal(B, Hkv, S, D),
+        past_len=past,
+        tree_mask=mask,
+    )
+
+
+def check_caches(x, kc_out, vc_out):
+    """New rows at [P, P+N); every other slot bit-identical to the input cache."""
+    _, want_k, want_v = reference(**x)
+    np.testing.assert_array_equal(kc_out, want_k)
+    np.testing.assert_array_equal(vc_out, want_v)
+
+
+def assert_close(out, ref, dtype):
+    err = np.abs(out.astype(np.float64) - ref).max()
+    assert err <= ATOL[dtype], f"max abs error {err:.3g} > {ATOL[dtype]} ({np.dtype(dtype).name})"
+
+
+# ---- op identity -------------------------------------------------------------------------------
+
+
+def test_op_identity_matches_header():
+    text = OPS_HEADER.read_text()
+    defines = dict(re.findall(r"#define (REDRAFTER_\w+) (\S+)", text))
+    assert defines["REDRAFTER_OP_DOMAIN"] == f'"{ops.DOMAIN}"'
+    assert defines["REDRAFTER_TREE_ATTENTION_OP"] == f'"{ops.TREE_ATTENTION}"'
+    assert defines["REDRAFTER_KV_COMMIT_OP"] == f'"{ops.KV_COMMIT}"'
+    assert int(defines["REDRAFTER_OP_VERSION"]) == ops.VERSION
+
+
+def test_library_path_env_override(monkeypatch, tmp_path, lib):
+    monkeypatch.setenv(ops.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(RuntimeUnavailableError, match="make ops"):
+        ops.library_path()
+    monkeypatch.delenv(ops.LIBRARY_ENV)
+    assert ops.library_path() == REPO / "build" / "ops" / ops.LIBRARY_NAME
+
+
+# ---- C ABI: CPU kernel and the host emulation of the CUDA kernel -------------------------------
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2", "base"])  # the run-time clones of the kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpu_kernel_matches_reference(lib, case, dtype, isa, monkeypatch):
+    if isa != "best":
+        monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)  # read by the library at each call
+    x = make_inputs(case, dtype, seed=1)
+    ref, _, _ = reference(**x)
+    kc, vc = x["key_cache"].copy(), x["value_cache"].copy()
+    out = ops.tree_attention_host(lib, **{**x, "key_cache": kc, "value_cache": vc})
+    assert_close(out, ref, dtype)
+    check_caches(x, kc, vc)  # written in place
+
+
+@pytest.mark.parametrize("num_sms", [1, 132])  # one split per row chunk; many key splits
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_tile_math_emulated_on_host(lib, case, dtype, num_sms):
+    """The CUDA kernel's plan, tiles and __host__ __device__ tile math, run on the host."""
+    x = make_inputs(case, dtype, seed=2)
+    ref, _, _ = reference(**x)
+    kc_out, vc_out = np.zeros_like(x["key_cache"]), np.zeros_like(x["value_cache"])
+    out = ops.tree_attention_host(
+        lib, **x, key_cache_out=kc_out, value_cache_out=vc_out, emulate_cuda_sms=num_sms
+    )
+    assert_close(out, ref, dtype)
+    check_caches(x, kc_out, vc_out)  # not in place: full copy, then the new rows
+
+
+def test_cpu_kernel_copies_when_not_in_place(lib):
+    x = make_inputs((2, 6, 3, 5, 16, 40), np.float32, seed=3)
+    before = x["key_cache"].copy()
+    kc_out, vc_out = np.zeros_like(x["key_cache"]), np.zeros_like(x["value_cache"])
+    out = ops.tree_attention_host(lib, **x, key_cache_out=kc_out, value_cache_out=vc_out)
+    assert_close(out, reference(**x)[0], np.float32)
+    check_caches(x, kc_out, vc_out)
+    np.testing.assert_array_equal(x["key_cache"], before)  # the input is left alone
+
+
+def test_explicit_scale_and_threads(lib):
+    x = make_inputs((2, 4, 2, 6, 16, 3000), np.float32, seed=4)
+    ref, _, _ = reference(**x, scale=0.37)
+    for threads in (1, 3):
+        kc, vc = x["key_cache"].copy(), x["value_cache"].copy()
+        out = ops.tree_attention_host(
+            lib, **{**x, "key_cache": kc, "value_cache": vc}, scale=0.37, threads=threads
+        )
+        assert_close(out, ref, np.float32)
+
+
+def test_row_without_visible_keys_is_zero(lib):
+    x = make_inputs((1, 2, 1, 3, 8, 10), np.float32, seed=5)
+    x["past_len"][:] = 0
+    x["tree_mask"][0, 1, :] = False  # token 1 sees nothing
+    for sms in (None, 132):
+        out = ops.tree_attention_host(lib, **x, emulate_cuda_sms=sms)
+        assert np.all(out[0, :, 1] == 0) and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("sms", [None, 132])
+def test_rejects_past_len_beyond_capacity(lib, sms):
+    x = make_inputs((2, 4, 2, 5, 8, 20), np.float32, seed=6)
+    x["past_len"][1] = 16  # 16 + 5 > 20
+    with pytest.raises(ValueError, match=r"past_len\[1\] = 16 .* S = 20"):
+        ops.tree_attention_host(lib, **x, emulate_cuda_sms=sms)
+    x["past_len"][1] = -1
+    with pytest.raises(ValueError, match="past_len"):
+        ops.tree_attention_host(lib, **x)
+
+
+def test_rejects_bad_head_ratio(lib):
+    x = make_inputs((1, 4, 2, 2, 8, 8), np.float32, seed=7)
+    x["query"] = np.zeros((1, 3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        ops.tree_attention_host(lib, **x)
+
+
+# ---- KVCommit ------------------------------------------------------------------------------------
+
+
+def commit_inputs(seed, *, lead=(3, 2), B=3, Hkv=2, S=20, D=12, K=5, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    cache = rng.standard_normal((*lead, B, Hkv, S, D)).astype(dtype)
+    past = rng.integers(0, S - K + 1, size=B).astype(np.int64)
+    count = rng.integers(0, K + 1, size=B).astype(np.int64)
+    count[0] = K
+    # Accepted packed slots: strictly increasing, so source[k] >= k; padded with k past count.
+    source = np.tile(np.arange(K, dtype=np.int64), (B, 1))
+    for b in range(B):
+        picks = np.sort(rng.choice(np.arange(S - past[b]), size=count[b], replace=False))
+        source[b, : count[b]] = picks
+    return cache, past, source, count
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("lead", [(), (4, 2)], ids=["per-layer", "stacked"])
+def test_kv_commit_matches_reference(lib, lead, dtype):
+    cache, past, source, count = commit_inputs(8, lead=lead, dtype=dtype)
+    want = cache.copy()
+    apply_commit(want, past, source, count)
+    ops.kv_commit_host(lib, cache, past, source, count)  # in place
+    np.testing.assert_array_equal(cache, want)
+
+
+def test_kv_commit_not_in_place_and_rejects_bad_source(lib):
+    cache, past, source, count = commit_inputs(9)
+    want = cache.copy()
+    apply_commit(want, past, source, count)
+    out = ops.kv_commit_host(lib, cache, past, source, count, cache_out=np.zeros_like(cache))
+    np.testing.assert_array_equal(out, want)
+    source[0, 2] = 1  # < its destination index 2
+    with pytest.raises(ValueError, match=r"source\[0, 2\] = 1"):
+        ops.kv_commit_host(lib, cache, past, source, count)
+
+
+# ---- ONNX Runtime (CPU provider) ---------------------------------------------------------------
+
+TREE_INPUTS = ["query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask"]
+TREE_OUTPUTS = ["output", "key_cache_out", "value_cache_out"]
+
+
+def tree_attention_model(dtype, scale=None) -> bytes:
+    """One TreeAttention node in domain `redrafter` v1, with symbolic dims."""
+    t = ELEM[dtype]
+    dims = {
+        "query": ["B", "Hq", "N", "D"],
+        "key": ["B", "Hkv", "N", "D"],
+        "value": ["B", "Hkv", "N", "D"],
+        "key_cache": ["B", "Hkv", "S", "D"],
+        "value_cache": ["B", "Hkv", "S", "D"],
+    }
+    inputs = [helper.make_tensor_value_info(n, t, d) for n, d in dims.items()]
+    inputs += [
+        helper.make_tensor_value_info("past_len", TensorProto.INT64, ["B"]),
+        helper.make_tensor_value_info("tree_mask", TensorProto.BOOL, ["B", "N", "N"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("output", t, ["B", "Hq", "N", "D"]),
+        helper.make_tensor_value_info("key_cache_out", t, ["B", "Hkv", "S", "D"]),
+        helper.make_tensor_value_info("value_cache_out", t, ["B", "Hkv", "S", "D"]),
+    ]
+    attrs = {} if scale is None else {"scale": float(scale)}
+    node = helper.make_node(
+        ops.TREE_ATTENTION, TREE_INPUTS, TREE_OUTPUTS, domain=ops.DOMAIN, **attrs
+    )
+    return _model(node, inputs, outputs)
+
+
+def kv_commit_model(dtype, rank) -> bytes:
+    t = ELEM[dtype]
+    cache_dims = [f"L{i}" for i in range(rank - 4)] + ["B", "Hkv", "S", "D"]
+    inputs = [
+        helper.make_tensor_value_info("cache", t, cache_dims),
+        helper.make_tensor_value_info("past_len", TensorProto.INT64, ["B"]),
+        helper.make_tensor_value_info("source", TensorProto.INT64, ["B", "K"]),
+        helper.make_tensor_value_info("count", TensorProto.INT64, ["B"]),
+    ]
+    outputs = [helper.make_tensor_value_info("cache_out", t, cache_dims)]
+    node = helper.make_node(
+        ops.KV_COMMIT, ["cache", "past_len", "source", "count"], ["cache_out"], domain=ops.DOMAIN
+    )
+    return _model(node, inputs, outputs)
+
+
+def _model(node, inputs, outputs) -> bytes:
+    graph = helper.make_graph([node], "redrafter_op", inputs, outputs)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.VERSION)],
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def session(model: bytes) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    assert ops.register(so, required=True)
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    return sess
+
+
+def run_bound(sess, x, *, shared: bool):
+    """Runs TreeAttention through IO binding. shared: one OrtValue per cache bound as input and
+    as output (the in-place pattern); else ORT allocates the cache outputs."""
+    binding = sess.io_binding()
+    for name in ("query", "key", "value", "past_len", "tree_mask"):
+        binding.bind_cpu_input(name, x[name])
+    binding.bind_output("output")
+    for name in ("key_cache", "value_cache"):
+        value = ort.OrtValue.ortvalue_from_numpy(x[name])
+        binding.bind_ortvalue_input(name, value)
+        if shared:
+            binding.bind_ortvalue_output(f"{name}_out", value)
+        else:
+            binding.bind_output(f"{name}_out")
+    sess.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ort_in_place_matches_reference(lib, case, dtype):
+    sess = session(tree_attention_model(dtype))
+    x = make_inputs(case, dtype, seed=10)
+    ref, kc_want, vc_want = reference(**x)
+    outputs = run_bound(sess, x, shared=True)
+    assert_close(outputs[0], ref, dtype)
+    # The numpy buffers themselves got the new rows; every other row is bit-identical.
+    np.testing.assert_array_equal(x["key_cache"], kc_want)
+    np.testing.assert_array_equal(x["value_cache"], vc_want)
+
+
+def test_ort_not_shared_falls_back_to_a_copy(lib, capfd):
+    sess = session(tree_attention_model(np.float32, scale=0.25))
+    x = make_inputs((2, 6, 3, 5, 16, 40), np.float32, seed=11)
+    before = x["key_cache"].copy()
+    ref, kc_want, vc_want = reference(**x, scale=0.25)
+    out, kc_out, vc_out = run_bound(sess, x, shared=False)
+    assert_close(out, ref, np.float32)
+    np.testing.assert_array_equal(kc_out, kc_want)
+    np.testing.assert_array_equal(vc_out, vc_want)
+    np.testing.assert_array_equal(x["key_cache"], before)
+    assert "copies the whole cache" in capfd.readouterr().err  # the one-time warning
+
+
+def test_ort_plain_run_matches_reference(lib):
+    sess = session(tree_attention_model(np.float16))
+    x = make_inputs((3, 6, 2, 13, 24, 64), np.float16, seed=12)
+    ref, kc_want, _ = reference(**x)
+    out, kc_out, _ = sess.run(None, x)
+    assert_close(out, ref, np.float16)
+    np.testing.assert_array_equal(kc_out, kc_want)
+
+
+def test_ort_rejects_past_len_beyond_capacity(lib):
+    sess = session(tree_attention_model(np.float32))
+    x = make_inputs((2, 4, 2, 5, 8, 20), np.float32, seed=13)
+    x["past_len"][0] = 17
+    with pytest.raises(Exception, match=r"past_len\[0\] = 17 with N = 5 .* S = 20"):
+        sess.run(None, x)
+
+
+def test_ort_rejects_bad_mask_shape(lib):
+    sess = session(tree_attention_model(np.float32))
+    x = make_inputs((2, 4, 2, 5, 8, 20), np.float32, seed=14)
+    x["tree_mask"] = np.ones((2, 5, 4), bool)
+    with pytest.raises(Exception, match=r"'tree_mask' has shape \[2, 5, 4\], expected \[2, 5, 5\]"):
+        sess.run(None, x)
+
+
+def with_portable_body(model: bytes) -> bytes:
+    """The same node plus the exporter's portable function body (redrafter.export)."""
+    export = pytest.importorskip(
+        "redrafter.export.tree_attention", reason="the ONNX export module is not in this checkout"
+    )
+    proto = onnx.load_from_string(model)
+    proto.opset_import[0].version = 18  # the body needs opset >= 18
+    proto.functions.append(export.function_body(18))
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=str)
+def test_portable_body_and_native_kernel_agree(lib, case, capfd):
+    """CPU kernel == portable ONNX body == numpy reference; with the library registered, the
+    native kernel (not the body) runs: its one-time copy warning shows it."""
+    model = with_portable_body(tree_attention_model(np.float32, scale=0.3))
+    x = make_inputs(case, np.float32, seed=16)
+    ref, kc_want, _ = reference(**x, scale=0.3)
+    portable = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    out_body, kc_body, _ = portable.run(None, x)
+    assert_close(out_body, ref, np.float32)
+    np.testing.assert_array_equal(kc_body, kc_want)
+    capfd.readouterr()
+    out_native, kc_native, _ = run_bound(session(model), x, shared=False)
+    assert "copies the whole cache" in capfd.readouterr().err
+    assert_close(out_native, ref, np.float32)
+    np.testing.assert_array_equal(kc_native, kc_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_ort_kv_commit_in_place(lib, dtype):
+    sess = session(kv_commit_model(dtype, rank=6))
+    cache, past, source, count = commit_inputs(15, lead=(4, 2), dtype=dtype)
+    want = cache.copy()
+    apply_commit(want, past, source, count)
+    value = ort.OrtValue.ortvalue_from_numpy(cache)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("cache", value)
+    binding.bind_ortvalue_output("cache_out", value)
+    for name, arr in (("past_len", past), ("source", source), ("count", count)):
+        binding.bind_cpu_input(name, arr)
+    sess.run_with_iobinding(binding)
+    np.testing.assert_array_equal(cache, want)  # the numpy buffer itself
+
+
+# ---- CUDA kernels (a CUDA device only) -----------------------------------------------------------
+
+
+def _cuda_or_skip(lib):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip(
+            "no CUDA device on this machine: the CUDA kernels are checked by the host "
+            "emulation test here and by benchmarks/tree_attention_cuda.py on a GPU"
+        )
+    if not lib.rd_has_cuda_kernels():
+        pytest.fail("a CUDA device is present but the library was built without nvcc")
+    return torch
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_kernel_matches_reference(lib, case, dtype):
+    torch = _cuda_or_skip(lib)
+    x = make_inputs(case, dtype, seed=20)
+    ref, kc_want, vc_want = reference(**x)
+    dev = {k: torch.from_numpy(v).cuda() for k, v in x.items() if k != "past_len"}
+    out = torch.full_like(dev["query"], float("nan"))
+    B, Hq, N, D = x["query"].shape
+    Hkv, S = x["key_cache"].shape[1:3]
+    code = 1 if dtype == np.float32 else 10
+    stream = torch.cuda.current_stream().cuda_stream
+    ptrs = [dev[k].data_ptr() for k in TREE_INPUTS if k != "past_len"]
+    rc = lib.rd_tree_attention_cuda(
+        code,
+        B,
+        Hq,
+        Hkv,
+        N,
+        D,
+        S,
+        0.0,
+        *ptrs[:5],
+        x["past_len"].ctypes.data,
+        ptrs[5],
+        out.data_ptr(),
+        dev["key_cache"].data_ptr(),
+        dev["value_cache"].data_ptr(),
+        stream,
+    )
+    assert rc == 0, lib.rd_last_error().decode()
+    torch.cuda.synchronize()
+    assert_close(out.cpu().numpy(), ref, dtype)
+    np.testing.assert_array_equal(dev["key_cache"].cpu().numpy(), kc_want)
+    np.testing.assert_array_equal(dev["value_cache"].cpu().numpy(), vc_want)
+
+
+def test_cuda_kv_commit_matches_reference(lib):
+    torch = _cuda_or_skip(lib)
+    cache, past, source, count = commit_inputs(21, lead=(4, 2), dtype=np.float16)
+    want = cache.copy()
+    apply_commit(want, past, source, count)
+    dev = torch.from_numpy(cache).cuda()
+    *_, B, Hkv, S, D = cache.shape
+    rc = lib.rd_kv_commit_cuda(
+        10,
+        8,
+        B,
+        Hkv,
+        S,
+        D,
+        source.shape[1],
+        dev.data_ptr(),
+        dev.data_ptr(),
+        past.ctypes.data,
+        source.ctypes.data,
+        count.ctypes.data,
+        torch.cuda.current_stream().cuda_stream,
+    )
+    assert rc == 0, lib.rd_last_error().decode()
+    np.testing.assert_array_equal(dev.cpu().numpy(), want)
