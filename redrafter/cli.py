@@ -107,8 +107,10 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--autoregressive", is_flag=True, help="Run the plain autoregressive baseline.")
 @click.option(
     "--runtime",
-    type=click.Choice(["torch", "onnxruntime"]),
-    help="Runtime [torch for --base, onnxruntime for --bundle].",
+    type=click.Choice(["torch", "onnxruntime", "coreml", "coreml-mil"]),
+    help="Runtime [torch for --base, onnxruntime for --bundle]. coreml: Apple's runtime "
+    "(macOS 15+); coreml-mil: the converted Core ML program evaluated in numpy (slow; checks "
+    "the conversion, not Apple's runtime or the Neural Engine).",
 )
 @click.option(
     "--device",
@@ -256,7 +258,12 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
     help="ReDrafter drafter folder (Apple's layout); omit for an autoregressive bundle.",
 )
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Bundle directory.")
-@click.option("--target", default="onnx", show_default=True, help="Comma-separated targets (onnx).")
+@click.option(
+    "--target",
+    default="onnx",
+    show_default=True,
+    help="Comma-separated targets: onnx, coreml (Core ML is float16, batch 1).",
+)
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
 )
@@ -318,7 +325,13 @@ def export(
 @main.command()
 @click.option("--bundle", "bundle_path", required=True, type=click.Path(), help="Bundle directory.")
 @click.option(
-    "--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True
+    "--runtime",
+    type=click.Choice(["onnxruntime", "coreml", "coreml-mil"]),
+    default="onnxruntime",
+    show_default=True,
+    help="coreml: Apple's runtime (macOS 15+); coreml-mil: the converted Core ML program "
+    "evaluated op by op in numpy on any OS (checks the conversion, not Apple's runtime or the "
+    "Neural Engine).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -500,6 +513,98 @@ def bench(
         save_json(payload, json_out)
     if plot_out:
         plot_speedup(results, plot_out, title=title)
+
+
+@main.command("train-drafter")
+@click.option("--base", "base_path", required=True, type=click.Path(), help="Frozen base model.")
+@click.option(
+    "--data",
+    "data_paths",
+    required=True,
+    multiple=True,
+    type=click.Path(),
+    help="Text or JSONL(.gz) file; repeat for more. JSONL text from --text-field.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Drafter folder.")
+@click.option(
+    "--mode",
+    type=click.Choice(["ce", "distill"]),
+    default="distill",
+    show_default=True,
+    help="ce: Apple's recipe, the data's next tokens; distill: the base's own answers to the "
+    "data's records as prompts (+ KL with --kl-weight).",
+)
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (wins over --epochs).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="[1] Passes over data.")
+@click.option(
+    "--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+    help="Context positions per step.",
+)  # fmt: skip
+@click.option(
+    "--seq-len", default=128, show_default=True, type=click.IntRange(min=2),
+    help="ce: chunk length; distill: most tokens the base generates per prompt.",
+)  # fmt: skip
+@click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--predict-tokens", default=5, show_default=True, type=click.IntRange(min=1),
+    help="Drafter steps trained per context (beam length - 1).",
+)  # fmt: skip
+@click.option("--exit-dim", type=click.IntRange(min=1), help="Drafter width [base hidden size].")
+@click.option("--num-layers", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--draft-vocab", default=8192, show_default=True, type=click.IntRange(min=0),
+    help="Tokens the head can draft (the most frequent targets); 0 = the full vocab.",
+)  # fmt: skip
+@click.option("--kl-weight", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--chat", is_flag=True, help="distill: wrap each record in the chat template.")
+@click.option("--text-field", help="JSONL field holding the text [text, prompt or content].")
+@click.option("--max-records", type=click.IntRange(min=1), help="distill: use the first N only.")
+@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--cache-dir", type=click.Path(), help="Base outputs cache [~/.cache/redrafter].")
+def train_drafter_cmd(**kw: Any) -> None:
+    """Train a drafter for a frozen base model; saves Apple's layout to --out."""
+    from pathlib import Path
+
+    from redrafter.train.recipe import train_from_files
+    from redrafter.train.trainer import TrainOptions
+
+    options = TrainOptions(
+        mode=kw["mode"],
+        steps=kw["steps"],
+        epochs=kw["epochs"],
+        batch_size=kw["batch_size"],
+        seq_len=kw["seq_len"],
+        lr=kw["lr"],
+        predict_tokens=kw["predict_tokens"],
+        exit_dim=kw["exit_dim"],
+        num_layers=kw["num_layers"],
+        draft_vocab=kw["draft_vocab"] or None,
+        kl_weight=kw["kl_weight"],
+        eval_every=kw["eval_every"],
+        save_every=kw["save_every"],
+        seed=kw["seed"],
+    )
+    result, _ = train_from_files(
+        kw["base_path"],
+        kw["data_paths"],
+        kw["out_dir"],
+        options,
+        chat=kw["chat"],
+        field=kw["text_field"],
+        max_records=kw["max_records"],
+        resume=kw["resume"],
+        cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,
+        log=lambda m: click.echo(m, err=True),
+    )
+    n = sum(p.numel() for p in result.drafter.parameters())
+    tps = result.final_eval.get("eval_tokens_per_step")
+    click.echo(
+        f"wrote {kw['out_dir']} ({n / 1e6:.2f}M parameters, {result.steps} steps in "
+        f"{result.seconds:.0f} s" + (f", held-out {tps:.2f} tokens/step" if tps else "") + ")"
+    )
 
 
 @main.command("init-drafter")

@@ -162,7 +162,9 @@ def load(
 ) -> Pipeline:
     """Load an exported bundle onto a runtime. `runtime`: 'onnxruntime' (the bundle's graphs;
     `device` 'cpu' or 'cuda'; `native` None = use the native TreeAttention library when built)
-    or 'torch' (the PyTorch reference rebuilt from the checkpoints the bundle was exported from).
+    or 'torch' (the PyTorch reference rebuilt from the checkpoints the bundle was exported from),
+    'coreml' (the Core ML programs on Apple's runtime, macOS 15+) or 'coreml-mil' (the converted
+    Core ML programs evaluated op by op in numpy: checks the conversion, not Apple's runtime).
     Defaults for `generate` come from the bundle (its beam shape and packing)."""
     from redrafter.errors import RuntimeUnavailableError
     from redrafter.export.bundle import load_bundle
@@ -175,8 +177,18 @@ def load(
         rt: Runtime = OnnxRuntime(b, device=device, native=native)
     elif runtime == "torch":
         rt = reference_runtime(b)
+    elif runtime == "coreml":
+        from redrafter.runtimes.coreml import CoreMLRuntime
+
+        rt = CoreMLRuntime(b)
+    elif runtime == "coreml-mil":
+        from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
+
+        rt = CoreMLMilRuntime(b)
     else:
-        raise RuntimeUnavailableError(f"unknown runtime {runtime!r}; choose onnxruntime or torch")
+        raise RuntimeUnavailableError(
+            f"unknown runtime {runtime!r}; choose onnxruntime, torch, coreml or coreml-mil"
+        )
     tokenizer = load_tokenizer(b.root / "tokenizer") if (b.root / "tokenizer").is_dir() else None
     defaults = GenerationOptions(
         beam=b.beam,

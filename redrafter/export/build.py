@@ -13,7 +13,7 @@ from redrafter.decoding.tree import Packing
 from redrafter.errors import ConfigError, TokenizerError
 from redrafter.export.bundle import Bundle, atomic_directory, load_bundle, write_manifest
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "coreml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ExportOptions:
     beam: BeamShape = BeamShape()
     packing: Packing = "dedup"
     extra_beams: tuple[BeamShape, ...] = ()  # more drafter graphs, e.g. for a benchmark grid
+    coreml_dtype: str = "float16"  # Core ML compute precision (its KV states are fp16 always)
 
     @property
     def beams(self) -> tuple[BeamShape, ...]:
@@ -40,6 +41,8 @@ class ExportOptions:
             )
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype {self.dtype!r} must be float32 or float16")
+        if self.coreml_dtype not in ("float32", "float16"):
+            raise ConfigError(f"coreml_dtype {self.coreml_dtype!r} must be float32 or float16")
         if self.packing not in ("dedup", "full"):
             raise ConfigError(f"packing {self.packing!r} must be dedup or full")
 
@@ -79,24 +82,37 @@ def export_bundle(
     progress(f"loaded checkpoints in {time.perf_counter() - start:.1f} s")
     timings: dict[str, float] = {}
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        (tmp / "onnx").mkdir()
-        weights = SharedWeights(tmp / "onnx" / "weights.data")
-        t = time.perf_counter()
-        weights.save(export_base(base, dtype=options.dtype), tmp / "onnx" / "base.onnx")
-        timings["base_onnx_seconds"] = round(time.perf_counter() - t, 2)
-        progress(f"exported onnx/base.onnx in {timings['base_onnx_seconds']} s")
         drafters = []
-        if drafter is not None:
+        if "onnx" in options.targets:
+            (tmp / "onnx").mkdir()
+            weights = SharedWeights(tmp / "onnx" / "weights.data")
             t = time.perf_counter()
-            for beam in options.beams:
-                name = drafter_graph_name(beam)
-                graph = export_drafter(drafter, base, beam, dtype=options.dtype)
-                weights.save(graph, tmp / "onnx" / name)
-                drafters.append(
-                    {"width": beam.width, "length": beam.length, "file": f"onnx/{name}"}
-                )
-                progress(f"exported onnx/{name}")
-            timings["drafter_onnx_seconds"] = round(time.perf_counter() - t, 2)
+            weights.save(export_base(base, dtype=options.dtype), tmp / "onnx" / "base.onnx")
+            timings["base_onnx_seconds"] = round(time.perf_counter() - t, 2)
+            progress(f"exported onnx/base.onnx in {timings['base_onnx_seconds']} s")
+            if drafter is not None:
+                t = time.perf_counter()
+                for beam in options.beams:
+                    name = drafter_graph_name(beam)
+                    graph = export_drafter(drafter, base, beam, dtype=options.dtype)
+                    weights.save(graph, tmp / "onnx" / name)
+                    drafters.append(
+                        {"width": beam.width, "length": beam.length, "file": f"onnx/{name}"}
+                    )
+                    progress(f"exported onnx/{name}")
+                timings["drafter_onnx_seconds"] = round(time.perf_counter() - t, 2)
+        coreml = None
+        if "coreml" in options.targets:
+            from redrafter.export.coreml import export_coreml
+
+            coreml = export_coreml(
+                base,
+                drafter,
+                tmp / "coreml",
+                beam=options.beam,
+                dtype=options.coreml_dtype,
+                progress=progress,
+            )
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / "tokenizer")
         fields: dict[str, Any] = {
@@ -109,7 +125,8 @@ def export_bundle(
             "packing": options.packing,
             "dtype": options.dtype,
             "targets": list(options.targets),
-            "onnx": {"opset": 18, "ir_version": 10},
+            "onnx": {"opset": 18, "ir_version": 10} if "onnx" in options.targets else None,
+            "coreml": coreml,
             "custom_op": {"domain": "redrafter", "name": "TreeAttention", "version": 1},
             "export_seconds": timings,
         }
@@ -117,7 +134,13 @@ def export_bundle(
         # Export-time parity: the bundle against the torch modules it came from.
         from redrafter.validate.tensors import check_tensor_parity
 
-        fields["parity"] = check_tensor_parity(load_bundle(tmp), base, drafter).summary()
+        if "onnx" in options.targets:
+            fields["parity"] = check_tensor_parity(load_bundle(tmp), base, drafter).summary()
+        if coreml is not None:  # the converted programs, through the MIL evaluator
+            from redrafter.export.coreml import export_time_parity
+
+            coreml["parity"] = export_time_parity(load_bundle(tmp), base, drafter)
+            fields.setdefault("parity", coreml["parity"])
         write_manifest(tmp, fields)
         progress(f"export-time parity: {fields['parity']}")
     return load_bundle(out)

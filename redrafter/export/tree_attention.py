@@ -73,7 +73,13 @@ def register_onnx_schema() -> None:
                 ("I", ["tensor(int64)"], "committed lengths"),
                 ("M", ["tensor(bool)"], "tree mask"),
             ],
-            attributes=[defs.OpSchema.Attribute("scale", defs.OpSchema.AttrType.FLOAT, "")],
+            # Optional, as in the op contract (absent: 1/sqrt(D)); our exporter always sets
+            # it, because the portable body reads it.
+            attributes=[
+                defs.OpSchema.Attribute(
+                    "scale", defs.OpSchema.AttrType.FLOAT, "default 1/sqrt(D)", required=False
+                )
+            ],
         )
     )
 

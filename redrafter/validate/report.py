@@ -103,8 +103,10 @@ def validate_bundle(
     autoregressive tokens on the same runtime (speculation must change nothing), while its
     tensors are held to the fp16 tolerances against the fp32 reference."""
     beam = bundle.beam if bundle.drafter_config is not None else None
-    tensors = compare_runtimes(candidate, reference, dtype=bundle.dtype, beam=beam)
-    token_reference = reference if bundle.dtype == "float32" else candidate
+    # A runtime with its own precision (Core ML: float16 by default) is held to that dtype.
+    dtype = getattr(candidate, "precision", None) or bundle.dtype
+    tensors = compare_runtimes(candidate, reference, dtype=dtype, beam=beam)
+    token_reference = reference if dtype == "float32" else candidate
     tokens = check_token_parity(
         candidate,
         token_reference,
@@ -119,10 +121,10 @@ def validate_bundle(
         candidate.name,
         getattr(candidate, "implementation", "-"),
         getattr(candidate, "device", "cpu"),
-        bundle.dtype,
+        dtype,
         tensors,
         tokens,
         "torch autoregressive (fp32)"
         if token_reference is reference
-        else f"{candidate.name} autoregressive ({bundle.dtype})",
+        else f"{candidate.name} autoregressive ({dtype})",
     )

@@ -30,10 +30,11 @@ class TokenCheck:
         return self.first_divergence is None
 
 
-def _generated(steps) -> tuple[list[int], float]:  # type: ignore[no-untyped-def]
+def _generated(steps, beam_length: int | None = None) -> tuple[list[int], float]:  # type: ignore[no-untyped-def]
     steps = list(steps)
     tokens = [t for s in steps for t in s.new_tokens[0]]
-    return tokens, summarize(steps)["tokens_per_step"]
+    # beam_length sizes the acceptance histogram: without it, any accepted draft overflows it.
+    return tokens, summarize(steps, beam_length=beam_length)["tokens_per_step"]
 
 
 def check_token_parity(
@@ -68,7 +69,7 @@ def check_token_parity(
                 max_new_tokens=max_new_tokens,
                 eos_token_ids=eos_token_ids,
             )
-        got, tokens_per_step = _generated(steps)
+        got, tokens_per_step = _generated(steps, beam.length if beam is not None else None)
         diverge = next((j for j, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
         if diverge is None and len(got) != len(want):
             diverge = min(len(got), len(want))

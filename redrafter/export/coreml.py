@@ -1,0 +1,497 @@
+"""Core ML export (DESIGN.md §4, Core ML bullet): the base model as a *stateful* ML Program whose
+KV cache lives in Core ML states, and the drafter's whole beam search as a stateless one.
+
+Dimensions: N new tokens (a ranged input dimension, 1..N_max), S cache capacity (fixed: Core ML
+states have a fixed shape), L beam length (= rows moved by a commit), W beam width, Lyr layers,
+Hq/Hkv heads, D head dim, E hidden, V vocab. Batch is 1: a runtime keeps one state per row.
+
+base.mlpackage     inputs  input_ids (1,N) int32, position_ids (1,N) int32,
+                           tree_mask (1,N,N) float32 (1 = may attend; Core ML has no bool inputs),
+                           past_len (1,) int32 committed length P,
+                           commit_from (L,) int32, commit_at (1,) int32 the previous step's commit
+                   states  key_cache_{i}, value_cache_{i} (1,Hkv,S,D) float16, i < Lyr
+                   outputs logits (1,N,V) float32, hidden_states (1,N,E) float32
+drafter.mlpackage  inputs  context (1,E) float32, first_token (1,) int32
+                   outputs beams (1,W,L) int32, log_probs (1,W,L-1,V) float32
+
+One base call = commit then verify, both on the states, with no host round trip of the cache:
+1. commit (§3.6) of the previous step: rows `commit_from` (absolute slots; identity past the
+   accepted count) are gathered and written at [commit_at, commit_at+L): `gather → slice_update`;
+2. the N tokens run through the layers; each layer's `redrafter::tree_attention` (the same torch
+   op the ONNX export uses) is lowered by `_tree_attention_to_mil` to `slice_update` of K/V at
+   [P, P+N) plus iOS18 `scaled_dot_product_attention` with a boolean (1,1,N,S) mask;
+3. the updated caches are written back: `read_state → … → coreml_update_state`.
+
+Why fp16 states even in a float32 export: Core ML (iOS18) supports only fp16 states, and
+coremltools silently casts fp32 buffers to fp16, so we register them as fp16 ourselves. The
+float32 program keeps each cache as two fp16 states (hi + lo, see `StatefulBase`), so its
+cached K/V keep fp32 precision; the float16 program keeps one. docs/coreml.md has the details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from redrafter.config import BeamShape
+from redrafter.errors import RedrafterError
+from redrafter.export import tree_attention as ta  # noqa: F401  (registers redrafter::tree_attention)
+from redrafter.models.drafter import Drafter
+from redrafter.models.llama import Transformer
+
+DEPLOYMENT_TARGET = "iOS18"  # ML Program with states: iOS 18 / macOS 15 and later
+COREMLTOOLS_VERSION = "9.0"  # the version the facts in DESIGN.md §9 were measured with
+DEFAULT_CAPACITY = 1024  # cache slots S (capped at the model's context length)
+PREFILL_TOKENS = 64  # N_max is max(PREFILL_TOKENS, W*L): prefill runs in chunks of N_max
+BASE_INPUTS = ("input_ids", "position_ids", "tree_mask", "past_len", "commit_from", "commit_at")
+BASE_OUTPUTS = ("logits", "hidden_states")
+DRAFTER_INPUTS = ("context", "first_token")
+DRAFTER_OUTPUTS = ("beams", "log_probs")
+
+
+class CoreMLExportError(RedrafterError):
+    """coremltools could not convert a model we expected to convert."""
+
+
+def state_names(num_layers: int, *, split: bool = False) -> list[str]:
+    """The base program's states: key_cache_0, value_cache_0, key_cache_1, ...; with `split`
+    (float32 export) also key_cache_lo_{i}, value_cache_lo_{i} (see `StatefulBase`)."""
+    kinds = ("key", "value", "key", "value") if split else ("key", "value")
+    return [
+        f"{kind}_cache_{'lo_' if j >= 2 else ''}{i}"
+        for i in range(num_layers)
+        for j, kind in enumerate(kinds)
+    ]
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """coremltools logs a warning per op it broadcasts, draws progress bars and warns about the
+    untested torch version on import; keep the CLI readable (the warnings are in docs/coreml.md)."""
+    names = ("coremltools", "torch.export", "torch._dynamo", "torch.fx")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def import_coremltools() -> Any:
+    """Import coremltools quietly and check its version (our converter and the MIL evaluator
+    use its internals, verified with 9.0)."""
+    try:
+        with quiet():
+            import coremltools as ct
+    except ImportError:
+        raise CoreMLExportError(
+            f"coremltools is not installed; pip install coremltools=={COREMLTOOLS_VERSION}"
+        ) from None
+    if ct.__version__.split(".")[0] != COREMLTOOLS_VERSION.split(".")[0]:
+        raise CoreMLExportError(
+            f"coremltools {ct.__version__} is not supported; "
+            f"pip install coremltools=={COREMLTOOLS_VERSION}"
+        )
+    return ct
+
+
+# -- the custom op, lowered to MIL -----------------------------------------------------------------
+_REGISTERED = False
+
+
+def register_converters() -> None:
+    """Teach coremltools `redrafter::tree_attention` (idempotent; done at export, not import)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import_coremltools()
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+    register_torch_op(_tree_attention_to_mil, torch_alias=["redrafter::tree_attention"])
+    register_torch_op(_log_softmax_to_mil, torch_alias=["log_softmax"], override=True)
+    _REGISTERED = True
+
+
+def _log_softmax_to_mil(context: Any, node: Any) -> None:
+    """log_softmax as x - max - log(sum(exp(x - max))). coremltools 9.0 lowers it to
+    log(softmax(x)): in fp16 every log-prob below about -16.6 underflows (softmax values go
+    subnormal), and `log`'s epsilon turns masked entries (LOG_0) into about -103."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+
+    inputs = _get_inputs(context, node, min_expected=2)
+    x, axis = inputs[0], int(inputs[1].val)
+    shifted = mb.sub(x=x, y=mb.reduce_max(x=x, axes=[axis], keep_dims=True))
+    total = mb.reduce_sum(x=mb.exp(x=shifted), axes=[axis], keep_dims=True)  # >= 1: log is safe
+    context.add(mb.sub(x=shifted, y=mb.log(x=total), name=node.name))
+
+
+def _tree_attention_to_mil(context: Any, node: Any) -> None:
+    """`redrafter::tree_attention` → MIL, same semantics as models/attention.py (batch 1):
+    K/V written at [P, P+N) with `slice_update`, then iOS18 `scaled_dot_product_attention` over
+    all S slots with the boolean mask `slot < P  or  (P <= slot < P+N and tree_mask[i, slot-P])`.
+    KV heads are repeated for GQA. SDPA's scale is fixed at 1/sqrt(D): no `scale=`, so Core ML
+    can use the fused op; another scale is folded into the query."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+
+    q, k, v, kc, vc, past_len, tree_mask, scale = _get_inputs(context, node, expected=8)
+    B, Hq, _, D = q.shape  # (1, Hq, N, D); N may be symbolic
+    _, Hkv, S, _ = kc.shape  # (1, Hkv, S, D)
+    if B != 1:
+        raise CoreMLExportError(f"Core ML tree attention is batch 1 (states are), got batch {B}")
+    p = mb.squeeze(x=mb.slice_by_size(x=past_len, begin=[0], size=[1]))  # () int32, P
+    n = mb.slice_by_size(x=mb.shape(x=k), begin=[2], size=[1])  # (1,) N
+    zero = np.zeros(1, np.int32)
+    begin = mb.concat(values=[zero, zero, mb.expand_dims(x=p, axes=[0]), zero], axis=0)
+    p_plus_n = mb.add(x=mb.expand_dims(x=p, axes=[0]), y=n)  # (1,) P + N
+    end = mb.concat(
+        values=[np.array([1, Hkv], np.int32), p_plus_n, np.array([D], np.int32)], axis=0
+    )
+    k_new = mb.slice_update(x=kc, update=mb.cast(x=k, dtype=_mil_dtype(kc)), begin=begin, end=end)
+    v_new = mb.slice_update(x=vc, update=mb.cast(x=v, dtype=_mil_dtype(vc)), begin=begin, end=end)
+    # The mask over cache slots: rel = slot - P; committed slots (rel < 0) are visible to all.
+    rel = mb.sub(x=mb.range_1d(start=0, end=S, step=1), y=p)  # (S,)
+    n_scalar = mb.squeeze(x=n)
+    is_new = mb.logical_and(x=mb.greater_equal(x=rel, y=0), y=mb.less(x=rel, y=n_scalar))  # (S,)
+    j = mb.maximum(x=mb.minimum(x=rel, y=mb.sub(x=n_scalar, y=1)), y=0)  # (S,) new-token index
+    # gather has no bool variant: go through int32.
+    tree = mb.cast(
+        x=mb.gather(x=mb.cast(x=tree_mask, dtype="int32"), indices=j, axis=2), dtype="bool"
+    )
+    mask = mb.logical_or(x=mb.less(x=rel, y=0), y=mb.logical_and(x=tree, y=is_new))  # (1, N, S)
+    mask = mb.expand_dims(x=mask, axes=[1])  # (1, 1, N, S)
+    rep = Hq // Hkv
+
+    def repeat_kv(x: Any) -> Any:  # (1, Hkv, S, D) -> (1, Hq, S, D); head h reads h // rep
+        if rep == 1:
+            return x
+        x = mb.tile(x=mb.expand_dims(x=x, axes=[2]), reps=[1, 1, rep, 1, 1])  # (1,Hkv,rep,S,D)
+        return mb.reshape(x=x, shape=[1, Hq, S, D])
+
+    factor = float(scale.val) * math.sqrt(D)
+    if abs(factor - 1.0) > 1e-7:
+        q = mb.mul(x=q, y=np.float32(factor))
+    dtype = _mil_dtype(q)
+    out = mb.scaled_dot_product_attention(
+        query=q,
+        key=repeat_kv(mb.cast(x=k_new, dtype=dtype)),
+        value=repeat_kv(mb.cast(x=v_new, dtype=dtype)),
+        attn_mask=mask,
+    )  # (1, Hq, N, D)
+    context.add((out, k_new, v_new), torch_name=node.name)
+
+
+def _mil_dtype(var: Any) -> str:
+    from coremltools.converters.mil.mil import types
+
+    return types.builtin_to_string(var.dtype)
+
+
+# -- the modules that get converted ------------------------------------------------------------
+def _tree_attention(*args: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+    """`Attention.op` for Core ML: the functional custom op, as in the ONNX export."""
+    return torch.ops.redrafter.tree_attention(*args, scale)
+
+
+class StatefulBase(nn.Module):
+    """The base model with its KV cache in fp16 buffers (Core ML states), the previous step's
+    commit applied first. Runs eagerly too (the same math as the program), which tests use.
+
+    `split=True` (float32 export) keeps each cache as two fp16 states, hi = fp16(x) and
+    lo = fp16(x - hi): hi + lo carries ~22 mantissa bits, so the float32 program matches torch
+    to fp32 rounding (one fp16 state would round every cached K/V to 11 bits, enough to flip
+    greedy tokens). The float16 export keeps one state per cache."""
+
+    def __init__(
+        self, base: Transformer, *, capacity: int, commit_length: int, split: bool = False
+    ) -> None:
+        super().__init__()
+        c = base.config
+        self.base = copy.deepcopy(base).eval().float()
+        self.capacity, self.commit_length, self.split = capacity, commit_length, split
+        scale = 1.0 / math.sqrt(c.dim_per_head)
+        for layer in self.base.model.layers:
+            layer.self_attn.op = functools.partial(_tree_attention, scale=scale)
+        shape = (1, c.kv_heads, capacity, c.dim_per_head)  # (1, Hkv, S, D)
+        for name in state_names(c.num_hidden_layers, split=split):
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float16))
+
+    def _read(self, name: str) -> torch.Tensor:
+        """A cache as float32 (1, Hkv, S, D): `read_state → cast` (+ the lo half when split)."""
+        cache = getattr(self, name).float()
+        return cache + getattr(self, _lo(name)).float() if self.split else cache
+
+    def _write(self, name: str, value: torch.Tensor) -> None:
+        """Store a float32 cache (1, Hkv, S, D): `cast → coreml_update_state` (hi, then lo)."""
+        hi = value.half()  # explicit: coremltools tracks buffers in fp32, so re-reading the
+        getattr(self, name).copy_(hi)  # state after the copy would not see the rounding
+        if self.split:
+            getattr(self, _lo(name)).copy_(value - hi.float())  # the rounding error, in fp16
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor,
+        past_len: torch.Tensor,
+        commit_from: torch.Tensor,
+        commit_at: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, position_ids (1, N); tree_mask (1, N, N) bool; past_len (1,) P;
+        commit_from (L,) absolute source slots; commit_at (1,). Returns logits (1, N, V) and
+        hidden states (1, N, E), both float32."""
+        S, L = self.capacity, self.commit_length
+        n = self.base.config.num_hidden_layers
+        names = [(f"key_cache_{i}", f"value_cache_{i}") for i in range(n)]
+        at = commit_at[0].item()
+        torch._check(at >= 0)  # the checks let torch.export (and so Core ML) slice at a runtime
+        torch._check(at + L <= S)  # offset: gather → slice_update
+        caches = []
+        for pair in names:
+            kv = tuple(self._read(name) for name in pair)
+            for cache in kv:
+                cache[:, :, at : at + L, :] = cache[:, :, commit_from, :]  # (1, Hkv, L, D)
+            caches.append(kv)
+        logits, hidden, caches = self.base(input_ids, position_ids, tree_mask, past_len, caches)
+        for pair, kv in zip(names, caches, strict=True):
+            for name, cache in zip(pair, kv, strict=True):
+                self._write(name, cache)
+        return logits.float(), hidden.float()
+
+
+def _lo(name: str) -> str:
+    return name.replace("_cache_", "_cache_lo_")
+
+
+class DraftStep(nn.Module):
+    """One step's beam search (L-1 drafter steps unrolled at a static beam shape), batch 1."""
+
+    def __init__(self, drafter: Drafter, embed_weight: torch.Tensor, beam: BeamShape) -> None:
+        super().__init__()
+        self.drafter, self.beam = copy.deepcopy(drafter).eval().float(), beam
+        self.embed_weight = nn.Parameter(embed_weight.detach().float().clone(), requires_grad=False)
+
+    def forward(
+        self, context: torch.Tensor, first_token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (1, E), first_token (1,) -> beams (1, W, L), log_probs (1, W, L-1, V)."""
+        beams, log_probs = self.drafter.beam_search(
+            context, first_token, self.embed_weight, self.beam
+        )
+        return beams, log_probs.float()
+
+
+# -- conversion ----------------------------------------------------------------------------------
+def base_max_tokens(beam: BeamShape, capacity: int) -> int:
+    """N_max, the ranged N dimension's upper bound: a whole tree or a prefill chunk."""
+    return min(capacity, max(PREFILL_TOKENS, beam.width * beam.length))
+
+
+def _torch_export(module: nn.Module, args: tuple, dynamic_shapes: Any) -> Any:
+    try:
+        with quiet(), torch.no_grad():
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            return program.run_decompositions({})
+    except Exception as e:  # torch.export raises many types; name the module and the cause
+        raise CoreMLExportError(f"torch.export of {type(module).__name__} failed: {e}") from e
+
+
+def export_program_base(
+    base: Transformer, *, capacity: int, beam: BeamShape, split: bool = False
+) -> Any:
+    """torch.export of `StatefulBase` with a ranged N (1..N_max)."""
+    module = StatefulBase(base, capacity=capacity, commit_length=beam.length, split=split)
+    N = 3
+    args = (
+        torch.zeros(1, N, dtype=torch.int64),
+        torch.arange(N)[None],
+        torch.ones(1, N, N, dtype=torch.bool).tril(),
+        torch.tensor([1]),
+        torch.arange(beam.length),
+        torch.tensor([0]),
+    )
+    n = torch.export.Dim("tokens", min=1, max=base_max_tokens(beam, capacity))
+    dynamic = ({1: n}, {1: n}, {1: n, 2: n}, None, None, None)
+    return _torch_export(module, args, dynamic)
+
+
+def export_program_drafter(drafter: Drafter, base: Transformer, beam: BeamShape) -> Any:
+    module = DraftStep(drafter, base.embed_weight, beam)
+    args = (torch.zeros(1, base.config.hidden_size), torch.zeros(1, dtype=torch.int64))
+    return _torch_export(module, args, None)
+
+
+def convert(
+    program: Any, *, dtype: str, outputs: tuple[str, ...], convert_to: str = "mlprogram"
+) -> Any:
+    """ct.convert an ExportedProgram to an iOS18 ML Program (`convert_to="milinternal"` returns
+    the MIL program instead). float16 computes in fp16 except RMSNorm statistics and RoPE
+    angles (see `_Fp16Selector`); float32 computes in fp32. States are fp16 either way; inputs
+    and outputs keep their dtypes (float outputs are float32)."""
+    ct = import_coremltools()
+    register_converters()
+    precision = (
+        ct.precision.FLOAT32
+        if dtype == "float32"
+        else ct.transform.FP16ComputePrecision(op_selector=_Fp16Selector())
+    )
+    # coremltools' fp16 pipeline casts runtime int32 gather indices, gather_nd data and topk
+    # indices to int16/uint16 (an ANE nicety): token ids past 32767 then wrap (SmolLM2's vocab
+    # is 49152) and top-k over W*V past 65535 cannot be indexed. Keep integers 32-bit.
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(["common::add_int16_cast"])
+    try:
+        with quiet():
+            return ct.convert(
+                program,
+                convert_to=convert_to,
+                pass_pipeline=pipeline,
+                minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+                compute_precision=precision,
+                outputs=[
+                    ct.TensorType(name=n, dtype=np.int32 if n == "beams" else np.float32)
+                    for n in outputs
+                ],
+                skip_model_load=True,
+            )
+    except Exception as e:  # coremltools raises many types; name the cause
+        raise CoreMLExportError(f"Core ML conversion failed: {type(e).__name__}: {e}") from e
+
+
+class _Fp16Selector:
+    """Which ops FP16ComputePrecision may cast to fp16 (True) and which stay fp32 (False),
+    mirroring the fp32 islands of the torch model (llama.py):
+
+    * RMSNorm's statistics (`pow → reduce_mean → add eps → rsqrt → mul`): the residual stream
+      of real models exceeds 256, and 256² overflows fp16 (SmolLM2-135M: inf at layer 3, logits
+      off by 30 without this);
+    * the RoPE angles `position * inv_freq` and their cos/sin: fp16 positions lose integers past
+      2048 and an fp16 angle near 1000 is off by up to 0.25 rad.
+
+    Ops are visited in program order, so each op's producers have been classified already."""
+
+    def __init__(self) -> None:
+        self.fp32: dict[str, str] = {}  # op name -> why: "rope" | "norm"
+
+    def __call__(self, op: Any) -> bool:
+        inputs = []
+        for value in op.inputs.values():
+            inputs += list(value) if isinstance(value, (list, tuple)) else [value]
+        producers = [v.op for v in inputs if v.op is not None]
+        kinds = {self.fp32.get(p.name) for p in producers}
+        t = op.op_type
+        if any(v.name == "position_ids" for v in inputs) or "rope" in kinds:
+            if t not in ("cos", "sin"):  # stop at cos/sin: their consumers run in fp16
+                self.fp32[op.name] = "rope"
+            return False
+        norm_chain = {p.op_type for p in producers if self.fp32.get(p.name) == "norm"}
+        if (
+            t in ("pow", "rsqrt")
+            or (t in ("reduce_mean", "add") and norm_chain & {"pow", "reduce_mean"})
+            or (t == "mul" and "rsqrt" in norm_chain)
+        ):
+            self.fp32[op.name] = "norm"
+            return False
+        return True
+
+
+def export_coreml(
+    base: Transformer,
+    drafter: Drafter | None,
+    out_dir: Path,
+    *,
+    beam: BeamShape,
+    dtype: str = "float16",
+    capacity: int | None = None,
+    progress: Any = lambda message: None,
+) -> dict[str, Any]:
+    """Write out_dir/base.mlpackage (and drafter.mlpackage) and return the manifest's `coreml`
+    record: deployment target, capacity, N_max, commit length, dtypes, times, sizes."""
+    ct = import_coremltools()
+    if dtype not in ("float16", "float32"):
+        raise CoreMLExportError(f"Core ML dtype {dtype!r} must be float16 or float32")
+    S = min(capacity or DEFAULT_CAPACITY, base.config.context_length)
+    if S <= beam.width * beam.length:
+        raise CoreMLExportError(
+            f"Core ML cache capacity {S} is too small for beam {beam.width}x{beam.length}; "
+            f"use at least {beam.width * beam.length + 1}"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = dtype == "float32"
+    record: dict[str, Any] = {
+        "deployment_target": DEPLOYMENT_TARGET,
+        "coremltools": ct.__version__,
+        "batch": 1,
+        "capacity": S,
+        "max_tokens": base_max_tokens(beam, S),
+        "commit_length": beam.length,
+        "compute_precision": dtype,
+        "state_dtype": "float16",
+        "state_split": split,  # two fp16 states (hi, lo) per cache: fp32 precision
+        "files": {},
+        "seconds": {},
+    }
+    graphs = [
+        (
+            "base",
+            lambda: export_program_base(base, capacity=S, beam=beam, split=split),
+            BASE_OUTPUTS,
+        )
+    ]
+    if drafter is not None:
+        graphs.append(
+            ("drafter", lambda: export_program_drafter(drafter, base, beam), DRAFTER_OUTPUTS)
+        )
+    for name, make_program, outputs in graphs:
+        start = time.perf_counter()
+        model = convert(make_program(), dtype=dtype, outputs=outputs)
+        path = out_dir / f"{name}.mlpackage"
+        with quiet():
+            model.save(str(path))
+        record["seconds"][name] = round(time.perf_counter() - start, 2)
+        record["files"][name] = f"coreml/{path.name}"
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        progress(
+            f"exported coreml/{path.name} ({size / 1e6:.1f} MB) in {record['seconds'][name]} s"
+        )
+    return record
+
+
+def export_time_parity(bundle: Any, base: Transformer, drafter: Drafter | None) -> dict[str, Any]:
+    """Tensor parity of the saved programs (through the MIL evaluator, `coreml-mil`) against
+    the torch modules they came from; the manifest's `coreml.parity`."""
+    from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
+    from redrafter.runtimes.torch import TorchRuntime
+    from redrafter.validate.tensors import compare_runtimes
+
+    candidate = CoreMLMilRuntime(bundle)
+    report = compare_runtimes(
+        candidate,
+        TorchRuntime(base, drafter),
+        dtype=candidate.precision,
+        beam=bundle.beam if drafter is not None else None,
+    )
+    return {"runtime": candidate.name, **report.summary()}
