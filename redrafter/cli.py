@@ -265,7 +265,18 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
     help="Comma-separated targets: onnx, coreml (Core ML is float16, batch 1).",
 )
 @click.option(
-    "--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="ONNX weights and caches.",
+)
+@click.option(
+    "--coreml-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float16",
+    show_default=True,
+    help="Core ML compute precision.",
 )
 @click.option(
     "--beam-width",
@@ -287,6 +298,7 @@ def export(
     out_dir: str,
     target: str,
     dtype: str,
+    coreml_dtype: str,
     beam_width: str,
     beam_length: str,
     packing: str,
@@ -302,6 +314,7 @@ def export(
     options = ExportOptions(
         targets=tuple(t.strip() for t in target.split(",") if t.strip()),
         dtype=dtype,
+        coreml_dtype=coreml_dtype,
         beam=beams[0],
         extra_beams=tuple(beams[1:]),
         packing=packing,  # type: ignore[arg-type]
