@@ -22,6 +22,7 @@ from redrafter.config import BeamShape  # noqa: E402
 from redrafter.decoding.tree import pack  # noqa: E402
 from redrafter.demo import find_demo_gguf  # noqa: E402
 from redrafter.export.build import ExportOptions, export_bundle  # noqa: E402
+from redrafter.export.bundle import load_bundle  # noqa: E402
 from redrafter.models.checkpoints import init_drafter, load_base, save_drafter  # noqa: E402
 from redrafter.pipeline import load, reference_runtime  # noqa: E402
 from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library  # noqa: E402
@@ -60,8 +61,27 @@ def main() -> None:
     parser.add_argument("--skip-fp16", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="where to keep bundles (default: temp)")
+    parser.add_argument(
+        "--steps-only",
+        metavar="BUNDLE",
+        help="only measure ms/step (portable vs native) on an existing bundle",
+    )
     args = parser.parse_args()
     info = machine()
+    if args.steps_only:
+        bundle = load_bundle(args.steps_only)
+        steps = {"machine": info, "bundle": args.steps_only, "portable_cache_copy_mb_per_call": {}}
+        for impl in ["portable"] + (["native"] if native_library() else []):
+            rt = OnnxRuntime(bundle, native=impl == "native")
+            steps[impl] = {str(ctx): ms_per_step(rt, ctx, BeamShape(4, 4)) for ctx in (128, 2048)}
+            print(f"{impl}: ms/step {steps[impl]}")
+        c = bundle.base_config
+        for ctx in (128, 2048):  # the ping-pong copy of every layer's K and V per call
+            capacity = ctx + 16 + 8
+            nbytes = 2 * c.num_hidden_layers * c.kv_heads * capacity * c.dim_per_head * 4
+            steps["portable_cache_copy_mb_per_call"][str(ctx)] = round(nbytes / 1e6, 1)
+        save("onnx_step_cost", steps)
+        return
     gguf = find_demo_gguf()
     work = Path(args.out or tempfile.mkdtemp(prefix="redrafter-onnx-demo-"))
     drafter_dir = Path(args.drafter) if args.drafter else work / "random-drafter"
