@@ -203,7 +203,11 @@ class BaseModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
-    """Apple's ReDrafter drafter config (`model_type: recurrent_drafting_drafter`)."""
+    """Apple's ReDrafter drafter config (`model_type: recurrent_drafting_drafter`).
+
+    `draft_vocab_size` is our one extension (absent from Apple's configs, None = Apple's full
+    head): the head predicts only that many tokens, and the tensor `draft_token_ids` maps each
+    head row to its id in the LLM's vocab (EAGLE-3's reduced draft vocabulary)."""
 
     vocab_size: int
     hidden_size: int
@@ -212,6 +216,7 @@ class DrafterConfig:
     rnn: bool = True
     num_lookback_tokens: int = 1
     model_type: str = DRAFTER_MODEL_TYPE
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_type != DRAFTER_MODEL_TYPE:
@@ -233,10 +238,22 @@ class DrafterConfig:
             raise UnsupportedModelError(
                 "drafter config rnn=false is not supported; ReDrafter drafters are recurrent"
             )
+        if self.draft_vocab_size is not None:
+            _check_positive_int(self, "draft_vocab_size")
+            if self.draft_vocab_size > self.vocab_size:
+                raise ConfigError(
+                    f"drafter config field draft_vocab_size={self.draft_vocab_size} exceeds "
+                    f"vocab_size={self.vocab_size}; use at most the full vocab (or drop it)"
+                )
 
     @property
     def has_input_proj(self) -> bool:
         return self.exit_dim != 2 * self.hidden_size
+
+    @property
+    def head_size(self) -> int:
+        """Rows of the head's output Linear: the draft vocab, or the full vocab (Apple's)."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> DrafterConfig:
@@ -255,7 +272,10 @@ class DrafterConfig:
         return cls.from_dict(_read_json(Path(path)), where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if raw["draft_vocab_size"] is None:
+            del raw["draft_vocab_size"]  # a full-vocab drafter's config stays exactly Apple's
+        return raw
 
 
 @dataclasses.dataclass(frozen=True)

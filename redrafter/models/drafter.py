@@ -9,6 +9,11 @@ hidden size, X exit_dim, V vocab.
 
 Parameter names are Apple's (`lm_head.0.linear.weight`, `lm_head.{n}.weight`, `rnn_u.*`,
 `rnn_w.weight`, `input_proj.*`), so checkpoints load and save in Apple's layout.
+
+Reduced draft vocabulary (our extension, `config.draft_vocab_size = Vd`): the head's last Linear
+is (Vd, X) and the int64 tensor `draft_token_ids` (Vd,) maps head row i to LLM token id
+`draft_token_ids[i]`. The beam search runs over Vd and returns full-vocab ids and full-vocab
+log-probs (LOG_0 outside the draft vocab), so nothing downstream changes.
 """
 
 from __future__ import annotations
@@ -46,22 +51,33 @@ class Drafter(nn.Module):
             self.input_proj = nn.Linear(2 * E, X, bias=True)
         self.lm_head = nn.Sequential(
             *[ResBlock(X) for _ in range(config.num_draft_layers)],
-            nn.Linear(X, config.vocab_size, bias=False),
+            nn.Linear(X, config.head_size, bias=False),
         )
         self.rnn_u = nn.Linear(E, E, bias=True)
         self.rnn_w = nn.Linear(E, E, bias=False)
+        self.draft_token_ids: torch.Tensor | None
+        if config.draft_vocab_size is not None:
+            # Saved with the weights (a persistent buffer) so the id map travels with the head.
+            self.register_buffer("draft_token_ids", torch.arange(config.draft_vocab_size))
+        else:
+            self.draft_token_ids = None
 
     def next_state(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
         """s_t = SiLU(rnn_w·e + rnn_u·s_{t-1}); (..., E) -> (..., E). rnn_u's bias applies even
         at step 1, where s_0 = 0."""
         return F.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
 
-    def log_probs(self, context: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Warped draft log-probs from [context ⊕ state]: (..., E) x2 -> (..., V)."""
+    def logits(self, context: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Raw head logits from [context ⊕ state]: (..., E) x2 -> (..., Vd) (Vd = V for a
+        full-vocab drafter)."""
         x = torch.cat([context, state], dim=-1)  # (..., 2E) context first, state second
         if self.config.has_input_proj:
             x = self.input_proj(x)  # (..., X)
-        return warp_log_probs(self.lm_head(x))
+        return self.lm_head(x)
+
+    def log_probs(self, context: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Warped draft log-probs over the head's vocab: (..., E) x2 -> (..., Vd)."""
+        return warp_log_probs(self.logits(context, state))
 
     def beam_search(
         self,
@@ -74,10 +90,10 @@ class Drafter(nn.Module):
 
         context: (B, E) post-norm hidden state at the last accepted token;
         first_token: (B,) int64, the LLM's token g0; embed_weight: (V, E) the LLM's embeddings.
-        Returns beams (B, W, L) int64 and the draft log-probs (B, W, L-1, V).
+        Returns beams (B, W, L) int64 and the normalised draft log-probs (B, W, L-1, V).
         """
         B, E = context.shape
-        W, V = beam.width, embed_weight.shape[0]
+        W, V, Vd = beam.width, embed_weight.shape[0], self.config.head_size
         rows = torch.arange(B, device=context.device)[:, None]  # (B, 1)
         # Only beam 0 is live at step 1, so its top-W children fill all W beams.
         scores = torch.full((B, W), LOG_0, dtype=context.dtype, device=context.device)
@@ -85,14 +101,22 @@ class Drafter(nn.Module):
         ctx = context[:, None, :].expand(B, W, E)  # (B, W, E)
         beams = first_token[:, None, None].expand(B, W, 1)  # (B, W, 1)
         state = torch.zeros(B, W, E, dtype=context.dtype, device=context.device)  # (B, W, E)
-        history = context.new_zeros(B, W, 0, V)  # (B, W, t, V)
+        history = context.new_zeros(B, W, 0, Vd)  # (B, W, t, Vd)
         for _ in range(beam.length - 1):
             state = self.next_state(state, F.embedding(beams[:, :, -1], embed_weight))
-            logp = self.log_probs(ctx, state)  # (B, W, V)
-            total = (logp + scores[:, :, None]).reshape(B, W * V)  # (B, W*V)
+            logp = self.log_probs(ctx, state)  # (B, W, Vd)
+            total = (logp + scores[:, :, None]).reshape(B, W * Vd)  # (B, W*Vd)
             scores, flat = torch.topk(total, W, dim=-1)  # (B, W)
-            parent, token = flat // V, flat % V  # (B, W)
+            parent, token = flat // Vd, flat % Vd  # (B, W)
+            if self.draft_token_ids is not None:
+                token = self.draft_token_ids[token]  # (B, W) draft row -> LLM token id
             beams = torch.cat([beams[rows, parent], token[:, :, None]], dim=-1)  # (B, W, t+1)
             state = state[rows, parent]  # (B, W, E)
             history = torch.cat([history[rows, parent], logp[rows, parent][:, :, None]], dim=2)
+        if self.draft_token_ids is not None:
+            # Back to the full vocab: tokens the head cannot draft get LOG_0 (probability 0).
+            L1 = beam.length - 1
+            index = self.draft_token_ids.expand(B, W, L1, Vd)  # (B, W, L-1, Vd)
+            full = history.new_full((B, W, L1, V), LOG_0)  # (B, W, L-1, V)
+            history = full.scatter(3, index, history)
         return beams, history
