@@ -74,3 +74,163 @@ def shared_prompts(n_jargon: int, n_code: int, *, offset: int = 0) -> list[tuple
         code = [json.loads(line)["prompt"] for line in f if line.strip()]
     prompts += [(p, False) for p in code[offset : offset + n_code]]
     return prompts
+
+
+# -- peers / roofline helpers (issue 8) ----------------------------------------------------------
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far: `busy` for the whole machine (from /proc/stat) and `own` for this
+    process plus its finished children. Two snapshots give the CPU other processes used in
+    between (`other_load`)."""
+    import resource
+
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return {"busy": busy, "own": own, "wall": time.perf_counter()}
+
+
+def other_load(before: dict[str, float], after: dict[str, float]) -> float:
+    """Cores' worth of CPU that processes other than this one (and its children) used between
+    two `cpu_seconds()` snapshots: 0 on an idle machine, up to the core count when saturated."""
+    wall = max(after["wall"] - before["wall"], 1e-9)
+    others = (after["busy"] - before["busy"]) - (after["own"] - before["own"])
+    return round(max(others, 0.0) / wall, 3)
+
+
+def busiest_processes(seconds: float = 2.0, top: int = 5) -> list[dict[str, Any]]:
+    """The processes (other than this one) that used the most CPU over `seconds`, from
+    /proc/<pid>/stat: who is competing for the cores right now."""
+
+    def snap() -> dict[int, tuple[str, int]]:
+        out = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                raw = (d / "stat").read_text()
+            except OSError:
+                continue
+            name = raw[raw.index("(") + 1 : raw.rindex(")")]
+            rest = raw[raw.rindex(")") + 2 :].split()
+            out[int(d.name)] = (name, int(rest[11]) + int(rest[12]))  # utime + stime
+        return out
+
+    a = snap()
+    time.sleep(seconds)
+    b = snap()
+    hz = os.sysconf("SC_CLK_TCK")
+    used = [
+        {"pid": pid, "name": name, "cores": round((t - a[pid][1]) / hz / seconds, 2)}
+        for pid, (name, t) in b.items()
+        if pid in a and t > a[pid][1]
+    ]
+    return sorted(used, key=lambda x: -x["cores"])[:top]
+
+
+def idle_report(seconds: float = 2.0) -> dict[str, Any]:
+    """Is the machine idle enough to time? Load averages, the busy fraction of all CPUs and
+    the busiest other processes over `seconds`."""
+    before = cpu_seconds()
+    top = busiest_processes(seconds)
+    after = cpu_seconds()
+    busy = other_load(before, after)
+    cores = os.cpu_count() or 1
+    return {
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "other_processes_cores": busy,
+        "idle": busy < 0.1 * cores,
+        "busiest": top,
+    }
+
+
+def peers_dir() -> Path:
+    """Where benchmark environments and exported models are cached, outside the repository:
+    $REDRAFTER_PEERS_DIR, else ${XDG_CACHE_HOME:-~/.cache}/redrafter/peers."""
+    if os.environ.get("REDRAFTER_PEERS_DIR"):
+        return Path(os.environ["REDRAFTER_PEERS_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "redrafter" / "peers"
+
+
+def demo_bundle(
+    drafter: Path | None,
+    beams: list[Any] | None = None,
+    *,
+    dtype: str = "float32",
+    base: Path | None = None,
+    log: Any = print,
+) -> Path:
+    """An exported bundle of the demo GGUF (or `base`), with `drafter` (None: autoregressive
+    only) and a drafter graph per beam shape, cached under peers_dir()/bundles and re-exported
+    only when the drafter folder changes."""
+    from redrafter.config import BeamShape
+    from redrafter.demo import find_demo_gguf
+    from redrafter.export.build import ExportOptions, export_bundle
+
+    base = base or find_demo_gguf()
+    beams = beams or [BeamShape(4, 4)]
+    shapes = "-".join(f"{b.width}x{b.length}" for b in beams)
+    key = (
+        "ar-only"
+        if drafter is None
+        else f"{drafter.resolve().name}-{int(drafter.stat().st_mtime)}-{shapes}"
+    )
+    out = peers_dir() / "bundles" / f"{base.stem}-{dtype}-{key}"
+    if not (out / "manifest.json").is_file():
+        log(f"exporting {base.name} ({dtype}, drafter {drafter}) to {out}")
+        options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]), dtype=dtype)
+        export_bundle(
+            base, out, drafter_path=drafter, options=options, overwrite=True, progress=log
+        )
+    return out
+
+
+def heldout_shared_prompts(n_jargon: int, n_code: int) -> list[tuple[str, bool]]:
+    """Like `shared_prompts`, but only from entries the demo drafter is never trained on
+    (`redrafter.train.prompts`: every HOLDOUT_EVERY-th Jargon entry, the last
+    HUMANEVAL_HELDOUT HumanEval tasks), so speculative figures are not inflated by memorised
+    text. Same formats: Jargon terms as chat questions, HumanEval prompts as raw code."""
+    import gzip
+
+    try:
+        from redrafter.train.prompts import HOLDOUT_EVERY, HUMANEVAL_HELDOUT
+    except ImportError:  # keep in step with redrafter/train/prompts.py
+        HOLDOUT_EVERY, HUMANEVAL_HELDOUT = 10, 14
+    entries = [
+        json.loads(line)
+        for line in (SHARED_DATA / "jargon-file" / "entries.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    held = entries[::HOLDOUT_EVERY]
+    step = max(1, len(held) // max(n_jargon, 1))
+    prompts = [(f"Explain the computing slang term '{e['term']}'.", True) for e in held[::step]]
+    prompts = prompts[:n_jargon]
+    with gzip.open(SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
+        code = [json.loads(line)["prompt"] for line in f if line.strip()]
+    prompts += [(p, False) for p in code[-HUMANEVAL_HELDOUT:][:n_code]]
+    return prompts
+
+
+def wait_for_idle(max_minutes: float, *, threshold: float = 0.3, log: Any = print) -> dict:
+    """Poll every ~20 s until other processes use less than `threshold` cores twice in a row,
+    or `max_minutes` pass; returns the last `idle_report` with `waited_s` added."""
+    start = time.perf_counter()
+    calm = 0
+    while True:
+        report = idle_report(5.0)
+        calm = calm + 1 if report["other_processes_cores"] < threshold else 0
+        waited = time.perf_counter() - start
+        if calm >= 2 or waited >= 60 * max_minutes:
+            report["waited_s"] = round(waited)
+            return report
+        log(
+            f"waiting for an idle machine: load {report['loadavg']}, other processes "
+            f"{report['other_processes_cores']} cores ({waited / 60:.1f}/{max_minutes} min)"
+        )
+        time.sleep(15)

@@ -1,12 +1,15 @@
-"""Drafter sizing: one step's drafting (the whole beam search) against one verification step,
-on the torch runtime and on ONNX Runtime (CPU) from exported graphs, for several head sizes.
+"""Drafter sizing: one step's drafting (the whole beam search) against one verification step
+and one autoregressive step, on ONNX Runtime (CPU, from exported graphs) and on the torch
+runtime, for several head sizes and beam shapes.
 
-    .venv/bin/python benchmarks/drafter_cost.py [--width 4 --length 5] [--threads 2]
+    .venv/bin/python benchmarks/drafter_cost.py [--beams 1x4,1x5,2x4,4x5] [--threads 2]
+        [--bundle AR_BUNDLE] [--runtimes onnxruntime,torch]
 
-The goal (issue 7): drafting ≤ 25 % of one verification step. Verification runs on a realistic
-cache (a 200-token prompt) with the packed tree of the W×L beam (no dedup: the worst case).
-Weights are random (cost does not depend on them). Timings: median of repeated runs; the CPU
-load seen before the run is recorded because other processes skew them.
+Goal (issue 7): drafting <= 25 % of one verification step. The verification runs the W x L
+tree without dedup (N = W*L, the worst case) over a 200-token cache. `break_even` is the
+tokens/step at which speculative decoding merely matches autoregressive decoding on that
+runtime: (draft + verify(N)) / verify(1). Weights are random (cost does not depend on them).
+Timings: median of repeated runs, CPU load before the run recorded (others skew them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ CONFIGS = [
     ("exit E, Vd 16384", 576, 16384),
     ("exit E, Vd 8192", 576, 8192),
     ("exit E, Vd 4096", 576, 4096),
+    ("exit E, Vd 2048", 576, 2048),
 ]
 
 
@@ -54,55 +58,63 @@ def _median_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--width", type=int, default=4)
-    ap.add_argument("--length", type=int, default=5)
+    ap.add_argument("--beams", default="1x4,1x5,2x4,4x5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--runtimes", default="onnxruntime,torch")
+    ap.add_argument("--configs", default="", help="comma-separated indexes into CONFIGS")
     ap.add_argument("--bundle", help="an existing autoregressive bundle of the demo model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = machine()
-    beam = BeamShape(args.width, args.length)
+    beams = [BeamShape(*map(int, b.split("x"))) for b in args.beams.split(",")]
+    configs = [CONFIGS[int(i)] for i in args.configs.split(",")] if args.configs else CONFIGS
     base = load_base(find_demo_gguf())
     E, V = base.config.hidden_size, base.config.vocab_size
-
-    # The verification step both runtimes are compared with.
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, V, size=(1, 200))
-    lengths = np.array([200])
-    beams = rng.integers(0, V, size=(1, beam.width, beam.length))
-    tree = pack(beams, packing="full")
-    positions = lengths[:, None] + tree.depth
+    prompt, lengths = rng.integers(0, V, size=(1, 200)), np.array([200])
 
-    def verify_ms(rt) -> float:
-        rt.reset(batch=1, capacity=256)
-        rt.prefill(prompt, lengths)
-        return _median_ms(
-            lambda: rt.verify(tree.tokens, positions, tree.tree_mask, lengths), args.repeats
-        )
+    import onnx
+    import onnxruntime as ort
 
-    torch_verify = verify_ms(TorchRuntime(base))
-    ort_verify = None
     from redrafter.export.build import export_bundle
     from redrafter.export.onnx import export_drafter
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     tmp = Path(tempfile.mkdtemp(prefix="drafter-cost-"))
     bundle_path = Path(args.bundle) if args.bundle else tmp / "ar-bundle"
-    if not bundle_path.exists():
+    if "onnxruntime" in args.runtimes and not bundle_path.exists():
         export_bundle(find_demo_gguf(), bundle_path)
-    ort_verify = verify_ms(OnnxRuntime(bundle_path, threads=args.threads))
-    print(
-        f"verify (N={tree.tokens.shape[1]}): torch {torch_verify:.1f} ms, ORT {ort_verify:.1f} ms"
-    )
 
-    import onnx
-    import onnxruntime as ort
+    def verify_ms(rt, n: int) -> float:
+        """One verification of n tree tokens (a chain when n = 1: the autoregressive step)."""
+        tree = pack(rng.integers(0, V, size=(1, 1, n)) if n == 1 else _beams(n), packing="full")
+        rt.reset(batch=1, capacity=256)
+        rt.prefill(prompt, lengths)
+        positions = lengths[:, None] + tree.depth
+        return _median_ms(
+            lambda: rt.verify(tree.tokens, positions, tree.tree_mask, lengths), args.repeats
+        )
+
+    def _beams(n: int) -> np.ndarray:
+        b = next(b for b in beams if b.width * b.length == n)
+        return rng.integers(0, V, size=(1, b.width, b.length))
+
+    runtimes = {}
+    if "onnxruntime" in args.runtimes:
+        runtimes["onnxruntime"] = OnnxRuntime(bundle_path, threads=args.threads)
+    if "torch" in args.runtimes:
+        runtimes["torch"] = TorchRuntime(base)
+    verify: dict[str, dict[int, float]] = {}
+    for name, rt in runtimes.items():
+        sizes = sorted({1, *(b.width * b.length for b in beams)})
+        verify[name] = {n: round(verify_ms(rt, n), 2) for n in sizes}
+        print(f"{name} verify ms by tree tokens N: {verify[name]}", flush=True)
 
     rows = []
     context = rng.standard_normal((1, E)).astype(np.float32)
     g0 = np.array([42])
-    for name, exit_dim, vd in CONFIGS:
+    for name, exit_dim, vd in configs:
         config = DrafterConfig(
             vocab_size=V,
             hidden_size=E,
@@ -115,39 +127,43 @@ def main() -> None:
         if drafter.draft_token_ids is not None:
             drafter.draft_token_ids.copy_(torch.randperm(V)[:vd].sort().values)
         params = sum(p.numel() for p in drafter.parameters())
-        t_rt = TorchRuntime(base, drafter)
-        torch_ms = _median_ms(lambda rt=t_rt: rt.draft(context, g0, beam), args.repeats)
-        graph = export_drafter(drafter, base, beam)
-        path = tmp / f"drafter-{len(rows)}.onnx"
-        onnx.save_model(graph, str(path), save_as_external_data=True, location=path.name + ".data")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {"context": context, "first_token": g0}
-        ort_ms = _median_ms(lambda s=session, f=feed: s.run(None, f), args.repeats)
-        row = {
-            "config": name,
-            "exit_dim": config.exit_dim,
-            "draft_vocab": vd or V,
-            "params_millions": round(params / 1e6, 2),
-            "megabytes_fp32": round(params * 4 / 1e6, 1),
-            "torch_draft_ms": round(torch_ms, 2),
-            "torch_fraction_of_verify": round(torch_ms / torch_verify, 3),
-            "ort_draft_ms": round(ort_ms, 2),
-            "ort_fraction_of_verify": round(ort_ms / ort_verify, 3),
-        }
-        rows.append(row)
-        print(row)
+        for beam in beams:
+            N = beam.width * beam.length
+            row = {
+                "config": name,
+                "draft_vocab": vd or V,
+                "params_millions": round(params / 1e6, 2),
+                "megabytes_fp32": round(params * 4 / 1e6, 1),
+                "beam": f"W{beam.width} L{beam.length}",
+            }
+            if "torch" in runtimes:
+                t_rt = TorchRuntime(base, drafter)
+                ms = _median_ms(lambda rt=t_rt, b=beam: rt.draft(context, g0, b), args.repeats)
+                row["torch_draft_ms"] = round(ms, 2)
+                row["torch_fraction_of_verify"] = round(ms / verify["torch"][N], 3)
+                row["torch_break_even"] = round((ms + verify["torch"][N]) / verify["torch"][1], 2)
+            if "onnxruntime" in runtimes:
+                path = tmp / f"drafter-{len(rows)}.onnx"
+                graph = export_drafter(drafter, base, beam)
+                onnx.save_model(
+                    graph, str(path), save_as_external_data=True, location=path.name + ".data"
+                )
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = args.threads
+                session = ort.InferenceSession(
+                    str(path), options, providers=["CPUExecutionProvider"]
+                )
+                feed = {"context": context, "first_token": g0}
+                ms = _median_ms(lambda s=session, f=feed: s.run(None, f), args.repeats)
+                ort_v = verify["onnxruntime"]
+                row["ort_draft_ms"] = round(ms, 2)
+                row["ort_fraction_of_verify"] = round(ms / ort_v[N], 3)
+                row["ort_break_even"] = round((ms + ort_v[N]) / ort_v[1], 2)
+            rows.append(row)
+            print(row, flush=True)
     save(
-        f"drafter_cost_w{beam.width}_l{beam.length}",
-        {
-            "machine": info,
-            "beam": [beam.width, beam.length],
-            "verify_tokens": int(tree.tokens.shape[1]),
-            "torch_verify_ms": round(torch_verify, 2),
-            "ort_verify_ms": round(ort_verify, 2),
-            "rows": rows,
-        },
+        "drafter_cost",
+        {"machine": info, "threads": args.threads, "verify_ms": verify, "rows": rows},
     )
 
 
