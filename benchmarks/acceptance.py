@@ -41,7 +41,7 @@ def grid(
     lengths: list[int],
     max_new_tokens: int,
     eos: tuple[int, ...],
-    batch_size: int = 8,
+    batch_size: int = 1,
 ) -> dict[str, float]:
     """tokens/step for every (W, L): {"W4L5": 2.9, ...}."""
     out = {}
@@ -98,7 +98,6 @@ def main() -> None:
             lengths=lengths,
             max_new_tokens=args.max_new_tokens,
             eos=base.config.eos_token_ids,
-            batch_size=8 if args.device == "cpu" else len(prompts),
         )
     payload = {
         "machine": info,

@@ -170,7 +170,6 @@ def main() -> None:
             lengths=[5] if name not in args.grid.split(",") else [3, 4, 5],
             max_new_tokens=args.max_new_tokens,
             eos=eos,
-            batch_size=8 if args.device == "cpu" else len(eval_ids),
         )
         chain = [run.final_eval.get(f"eval_chain{k}", 0.0) for k in range(1, K + 1)]
         top1 = [run.final_eval.get(f"eval_top1@{k}", 0.0) for k in range(1, K + 1)]

@@ -53,11 +53,15 @@ def tokens_per_step(
     beam: BeamShape,
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
-    batch_size: int = 8,
+    batch_size: int = 1,
 ) -> dict[str, float]:
     """Greedy speculative decoding of `prompts` with the real driver on the torch runtime (on
     the base's device), `batch_size` prompts per decode. Returns tokens/step over all rows
-    (the prefill's token excluded, as in `summarize`) and the mean accepted drafts per step."""
+    (the prefill's token excluded, as in `summarize`) and the mean accepted drafts per step.
+
+    One prompt per decode by default: with several, a row that finishes inside a multi-token
+    accept leaves its cache up to L-2 slots past the driver's capacity while the others go on
+    verifying (a driver bug, reported), which a trained drafter triggers."""
     from redrafter.decoding.driver import speculative_decode
     from redrafter.runtimes.torch import TorchRuntime
 
