@@ -2,11 +2,13 @@
 the real decode driver on the torch runtime (the numbers of benchmarks/RESULTS.md).
 
     .venv/bin/python benchmarks/acceptance.py DRAFTER [DRAFTER ...] [--widths 1,2,4,8]
-        [--lengths 3,4,5] [--prompts 24] [--max-new-tokens 64] [--device cpu|cuda]
+        [--lengths 3,4,5] [--prompts 24] [--max-new-tokens 64]
+        [--runtime torch|onnxruntime] [--device cpu|cuda]
 
 Prompts come from held-out Jargon File entries and HumanEval tasks (`heldout_prompts`), never
-trained on. `--device cuda` runs the same driver with the torch runtime on a GPU, for sweeps;
-greedy fp32 decoding is the same algorithm there.
+trained on. Greedy fp32 decoding emits the same tokens on every runtime, so tokens/step does not
+depend on it: `--runtime onnxruntime` (one exported bundle per drafter, holding a drafter graph
+per beam shape) is just the fastest way on a CPU, `--device cuda` on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch  # noqa: E402
 
 from redrafter.config import BeamShape  # noqa: E402
 from redrafter.demo import find_demo_gguf  # noqa: E402
+from redrafter.errors import RedrafterError  # noqa: E402
 from redrafter.models.checkpoints import load_base, load_drafter  # noqa: E402
 from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
 from redrafter.train.evaluate import tokens_per_step  # noqa: E402
@@ -42,21 +45,26 @@ def grid(
     max_new_tokens: int,
     eos: tuple[int, ...],
     batch_size: int = 1,
+    runtime=None,
 ) -> dict[str, float]:
-    """tokens/step for every (W, L): {"W4L5": 2.9, ...}."""
+    """tokens/step for every (W, L): {"W4L5": 2.9, ...}; on `runtime` (an ONNX Runtime
+    runtime of a bundle with every shape) if given, else on the torch runtime."""
     out = {}
     for L in lengths:
         for W in widths:
             t = time.perf_counter()
-            r = tokens_per_step(
-                base,
-                drafter,
-                prompts,
-                beam=BeamShape(W, L),
-                max_new_tokens=max_new_tokens,
-                eos_token_ids=eos,
-                batch_size=batch_size,
-            )
+            if runtime is not None:
+                r = _runtime_tokens_per_step(runtime, prompts, BeamShape(W, L), max_new_tokens, eos)
+            else:
+                r = tokens_per_step(
+                    base,
+                    drafter,
+                    prompts,
+                    beam=BeamShape(W, L),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_ids=eos,
+                    batch_size=batch_size,
+                )
             out[f"W{W}L{L}"] = round(r["tokens_per_step"], 3)
             print(
                 f"  W={W} L={L}: {r['tokens_per_step']:.2f} tokens/step "
@@ -64,6 +72,37 @@ def grid(
                 flush=True,
             )
     return out
+
+
+def _runtime_tokens_per_step(runtime, prompts, beam, max_new_tokens, eos) -> dict[str, float]:
+    from redrafter.decoding.driver import speculative_decode
+
+    emitted = row_steps = 0
+    for prompt in prompts:  # one per decode (see `tokens_per_step`)
+        for step in speculative_decode(
+            runtime, [prompt], beam=beam, max_new_tokens=max_new_tokens, eos_token_ids=eos
+        ):
+            if step.kind != "prefill" and step.new_tokens[0]:
+                emitted += len(step.new_tokens[0])
+                row_steps += 1
+    return {"tokens_per_step": emitted / max(row_steps, 1)}
+
+
+def ort_runtime(gguf: Path, drafter: str, beams: list[BeamShape], threads: int):
+    """An ONNX Runtime runtime for base + drafter with a drafter graph per beam shape (the
+    bundle is exported next to the drafter, once)."""
+    from redrafter.export.build import ExportOptions, export_bundle
+    from redrafter.export.bundle import load_bundle
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
+
+    tag = "_".join(f"{b.width}x{b.length}" for b in beams)
+    out = Path(drafter).with_name(f"{Path(drafter).name}-bundle-{tag}")
+    try:
+        bundle = load_bundle(out)
+    except RedrafterError:
+        options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]))
+        bundle = export_bundle(gguf, out, drafter_path=drafter, options=options, overwrite=True)
+    return OnnxRuntime(bundle, threads=threads)
 
 
 def main() -> None:
@@ -74,6 +113,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", help="the shared data folder [<repo>/../shared/data]")
     ap.add_argument("--name", default="acceptance")
@@ -90,6 +130,10 @@ def main() -> None:
     for path in args.drafters:
         print(f"{path}:", flush=True)
         drafter = load_drafter(path)
+        runtime = None
+        if args.runtime == "onnxruntime":
+            shapes = [BeamShape(w, n) for n in lengths for w in widths]
+            runtime = ort_runtime(gguf, path, shapes, args.threads)
         results[path] = grid(
             base,
             drafter,
@@ -98,10 +142,12 @@ def main() -> None:
             lengths=lengths,
             max_new_tokens=args.max_new_tokens,
             eos=base.config.eos_token_ids,
+            runtime=runtime,
         )
     payload = {
         "machine": info,
         "device": args.device,
+        "runtime": args.runtime,
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "tokens_per_step": results,

@@ -753,10 +753,17 @@ def main() -> None:
     )
     parser.add_argument("--worker", choices=["genai", "llamacpp"], help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--summarize", metavar="JSON", help="recompute the summary of a saved run")
     args = parser.parse_args()
 
     if args.worker:
         worker_main(args.worker, args.job)
+        return
+    if args.summarize:  # re-summarize a saved (e.g. interrupted) run
+        payload = json.loads(Path(args.summarize).read_text())
+        payload["summary"] = summarize(payload)
+        print_summary(payload)
+        Path(args.summarize).write_text(json.dumps(payload, indent=2) + "\n")
         return
     if args.setup is not None:
         setup(args.setup or ["genai", "llamacpp"])
