@@ -147,9 +147,12 @@ def run_engine(
 
 
 def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's RSS high-water mark (VmHWM: per address space, so unlike ru_maxrss it
+    does not carry the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # ============================================================================ workers (peer venvs)
