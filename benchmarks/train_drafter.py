@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from acceptance import grid  # noqa: E402
+from acceptance import grid, ort_runtime  # noqa: E402
 
+from redrafter.config import BeamShape  # noqa: E402
 from redrafter.demo import find_demo_gguf  # noqa: E402
 from redrafter.models.checkpoints import load_base  # noqa: E402
 from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
@@ -80,6 +81,13 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--draft-vocab", type=int, default=8192, help="0: the full vocabulary")
+    ap.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="runs the tokens/step grid (greedy fp32: the same tokens either way, ORT is faster)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir")
     ap.add_argument("--out", default="/tmp/redrafter-drafters")
@@ -147,6 +155,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "predict_tokens": K,
+            "draft_vocab": args.draft_vocab or None,
         }
         options = TrainOptions(**{**fields, **overrides})
         t = time.perf_counter()
@@ -162,14 +171,21 @@ def main() -> None:
         train_seconds = time.perf_counter() - t
         drafter = run.drafter
         params = sum(p.numel() for p in drafter.parameters())
+        widths = [4] if name not in args.grid.split(",") else [1, 2, 4, 8]
+        lengths = [5] if name not in args.grid.split(",") else [3, 4, 5]
+        runtime = None
+        if args.runtime == "onnxruntime":
+            shapes = [BeamShape(w, n) for n in lengths for w in widths]
+            runtime = ort_runtime(gguf, str(Path(args.out) / name), shapes, args.threads)
         tps = grid(
             base,
             drafter,
             eval_ids,
-            widths=[4] if name not in args.grid.split(",") else [1, 2, 4, 8],
-            lengths=[5] if name not in args.grid.split(",") else [3, 4, 5],
+            widths=widths,
+            lengths=lengths,
             max_new_tokens=args.max_new_tokens,
             eos=eos,
+            runtime=runtime,
         )
         chain = [run.final_eval.get(f"eval_chain{k}", 0.0) for k in range(1, K + 1)]
         top1 = [run.final_eval.get(f"eval_top1@{k}", 0.0) for k in range(1, K + 1)]

@@ -27,9 +27,9 @@ from redrafter.models.checkpoints import (
     load_base_config,
     load_drafter,
     save_drafter,
-    save_llama2c,
 )
 from redrafter.models.llama import Transformer
+from redrafter.models.llama2c import save_llama2c
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, FFN, VOCAB, SEQ = 32, 4, 2, 2, 48, 61, 64
 

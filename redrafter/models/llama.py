@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,3 +215,16 @@ class Transformer(nn.Module):
         """Returns logits (B, T, V), post-final-norm hidden states (B, T, E) and the caches."""
         hidden, caches = self.hidden_states(input_ids, position_ids, tree_mask, past_len, caches)
         return self.logits(hidden), hidden, caches
+
+
+def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of q/k (weight (H*D, in) or bias (H*D,)) from interleaved rotary pairs (2j, 2j+1),
+    Meta/llama.cpp/llama2.c, to HF's rotate_half pairs (j, j+D/2)."""
+    out = w.shape[0]
+    return w.reshape(n_heads, out // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `interleaved_to_half` (HF -> Meta layout), used by the writers."""
+    out = w.shape[0]
+    return w.reshape(n_heads, 2, out // n_heads // 2, -1).swapaxes(1, 2).reshape(w.shape)

@@ -29,6 +29,18 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 PREFILL_CHUNK = 128  # prompt tokens per base call: bounds the (B, T, V) logits of a prefill
 
 
+def session_options(threads: int | None, library: Path | None, *, spin: bool) -> ort.SessionOptions:
+    """Session options: `threads` intra-op threads, the native op library, thread spinning."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def native_library() -> Path | None:
     """The built native op library, if any (see `redrafter.ops`)."""
     try:
@@ -72,17 +84,17 @@ class OnnxRuntime:
                 "(or drop --native to use the portable ONNX body)"
             )
         self.implementation = "native" if library is not None else "portable"
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        if library is not None:
-            options.register_custom_ops_library(str(library))
+        # The drafter's intra-op threads must not spin after a run: ORT gives each session its
+        # own pool, and spinning drafter threads would keep the cores from the verification
+        # that follows (on 2 cores that doubled verify time: benchmarks/RESULTS.md).
+        options = session_options(threads, library, spin=True)
+        drafter_options = session_options(threads, library, spin=False)
         providers = (
             [PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [PROVIDERS["cpu"]]
         )
         root = self.bundle.root / "onnx"
         self.base = ort.InferenceSession(str(root / "base.onnx"), options, providers=providers)
-        self._options, self._providers = options, providers
+        self._drafter_options, self._providers = drafter_options, providers
         self._drafters: dict[BeamShape, ort.InferenceSession] = {}  # opened on first use
         active = self.base.get_providers()[0]
         self.device = "cuda" if active == PROVIDERS["cuda"] else "cpu"
@@ -201,7 +213,9 @@ class OnnxRuntime:
             )
         if beam not in self._drafters:
             self._drafters[beam] = ort.InferenceSession(
-                str(self.bundle.root / graphs[beam]), self._options, providers=self._providers
+                str(self.bundle.root / graphs[beam]),
+                self._drafter_options,
+                providers=self._providers,
             )
         return self._drafters[beam]
 
