@@ -7,8 +7,7 @@ What it runs, in order of preference:
      onnxruntime-gpu is installed. The lent machine has CPU-only onnxruntime (and the GPU wheel
      is too large to carry), so there this step is reported as unavailable, with the reason;
   2. what CAN run there: the torch reference runtime on CUDA (`TorchRuntime(device="cuda")`),
-     fp32, and fp16 through a script-local subclass (TorchRuntime keeps its KV cache and its
-     inputs in fp32; see `HalfTorchRuntime`).
+     fp32 and fp16 (`TorchRuntime(dtype=...)`).
 Each configuration goes through `redrafter.bench.harness.run_bench`: autoregressive and every
 beam shape on the same prompts, interleaved, after a warm-up, median of --repeats.
 
@@ -204,29 +203,6 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def make_half_runtime(base: Any, drafter: Any, dtype: Any, device: str = "cuda") -> Any:
-    """TorchRuntime in fp16/bf16 without touching the library: the model and drafter cast,
-    the KV cache allocated in that dtype, float inputs (the drafter's context vector) cast on
-    the way in. Outputs still come back to the driver as fp32 numpy."""
-    from redrafter.runtimes.torch import TorchRuntime
-
-    class HalfTorchRuntime(TorchRuntime):
-        implementation = f"eager-{str(dtype).removeprefix('torch.')}"
-
-        def _tensor(self, array: Any) -> Any:
-            t = super()._tensor(array)
-            return t.to(dtype) if t.is_floating_point() else t
-
-        def reset(self, *, batch: int, capacity: int) -> None:
-            c = self.cache
-            if c is None or c.shape[2] != batch or c.shape[4] < capacity:
-                self.cache = self.base.new_cache(batch, capacity, dtype=dtype).to(self.device)
-
-    return HalfTorchRuntime(
-        base.to(dtype), None if drafter is None else drafter.to(dtype), device=device
-    )
-
-
 def bench(
     runtime: Any,
     prompts: list[list[int]],
@@ -339,10 +315,7 @@ def torch_cuda(
         draft = load_drafter(drafter) if drafter is not None else None
         log(f"  torch CUDA {dtype_name}: loaded in {time.perf_counter() - t:.1f} s")
         try:
-            if dtype_name == "float32":
-                rt = TorchRuntime(base, draft, device=args.device)
-            else:
-                rt = make_half_runtime(base, draft, getattr(torch, dtype_name), args.device)
+            rt = TorchRuntime(base, draft, device=args.device, dtype=dtype_name)
             out[dtype_name] = bench(rt, prompts, use, args, eos)
             print(f"\ntorch CUDA eager {dtype_name}:\n{table(out[dtype_name])}")
         except Exception as e:  # record and go on to the next dtype

@@ -119,6 +119,12 @@ def _parse_ids(text: str) -> list[int]:
     show_default=True,
     help="Device for the runtime (cuda: ORT CUDA provider, or torch on CUDA).",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="With --base: the torch runtime's weights and KV cache [float32] (half: for CUDA). "
+    "A bundle has the dtype it was exported in.",
+)
 @click.option("--stats", is_flag=True, help="Print tokens/step, tokens/s and acceptance to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def generate(
@@ -139,6 +145,7 @@ def generate(
     autoregressive: bool,
     runtime: str | None,
     device: str,
+    dtype: str | None,
     stats: bool,
     as_json: bool,
 ) -> None:
@@ -156,6 +163,11 @@ def generate(
     if bundle_path is not None:
         if drafter_path is not None:
             raise click.UsageError("--drafter goes with --base; a bundle carries its drafter")
+        if dtype is not None:
+            raise click.UsageError(
+                "--dtype goes with --base; a bundle runs in the dtype it was exported in "
+                "(redrafter export --dtype)"
+            )
         pipe = load(bundle_path, runtime=runtime or "onnxruntime", device=device)
     else:
         if runtime == "onnxruntime":
@@ -167,7 +179,10 @@ def generate(
                 "speculative decoding needs --drafter (or pass --autoregressive)"
             )
         pipe = from_checkpoints(
-            base_path or "", drafter=None if autoregressive else drafter_path, device=device
+            base_path or "",
+            drafter=None if autoregressive else drafter_path,
+            device=device,
+            dtype=dtype or "float32",
         )
     d = pipe.defaults
     if not autoregressive and bundle_path is not None and not d.speculative:

@@ -126,9 +126,11 @@ def from_checkpoints(
     drafter: str | Path | None = None,
     runtime: str = "torch",
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> Pipeline:
     """Load a base checkpoint (HF folder, .gguf or llama2.c .bin) and optionally a drafter
-    (Apple's layout) into a pipeline on the eager torch runtime."""
+    (Apple's layout) into a pipeline on the eager torch runtime (`dtype`: float32, float16 or
+    bfloat16 weights and cache)."""
     from redrafter.errors import RuntimeUnavailableError
     from redrafter.models.checkpoints import check_drafter_fits, load_base, load_drafter
     from redrafter.models.tokenizer import load_tokenizer
@@ -149,7 +151,9 @@ def from_checkpoints(
     except TokenizerError:
         tokenizer = None  # id prompts still work; text prompts raise a clear error
     return Pipeline(
-        TorchRuntime(model, draft, device=device), tokenizer, model.config.eos_token_ids
+        TorchRuntime(model, draft, device=device, dtype=dtype),
+        tokenizer,
+        model.config.eos_token_ids,
     )
 
 

@@ -77,6 +77,18 @@ def test_generate_json_speculative_equals_autoregressive(checkpoints, beam) -> N
         assert key in spec_out["stats"]
 
 
+def test_generate_in_bfloat16_tracks_float32(checkpoints) -> None:
+    """--dtype casts the torch runtime's weights and cache; the outputs stay fp32 numpy, so
+    the driver is unchanged. bf16 keeps 8 bits of mantissa: the first tokens agree."""
+    base_dir, drafter_dir = checkpoints
+    common = ["generate", "--base", str(base_dir), "--prompt-ids", "3,4,5,6", "--json"]
+    common += ["--max-new-tokens", "4"]
+    fp32 = _run([*common, "--autoregressive"])
+    bf16 = _run([*common, "--dtype", "bfloat16", "--drafter", str(drafter_dir)])
+    assert fp32.exit_code == 0 and bf16.exit_code == 0, fp32.output + bf16.output
+    assert json.loads(bf16.output)["token_ids"][:2] == json.loads(fp32.output)["token_ids"][:2]
+
+
 def test_generate_streams_text_and_prints_stats(checkpoints) -> None:
     base_dir, drafter_dir = checkpoints
     result = _run(
@@ -140,11 +152,12 @@ def test_generate_sampling_is_seeded(checkpoints) -> None:
         (["--prompt-ids", "1", "--autoregressive", "--max-new-tokens", "0"], "max-new-tokens"),
         (["--prompt-ids", "1", "--autoregressive", "--beam-width", "0"], "beam-width"),
         (["--prompt-ids", "1", "--autoregressive", "--device", "cuda"], "no CUDA device"),
+        (["--bundle", "/b", "--prompt-ids", "1", "--dtype", "float16"], "exported in"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(checkpoints, args, message) -> None:
     base_dir, _ = checkpoints
-    if "--base" not in args:
+    if "--base" not in args and "--bundle" not in args:
         args = ["--base", str(base_dir), *args]
     result = _run(["generate", *args])
     assert result.exit_code == 2, result.output

@@ -13,7 +13,7 @@ from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import target_probs
 from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.driver import speculative_decode
-from redrafter.errors import PromptError
+from redrafter.errors import PromptError, RuntimeUnavailableError
 from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import OracleDrafts, tiny_base, tiny_drafter
@@ -158,3 +158,30 @@ def test_exact_sampling_preserves_the_target_distribution(W) -> None:
     # The check has teeth: the same counts fail against a slightly hotter target.
     hotter = _target_joint(base, prompt, SamplingParams(temperature=1.6)) * rows
     assert not _chi_square_pvalue_ok(observed.ravel(), hotter.ravel())
+
+
+def test_half_precision_torch_runtime_keeps_the_driver_contract() -> None:
+    """dtype='bfloat16' casts the weights and the cache (not a no-op), the driver still gets
+    fp32 numpy, and speculative decoding runs through it. (Token equality with autoregressive
+    is not pinned: bf16 rounding of an N-token verify differs from a 1-token step.)"""
+    base = tiny_base(seed=1)
+    runtime = TorchRuntime(base, tiny_drafter(base), dtype="bfloat16")
+    assert base.embed_weight.dtype == torch.bfloat16
+    runtime.reset(batch=1, capacity=64)
+    assert runtime.cache is not None and runtime.cache.dtype == torch.bfloat16
+    logits, hidden = runtime.prefill(np.array(PROMPTS_1), np.array([5]))
+    assert logits.dtype == np.float32 and hidden.dtype == np.float32
+    reference = TorchRuntime(tiny_base(seed=1))
+    reference.reset(batch=1, capacity=64)
+    ref_logits, _ = reference.prefill(np.array(PROMPTS_1), np.array([5]))
+    assert 0 < np.abs(logits - ref_logits).max() < 0.1  # rounded, but the same model
+    ar = _collect(autoregressive_decode(runtime, PROMPTS_1, max_new_tokens=12), 1)
+    spec = _collect(
+        speculative_decode(runtime, PROMPTS_1, beam=BeamShape(2, 4), max_new_tokens=12), 1
+    )
+    assert len(spec[0]) == len(ar[0]) == 12 and spec[0][0] == ar[0][0]  # same prefill
+
+
+def test_unknown_torch_dtype_is_refused() -> None:
+    with pytest.raises(RuntimeUnavailableError, match="float32"):
+        TorchRuntime(tiny_base(), dtype="int8")

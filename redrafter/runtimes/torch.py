@@ -14,30 +14,47 @@ from redrafter.errors import RuntimeUnavailableError
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class TorchRuntime:
     """Runs a `Transformer` (and optionally a `Drafter`) eagerly, with the cache in place, on
-    `device` ('cpu', or 'cuda' where torch has CUDA; the driver still talks numpy)."""
+    `device` ('cpu', or 'cuda' where torch has CUDA; the driver still talks numpy).
+
+    `dtype` casts the models and the KV cache ('float16'/'bfloat16' are for CUDA: CPU half
+    matmuls are slow); float inputs are cast on the way in and outputs come back as fp32."""
 
     name = "torch"
-    implementation = "eager"
 
     def __init__(
-        self, base: Transformer, drafter: Drafter | None = None, *, device: str = "cpu"
+        self,
+        base: Transformer,
+        drafter: Drafter | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
     ) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailableError(
                 "device 'cuda' requested but this torch has no CUDA device; use --device cpu"
             )
+        if dtype not in DTYPES:
+            raise RuntimeUnavailableError(
+                f"dtype {dtype!r} is not supported by the torch runtime; use one of "
+                f"{', '.join(DTYPES)}"
+            )
         self.device = device
-        self.base = base.eval().to(device)
-        self.drafter = drafter.eval().to(device) if drafter is not None else None
+        self.dtype = DTYPES[dtype]
+        self.implementation = "eager" if dtype == "float32" else f"eager-{dtype}"
+        self.base = base.eval().to(device, self.dtype)
+        self.drafter = drafter.eval().to(device, self.dtype) if drafter is not None else None
         self.vocab_size = base.config.vocab_size
         self.context_length = base.config.context_length
         self.cache: torch.Tensor | None = None  # (Lyr, 2, B, Hkv, S, D)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     @staticmethod
     def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -46,7 +63,7 @@ class TorchRuntime:
     def reset(self, *, batch: int, capacity: int) -> None:
         c = self.cache
         if c is None or c.shape[2] != batch or c.shape[4] < capacity:
-            self.cache = self.base.new_cache(batch, capacity).to(self.device)
+            self.cache = self.base.new_cache(batch, capacity, dtype=self.dtype).to(self.device)
         # Stale slots past P are never read (the mask hides them), so no zeroing is needed.
 
     @torch.inference_mode()
