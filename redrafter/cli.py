@@ -104,6 +104,11 @@ def _parse_ids(text: str) -> list[int]:
     type=click.Choice(["dedup", "full"]),
     help="Tree packing: dedup shared prefixes, or keep all W*L [dedup, or the bundle's].",
 )
+@click.option(
+    "--prompt-lookup",
+    is_flag=True,
+    help="Add a prompt-lookup draft (the text's own n-gram continuation) as one more beam.",
+)
 @click.option("--autoregressive", is_flag=True, help="Run the plain autoregressive baseline.")
 @click.option(
     "--runtime",
@@ -142,6 +147,7 @@ def generate(
     seed: int | None,
     acceptance: str,
     packing: str | None,
+    prompt_lookup: bool,
     autoregressive: bool,
     runtime: str | None,
     device: str,
@@ -193,6 +199,7 @@ def generate(
         sampling=SamplingParams(temperature=temperature or 0.0, seed=seed, acceptance=acceptance),  # type: ignore[arg-type]
         packing=packing or d.packing,  # type: ignore[arg-type]
         speculative=not autoregressive,
+        prompt_lookup=prompt_lookup,
     )
     the_prompt = prompt if prompt is not None else _parse_ids(prompt_ids or "")
     _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json)
@@ -454,6 +461,13 @@ def validate(
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_out", type=click.Path(), help="Write the JSON results here.")
 @click.option("--plot", "plot_out", type=click.Path(), help="Write a PNG speed-up plot here.")
+@click.option(
+    "--prompt-lookup",
+    type=click.Choice(["off", "on", "both"]),
+    default="off",
+    show_default=True,
+    help="Speculative runs without, with, or both without and with the prompt-lookup beam.",
+)
 def bench(
     bundle_path: str,
     runtime: str,
@@ -467,6 +481,7 @@ def bench(
     repeats: int,
     json_out: str | None,
     plot_out: str | None,
+    prompt_lookup: str,
 ) -> None:
     """Speculative vs autoregressive decoding on the same runtime and prompts, side by side:
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
@@ -506,7 +521,8 @@ def bench(
         raise click.UsageError("no beam shape selected; check --beam-width/--beam-length")
     texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
     prompts = [pipe.encode(t, chat=chat) for t in texts]
-    total = (repeats + 1) * (len(beams) + 1)
+    lookups = {"off": (False,), "on": (True,), "both": (False, True)}[prompt_lookup]
+    total = (repeats + 1) * (len(beams) * len(lookups) + 1)
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
         results = run_bench(
@@ -517,6 +533,7 @@ def bench(
             repeats=repeats,
             packing=bundle.packing,
             eos_token_ids=pipe.eos_token_ids,
+            prompt_lookup=lookups,
             on_run=lambda name: progress.update(task, advance=1, description=name),
         )
     implementation = getattr(rt, "implementation", "eager")

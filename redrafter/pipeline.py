@@ -32,6 +32,7 @@ class GenerationOptions:
     sampling: SamplingParams = SamplingParams()
     packing: Packing = "dedup"
     speculative: bool = True
+    prompt_lookup: bool = False  # add an n-gram draft of the row's own text as one more beam
 
 
 @dataclasses.dataclass
@@ -91,6 +92,7 @@ class Pipeline:
                 max_new_tokens=options.max_new_tokens,
                 eos_token_ids=self.eos_token_ids,
                 packing=options.packing,
+                prompt_lookup=options.prompt_lookup,
             )
         return autoregressive_decode(
             self.runtime,

@@ -78,6 +78,49 @@ def test_bench_json_markdown_and_plot(grid_bundle, tmp_path) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_prompt_lookup_both(grid_bundle, tmp_path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--bundle",
+            str(grid_bundle.root),
+            "--beam-width",
+            "2",
+            "--beam-length",
+            "3,4",
+            "--max-new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--prompt-lookup",
+            "both",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {
+        "autoregressive",
+        "W2 L3",
+        "W2 L3 +lookup",
+        "W2 L4",
+        "W2 L4 +lookup",
+    }
+    for name, r in results.items():
+        assert FIELDS <= set(r), name
+        if name != "autoregressive":
+            assert r["prompt_lookup"] == name.endswith("+lookup")
+            assert (r["beam_width"], r["beam_length"]) == (2, int(name[4]))
+    # Greedy either way: the same tokens, so the same count.
+    assert len({r["tokens"] for r in results.values()}) == 1
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
     result = CliRunner().invoke(
         main,

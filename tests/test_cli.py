@@ -52,7 +52,11 @@ def test_init_drafter_writes_apple_layout(checkpoints) -> None:
 
 @pytest.mark.parametrize(
     "beam",
-    [["--beam-width", "1", "--beam-length", "2"], ["--beam-width", "3", "--beam-length", "4"]],
+    [
+        ["--beam-width", "1", "--beam-length", "2"],
+        ["--beam-width", "3", "--beam-length", "4"],
+        ["--beam-width", "2", "--beam-length", "4", "--prompt-lookup"],
+    ],
 )
 def test_generate_json_speculative_equals_autoregressive(checkpoints, beam) -> None:
     base_dir, drafter_dir = checkpoints

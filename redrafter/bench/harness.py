@@ -1,8 +1,9 @@
 """Run autoregressive and speculative decoding on the same runtime and prompts, interleaved,
 after a warm-up, for `repeats` rounds; aggregate per configuration (DESIGN.md §8).
 
-A configuration is `None` (autoregressive) or a `BeamShape`. Timings come from the driver's
-per-phase clocks plus the wall time between steps; host overhead is what is left over.
+A configuration is `None` (autoregressive) or a `Speculative` (a beam shape, with or without
+the prompt-lookup beam). Timings come from the driver's per-phase clocks plus the wall time
+between steps; host overhead is what is left over.
 """
 
 from __future__ import annotations
@@ -21,12 +22,25 @@ from redrafter.decoding.driver import speculative_decode
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
 
-Config = BeamShape | None
 PHASES = ("draft", "verify", "accept_commit", "host")
 
 
+@dataclasses.dataclass(frozen=True)
+class Speculative:
+    """One speculative configuration: the drafter's beam shape, plus the prompt-lookup beam."""
+
+    beam: BeamShape
+    prompt_lookup: bool = False
+
+
+Config = Speculative | None
+
+
 def config_name(config: Config) -> str:
-    return "autoregressive" if config is None else f"W{config.width} L{config.length}"
+    if config is None:
+        return "autoregressive"
+    lookup = " +lookup" if config.prompt_lookup else ""
+    return f"W{config.beam.width} L{config.beam.length}{lookup}"
 
 
 def _rss_mb() -> float:
@@ -69,7 +83,8 @@ def run_once(
             steps = speculative_decode(
                 runtime,
                 [prompt],
-                beam=config,
+                beam=config.beam,
+                prompt_lookup=config.prompt_lookup,
                 packing=packing,
                 max_new_tokens=max_new_tokens,
                 eos_token_ids=eos_token_ids,
@@ -131,11 +146,14 @@ def run_bench(
     repeats: int = 3,
     packing: Packing = "dedup",
     eos_token_ids: Sequence[int] = (),
+    prompt_lookup: Sequence[bool] = (False,),
     on_run: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Any]:
     """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
-    ...), so slow drifts of the machine hit every configuration alike."""
-    configs: list[Config] = [None, *beams]
+    ...), so slow drifts of the machine hit every configuration alike. Every beam shape runs
+    once per value in `prompt_lookup` (without and/or with the prompt-lookup beam)."""
+    spec = [Speculative(b, lookup) for b in beams for lookup in prompt_lookup]
+    configs: list[Config] = [None, *spec]
     kwargs = dict(max_new_tokens=max_new_tokens, packing=packing, eos_token_ids=eos_token_ids)
     for c in configs:  # warm-up: session init, allocator growth, caches
         run_once(runtime, prompts[:1], c, **kwargs)  # type: ignore[arg-type]
@@ -147,9 +165,10 @@ def run_bench(
             on_run(f"repeat {r + 1}/{repeats} {config_name(c)}")
     results = {name: summarize_runs(rs) for name, rs in runs.items()}
     base = results["autoregressive"]["tokens_per_second"]
-    for c in beams:
+    for c in spec:
         entry = results[config_name(c)]
-        entry["beam_width"], entry["beam_length"] = c.width, c.length
+        entry["beam_width"], entry["beam_length"] = c.beam.width, c.beam.length
+        entry["prompt_lookup"] = c.prompt_lookup
         entry["speedup"] = entry["tokens_per_second"] / base if base else 0.0
     results["autoregressive"]["speedup"] = 1.0
     return results

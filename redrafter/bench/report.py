@@ -31,7 +31,8 @@ def save_json(payload: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> None:
-    """Heat map of speed-up over beam width x beam length (annotated), saved as PNG."""
+    """Heat map of speed-up over beam width x beam length (annotated), saved as PNG; one panel
+    per prompt-lookup setting present in the results."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,21 +42,30 @@ def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> No
     spec = [r for r in results.values() if "beam_width" in r]
     widths = sorted({r["beam_width"] for r in spec})
     lengths = sorted({r["beam_length"] for r in spec})
-    grid = np.full((len(widths), len(lengths)), np.nan)
-    for r in spec:
-        grid[widths.index(r["beam_width"]), lengths.index(r["beam_length"])] = r["speedup"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lengths), 1.4 + 0.9 * len(widths)))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(widths)), [str(w) for w in widths])
-    ax.set_xlabel("beam length L")
-    ax.set_ylabel("beam width W")
-    for i in range(len(widths)):
-        for j in range(len(lengths)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", color="white")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="speed-up vs autoregressive")
+    panels = sorted({bool(r.get("prompt_lookup", False)) for r in spec})
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(len(panels) * (1.6 + 1.3 * len(lengths)), 1.6 + 0.9 * len(widths)),
+        squeeze=False,
+    )
+    for ax, lookup in zip(axes[0], panels, strict=True):
+        grid = np.full((len(widths), len(lengths)), np.nan)
+        for r in spec:
+            if bool(r.get("prompt_lookup", False)) == lookup:
+                grid[widths.index(r["beam_width"]), lengths.index(r["beam_length"])] = r["speedup"]
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_xlabel("beam length L")
+        ax.set_ylabel("beam width W")
+        for i in range(len(widths)):
+            for j in range(len(lengths)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", color="white")
+        ax.set_title("with prompt lookup" if lookup else "drafter only", fontsize=9)
+        fig.colorbar(image, ax=ax, label="speed-up vs autoregressive")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

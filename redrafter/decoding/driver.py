@@ -18,6 +18,7 @@ import numpy as np
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import accept_apple, accept_exact, accept_greedy, choose_token
 from redrafter.decoding.kv_cache import commit_plan
+from redrafter.decoding.lookup import add_lookup_beam
 from redrafter.decoding.output import OutputStream, Step, pad_prompts
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing, pack, unpack
@@ -55,13 +56,15 @@ def speculative_decode(
     max_new_tokens: int = 64,
     eos_token_ids: Sequence[int] = (),
     packing: Packing = "dedup",
+    prompt_lookup: bool = False,
 ) -> Iterator[Step]:
-    """Generate with ReDrafter, yielding one `Step` per runtime round trip."""
+    """Generate with ReDrafter, yielding one `Step` per runtime round trip. `prompt_lookup`
+    adds an n-gram draft from the row's own tokens as one more beam (lookup.py)."""
     rng = np.random.default_rng(sampling.seed)
     g0, context, past_len, t = prefill(
         runtime,
         prompts,
-        extra_slots=beam.width * beam.length,
+        extra_slots=(beam.width + prompt_lookup) * beam.length,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         rng=rng,
@@ -72,6 +75,11 @@ def speculative_decode(
     while not out.done:
         t0 = time.perf_counter()
         beams, draft_log_probs = runtime.draft(context, g0, beam)  # (B, W, L), (B, W, L-1, V)
+        if prompt_lookup:  # one more beam (B, W+1, L); its Q only where Apple's rule reads it
+            apple = not sampling.greedy and sampling.acceptance == "apple"
+            histories = [[*prompts[b], *out.tokens[b]] for b in range(B)]
+            beams, q = add_lookup_beam(beams, draft_log_probs if apple else None, histories)
+            draft_log_probs = draft_log_probs if q is None else q
         t1 = time.perf_counter()
         tree = pack(beams, packing=packing)
         logits, hidden = runtime.verify(
