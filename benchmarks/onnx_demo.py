@@ -1,8 +1,10 @@
 """The demo model through the ONNX path (issue 4): export SmolLM2-135M (fp32 and fp16) with a
 drafter, validate tensor and token parity on real prompts from ../shared/data, and measure
-ms/step at context 128 and 2048 for the portable body and the native kernel.
+ms per verify call (N = 1..20 tokens, context 128/512/2048) for the portable body and the
+native kernel.
 
     .venv/bin/python benchmarks/onnx_demo.py [--drafter DIR] [--skip-fp16]
+    .venv/bin/python benchmarks/onnx_demo.py --steps-only BUNDLE   # only the ms per verify call
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from redrafter.config import BeamShape  # noqa: E402
-from redrafter.decoding.tree import pack  # noqa: E402
 from redrafter.demo import find_demo_gguf  # noqa: E402
 from redrafter.export.build import ExportOptions, export_bundle  # noqa: E402
 from redrafter.export.bundle import load_bundle  # noqa: E402
@@ -30,28 +31,30 @@ from redrafter.validate.report import validate_bundle  # noqa: E402
 
 from _common import machine, save, shared_prompts  # noqa: E402
 
+STEP_SIZES = (1, 2, 3, 4, 5, 8, 12, 16, 20)  # tokens per verify call
 
-def ms_per_step(runtime: OnnxRuntime, context: int, beam: BeamShape, repeats: int = 5) -> dict:
-    """Median ms of one verify call with N=1 (autoregressive) and with a full W*L tree, on top
-    of a committed cache of `context` tokens."""
+
+def ms_per_step(
+    runtime: OnnxRuntime, context: int, sizes: tuple[int, ...] = STEP_SIZES, repeats: int = 7
+) -> dict:
+    """Median ms of one verify call of N tokens (N=1: an autoregressive step; N>1: a chain of
+    N tokens, the cost of any tree of N packed tokens) on a committed cache of `context`."""
     rng = np.random.default_rng(0)
-    runtime.reset(batch=1, capacity=context + beam.width * beam.length + 8)
+    runtime.reset(batch=1, capacity=context + max(sizes) + 8)
     # Fill the cache by prefilling a random prompt of `context` tokens.
     runtime.prefill(rng.integers(0, runtime.vocab_size, (1, context)), np.array([context]))
     past = np.array([context])
-    beams = rng.integers(0, runtime.vocab_size, (1, beam.width, beam.length))
-    tree = pack(beams)
     out = {}
-    for label, (tokens, depth, mask) in {
-        "n1": (beams[:, 0, :1], np.zeros((1, 1), np.int64), np.ones((1, 1, 1), bool)),
-        f"n{tree.tokens.shape[1]}": (tree.tokens, tree.depth, tree.tree_mask),
-    }.items():
+    for n in sizes:
+        tokens = rng.integers(0, runtime.vocab_size, (1, n))
+        depth = np.arange(n)[None]  # (1, N)
+        mask = np.tril(np.ones((n, n), bool))[None]  # (1, N, N)
         times = []
         for _ in range(repeats + 1):
             t = time.perf_counter()
             runtime.verify(tokens, past[:, None] + depth, mask, past)
             times.append(time.perf_counter() - t)
-        out[label] = round(1000 * statistics.median(times[1:]), 2)
+        out[f"n{n}"] = round(1000 * statistics.median(times[1:]), 2)
     return out
 
 
@@ -73,11 +76,11 @@ def main() -> None:
         steps = {"machine": info, "bundle": args.steps_only, "portable_cache_copy_mb_per_call": {}}
         for impl in ["portable"] + (["native"] if native_library() else []):
             rt = OnnxRuntime(bundle, native=impl == "native")
-            steps[impl] = {str(ctx): ms_per_step(rt, ctx, BeamShape(4, 4)) for ctx in (128, 2048)}
+            steps[impl] = {str(ctx): ms_per_step(rt, ctx) for ctx in (128, 512, 2048)}
             print(f"{impl}: ms/step {steps[impl]}")
         c = bundle.base_config
-        for ctx in (128, 2048):  # the ping-pong copy of every layer's K and V per call
-            capacity = ctx + 16 + 8
+        for ctx in (128, 512, 2048):  # the ping-pong copy of every layer's K and V per call
+            capacity = ctx + max(STEP_SIZES) + 8
             nbytes = 2 * c.num_hidden_layers * c.kv_heads * capacity * c.dim_per_head * 4
             steps["portable_cache_copy_mb_per_call"][str(ctx)] = round(nbytes / 1e6, 1)
         save("onnx_step_cost", steps)
@@ -134,7 +137,7 @@ def main() -> None:
             steps = {}
             for impl in ["portable"] + (["native"] if native_library() else []):
                 rt = OnnxRuntime(bundle, native=impl == "native")
-                steps[impl] = {str(ctx): ms_per_step(rt, ctx, beam) for ctx in (128, 2048)}
+                steps[impl] = {str(ctx): ms_per_step(rt, ctx) for ctx in (128, 2048)}
                 print(f"{impl}: ms/step {steps[impl]}")
             entry["ms_per_step"] = steps
         result[dtype] = entry
