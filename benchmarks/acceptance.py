@@ -3,12 +3,13 @@ the real decode driver on the torch runtime (the numbers of benchmarks/RESULTS.m
 
     .venv/bin/python benchmarks/acceptance.py DRAFTER [DRAFTER ...] [--widths 1,2,4,8]
         [--lengths 3,4,5] [--prompts 24] [--max-new-tokens 64]
-        [--runtime torch|onnxruntime] [--device cpu|cuda]
+        [--runtime torch|onnxruntime] [--device cpu|cuda] [--prompt-lookup off|on|both]
 
 Prompts come from held-out Jargon File entries and HumanEval tasks (`heldout_prompts`), never
 trained on. Greedy fp32 decoding emits the same tokens on every runtime, so tokens/step does not
 depend on it: `--runtime onnxruntime` (one exported bundle per drafter, holding a drafter graph
-per beam shape) is just the fastest way on a CPU, `--device cuda` on a GPU.
+per beam shape) is just the fastest way on a CPU, `--device cuda` on a GPU. `--prompt-lookup`
+(onnxruntime only) adds the prompt-lookup beam (`decoding/lookup.py`): keys `W4L5+lookup`.
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ def grid(
     eos: tuple[int, ...],
     batch_size: int = 1,
     runtime=None,
+    lookups: tuple[bool, ...] = (False,),
 ) -> dict[str, float]:
     """tokens/step for every (W, L): {"W4L5": 2.9, ...}; on `runtime` (an ONNX Runtime
     runtime of a bundle with every shape) if given, else on the torch runtime."""
     out = {}
     for L in lengths:
-        for W in widths:
+        for W, lookup in [(w, k) for w in widths for k in lookups]:
             t = time.perf_counter()
             if runtime is not None:
-                r = _runtime_tokens_per_step(runtime, prompts, BeamShape(W, L), max_new_tokens, eos)
+                r = _runtime_tokens_per_step(
+                    runtime, prompts, BeamShape(W, L), max_new_tokens, eos, lookup
+                )
             else:
+                assert not lookup, "--prompt-lookup needs --runtime onnxruntime"
                 r = tokens_per_step(
                     base,
                     drafter,
@@ -65,22 +70,30 @@ def grid(
                     eos_token_ids=eos,
                     batch_size=batch_size,
                 )
-            out[f"W{W}L{L}"] = round(r["tokens_per_step"], 3)
+            out[f"W{W}L{L}" + ("+lookup" if lookup else "")] = round(r["tokens_per_step"], 3)
             print(
-                f"  W={W} L={L}: {r['tokens_per_step']:.2f} tokens/step "
+                f"  W={W} L={L}{' +lookup' if lookup else ''}: "
+                f"{r['tokens_per_step']:.2f} tokens/step "
                 f"({time.perf_counter() - t:.1f} s)",
                 flush=True,
             )
     return out
 
 
-def _runtime_tokens_per_step(runtime, prompts, beam, max_new_tokens, eos) -> dict[str, float]:
+def _runtime_tokens_per_step(
+    runtime, prompts, beam, max_new_tokens, eos, lookup=False
+) -> dict[str, float]:
     from redrafter.decoding.driver import speculative_decode
 
     emitted = row_steps = 0
     for prompt in prompts:  # one per decode (see `tokens_per_step`)
         for step in speculative_decode(
-            runtime, [prompt], beam=beam, max_new_tokens=max_new_tokens, eos_token_ids=eos
+            runtime,
+            [prompt],
+            beam=beam,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos,
+            prompt_lookup=lookup,
         ):
             if step.kind != "prefill" and step.new_tokens[0]:
                 emitted += len(step.new_tokens[0])
@@ -117,6 +130,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", help="the shared data folder [<repo>/../shared/data]")
     ap.add_argument("--name", default="acceptance")
+    ap.add_argument("--prompt-lookup", choices=["off", "on", "both"], default="off")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = machine()
@@ -143,6 +157,7 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             eos=base.config.eos_token_ids,
             runtime=runtime,
+            lookups={"off": (False,), "on": (True,), "both": (False, True)}[args.prompt_lookup],
         )
     payload = {
         "machine": info,
@@ -150,6 +165,7 @@ def main() -> None:
         "runtime": args.runtime,
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
+        "prompt_lookup": args.prompt_lookup,
         "tokens_per_step": results,
     }
     save(args.name, payload)

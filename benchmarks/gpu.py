@@ -227,6 +227,7 @@ def bench(
         repeats=args.repeats,
         packing=packing,
         eos_token_ids=eos,  # type: ignore[arg-type]
+        prompt_lookup={"off": (False,), "on": (True,), "both": (False, True)}[args.prompt_lookup],
         on_run=lambda name: log(f"    {name}"),
     )
     if cuda:
@@ -445,6 +446,12 @@ def main() -> None:
     parser.add_argument("--drafter", help="drafter folder (default: from .gpu-carry)")
     parser.add_argument("--bundle", help="fp16 bundle for ORT CUDA (default: export one)")
     parser.add_argument("--beams", default="4x5,2x5", help="WxL list [4x5,2x5]")
+    parser.add_argument(
+        "--prompt-lookup",
+        choices=["off", "on", "both"],
+        default="both",
+        help="speculative runs without/with the prompt-lookup beam [both]",
+    )
     parser.add_argument("--jargon", type=int, default=4)
     parser.add_argument("--code", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -599,6 +599,9 @@ def ensure_bundle(args: argparse.Namespace, beams: list[Any]) -> tuple[Path, str
     return demo_bundle(drafter, beams, log=log), note
 
 
+LOOKUPS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
 def run_ours(
     bundle_dir: Path,
     prompts: list[list[int]],
@@ -610,6 +613,7 @@ def run_ours(
     eos: set[int],
     ignore_eos: bool,
     portable: bool,
+    prompt_lookup: tuple[bool, ...] = (False,),
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
 ) -> dict[str, Any]:
     """ORT CPU on the bundle, native kernel (and portable body): run_bench per implementation,
@@ -642,6 +646,7 @@ def run_ours(
             repeats=repeats,
             packing=bundle.packing,
             eos_token_ids=stop,  # type: ignore[arg-type]
+            prompt_lookup=prompt_lookup,
             on_run=lambda name, i=impl: log(f"  {i}: {name}"),
         )
         results["other_processes_cores"] = other_load(before, cpu_seconds())
@@ -720,6 +725,12 @@ def main() -> None:
         "(default: the trained demo drafter, if one is cached)",
     )
     parser.add_argument("--beams", default="4x5,2x5", help="WxL list for ours [4x5,2x5]")
+    parser.add_argument(
+        "--prompt-lookup",
+        choices=sorted(LOOKUPS),
+        default="off",
+        help="ours: speculative without/with/both the prompt-lookup beam [off]",
+    )
     parser.add_argument("--jargon", type=int, default=4, help="Jargon chat prompts [4]")
     parser.add_argument("--code", type=int, default=4, help="HumanEval code prompts [4]")
     parser.add_argument(
@@ -851,6 +862,7 @@ def main() -> None:
                 beams,
                 eos=eos,
                 portable=args.portable,
+                prompt_lookup=LOOKUPS[args.prompt_lookup],
                 on_partial=partial,
                 **common,
             )  # type: ignore[arg-type]
