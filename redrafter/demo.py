@@ -31,6 +31,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # ~2.5x at N=20 (benchmarks/RESULTS.md), so narrow beams win here; the others are timed too.
 BEAM = BeamShape(width=1, length=5)
 OTHER_BEAMS = (BeamShape(1, 4), BeamShape(2, 4), BeamShape(4, 5))
+LOOKUP = True  # add the prompt-lookup beam (decoding/lookup.py) in the headline runs
 DEMO_PROMPTS = (  # none of these, nor their templates, is in the training prompts
     "Write a Python function that returns the factorial of n.",
     "Why is the sky blue?",
@@ -214,21 +215,29 @@ def main() -> None:
         raise SystemExit(1)
 
     impl = getattr(pipe.runtime, "implementation", "-")
-    click.echo(f"\nONNX Runtime CPU ({impl} TreeAttention), greedy, W={BEAM.width} L={BEAM.length}")
+    main_label = _label(BEAM, LOOKUP)
+    click.echo(f"\nONNX Runtime CPU ({impl} TreeAttention), greedy, ReDrafter {main_label}")
     torch_pipe = Pipeline(reference, pipe.tokenizer, pipe.eos_token_ids)
-    runs: dict[tuple[str, BeamShape | None], list[Any]] = {}
+    ort_configs = [(None, False), (BEAM, LOOKUP), (BEAM, not LOOKUP)]
+    ort_configs += [(b, lookup) for b in OTHER_BEAMS for lookup in (False, True)]
+    runs: dict[tuple[str, str], list[Any]] = {}
     for prompt in DEMO_PROMPTS:
         click.echo(f"\n>>> {prompt}")
-        for name, p, beams in (
-            ("onnxruntime", pipe, (None, BEAM, *OTHER_BEAMS)),
-            ("torch", torch_pipe, (None, BEAM)),
+        for name, p, configs in (
+            ("onnxruntime", pipe, ort_configs),
+            ("torch", torch_pipe, [(None, False), (BEAM, LOOKUP)]),
         ):
-            for beam in beams:
+            for beam, lookup in configs:
                 options = GenerationOptions(
-                    max_new_tokens=MAX_NEW_TOKENS, beam=beam or BEAM, speculative=beam is not None
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    beam=beam or BEAM,
+                    speculative=beam is not None,
+                    prompt_lookup=lookup,
                 )
-                runs.setdefault((name, beam), []).append(p.generate([prompt], options, chat=True))
-        ar, spec = runs[("onnxruntime", None)][-1], runs[("onnxruntime", BEAM)][-1]
+                key = (name, _label(beam, lookup))
+                runs.setdefault(key, []).append(p.generate([prompt], options, chat=True))
+        ar = runs[("onnxruntime", "autoregressive")][-1]
+        spec = runs[("onnxruntime", main_label)][-1]
         assert spec.texts is not None
         click.echo(spec.texts[0].strip())
         same = "identical to" if spec.token_ids == ar.token_ids else "DIFFERENT from"
@@ -240,26 +249,31 @@ def main() -> None:
             "autoregressive]"
         )
     click.echo(f"\nall prompts, {MAX_NEW_TOKENS} new tokens at most, greedy:")
-    click.echo(f"{'runtime':>12} {'decoding':>16} {'tokens/step':>11} {'tok/s':>7} {'speed-up':>8}")
-    for (name, beam), group in runs.items():
+    click.echo(f"{'runtime':>12} {'decoding':>24} {'tokens/step':>11} {'tok/s':>7} {'speed-up':>8}")
+    for (name, label), group in runs.items():
         rate = _rate(group)
-        base_rate = _rate(runs[(name, None)])
+        base_rate = _rate(runs[(name, "autoregressive")])
         steps = sum(r.stats["steps"] for r in group)
         per_step = sum(r.stats["tokens_per_step"] * r.stats["steps"] for r in group) / steps
-        label = "autoregressive" if beam is None else f"ReDrafter W{beam.width} L{beam.length}"
+        shown = label if label == "autoregressive" else f"ReDrafter {label}"
         click.echo(
-            f"{name:>12} {label:>16} {per_step:>11.2f} {rate:>7.1f} "
+            f"{name:>12} {shown:>24} {per_step:>11.2f} {rate:>7.1f} "
             f"{rate / max(base_rate, 1e-9):>7.2f}x"
         )
-    ar_step = _per_step(runs[("onnxruntime", None)], ("verify",))
-    spec_step = _per_step(runs[("onnxruntime", BEAM)], ("draft", "verify"))
+    ar_step = _per_step(runs[("onnxruntime", "autoregressive")], ("verify",))
+    spec_step = _per_step(runs[("onnxruntime", main_label)], ("draft", "verify"))
     click.echo(
-        f"On this machine a W{BEAM.width} L{BEAM.length} step (draft + verify "
-        f"{BEAM.width * BEAM.length} tokens) costs {spec_step:.0f} ms against {ar_step:.0f} ms "
-        f"for one autoregressive step, so speculation pays above {spec_step / ar_step:.2f} "
-        "tokens/step (benchmarks/RESULTS.md, 'Drafter training')."
+        f"On this machine a {main_label} step (draft + verify) costs {spec_step:.0f} ms against "
+        f"{ar_step:.0f} ms for one autoregressive step, so speculation pays above "
+        f"{spec_step / ar_step:.2f} tokens/step (benchmarks/RESULTS.md, 'Drafter training')."
     )
     click.echo(f"(demo took {time.perf_counter() - start:.0f} s)")
+
+
+def _label(beam: BeamShape | None, lookup: bool) -> str:
+    if beam is None:
+        return "autoregressive"
+    return f"W{beam.width} L{beam.length}" + (" +lookup" if lookup else "")
 
 
 def _per_step(runs: list[Any], phases: tuple[str, ...]) -> float:
