@@ -54,14 +54,18 @@ def continuation(
 
 
 def lookup_beam(
-    history: np.ndarray, fallback: np.ndarray, *, max_ngram: int = MAX_NGRAM
+    history: np.ndarray,
+    fallback: np.ndarray,
+    *,
+    max_ngram: int = MAX_NGRAM,
+    min_ngram: int = MIN_NGRAM,
 ) -> np.ndarray:
     """One row's lookup beam (L,): the fallback beam's g0 (which ends `history` while the row
     runs), then the continuation; a row with no match gets the fallback beam (L,) itself, which
     packs onto the existing branch instead of adding tree tokens."""
     L = len(fallback)
     beam = fallback.copy()  # (L,)
-    found = continuation(history, length=L - 1, max_ngram=max_ngram)
+    found = continuation(history, length=L - 1, max_ngram=max_ngram, min_ngram=min_ngram)
     if found is not None and len(found) > 0:
         beam[1 : 1 + len(found)] = found
         if len(found) < L - 1:  # the rest cannot follow the lookup draft: repeat its last token
@@ -75,6 +79,7 @@ def add_lookup_beam(
     histories: Sequence[Sequence[int]],
     *,
     max_ngram: int = MAX_NGRAM,
+    min_ngram: int = MIN_NGRAM,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Append each row's lookup beam to the drafter's beams.
 
@@ -84,7 +89,12 @@ def add_lookup_beam(
     B, W, L = beams.shape
     extra = np.stack(
         [
-            lookup_beam(np.asarray(h, dtype=np.int64), beams[b, 0], max_ngram=max_ngram)
+            lookup_beam(
+                np.asarray(h, dtype=np.int64),
+                beams[b, 0],
+                max_ngram=max_ngram,
+                min_ngram=min_ngram,
+            )
             for b, h in enumerate(histories)
         ]
     )  # (B, L)
