@@ -39,23 +39,22 @@ def grid_bundle(tmp_path_factory):
     return export_bundle(base_dir, root / "bundle", drafter_path=root / "drafter", options=options)
 
 
+def _bench(bundle, *args: str):
+    return CliRunner().invoke(main, ["bench", "--bundle", str(bundle.root), *args])
+
+
 def test_bench_json_markdown_and_plot(grid_bundle, tmp_path) -> None:
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = CliRunner().invoke(
-        main,
-        [
-            "bench",
-            "--bundle",
-            str(grid_bundle.root),
-            "--max-new-tokens",
-            "8",
-            "--repeats",
-            "2",
-            "--json",
-            str(out),
-            "--plot",
-            str(plot),
-        ],
+    result = _bench(
+        grid_bundle,
+        "--max-new-tokens",
+        "8",
+        "--repeats",
+        "2",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
     )
     assert result.exit_code == 0, result.output
     assert "| autoregressive |" in result.output and "| W2 L4 |" in result.output
@@ -80,27 +79,22 @@ def test_bench_json_markdown_and_plot(grid_bundle, tmp_path) -> None:
 
 def test_bench_prompt_lookup_both(grid_bundle, tmp_path) -> None:
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = CliRunner().invoke(
-        main,
-        [
-            "bench",
-            "--bundle",
-            str(grid_bundle.root),
-            "--beam-width",
-            "2",
-            "--beam-length",
-            "3,4",
-            "--max-new-tokens",
-            "6",
-            "--repeats",
-            "1",
-            "--prompt-lookup",
-            "both",
-            "--json",
-            str(out),
-            "--plot",
-            str(plot),
-        ],
+    result = _bench(
+        grid_bundle,
+        "--beam-width",
+        "2",
+        "--beam-length",
+        "3,4",
+        "--max-new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--prompt-lookup",
+        "both",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
     )
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())["results"]
@@ -122,23 +116,18 @@ def test_bench_prompt_lookup_both(grid_bundle, tmp_path) -> None:
 
 
 def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
-    result = CliRunner().invoke(
-        main,
-        [
-            "bench",
-            "--bundle",
-            str(grid_bundle.root),
-            "--runtime",
-            "torch",
-            "--beam-width",
-            "3",
-            "--beam-length",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--repeats",
-            "1",
-        ],
+    result = _bench(
+        grid_bundle,
+        "--runtime",
+        "torch",
+        "--beam-width",
+        "3",
+        "--beam-length",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--repeats",
+        "1",
     )
     assert result.exit_code == 0, result.output
     assert "| W3 L2 |" in result.output
@@ -155,6 +144,6 @@ def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
     ],
 )
 def test_bench_bad_arguments_exit_2(grid_bundle, args, message) -> None:
-    result = CliRunner().invoke(main, ["bench", "--bundle", str(grid_bundle.root), *args])
+    result = _bench(grid_bundle, *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

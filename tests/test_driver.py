@@ -27,16 +27,22 @@ def _collect(steps, batch: int) -> list[list[int]]:
     return [sum((s.new_tokens[b] for s in steps), []) for b in range(batch)]
 
 
+@pytest.mark.parametrize("lookup", [False, True], ids=["drafter", "drafter+lookup"])
 @pytest.mark.parametrize("packing", ["dedup", "full"])
 @pytest.mark.parametrize("W,L", [(1, 2), (1, 5), (4, 4), (3, 5)])
 @pytest.mark.parametrize("prompts", [PROMPTS_1, PROMPTS_3], ids=["batch1", "batch3"])
-def test_greedy_speculative_equals_autoregressive(prompts, W, L, packing) -> None:
+def test_greedy_speculative_equals_autoregressive(prompts, W, L, packing, lookup) -> None:
     base = tiny_base()
     runtime = TorchRuntime(base, tiny_drafter(base))
     ar = _collect(autoregressive_decode(runtime, prompts, max_new_tokens=24), len(prompts))
     spec = _collect(
         speculative_decode(
-            runtime, prompts, beam=BeamShape(W, L), max_new_tokens=24, packing=packing
+            runtime,
+            prompts,
+            beam=BeamShape(W, L),
+            max_new_tokens=24,
+            packing=packing,
+            prompt_lookup=lookup,
         ),
         len(prompts),
     )
