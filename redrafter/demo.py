@@ -27,8 +27,9 @@ from redrafter.config import BeamShape
 from redrafter.errors import CheckpointError, RedrafterError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# On a 2-core CPU a verification of N tree tokens costs ~1.25x a one-token step at N=5 but
-# ~2.5x at N=20 (benchmarks/RESULTS.md), so narrow beams win here; the others are timed too.
+# On a 2-core CPU a verification of N tree tokens costs ~1.3x a one-token step at N=5 and
+# ~1.8x at N=20 (benchmarks/RESULTS.md, "Peers"), so narrow beams win here; the others are
+# timed too. The lookup beam adds 0.3-0.9 tokens/step on held-out prompts for a few tree tokens.
 BEAM = BeamShape(width=1, length=5)
 OTHER_BEAMS = (BeamShape(1, 4), BeamShape(2, 4), BeamShape(4, 5))
 LOOKUP = True  # add the prompt-lookup beam (decoding/lookup.py) in the headline runs
