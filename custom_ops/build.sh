@@ -23,8 +23,11 @@ arch_flags=()
 # x86-64-v2 (SSE4.2) keeps the library portable; the hot loops also get an AVX2+FMA clone that
 # is picked at run time (see tree_attention_cpu.cc). Never -march=native: the .so travels.
 [[ "$(uname -m)" == "x86_64" ]] && arch_flags=(-march=x86-64-v2)
+# -Wno-psabi: the kernel's inline helpers pass 64-byte vectors (cpu_tile_kernel.inc); GCC warns
+# that their calling convention differs between the clones, which never call each other.
 cxxflags=(-std=c++17 -O3 "${arch_flags[@]}" -fPIC -pthread -fvisibility=hidden
-          -fopenmp-simd -fno-trapping-math -Wall -Wextra -Wno-unused-parameter -I"$src" -I"$ort_include")
+          -fopenmp-simd -fno-trapping-math -Wall -Wextra -Wno-unused-parameter -Wno-psabi
+          -I"$src" -I"$ort_include")
 
 nvcc=""
 if [[ "${REDRAFTER_OPS_NO_CUDA:-0}" != "1" ]]; then

@@ -37,10 +37,12 @@ struct CpuPlan {
 #define RD_CPU_NS cpu_base
 #define RD_CPU_F16C 0
 #define RD_CPU_KEYS 16
+#define RD_CPU_VEC_BYTES 16
 #include "cpu_tile_kernel.inc"
 #undef RD_CPU_NS
 #undef RD_CPU_F16C
 #undef RD_CPU_KEYS
+#undef RD_CPU_VEC_BYTES
 
 #if RD_HAVE_AVX2_CLONE
 #pragma GCC push_options
@@ -48,19 +50,23 @@ struct CpuPlan {
 #define RD_CPU_NS cpu_avx2
 #define RD_CPU_F16C 1
 #define RD_CPU_KEYS 16
+#define RD_CPU_VEC_BYTES 32
 #include "cpu_tile_kernel.inc"
 #undef RD_CPU_NS
 #undef RD_CPU_KEYS
+#undef RD_CPU_VEC_BYTES
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c,prefer-vector-width=512")
 #define RD_CPU_NS cpu_avx512
 #define RD_CPU_KEYS 64
+#define RD_CPU_VEC_BYTES 64
 #include "cpu_tile_kernel.inc"
 #undef RD_CPU_NS
 #undef RD_CPU_F16C
 #undef RD_CPU_KEYS
+#undef RD_CPU_VEC_BYTES
 #pragma GCC pop_options
 #endif
 
