@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS  # noqa: E402
 from redrafter.config import BeamShape  # noqa: E402
 from redrafter.demo import find_demo_gguf  # noqa: E402
 from redrafter.errors import RedrafterError  # noqa: E402
@@ -157,7 +158,7 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             eos=base.config.eos_token_ids,
             runtime=runtime,
-            lookups={"off": (False,), "on": (True,), "both": (False, True)}[args.prompt_lookup],
+            lookups=PROMPT_LOOKUP_SETTINGS[args.prompt_lookup],
         )
     payload = {
         "machine": info,

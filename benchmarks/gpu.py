@@ -213,7 +213,7 @@ def bench(
 ) -> dict[str, Any]:
     import torch
 
-    from redrafter.bench.harness import run_bench
+    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
 
     cuda = torch.cuda.is_available() and args.device == "cuda"
     if cuda:
@@ -227,7 +227,7 @@ def bench(
         repeats=args.repeats,
         packing=packing,
         eos_token_ids=eos,  # type: ignore[arg-type]
-        prompt_lookup={"off": (False,), "on": (True,), "both": (False, True)}[args.prompt_lookup],
+        prompt_lookup=PROMPT_LOOKUP_SETTINGS[args.prompt_lookup],
         on_run=lambda name: log(f"    {name}"),
     )
     if cuda:

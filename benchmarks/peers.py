@@ -599,9 +599,6 @@ def ensure_bundle(args: argparse.Namespace, beams: list[Any]) -> tuple[Path, str
     return demo_bundle(drafter, beams, log=log), note
 
 
-LOOKUPS = {"off": (False,), "on": (True,), "both": (False, True)}
-
-
 def run_ours(
     bundle_dir: Path,
     prompts: list[list[int]],
@@ -613,12 +610,12 @@ def run_ours(
     eos: set[int],
     ignore_eos: bool,
     portable: bool,
-    prompt_lookup: tuple[bool, ...] = (False,),
+    prompt_lookup: str = "off",
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
 ) -> dict[str, Any]:
     """ORT CPU on the bundle, native kernel (and portable body): run_bench per implementation,
     plus one greedy autoregressive pass for the token ids (to compare with the peers)."""
-    from redrafter.bench.harness import run_bench
+    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
     from redrafter.export.bundle import load_bundle
     from redrafter.pipeline import GenerationOptions, Pipeline
     from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library
@@ -646,7 +643,7 @@ def run_ours(
             repeats=repeats,
             packing=bundle.packing,
             eos_token_ids=stop,  # type: ignore[arg-type]
-            prompt_lookup=prompt_lookup,
+            prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
             on_run=lambda name, i=impl: log(f"  {i}: {name}"),
         )
         results["other_processes_cores"] = other_load(before, cpu_seconds())
@@ -727,7 +724,7 @@ def main() -> None:
     parser.add_argument("--beams", default="4x5,2x5", help="WxL list for ours [4x5,2x5]")
     parser.add_argument(
         "--prompt-lookup",
-        choices=sorted(LOOKUPS),
+        choices=["off", "on", "both"],
         default="off",
         help="ours: speculative without/with/both the prompt-lookup beam [off]",
     )
@@ -862,7 +859,7 @@ def main() -> None:
                 beams,
                 eos=eos,
                 portable=args.portable,
-                prompt_lookup=LOOKUPS[args.prompt_lookup],
+                prompt_lookup=args.prompt_lookup,
                 on_partial=partial,
                 **common,
             )  # type: ignore[arg-type]

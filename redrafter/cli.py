@@ -463,7 +463,7 @@ def validate(
 @click.option("--plot", "plot_out", type=click.Path(), help="Write a PNG speed-up plot here.")
 @click.option(
     "--prompt-lookup",
-    type=click.Choice(["off", "on", "both"]),
+    type=click.Choice(["off", "on", "both"]),  # keys of harness.PROMPT_LOOKUP_SETTINGS
     default="off",
     show_default=True,
     help="Speculative runs without, with, or both without and with the prompt-lookup beam.",
@@ -487,7 +487,7 @@ def bench(
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
     from rich.progress import Progress
 
-    from redrafter.bench.harness import run_bench
+    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
     from redrafter.bench.report import markdown_table, plot_speedup, save_json
     from redrafter.pipeline import load, reference_runtime
     from redrafter.validate.prompts import read_prompts
@@ -521,7 +521,7 @@ def bench(
         raise click.UsageError("no beam shape selected; check --beam-width/--beam-length")
     texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
     prompts = [pipe.encode(t, chat=chat) for t in texts]
-    lookups = {"off": (False,), "on": (True,), "both": (False, True)}[prompt_lookup]
+    lookups = PROMPT_LOOKUP_SETTINGS[prompt_lookup]
     total = (repeats + 1) * (len(beams) * len(lookups) + 1)
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)

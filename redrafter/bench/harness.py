@@ -23,6 +23,12 @@ from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
 
 PHASES = ("draft", "verify", "accept_commit", "host")
+# `--prompt-lookup off|on|both` (bench, benchmarks/): the settings each beam shape runs with.
+PROMPT_LOOKUP_SETTINGS: dict[str, tuple[bool, ...]] = {
+    "off": (False,),
+    "on": (True,),
+    "both": (False, True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
