@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -611,6 +611,7 @@ def run_ours(
     ignore_eos: bool,
     portable: bool,
     prompt_lookup: str = "off",
+    min_draft_prob: Sequence[float] = (0.0,),
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
 ) -> dict[str, Any]:
     """ORT CPU on the bundle, native kernel (and portable body): run_bench per implementation,
@@ -644,6 +645,7 @@ def run_ours(
             packing=bundle.packing,
             eos_token_ids=stop,  # type: ignore[arg-type]
             prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
+            min_draft_prob=min_draft_prob,
             on_run=lambda name, i=impl: log(f"  {i}: {name}"),
         )
         results["other_processes_cores"] = other_load(before, cpu_seconds())
@@ -727,6 +729,12 @@ def main() -> None:
         choices=["off", "on", "both"],
         default="off",
         help="ours: speculative without/with/both the prompt-lookup beam [off]",
+    )
+    parser.add_argument(
+        "--min-draft-prob",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[0.0],
+        help="ours: comma list of draft-probability floors (decoding/prune.py) [0]",
     )
     parser.add_argument("--jargon", type=int, default=4, help="Jargon chat prompts [4]")
     parser.add_argument("--code", type=int, default=4, help="HumanEval code prompts [4]")
@@ -860,6 +868,7 @@ def main() -> None:
                 eos=eos,
                 portable=args.portable,
                 prompt_lookup=args.prompt_lookup,
+                min_draft_prob=args.min_draft_prob,
                 on_partial=partial,
                 **common,
             )  # type: ignore[arg-type]

@@ -44,6 +44,19 @@ def _parse_ints(text: str, flag: str, *, minimum: int) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def _parse_probs(text: str, flag: str) -> list[float]:
+    """'0,0.25' -> [0.0, 0.25], each in [0, 1), or a usage error naming the flag."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of numbers", param_hint=flag
+        ) from None
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise click.BadParameter(f"{text!r}: each value must be in [0, 1)", param_hint=flag)
+    return list(dict.fromkeys(values))
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -109,6 +122,14 @@ def _parse_ids(text: str) -> list[int]:
     is_flag=True,
     help="Add a prompt-lookup draft (the text's own n-gram continuation) as one more beam.",
 )
+@click.option(
+    "--min-draft-prob",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Cut each drafter beam before its first draft whose cumulative draft probability is "
+    "below this (fewer tree tokens: pays off where verification is compute-bound, e.g. CPUs).",
+)
 @click.option("--autoregressive", is_flag=True, help="Run the plain autoregressive baseline.")
 @click.option(
     "--runtime",
@@ -148,6 +169,7 @@ def generate(
     acceptance: str,
     packing: str | None,
     prompt_lookup: bool,
+    min_draft_prob: float,
     autoregressive: bool,
     runtime: str | None,
     device: str,
@@ -200,6 +222,7 @@ def generate(
         packing=packing or d.packing,  # type: ignore[arg-type]
         speculative=not autoregressive,
         prompt_lookup=prompt_lookup,
+        min_draft_prob=min_draft_prob,
     )
     the_prompt = prompt if prompt is not None else _parse_ids(prompt_ids or "")
     _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json)
@@ -468,6 +491,13 @@ def validate(
     show_default=True,
     help="Speculative runs without, with, or both without and with the prompt-lookup beam.",
 )
+@click.option(
+    "--min-draft-prob",
+    default="0",
+    show_default=True,
+    help="Comma list of draft-probability floors (0 = keep every draft), e.g. 0,0.25: each "
+    "speculative configuration runs once per floor.",
+)
 def bench(
     bundle_path: str,
     runtime: str,
@@ -482,6 +512,7 @@ def bench(
     json_out: str | None,
     plot_out: str | None,
     prompt_lookup: str,
+    min_draft_prob: str,
 ) -> None:
     """Speculative vs autoregressive decoding on the same runtime and prompts, side by side:
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
@@ -522,7 +553,8 @@ def bench(
     texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
     prompts = [pipe.encode(t, chat=chat) for t in texts]
     lookups = PROMPT_LOOKUP_SETTINGS[prompt_lookup]
-    total = (repeats + 1) * (len(beams) * len(lookups) + 1)
+    floors = _parse_probs(min_draft_prob, "--min-draft-prob")
+    total = (repeats + 1) * (len(beams) * len(lookups) * len(floors) + 1)
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
         results = run_bench(
@@ -534,6 +566,7 @@ def bench(
             packing=bundle.packing,
             eos_token_ids=pipe.eos_token_ids,
             prompt_lookup=lookups,
+            min_draft_prob=floors,
             on_run=lambda name: progress.update(task, advance=1, description=name),
         )
     implementation = getattr(rt, "implementation", "eager")

@@ -18,6 +18,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DRAFTER_MODEL_TYPE = "recurrent_drafting_drafter"
 TOP_K = 50  # Apple's warp: both the drafter's and the LLM's logits are cut to their top 50.
 LOG_0 = -50000.0  # Apple's stand-in for log(0): masked logits and the initial beam scores.
+# A beam slot past the end of a shorter draft (a pruned drafter beam, a lookup beam that ends
+# early): packing gives it no tree token and acceptance never accepts it.
+NO_TOKEN = -1
 
 
 def _from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:

@@ -33,6 +33,7 @@ class GenerationOptions:
     packing: Packing = "dedup"
     speculative: bool = True
     prompt_lookup: bool = False  # add an n-gram draft of the row's own text as one more beam
+    min_draft_prob: float = 0.0  # cut drafter beams below this cumulative draft probability
 
 
 @dataclasses.dataclass
@@ -93,6 +94,7 @@ class Pipeline:
                 eos_token_ids=self.eos_token_ids,
                 packing=options.packing,
                 prompt_lookup=options.prompt_lookup,
+                min_draft_prob=options.min_draft_prob,
             )
         return autoregressive_decode(
             self.runtime,

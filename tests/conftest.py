@@ -105,6 +105,7 @@ class OracleDrafts:
         self.rng = np.random.default_rng(seed)
         self.name, self.vocab_size = "oracle", inner.vocab_size
         self.context_length = inner.context_length
+        self.max_beam_length = inner.max_beam_length
 
     def reset(self, *, batch, capacity):
         self.inner.reset(batch=batch, capacity=capacity)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from redrafter.config import LOG_0, SamplingParams
+from redrafter.config import LOG_0, NO_TOKEN, SamplingParams
 from redrafter.decoding.accept import (
     accept_apple,
     accept_exact,
@@ -38,23 +38,36 @@ def test_greedy_nothing_accepted_takes_llm_token_after_g0() -> None:
     assert (acc.beam[0], acc.n[0], acc.next_token[0]) == (0, 0, 3)
 
 
+def test_greedy_ragged_beam_stops_at_its_end() -> None:
+    X = NO_TOKEN
+    beams = np.array([[[9, 1, X, X], [9, 1, 2, X]]])  # both drafts right as far as they go
+    llm = np.array([[[1, 2, 2, 2], [1, 2, 3, 3]]])  # unpacked: a missing slot repeats its parent
+    acc = accept_greedy(beams, llm)
+    assert (acc.beam[0], acc.n[0], acc.next_token[0]) == (1, 2, 3)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     data=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(2, 5)).flatmap(
         lambda s: st.tuples(
             hnp.arrays(np.int64, s, elements=st.integers(0, 2)),
             hnp.arrays(np.int64, s, elements=st.integers(0, 2)),
+            hnp.arrays(np.int64, s[:2], elements=st.integers(1, s[2])),
         )
     )
 )
-def test_greedy_matches_naive_definition(data: tuple[np.ndarray, np.ndarray]) -> None:
-    beams, llm = data
+def test_greedy_matches_naive_definition(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    beams, llm, lengths_real = data
+    L = beams.shape[2]
+    beams = np.where(np.arange(L) < lengths_real[..., None], beams, NO_TOKEN)  # ragged
     acc = accept_greedy(beams, llm)
     for b in range(beams.shape[0]):
         lengths = []
         for w in range(beams.shape[1]):
             n = 0
-            while n < beams.shape[2] - 1 and beams[b, w, n + 1] == llm[b, w, n]:
+            while n < lengths_real[b, w] - 1 and beams[b, w, n + 1] == llm[b, w, n]:
                 n += 1
             lengths.append(n)
         best = max(lengths)
@@ -111,6 +124,29 @@ def test_apple_bonus_token_when_whole_beam_accepted() -> None:
     q = np.log(np.full((1, 1, L - 1, V), 1.0 / V))
     acc = accept_apple(beams, llm, q, SamplingParams(temperature=1.0), np.random.default_rng(0))
     assert (acc.n[0], acc.next_token[0]) == (2, 7)  # bonus from P at the last position
+
+
+def test_apple_ragged_beam_gets_its_bonus_token_at_its_end() -> None:
+    V, L = 8, 4
+    half = np.log(np.array([1e-30] * 6 + [0.5, 0.5]))  # P after the draft: 6 or 7
+    llm = np.stack([_one_hot_logits(V, 2, 1)[0], half, half, half])[None, None]  # (1, 1, L, V)
+    beams = np.array([[[0, 2, NO_TOKEN, NO_TOKEN]]])  # one draft, which P wants
+    q = np.log(np.full((1, 1, L - 1, V), 1e-9))
+    q[..., 6] = 0.0  # Q puts its mass on 6 where nothing was drafted: it must not be used
+    rng = np.random.default_rng(0)
+    runs = [accept_apple(beams, llm, q, SamplingParams(temperature=1.0), rng) for _ in range(400)]
+    assert all(a.n[0] == 1 for a in runs)
+    # The next token comes from P after the draft (6 or 7 evenly), not from relu(P - Q) (7 only).
+    sixes = sum(a.next_token[0] == 6 for a in runs)
+    assert 150 < sixes < 250 and all(a.next_token[0] in (6, 7) for a in runs)
+
+
+def test_exact_walks_a_ragged_tree() -> None:
+    V = 8
+    llm = np.stack([_one_hot_logits(V, t, 1)[0] for t in (2, 5, 5)])[None, None]  # (1,1,3,V)
+    beams = np.array([[[0, 2, NO_TOKEN]]])
+    acc = accept_exact(beams, llm, SamplingParams(temperature=1.0), np.random.default_rng(0))
+    assert (acc.beam[0], acc.n[0], acc.next_token[0]) == (0, 1, 5)
 
 
 def test_exact_walks_the_tree() -> None:

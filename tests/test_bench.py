@@ -115,6 +115,34 @@ def test_bench_prompt_lookup_both(grid_bundle, tmp_path) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = _bench(
+        grid_bundle,
+        "--beam-width",
+        "2",
+        "--beam-length",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--min-draft-prob",
+        "0,0.2",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"autoregressive", "W2 L4", "W2 L4 p>=0.2"}
+    assert results["W2 L4"]["min_draft_prob"] == 0.0
+    assert results["W2 L4 p>=0.2"]["min_draft_prob"] == 0.2
+    assert len({r["tokens"] for r in results.values()}) == 1  # greedy: the same tokens
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
     result = _bench(
         grid_bundle,
@@ -141,6 +169,8 @@ def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
         (["--beam-width", "8", "--beam-length", "3"], "re-export"),
         (["--repeats", "0"], "repeats"),
         (["--runtime", "torch", "--portable"], "--native/--portable"),
+        (["--min-draft-prob", "1.5"], "[0, 1)"),
+        (["--min-draft-prob", "a"], "comma-separated"),
     ],
 )
 def test_bench_bad_arguments_exit_2(grid_bundle, args, message) -> None:

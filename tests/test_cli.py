@@ -56,6 +56,7 @@ def test_init_drafter_writes_apple_layout(checkpoints) -> None:
         ["--beam-width", "1", "--beam-length", "2"],
         ["--beam-width", "3", "--beam-length", "4"],
         ["--beam-width", "2", "--beam-length", "4", "--prompt-lookup"],
+        ["--beam-width", "2", "--beam-length", "4", "--prompt-lookup", "--min-draft-prob", "0.1"],
     ],
 )
 def test_generate_json_speculative_equals_autoregressive(checkpoints, beam) -> None:

@@ -287,13 +287,25 @@ def test_mil_tensor_parity_float32(bundle32, reference) -> None:
     assert max(c.max_abs for c in report.checks) < 1e-4  # fp32 rounding, not fp16 states
 
 
-@pytest.mark.parametrize("packing", ["dedup", "full"])
-def test_mil_greedy_tokens_equal_torch_autoregressive(bundle32, reference, packing) -> None:
+@pytest.mark.parametrize(
+    "packing, lookup", [("dedup", False), ("full", False), ("dedup", True), ("full", True)]
+)
+def test_mil_greedy_tokens_equal_torch_autoregressive(bundle32, reference, packing, lookup) -> None:
     runtime = CoreMLMilRuntime(bundle32)
+    assert runtime.max_beam_length == BEAM.length  # lookup beams are capped to its commit
     prompts = PROMPTS[:1]
     want = _collect(autoregressive_decode(reference, prompts, max_new_tokens=16), 1)
     got = _collect(
-        speculative_decode(runtime, prompts, beam=BEAM, packing=packing, max_new_tokens=16), 1
+        speculative_decode(
+            runtime,
+            prompts,
+            beam=BEAM,
+            packing=packing,
+            max_new_tokens=16,
+            prompt_lookup=lookup,
+            min_draft_prob=0.05 if lookup else 0.0,  # ragged beams too
+        ),
+        1,
     )
     assert got == want
 

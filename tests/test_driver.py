@@ -50,6 +50,58 @@ def test_greedy_speculative_equals_autoregressive(prompts, W, L, packing, lookup
     assert all(len(row) == 24 for row in ar)
 
 
+@pytest.mark.parametrize("lookup", [False, True], ids=["drafter", "drafter+lookup"])
+@pytest.mark.parametrize("min_draft_prob", [0.01, 0.5])
+@pytest.mark.parametrize("W,L", [(1, 5), (3, 4)])
+def test_greedy_parity_with_pruned_drafts(W, L, min_draft_prob, lookup) -> None:
+    """Pruned (ragged) beams change how many tokens a step takes, never which."""
+    base = tiny_base(seed=6)  # settles into a loop, so the lookup beam is long and accepted
+    runtime = TorchRuntime(base, tiny_drafter(base))
+    ar = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=48), 3)
+    steps = list(
+        speculative_decode(
+            runtime,
+            PROMPTS_3,
+            beam=BeamShape(W, L),
+            max_new_tokens=48,
+            prompt_lookup=lookup,
+            min_draft_prob=min_draft_prob,
+        )
+    )
+    assert _collect(steps, 3) == ar
+    if lookup:  # long lookup drafts were accepted: more than L-1 in one step
+        assert max(int(s.accepted.max()) for s in steps[1:]) > L - 1
+
+
+def test_pruning_verifies_fewer_tokens() -> None:
+    base = tiny_base()
+    runtime = TorchRuntime(base, tiny_drafter(base))
+    verified = {}
+    for min_draft_prob in (0.0, 0.01, 0.5):
+        sizes = []
+        inner = runtime.verify
+
+        def spy(tokens, *args, sizes=sizes, inner=inner):
+            sizes.append(tokens.shape[1])  # N of the packed tree
+            return inner(tokens, *args)
+
+        runtime.verify = spy  # type: ignore[method-assign]
+        list(
+            speculative_decode(
+                runtime,
+                PROMPTS_1,
+                beam=BeamShape(1, 5),
+                max_new_tokens=16,
+                min_draft_prob=min_draft_prob,
+            )
+        )
+        runtime.verify = inner  # type: ignore[method-assign]
+        verified[min_draft_prob] = sizes
+    assert set(verified[0.0]) == {5}  # g0 and all 4 drafts, every step
+    # A higher floor cuts more of a random drafter's drafts; 0.5 often keeps none.
+    assert np.mean(verified[0.5]) < np.mean(verified[0.01]) < 5 and min(verified[0.5]) == 1
+
+
 @pytest.mark.parametrize("packing", ["dedup", "full"])
 @pytest.mark.parametrize("W,L", [(1, 5), (4, 4), (5, 3)])
 def test_greedy_parity_with_long_accepts(W, L, packing) -> None:

@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from redrafter.config import LOG_0, BeamShape, SamplingParams
+from redrafter.config import LOG_0, NO_TOKEN, BeamShape, SamplingParams
 from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.driver import speculative_decode
-from redrafter.decoding.lookup import add_lookup_beam, continuation, lookup_beam
+from redrafter.decoding.lookup import (
+    SPAN_PER_NGRAM,
+    add_lookup_beam,
+    continuation,
+    lookup_beam,
+    lookup_length,
+)
 from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import tiny_base, tiny_drafter
@@ -24,38 +30,50 @@ def _ids(*tokens: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "history, length, expected",
+    "history, span, expected",
     [
-        # The module docstring's example: no earlier `3 5 8`; `5 8` at 0, followed by 9 3 5.
-        ((5, 8, 9, 3, 5, 8), 3, (9, 3, 5)),
+        # The module docstring's example: no earlier `3 5 8`; `5 8` at 0, followed by 9 3 5 8.
+        ((5, 8, 9, 3, 5, 8), 2, (9, 3, 5, 8)),
+        ((5, 8, 9, 3, 5, 8), 3, (9, 3, 5, 8, 9, 3)),  # the copy overlaps its own output
+        ((5, 8, 9, 3, 5, 8), 1, (9, 3)),  # a 2-gram match drafts 2 x span tokens
         # The longest suffix wins over a more recent shorter one: `1 2` (at 0) beats `2` (at 4).
-        ((1, 2, 7, 7, 2, 9, 1, 2), 2, (7, 7)),
-        # Among equal n-grams the latest occurrence wins.
-        ((4, 6, 1, 4, 6, 2, 4, 6), 1, (2,)),
-        # A match near the end gives a short continuation.
-        ((3, 9, 3), 4, (9, 3)),
-        # A single token.
-        ((7, 7), 3, (7,)),
+        ((1, 2, 7, 7, 2, 9, 1, 2), 1, (7, 7)),
+        # Among equal n-grams the latest occurrence wins: `4 6` at 3, not at 0.
+        ((4, 6, 1, 4, 6, 2, 4, 6), 1, (2, 4)),
+        # A match near the end copies with overlap: the loop `9 3` goes on.
+        ((3, 9, 3), 4, (9, 3, 9, 3)),
+        # A one-token loop.
+        ((7, 7), 3, (7, 7, 7)),
     ],
 )
-def test_continuation_hand_examples(history, length, expected) -> None:
-    found = continuation(_ids(*history), length=length)
+def test_continuation_hand_examples(history, span, expected) -> None:
+    found = continuation(_ids(*history), span_per_ngram=span)
     assert found is not None
     assert tuple(found) == expected
 
 
+def test_continuation_span_grows_with_the_match() -> None:
+    text = _ids(*range(1, 15), 1, 2, 3)  # 1..14 then `1 2 3` again: a 3-gram match at 0
+    assert SPAN_PER_NGRAM == 4
+    assert tuple(continuation(text)) == tuple(range(4, 15)) + (1,)  # 3 x 4 = 12 tokens
+    # Only the 1-gram `2` recurs: 4 tokens.
+    assert tuple(continuation(_ids(*range(1, 15), 9, 2))) == (3, 4, 5, 6)
+
+
 @pytest.mark.parametrize("history", [(5,), (1, 2, 3, 4)])
 def test_continuation_without_a_repeat_is_none(history) -> None:
-    assert continuation(_ids(*history), length=3) is None
+    assert continuation(_ids(*history)) is None
 
 
-def test_lookup_beam_fills_and_falls_back() -> None:
-    fallback = _ids(8, 40, 41, 42)  # the drafter's beam 0: g0 = 8
-    assert list(lookup_beam(_ids(5, 8, 9, 3, 5, 8), fallback)) == [8, 9, 3, 5]
-    # Only one token follows the match: the rest repeats it.
-    assert list(lookup_beam(_ids(3, 8, 6, 8), fallback)) == [8, 6, 8, 8]
-    # No repeat anywhere: the fallback beam itself (it packs onto beam 0, no new tree token).
-    assert list(lookup_beam(_ids(1, 2, 3, 8), fallback)) == [8, 40, 41, 42]
+def test_lookup_beam_is_ragged() -> None:
+    X = NO_TOKEN
+    history = _ids(5, 8, 9, 3, 5, 8)
+    assert list(lookup_beam(history, 8, length=6, span_per_ngram=2)) == [8, 9, 3, 5, 8, X]
+    assert list(lookup_beam(history, 8, length=3, span_per_ngram=2)) == [8, 9, 3]  # cut
+    # A 1-gram match drafts 4: the overlapping copy repeats the loop `6 8`.
+    assert list(lookup_beam(_ids(3, 8, 6, 8), 8, length=6)) == [8, 6, 8, 6, 8, X]
+    # No repeat anywhere: g0 alone (it packs onto the root, no new tree token).
+    assert list(lookup_beam(_ids(1, 2, 3, 8), 8, length=4)) == [8, X, X, X]
 
 
 def test_add_lookup_beam_shapes_and_point_mass() -> None:
@@ -65,20 +83,39 @@ def test_add_lookup_beam_shapes_and_point_mass() -> None:
     beams[0, :, 0], beams[1, :, 0] = 8, 6
     q = np.log(rng.dirichlet(np.ones(V), (B, W, L - 1))).astype(np.float32)
     histories = [[5, 8, 9, 3, 5, 8], [2, 6, 7, 1, 6]]
-    out, q_out = add_lookup_beam(beams, q, histories)
+    # span 1: the longest lookup beam is 1 + 3 = L, so nothing is padded.
+    out, q_out = add_lookup_beam(beams, q, histories, span_per_ngram=1)
     assert out.shape == (B, W + 1, L) and q_out is not None and q_out.shape == (B, W + 1, L - 1, V)
     np.testing.assert_array_equal(out[:, :W], beams)
     np.testing.assert_array_equal(q_out[:, :W], q)
-    assert list(out[0, W]) == [8, 9, 3, 5]
-    assert list(out[1, W]) == [6, 7, 1, 6]
+    assert list(out[0, W]) == [8, 9, 3, NO_TOKEN]  # `5 8` matched: 2 drafts
+    assert list(out[1, W]) == [6, 7, NO_TOKEN, NO_TOKEN]  # `6` matched: 1 draft
     for b in range(B):
         for k in range(L - 1):
             row = q_out[b, W, k]
-            assert row[out[b, W, k + 1]] == 0.0  # log 1 on the drafted token
-            assert np.count_nonzero(row == LOG_0) == V - 1
-    out2, none = add_lookup_beam(beams, None, histories)
+            drafted = out[b, W, k + 1]
+            if drafted != NO_TOKEN:
+                assert row[drafted] == 0.0  # log 1 on the drafted token
+            assert np.count_nonzero(row == LOG_0) == V - (drafted != NO_TOKEN)
+    out2, none = add_lookup_beam(beams, None, histories, span_per_ngram=1)
     assert none is None
     np.testing.assert_array_equal(out2, out)
+
+
+def test_add_lookup_beam_pads_the_drafter_beams() -> None:
+    B, W, L, V = 1, 2, 3, 20
+    beams = np.array([[[8, 11, 12], [8, 13, 14]]])  # (1, 2, 3)
+    q = np.zeros((B, W, L - 1, V), np.float32)
+    K = lookup_length()  # 13 by default: a 3-gram match may draft 12 tokens
+    out, q_out = add_lookup_beam(beams, q, [[5, 8, 9, 3, 5, 8]], max_length=None)
+    assert out.shape == (1, 3, K) and q_out is not None and q_out.shape == (1, 3, K - 1, V)
+    np.testing.assert_array_equal(out[0, :2, :L], beams[0])
+    assert np.all(out[0, :2, L:] == NO_TOKEN)
+    assert list(out[0, 2]) == [8, 9, 3, 5, 8, 9, 3, 5, 8] + [NO_TOKEN] * 4  # 2-gram: 8
+    assert np.all(q_out[0, :2, L - 1 :] == LOG_0)
+    # A runtime whose commit takes at most 4 rows gets beams of 4.
+    capped, _ = add_lookup_beam(beams, None, [[5, 8, 9, 3, 5, 8]], max_length=4)
+    assert capped.shape == (1, 3, 4) and list(capped[0, 2]) == [8, 9, 3, 5]
 
 
 def test_lookup_drafts_are_accepted_on_repetitive_text() -> None:
@@ -103,8 +140,8 @@ def test_lookup_drafts_are_accepted_on_repetitive_text() -> None:
     assert steps[True] < steps[False] * 0.7  # far fewer verify calls for the same tokens
 
 
-@pytest.mark.parametrize("W", [1, 3])
-def test_exact_sampling_with_lookup_preserves_the_target_distribution(W) -> None:
+@pytest.mark.parametrize("W,min_draft_prob", [(1, 0.0), (3, 0.0), (3, 0.05)])
+def test_exact_sampling_with_lookup_preserves_the_target_distribution(W, min_draft_prob) -> None:
     base = tiny_base(seed=5, vocab_size=6)
     with torch.no_grad():
         for p in base.parameters():
@@ -121,6 +158,7 @@ def test_exact_sampling_with_lookup_preserves_the_target_distribution(W) -> None
             sampling=sampling,
             max_new_tokens=2,
             prompt_lookup=True,
+            min_draft_prob=min_draft_prob,  # ragged drafter beams next to the lookup beam
         )
     )
     observed = np.zeros((6, 6))

@@ -33,10 +33,12 @@ PROMPT_LOOKUP_SETTINGS: dict[str, tuple[bool, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Speculative:
-    """One speculative configuration: the drafter's beam shape, plus the prompt-lookup beam."""
+    """One speculative configuration: the drafter's beam shape, the prompt-lookup beam, and the
+    draft-probability floor below which drafter beams are cut (0: keep every draft)."""
 
     beam: BeamShape
     prompt_lookup: bool = False
+    min_draft_prob: float = 0.0
 
 
 Config = Speculative | None
@@ -46,7 +48,8 @@ def config_name(config: Config) -> str:
     if config is None:
         return "autoregressive"
     lookup = " +lookup" if config.prompt_lookup else ""
-    return f"W{config.beam.width} L{config.beam.length}{lookup}"
+    floor = f" p>={config.min_draft_prob:g}" if config.min_draft_prob > 0 else ""
+    return f"W{config.beam.width} L{config.beam.length}{lookup}{floor}"
 
 
 def _rss_mb() -> float:
@@ -91,6 +94,7 @@ def run_once(
                 [prompt],
                 beam=config.beam,
                 prompt_lookup=config.prompt_lookup,
+                min_draft_prob=config.min_draft_prob,
                 packing=packing,
                 max_new_tokens=max_new_tokens,
                 eos_token_ids=eos_token_ids,
@@ -153,12 +157,19 @@ def run_bench(
     packing: Packing = "dedup",
     eos_token_ids: Sequence[int] = (),
     prompt_lookup: Sequence[bool] = (False,),
+    min_draft_prob: Sequence[float] = (0.0,),
     on_run: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Any]:
     """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
     ...), so slow drifts of the machine hit every configuration alike. Every beam shape runs
-    once per value in `prompt_lookup` (without and/or with the prompt-lookup beam)."""
-    spec = [Speculative(b, lookup) for b in beams for lookup in prompt_lookup]
+    once per value in `prompt_lookup` (without and/or with the prompt-lookup beam) and per
+    draft-probability floor in `min_draft_prob`."""
+    spec = [
+        Speculative(b, lookup, floor)
+        for b in beams
+        for lookup in prompt_lookup
+        for floor in min_draft_prob
+    ]
     configs: list[Config] = [None, *spec]
     kwargs = dict(max_new_tokens=max_new_tokens, packing=packing, eos_token_ids=eos_token_ids)
     for c in configs:  # warm-up: session init, allocator growth, caches
@@ -175,6 +186,7 @@ def run_bench(
         entry = results[config_name(c)]
         entry["beam_width"], entry["beam_length"] = c.beam.width, c.beam.length
         entry["prompt_lookup"] = c.prompt_lookup
+        entry["min_draft_prob"] = c.min_draft_prob
         entry["speedup"] = entry["tokens_per_second"] / base if base else 0.0
     results["autoregressive"]["speedup"] = 1.0
     return results

@@ -32,7 +32,7 @@ def save_json(payload: dict[str, Any], path: str | Path) -> None:
 
 def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> None:
     """Heat map of speed-up over beam width x beam length (annotated), saved as PNG; one panel
-    per prompt-lookup setting present in the results."""
+    per (prompt-lookup, draft-probability floor) setting present in the results."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,17 +42,21 @@ def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> No
     spec = [r for r in results.values() if "beam_width" in r]
     widths = sorted({r["beam_width"] for r in spec})
     lengths = sorted({r["beam_length"] for r in spec})
-    panels = sorted({bool(r.get("prompt_lookup", False)) for r in spec})
+
+    def setting(r: dict[str, Any]) -> tuple[bool, float]:
+        return bool(r.get("prompt_lookup", False)), float(r.get("min_draft_prob", 0.0))
+
+    panels = sorted({setting(r) for r in spec})
     fig, axes = plt.subplots(
         1,
         len(panels),
         figsize=(len(panels) * (1.6 + 1.3 * len(lengths)), 1.6 + 0.9 * len(widths)),
         squeeze=False,
     )
-    for ax, lookup in zip(axes[0], panels, strict=True):
+    for ax, panel in zip(axes[0], panels, strict=True):
         grid = np.full((len(widths), len(lengths)), np.nan)
         for r in spec:
-            if bool(r.get("prompt_lookup", False)) == lookup:
+            if setting(r) == panel:
                 grid[widths.index(r["beam_width"]), lengths.index(r["beam_length"])] = r["speedup"]
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
@@ -63,7 +67,9 @@ def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> No
             for j in range(len(lengths)):
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", color="white")
-        ax.set_title("with prompt lookup" if lookup else "drafter only", fontsize=9)
+        lookup, floor = panel
+        label = "with prompt lookup" if lookup else "drafter only"
+        ax.set_title(label + (f", drafts p >= {floor:g}" if floor > 0 else ""), fontsize=9)
         fig.colorbar(image, ax=ax, label="speed-up vs autoregressive")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

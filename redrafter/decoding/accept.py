@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from redrafter.config import LOG_0, SamplingParams
+from redrafter.config import LOG_0, NO_TOKEN, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,24 +86,26 @@ def accept_apple(
     token from P at its last position. Does not preserve P exactly (beam drafts are not samples
     from Q); kept for parity with Apple's implementation.
 
-    beams: (B, W, L); llm_logits: (B, W, L, V); draft_log_probs: (B, W, L-1, V) normalised.
+    beams: (B, W, L), ragged beams end in NO_TOKEN; llm_logits: (B, W, L, V); draft_log_probs:
+    (B, W, L-1, V) normalised.
     """
     B, W, L = beams.shape
     p = target_probs(llm_logits, sampling)  # (B, W, L, V)
     q = np.exp(draft_log_probs.astype(np.float64))  # (B, W, L-1, V)
-    drafts = beams[:, :, 1:, None]  # (B, W, L-1, 1)
+    real = beams[:, :, 1:] != NO_TOKEN  # (B, W, L-1) slots before a ragged beam's end
+    drafts = np.where(real, beams[:, :, 1:], 0)[..., None]  # (B, W, L-1, 1)
     p_draft = np.take_along_axis(p[:, :, :-1], drafts, axis=-1)[..., 0]  # (B, W, L-1)
     q_draft = np.take_along_axis(q, drafts, axis=-1)[..., 0]  # (B, W, L-1)
     u = rng.random((B, W, L - 1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        accepted = u < p_draft / q_draft  # (B, W, L-1)
+        accepted = real & (u < p_draft / q_draft)  # (B, W, L-1)
     n_per_beam = np.cumprod(accepted, axis=-1).sum(axis=-1)  # (B, W)
     beam = n_per_beam.argmax(axis=-1)  # (B,)
     next_token = np.empty(B, dtype=np.int64)
     for b in range(B):
         w, n = beam[b], n_per_beam[b, beam[b]]
-        if n == L - 1:  # whole beam accepted: bonus token from P after the last draft
-            dist = p[b, w, L - 1]
+        if n == L - 1 or not real[b, w, n]:  # the whole draft accepted: bonus token from P
+            dist = p[b, w, n]
         else:
             dist = np.maximum(p[b, w, n] - q[b, w, n], 0.0)
             if dist.sum() <= 0:  # P == Q: the residual is empty, fall back to P

@@ -18,8 +18,9 @@ import numpy as np
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import accept_apple, accept_exact, accept_greedy, choose_token
 from redrafter.decoding.kv_cache import commit_plan
-from redrafter.decoding.lookup import add_lookup_beam
+from redrafter.decoding.lookup import add_lookup_beam, lookup_length
 from redrafter.decoding.output import OutputStream, Step, pad_prompts
+from redrafter.decoding.prune import prune
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing, pack, unpack
 
@@ -57,14 +58,21 @@ def speculative_decode(
     eos_token_ids: Sequence[int] = (),
     packing: Packing = "dedup",
     prompt_lookup: bool = False,
+    min_draft_prob: float = 0.0,
 ) -> Iterator[Step]:
     """Generate with ReDrafter, yielding one `Step` per runtime round trip. `prompt_lookup`
-    adds an n-gram draft from the row's own tokens as one more beam (lookup.py)."""
+    adds an n-gram draft from the row's own tokens as one more beam (lookup.py);
+    `min_draft_prob` > 0 ends each drafted beam where its draft probability falls below it
+    (prune.py)."""
     rng = np.random.default_rng(sampling.seed)
+    limit = runtime.max_beam_length  # the longest beam its commit takes (None: any)
+    longest = beam.length  # K, the beams' length once the lookup beam is added
+    if prompt_lookup:
+        longest = max(longest, lookup_length() if limit is None else min(lookup_length(), limit))
     g0, context, past_len, t = prefill(
         runtime,
         prompts,
-        extra_slots=(beam.width + prompt_lookup) * beam.length,
+        extra_slots=(beam.width + prompt_lookup) * longest,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         rng=rng,
@@ -75,10 +83,13 @@ def speculative_decode(
     while not out.done:
         t0 = time.perf_counter()
         beams, draft_log_probs = runtime.draft(context, g0, beam)  # (B, W, L), (B, W, L-1, V)
-        if prompt_lookup:  # one more beam (B, W+1, L); its Q only where Apple's rule reads it
+        beams = prune(beams, draft_log_probs, min_prob=min_draft_prob)  # ragged (B, W, L)
+        if prompt_lookup:  # one more beam (B, W+1, K); its Q only where Apple's rule reads it
             apple = not sampling.greedy and sampling.acceptance == "apple"
             histories = [[*prompts[b], *out.tokens[b]] for b in range(B)]
-            beams, q = add_lookup_beam(beams, draft_log_probs if apple else None, histories)
+            beams, q = add_lookup_beam(
+                beams, draft_log_probs if apple else None, histories, max_length=limit
+            )
             draft_log_probs = draft_log_probs if q is None else q
         t1 = time.perf_counter()
         tree = pack(beams, packing=packing)

@@ -1,15 +1,19 @@
 """Prompt lookup: an n-gram draft that rides along with the drafter's beams as one more beam.
 
-Dimensions: B batch, W beam width, L beam length, T tokens so far in a row, V vocab.
+Dimensions: B batch, W beam width, L beam length, K lookup beam length, T tokens so far in a
+row, V vocab.
 
 Text repeats itself: code reuses the prompt's identifiers, answers quote the question, lists
 echo their own structure. Prompt lookup (Saxena, 2023) drafts by finding the latest earlier
 occurrence of the sequence's last n tokens (longest n first) and proposing what followed it.
 It costs microseconds on the host, so it pairs well with a small drafter whose weakness is
 exactly such copies. The tree verification takes any set of beams, so the lookup draft is one
-extra beam `[g0, c1 .. c_{L-1}]`:
+extra beam `[g0, c1 .. c_m]`:
 
-- dedup packing shares its prefix with the drafter's beams; with no match it repeats beam 0,
+- its length follows the evidence: a match of n tokens drafts up to SPAN_PER_NGRAM * n tokens
+  (4, 8 or 12), since a longer matched context predicts a longer copy; the beams become ragged
+  (the drafter's beams and a short lookup draft end in NO_TOKEN, which packs to no tree token);
+- dedup packing shares its prefix with the drafter's beams; with no match it is g0 alone,
   which packs to no new token at all;
 - greedy acceptance keeps the first beam among equals, so the lookup beam wins only where it is
   strictly longer, and the emitted tokens stay those of greedy autoregressive decoding;
@@ -18,9 +22,11 @@ extra beam `[g0, c1 .. c_{L-1}]`:
   and resamples from relu(P - Q) = P without v, which is exact for a deterministic draft; the
   exact tree walk needs no Q.
 
-Worked example (L = 4): the row so far is `5 8 9 3 5 8`, so g0 = 8. The 3-gram `3 5 8` occurs
-nowhere earlier, the 2-gram `5 8` at position 0, followed by `9 3 5`: the lookup beam is
-`[8, 9, 3, 5]`.
+Worked example (SPAN_PER_NGRAM = 3): the row so far is `5 8 9 3 5 8`, so g0 = 8. The 3-gram
+`3 5 8` occurs nowhere earlier, the 2-gram `5 8` at position 0, followed by `9 3 5 8`. A 2-gram
+match drafts 2 x 3 = 6 tokens; the copy reaches the end of the text after 4 and goes on with
+its own output (`9 3` again, as LZ77 copies overlap), so the lookup beam is
+`[8, 9, 3, 5, 8, 9, 3]`.
 """
 
 from __future__ import annotations
@@ -30,17 +36,26 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from redrafter.config import LOG_0
+from redrafter.config import LOG_0, NO_TOKEN
 
 MAX_NGRAM = 3  # longer suffixes rarely match more often than 3-grams and cost more to search
 MIN_NGRAM = 1
+# Drafts per matched n-gram token. Each drafted token costs the verification compute whether or
+# not it is accepted; on held-out text (benchmarks/RESULTS.md) 1-gram matches go wrong early and
+# 3-gram matches often copy a dozen tokens right, so the span grows with the match.
+SPAN_PER_NGRAM = 4
 
 
 def continuation(
-    history: np.ndarray, *, length: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM
+    history: np.ndarray,
+    *,
+    span_per_ngram: int = SPAN_PER_NGRAM,
+    max_ngram: int = MAX_NGRAM,
+    min_ngram: int = MIN_NGRAM,
 ) -> np.ndarray | None:
-    """Up to `length` tokens that followed the latest earlier occurrence of the longest suffix
-    n-gram (max_ngram down to min_ngram) of `history` (T,) int64; None when no n-gram recurs."""
+    """`span_per_ngram * n` tokens that follow the latest earlier occurrence of the longest
+    suffix n-gram (max_ngram down to min_ngram) of `history` (T,) int64, copied with overlap;
+    None when no n-gram recurs."""
     T = len(history)
     for n in range(min(max_ngram, T - 1), min_ngram - 1, -1):
         # Windows over history[:-1] start at 0..T-1-n: every match is followed by a token and
@@ -48,29 +63,32 @@ def continuation(
         windows = sliding_window_view(history[:-1], n)  # (T-n, n)
         hits = np.flatnonzero((windows == history[T - n :]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
-            return history[start : start + length]
+            # Copy from just after the match, overlapping like LZ77: a copy that reaches the
+            # end of the text continues with its own output, so a loop of period p (the match
+            # p tokens back) drafts the loop again instead of stopping short.
+            start, want = int(hits[-1]) + n, span_per_ngram * n
+            period = T - start  # (T,) -> the copy source is always `period` tokens back
+            reps = -(-want // period)  # ceil
+            return np.tile(history[start:], reps)[:want]
     return None
 
 
-def lookup_beam(
-    history: np.ndarray,
-    fallback: np.ndarray,
-    *,
-    max_ngram: int = MAX_NGRAM,
-    min_ngram: int = MIN_NGRAM,
-) -> np.ndarray:
-    """One row's lookup beam (L,): the fallback beam's g0 (which ends `history` while the row
-    runs), then the continuation; a row with no match gets the fallback beam (L,) itself, which
-    packs onto the existing branch instead of adding tree tokens."""
-    L = len(fallback)
-    beam = fallback.copy()  # (L,)
-    found = continuation(history, length=L - 1, max_ngram=max_ngram, min_ngram=min_ngram)
-    if found is not None and len(found) > 0:
+def lookup_beam(history: np.ndarray, g0: int, *, length: int, **search: int) -> np.ndarray:
+    """One row's lookup beam (length,): g0 (which ends `history` while the row runs), then the
+    continuation, then NO_TOKEN; a row with no match gets g0 alone, which packs onto the
+    existing root instead of adding tree tokens. `search`: continuation()'s keywords."""
+    beam = np.full(length, NO_TOKEN, dtype=np.int64)  # (length,)
+    beam[0] = g0
+    found = continuation(history, **search)
+    if found is not None:
+        found = found[: length - 1]
         beam[1 : 1 + len(found)] = found
-        if len(found) < L - 1:  # the rest cannot follow the lookup draft: repeat its last token
-            beam[1 + len(found) :] = found[-1]
     return beam
+
+
+def lookup_length(max_ngram: int = MAX_NGRAM, span_per_ngram: int = SPAN_PER_NGRAM) -> int:
+    """The longest lookup beam, g0 included: the width of the beams once it is added."""
+    return 1 + span_per_ngram * max_ngram
 
 
 def add_lookup_beam(
@@ -78,31 +96,37 @@ def add_lookup_beam(
     draft_log_probs: np.ndarray | None,
     histories: Sequence[Sequence[int]],
     *,
-    max_ngram: int = MAX_NGRAM,
-    min_ngram: int = MIN_NGRAM,
+    max_length: int | None = None,
+    **search: int,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Append each row's lookup beam to the drafter's beams.
+    """Append each row's lookup beam to the drafter's beams, padding both to a common length
+    K = max(L, lookup_length(), capped at max_length) with NO_TOKEN.
 
     beams: (B, W, L) int64 with g0 in column 0; draft_log_probs: (B, W, L-1, V) or None (greedy
     and the exact rule never read it); histories[b]: row b's prompt + emitted tokens, ending
-    with g0. Returns beams (B, W+1, L) and draft log-probs (B, W+1, L-1, V) or None."""
+    with g0; max_length: the longest beam the runtime can commit (None: no limit); search:
+    continuation()'s keywords. Returns beams (B, W+1, K) and draft log-probs (B, W+1, K-1, V)
+    or None."""
     B, W, L = beams.shape
+    K = lookup_length(
+        search.get("max_ngram", MAX_NGRAM), search.get("span_per_ngram", SPAN_PER_NGRAM)
+    )
+    K = max(L, K if max_length is None else min(K, max_length))
     extra = np.stack(
         [
-            lookup_beam(
-                np.asarray(h, dtype=np.int64),
-                beams[b, 0],
-                max_ngram=max_ngram,
-                min_ngram=min_ngram,
-            )
+            lookup_beam(np.asarray(h, dtype=np.int64), int(beams[b, 0, 0]), length=K, **search)
             for b, h in enumerate(histories)
         ]
-    )  # (B, L)
-    out = np.concatenate([beams, extra[:, None, :]], axis=1)  # (B, W+1, L)
+    )  # (B, K)
+    padded = np.full((B, W, K), NO_TOKEN, dtype=np.int64)  # (B, W, K)
+    padded[:, :, :L] = beams
+    out = np.concatenate([padded, extra[:, None, :]], axis=1)  # (B, W+1, K)
     if draft_log_probs is None:
         return out, None
     V = draft_log_probs.shape[-1]
-    point = np.full((B, 1, L - 1, V), LOG_0, dtype=draft_log_probs.dtype)  # (B, 1, L-1, V)
-    rows, cols = np.arange(B)[:, None], np.arange(L - 1)[None, :]
-    point[rows, 0, cols, extra[:, 1:]] = 0.0  # one-hot Q: log 1 on the drafted token
-    return out, np.concatenate([draft_log_probs, point], axis=1)
+    q = np.full((B, W + 1, K - 1, V), LOG_0, dtype=draft_log_probs.dtype)  # (B, W+1, K-1, V)
+    q[:, :W, : L - 1] = draft_log_probs  # the drafter's; its NO_TOKEN slots are never read
+    rows, cols = np.arange(B)[:, None], np.arange(K - 1)[None, :]
+    drafted = extra[:, 1:] != NO_TOKEN  # (B, K-1)
+    q[rows, W, cols, np.where(drafted, extra[:, 1:], 0)] = np.where(drafted, 0.0, LOG_0)
+    return out, q

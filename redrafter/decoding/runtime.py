@@ -21,6 +21,7 @@ class Runtime(Protocol):
     name: str
     vocab_size: int
     context_length: int  # longest prompt + generation the base model accepts
+    max_beam_length: int | None  # longest beam (g0 + drafts) commit takes; None: any length
 
     def reset(self, *, batch: int, capacity: int) -> None:
         """Allocate (or reuse) KV caches of `capacity` slots for `batch` rows; forget the past."""

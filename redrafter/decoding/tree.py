@@ -7,6 +7,10 @@ each distinct prefix once, in first-seen order (beam 0's tokens, then beam 1's n
 so every ancestor precedes its descendants and the tree mask is a subset of the causal mask.
 `full` packing keeps all W*L tokens (block-diagonal mask), for static-shape targets (Core ML).
 
+Beams may be ragged: slots after a beam's last draft hold NO_TOKEN (config.py). Dedup packing
+gives them no token (their unpacker entry repeats the last real slot); full packing keeps the
+slot but verifies g0 there, which acceptance never reaches because NO_TOKEN matches nothing.
+
 Worked example (W=3, L=3)::
 
     beams = [[7, 1, 2],        packed = [7, 1, 2, 3, 4, 5]      depth = [0, 1, 2, 2, 1, 2]
@@ -21,6 +25,8 @@ import dataclasses
 from typing import Literal
 
 import numpy as np
+
+from redrafter.config import NO_TOKEN
 
 Packing = Literal["dedup", "full"]
 
@@ -50,6 +56,10 @@ def _dedup_parents(beams: np.ndarray) -> tuple[np.ndarray, list[int], list[int],
         prefix: tuple[int, ...] = ()
         parent = -1
         for d in range(L):
+            if beams[w, d] == NO_TOKEN:  # the draft ended: the rest point at its last slot
+                assert d > 0, "column 0 (g0) is never NO_TOKEN"
+                unpacker[w, d:] = parent
+                break
             prefix = prefix + (int(beams[w, d]),)
             slot = index.get(prefix)
             if slot is None:
@@ -71,8 +81,9 @@ def pack(beams: np.ndarray, *, packing: Packing = "dedup") -> PackedTree:
         depth = np.tile(np.arange(L), W)  # (N,)
         same_beam = beam_of.reshape(N)[:, None] == beam_of.reshape(N)[None, :]  # (N, N)
         mask = same_beam & (depth[None, :] <= depth[:, None])  # (N, N) causal within a beam
+        g0 = np.broadcast_to(beams[:, :1, :1], beams.shape)  # (B, W, L)
         return PackedTree(
-            tokens=beams.reshape(B, N).astype(np.int64),
+            tokens=np.where(beams == NO_TOKEN, g0, beams).reshape(B, N).astype(np.int64),
             unpacker=np.broadcast_to(slot, (B, W, L)).copy(),
             tree_mask=np.broadcast_to(mask, (B, N, N)).copy(),
             depth=np.broadcast_to(depth, (B, N)).copy(),

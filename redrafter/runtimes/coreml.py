@@ -43,6 +43,7 @@ class CoreMLProgramRuntime:
         self.capacity = int(record["capacity"])  # S
         self.max_tokens = int(record["max_tokens"])  # N_max per base call
         self.commit_length = int(record["commit_length"])  # L rows per commit
+        self.max_beam_length = self.commit_length  # its commit program moves L rows
         self.precision = str(record["compute_precision"])  # float16 | float32 (states: fp16)
         self.vocab_size = config.vocab_size
         beam = self.bundle.beam

@@ -74,6 +74,7 @@ class OnnxRuntime:
         config = self.bundle.base_config
         self.vocab_size = config.vocab_size
         self.context_length = config.context_length
+        self.max_beam_length: int | None = None  # commit moves any number of rows
         self.num_layers = config.num_hidden_layers
         self.cache_shape = (config.kv_heads, config.dim_per_head)
         self.dtype = NP_DTYPES[self.bundle.dtype]

@@ -50,6 +50,7 @@ class TorchRuntime:
         self.drafter = drafter.eval().to(device, self.dtype) if drafter is not None else None
         self.vocab_size = base.config.vocab_size
         self.context_length = base.config.context_length
+        self.max_beam_length: int | None = None  # commit moves any number of rows
         self.cache: torch.Tensor | None = None  # (Lyr, 2, B, Hkv, S, D)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
