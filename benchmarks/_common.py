@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,11 @@ def demo_bundle(
 ) -> Path:
     """An exported bundle of the demo GGUF (or `base`), with `drafter` (None: autoregressive
     only) and a drafter graph per beam shape, cached under peers_dir()/bundles and re-exported
-    only when the drafter folder changes."""
+    only when the drafter folder or the exporter's code changes."""
     from redrafter.config import BeamShape
     from redrafter.demo import find_demo_gguf
     from redrafter.export.build import ExportOptions, export_bundle
+    from redrafter.export.bundle import exporter_fingerprint
 
     base = base or find_demo_gguf()
     beams = beams or [BeamShape(4, 4)]
@@ -181,7 +183,11 @@ def demo_bundle(
         if drafter is None
         else f"{drafter.resolve().name}-{int(drafter.stat().st_mtime)}-{shapes}"
     )
-    out = peers_dir() / "bundles" / f"{base.stem}-{dtype}-{key}"
+    stem = f"{base.stem}-{dtype}-{key}-"
+    out = peers_dir() / "bundles" / (stem + exporter_fingerprint()[:8])
+    for old in out.parent.glob(stem + "?" * 8):  # ~600 MB each: drop older exporters' ones
+        if old != out and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     if not (out / "manifest.json").is_file():
         log(f"exporting {base.name} ({dtype}, drafter {drafter}) to {out}")
         options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]), dtype=dtype)

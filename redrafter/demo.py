@@ -156,16 +156,17 @@ def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
     """The ONNX bundle of base + drafter (beam `BEAM`), exported once and cached."""
     from redrafter.errors import RedrafterError as Error
     from redrafter.export.build import ExportOptions, export_bundle
-    from redrafter.export.bundle import load_bundle
+    from redrafter.export.bundle import exporter_fingerprint, load_bundle
 
     folder = cache / "bundles" / f"{drafter.name}-w{BEAM.width}l{BEAM.length}"
     if (folder / "manifest.json").is_file():
         try:
             bundle = load_bundle(folder)
-            if bundle.manifest["drafter"]["source"]["path"] == str(drafter.resolve()):
+            same_drafter = bundle.manifest["drafter"]["source"]["path"] == str(drafter.resolve())
+            if same_drafter and bundle.manifest.get("exporter") == exporter_fingerprint():
                 return bundle
         except (Error, KeyError):
-            pass  # stale or damaged: export again
+            pass  # damaged: export again (as after a change to the exporter or the drafter)
     _say(f"exporting the ONNX bundle to {folder} (first run only)")
     start = time.perf_counter()
     bundle = export_bundle(

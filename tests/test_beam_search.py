@@ -17,7 +17,7 @@ def _numpy_weights(drafter) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("exit_dim,layers", [(None, 1), (24, 2), (None, 0)])
-@pytest.mark.parametrize("W,L", [(1, 2), (4, 4), (3, 5)])
+@pytest.mark.parametrize("W,L", [(1, 2), (1, 5), (4, 4), (3, 5)])  # W=1: the greedy chain
 def test_torch_beam_search_matches_numpy_reference(exit_dim, layers, W, L) -> None:
     base = tiny_base(vocab_size=97)
     drafter = tiny_drafter(base, exit_dim=exit_dim, layers=layers)

@@ -23,7 +23,7 @@ from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.driver import speculative_decode
 from redrafter.errors import RedrafterError
 from redrafter.export.build import ExportOptions, export_bundle
-from redrafter.export.bundle import BundleError, load_bundle
+from redrafter.export.bundle import BundleError, exporter_fingerprint, load_bundle
 from redrafter.models.checkpoints import save_drafter
 from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library
 from redrafter.runtimes.torch import TorchRuntime
@@ -76,6 +76,8 @@ def test_bundle_layout_and_manifest(bundle) -> None:
     assert m["parity"]["passed"]
     for meta in m["files"].values():
         assert len(meta["sha256"]) == 64
+    # Caches of bundles (make demo, benchmarks) re-export when the exporter's code changes.
+    assert m["exporter"] == exporter_fingerprint() and len(m["exporter"]) == 16
 
 
 def test_base_graph_has_one_tree_attention_node_per_layer(bundle) -> None:

@@ -62,6 +62,18 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def exporter_fingerprint() -> str:
+    """A hash of the code that decides what an export writes (redrafter/models, redrafter/export):
+    caches of exported bundles (make demo, benchmarks) compare it to re-export after a change,
+    since the version number does not move with every commit."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("models", "export"):
+        for path in sorted((package / folder).glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def write_manifest(root: Path, fields: dict[str, Any]) -> dict[str, Any]:
     """Checksum every file under `root` and write manifest.json there."""
     files = {}
@@ -73,6 +85,7 @@ def write_manifest(root: Path, fields: dict[str, Any]) -> dict[str, Any]:
     manifest = {
         "format_version": FORMAT_VERSION,
         "redrafter_version": __version__,
+        "exporter": exporter_fingerprint(),
         **fields,
         "files": files,
     }

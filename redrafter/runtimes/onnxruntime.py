@@ -112,6 +112,9 @@ class OnnxRuntime:
         self.buffers: list[ort.OrtValue] = []  # one or two stacked caches
         self.arrays: list[np.ndarray] = []  # their numpy views, on the CPU
         self.live = 0  # which buffer holds the committed cache
+        # One IO binding per live buffer, its 2 x layers cache bindings made once: binding them
+        # from Python costs ~1.8 ms per call (8 % of a SmolLM2-135M step on 2 cores).
+        self._bindings: dict[int, tuple[ort.IOBinding, int]] = {}
 
     # -- caches -----------------------------------------------------------------------------
     def reset(self, *, batch: int, capacity: int) -> None:
@@ -130,6 +133,7 @@ class OnnxRuntime:
                 for _ in range(count)
             ]
         self.live = 0
+        self._bindings = {}  # new buffers: bind them afresh
 
     def _layer_address(self, buffer: ort.OrtValue, index: int) -> int:
         """Address of layer index//2's key (even) or value (odd) inside a stacked buffer."""
@@ -153,14 +157,19 @@ class OnnxRuntime:
     def _run_base(
         self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, past_len: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        io = self.base.io_binding()
+        if self.live not in self._bindings:
+            io = self.base.io_binding()
+            io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+            io.bind_output("hidden_states", "cpu")
+            self._bindings[self.live] = io, self._bind_caches(io)
+        io, new_live = self._bindings[self.live]
+        # Rebound (in place) on every call: after a run they hold last run's shapes.
+        io.bind_output("logits", "cpu")
+        io.bind_output("hidden_states", "cpu")
         io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         io.bind_cpu_input("tree_mask", np.ascontiguousarray(mask, dtype=bool))
         io.bind_cpu_input("past_len", np.ascontiguousarray(past_len, dtype=np.int64))
-        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
-        io.bind_output("hidden_states", "cpu")
-        new_live = self._bind_caches(io)
         self.base.run_with_iobinding(io)
         outputs = io.get_outputs()
         self.live = new_live
