@@ -24,6 +24,7 @@ FIELDS = {
     "token_latency_ms_p95",
     "peak_rss_mb",
     "speedup",
+    "speedup_repeats",
     "tokens_per_second_repeats",
     "tokens",
 }
@@ -68,6 +69,11 @@ def test_bench_json_markdown_and_plot(grid_bundle, tmp_path) -> None:
         assert set(r["ms_per_step_by_phase"]) == {"draft", "verify", "accept_commit", "host"}
         assert len(r["tokens_per_second_repeats"]) == 2
         assert r["speedup"] == pytest.approx(r["tokens_per_second"] / ar)
+        ar_repeats = results["autoregressive"]["tokens_per_second_repeats"]
+        for paired, tps, base in zip(
+            r["speedup_repeats"], r["tokens_per_second_repeats"], ar_repeats, strict=True
+        ):
+            assert paired == pytest.approx(tps / base)
         # The phases add up to the step time (host overhead is the remainder, never negative).
         assert sum(r["ms_per_step_by_phase"].values()) == pytest.approx(r["ms_per_step"], rel=0.05)
         assert r["token_latency_ms_p50"] <= r["token_latency_ms_p95"]

@@ -19,6 +19,7 @@ import numpy as np
 from redrafter.config import BeamShape
 from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.driver import speculative_decode
+from redrafter.decoding.lookup import SPAN_PER_NGRAM
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
 
@@ -39,6 +40,7 @@ class Speculative:
     beam: BeamShape
     prompt_lookup: bool = False
     min_draft_prob: float = 0.0
+    lookup_span: int = SPAN_PER_NGRAM  # lookup drafts per matched n-gram token
 
 
 Config = Speculative | None
@@ -48,6 +50,8 @@ def config_name(config: Config) -> str:
     if config is None:
         return "autoregressive"
     lookup = " +lookup" if config.prompt_lookup else ""
+    if config.prompt_lookup and config.lookup_span != SPAN_PER_NGRAM:
+        lookup += f" span{config.lookup_span}"
     floor = f" p>={config.min_draft_prob:g}" if config.min_draft_prob > 0 else ""
     return f"W{config.beam.width} L{config.beam.length}{lookup}{floor}"
 
@@ -95,6 +99,7 @@ def run_once(
                 beam=config.beam,
                 prompt_lookup=config.prompt_lookup,
                 min_draft_prob=config.min_draft_prob,
+                lookup_span=config.lookup_span,
                 packing=packing,
                 max_new_tokens=max_new_tokens,
                 eos_token_ids=eos_token_ids,
@@ -160,16 +165,41 @@ def run_bench(
     min_draft_prob: Sequence[float] = (0.0,),
     on_run: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Any]:
-    """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
-    ...), so slow drifts of the machine hit every configuration alike. Every beam shape runs
-    once per value in `prompt_lookup` (without and/or with the prompt-lookup beam) and per
-    draft-probability floor in `min_draft_prob`."""
+    """Every beam shape once per value in `prompt_lookup` (without and/or with the
+    prompt-lookup beam) and per draft-probability floor in `min_draft_prob`, against
+    autoregressive decoding (`run_configs`)."""
     spec = [
         Speculative(b, lookup, floor)
         for b in beams
         for lookup in prompt_lookup
         for floor in min_draft_prob
     ]
+    return run_configs(
+        runtime,
+        prompts,
+        spec,
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
+        packing=packing,
+        eos_token_ids=eos_token_ids,
+        on_run=on_run,
+    )
+
+
+def run_configs(
+    runtime: Runtime,
+    prompts: Sequence[Sequence[int]],
+    spec: Sequence[Speculative],
+    *,
+    max_new_tokens: int,
+    repeats: int = 3,
+    packing: Packing = "dedup",
+    eos_token_ids: Sequence[int] = (),
+    on_run: Callable[[str], None] = lambda name: None,
+) -> dict[str, Any]:
+    """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
+    ...), so slow drifts of the machine hit every configuration alike. Results per config name
+    (`config_name`), each with its speed-up over autoregressive decoding."""
     configs: list[Config] = [None, *spec]
     kwargs = dict(max_new_tokens=max_new_tokens, packing=packing, eos_token_ids=eos_token_ids)
     for c in configs:  # warm-up: session init, allocator growth, caches
@@ -182,11 +212,20 @@ def run_bench(
             on_run(f"repeat {r + 1}/{repeats} {config_name(c)}")
     results = {name: summarize_runs(rs) for name, rs in runs.items()}
     base = results["autoregressive"]["tokens_per_second"]
+    ar_repeats = results["autoregressive"]["tokens_per_second_repeats"]
     for c in spec:
         entry = results[config_name(c)]
         entry["beam_width"], entry["beam_length"] = c.beam.width, c.beam.length
         entry["prompt_lookup"] = c.prompt_lookup
         entry["min_draft_prob"] = c.min_draft_prob
+        if c.prompt_lookup:
+            entry["lookup_span"] = c.lookup_span
         entry["speedup"] = entry["tokens_per_second"] / base if base else 0.0
+        # Paired per repeat (the rounds interleave): the spread shows the machine's noise.
+        entry["speedup_repeats"] = [
+            s / a if a else 0.0
+            for s, a in zip(entry["tokens_per_second_repeats"], ar_repeats, strict=True)
+        ]
     results["autoregressive"]["speedup"] = 1.0
+    results["autoregressive"]["speedup_repeats"] = [1.0] * repeats
     return results

@@ -18,7 +18,7 @@ import numpy as np
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import accept_apple, accept_exact, accept_greedy, choose_token
 from redrafter.decoding.kv_cache import commit_plan
-from redrafter.decoding.lookup import add_lookup_beam, lookup_length
+from redrafter.decoding.lookup import SPAN_PER_NGRAM, add_lookup_beam, lookup_length
 from redrafter.decoding.output import OutputStream, Step, pad_prompts
 from redrafter.decoding.prune import prune
 from redrafter.decoding.runtime import Runtime
@@ -59,16 +59,18 @@ def speculative_decode(
     packing: Packing = "dedup",
     prompt_lookup: bool = False,
     min_draft_prob: float = 0.0,
+    lookup_span: int = SPAN_PER_NGRAM,
 ) -> Iterator[Step]:
     """Generate with ReDrafter, yielding one `Step` per runtime round trip. `prompt_lookup`
-    adds an n-gram draft from the row's own tokens as one more beam (lookup.py);
-    `min_draft_prob` > 0 ends each drafted beam where its draft probability falls below it
-    (prune.py)."""
+    adds an n-gram draft from the row's own tokens as one more beam, `lookup_span` tokens per
+    matched n-gram token (lookup.py); `min_draft_prob` > 0 ends each drafted beam where its
+    draft probability falls below it (prune.py)."""
     rng = np.random.default_rng(sampling.seed)
     limit = runtime.max_beam_length  # the longest beam its commit takes (None: any)
     longest = beam.length  # K, the beams' length once the lookup beam is added
     if prompt_lookup:
-        longest = max(longest, lookup_length() if limit is None else min(lookup_length(), limit))
+        K = lookup_length(span_per_ngram=lookup_span)
+        longest = max(longest, K if limit is None else min(K, limit))
     g0, context, past_len, t = prefill(
         runtime,
         prompts,
@@ -88,7 +90,11 @@ def speculative_decode(
             apple = not sampling.greedy and sampling.acceptance == "apple"
             histories = [[*prompts[b], *out.tokens[b]] for b in range(B)]
             beams, q = add_lookup_beam(
-                beams, draft_log_probs if apple else None, histories, max_length=limit
+                beams,
+                draft_log_probs if apple else None,
+                histories,
+                max_length=limit,
+                span_per_ngram=lookup_span,
             )
             draft_log_probs = draft_log_probs if q is None else q
         t1 = time.perf_counter()
