@@ -284,7 +284,7 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
         + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in s["seconds_by_phase"].items()),
     ]
     if s["acceptance_histogram"]:
-        lines.append("accepted drafts per step (0..L-1): " + str(s["acceptance_histogram"]))
+        lines.append("steps by accepted drafts (0, 1, ...): " + str(s["acceptance_histogram"]))
     click.echo("\n".join(lines), err=True)
 
 

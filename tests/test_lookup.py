@@ -19,6 +19,9 @@ from redrafter.decoding.lookup import (
     lookup_beam,
     lookup_length,
 )
+from redrafter.decoding.output import Step
+from redrafter.decoding.stats import summarize
+from redrafter.pipeline import GenerationOptions, Pipeline
 from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import tiny_base, tiny_drafter
@@ -185,3 +188,28 @@ def test_apple_rule_with_lookup_runs_and_emits_valid_tokens() -> None:
     rows = _collect(steps, 3)
     assert all(len(r) == 20 for r in rows)
     assert all(0 <= t < base.config.vocab_size for r in rows for t in r)
+
+
+def test_stats_count_lookup_accepts_longer_than_the_drafters_beam() -> None:
+    """The lookup beam can be longer than L, so a step may accept more than L-1 drafts: the
+    acceptance histogram grows to hold them (it once indexed past its end: make demo crashed)."""
+    base = tiny_base(seed=6)  # settles into a loop: long lookup drafts are accepted
+    pipe = Pipeline(TorchRuntime(base, tiny_drafter(base)), None, ())
+    options = GenerationOptions(max_new_tokens=64, beam=BeamShape(1, 3), prompt_lookup=True)
+    stats = pipe.generate([[3, 1, 4, 1, 5, 9, 2, 6]], options).stats
+    histogram = stats["acceptance_histogram"]
+    assert len(histogram) > 3 and sum(histogram[3:]) > 0  # accepts beyond L-1 = 2
+    assert sum(histogram) == stats["steps"]
+
+
+def test_summarize_histogram_hand_example() -> None:
+    steps = [
+        Step([[7]], np.zeros(1, np.int64), {"prefill": 0.1}, "prefill"),
+        *[
+            Step([[1] * (n + 1)], np.array([n]), {"verify": 0.01}, "speculative")
+            for n in (0, 2, 5, 2)
+        ],
+    ]
+    stats = summarize(steps, beam_length=3)
+    assert stats["acceptance_histogram"] == [1, 0, 2, 0, 0, 1]
+    assert stats["tokens_per_step"] == (1 + 3 + 6 + 3) / 4

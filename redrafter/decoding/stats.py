@@ -21,11 +21,13 @@ def summarize(steps: Sequence[Step], *, beam_length: int | None = None) -> dict[
     emitted = sum(len(row) for s in decode for row in s.new_tokens)
     row_steps = sum(1 for s in decode for row in s.new_tokens if row)
     decode_seconds = sum(v for k, v in seconds.items() if k != "prefill")
-    histogram = [0] * (beam_length if beam_length else 1)
-    for s in decode:
+    histogram = [0] * (beam_length if beam_length else 1)  # accepted drafts 0..L-1, and more:
+    for s in decode:  # the prompt-lookup beam may be longer than the drafter's L
         for b, row in enumerate(s.new_tokens):
             if row and s.kind == "speculative":
-                histogram[int(s.accepted[b])] += 1
+                n = int(s.accepted[b])
+                histogram += [0] * (n + 1 - len(histogram))
+                histogram[n] += 1
     return {
         "steps": len(decode),
         "generated_tokens": emitted
