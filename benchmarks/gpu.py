@@ -228,6 +228,7 @@ def bench(
         packing=packing,
         eos_token_ids=eos,  # type: ignore[arg-type]
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[args.prompt_lookup],
+        min_draft_prob=args.min_draft_prob,
         on_run=lambda name: log(f"    {name}"),
     )
     if cuda:
@@ -451,6 +452,13 @@ def main() -> None:
         choices=["off", "on", "both"],
         default="both",
         help="speculative runs without/with the prompt-lookup beam [both]",
+    )
+    parser.add_argument(
+        "--min-draft-prob",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[0.0],
+        help="comma list of draft-probability floors (decoding/prune.py) [0]; on a GPU extra "
+        "tree tokens are nearly free, so pruning is expected to matter less than on a CPU",
     )
     parser.add_argument("--jargon", type=int, default=4)
     parser.add_argument("--code", type=int, default=4)
