@@ -158,6 +158,7 @@ def test_generate_sampling_is_seeded(checkpoints) -> None:
         (["--prompt-ids", "1", "--autoregressive", "--beam-width", "0"], "beam-width"),
         (["--prompt-ids", "1", "--autoregressive", "--device", "cuda"], "no CUDA device"),
         (["--bundle", "/b", "--prompt-ids", "1", "--dtype", "float16"], "exported in"),
+        (["--prompt-ids", "1", "--autoregressive", "--min-draft-prob", "1.5"], "min-draft-prob"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(checkpoints, args, message) -> None:
