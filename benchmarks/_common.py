@@ -223,6 +223,23 @@ def heldout_shared_prompts(n_jargon: int, n_code: int) -> list[tuple[str, bool]]
     return prompts
 
 
+def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> None:
+    """`--prompt-lookup off|on|both` and `--min-draft-prob FLOORS`, as `redrafter bench` has
+    them (harness.PROMPT_LOOKUP_SETTINGS, decoding/prune.py); `note` ends both helps."""
+    parser.add_argument(
+        "--prompt-lookup",
+        choices=["off", "on", "both"],
+        default=lookup_default,
+        help=f"speculative runs without/with/both the prompt-lookup beam [{lookup_default}]" + note,
+    )
+    parser.add_argument(
+        "--min-draft-prob",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[0.0],
+        help="comma list of draft-probability floors (decoding/prune.py) [0]" + note,
+    )
+
+
 def wait_for_idle(max_minutes: float, *, threshold: float = 0.3, log: Any = print) -> dict:
     """Poll every ~20 s until other processes use less than `threshold` cores twice in a row,
     or `max_minutes` pass; returns the last `idle_report` with `waited_s` added."""

@@ -435,6 +435,8 @@ def summarize(payload: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
+    from _common import add_tree_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--pack",
@@ -447,19 +449,8 @@ def main() -> None:
     parser.add_argument("--drafter", help="drafter folder (default: from .gpu-carry)")
     parser.add_argument("--bundle", help="fp16 bundle for ORT CUDA (default: export one)")
     parser.add_argument("--beams", default="4x5,2x5", help="WxL list [4x5,2x5]")
-    parser.add_argument(
-        "--prompt-lookup",
-        choices=["off", "on", "both"],
-        default="both",
-        help="speculative runs without/with the prompt-lookup beam [both]",
-    )
-    parser.add_argument(
-        "--min-draft-prob",
-        type=lambda t: [float(x) for x in t.split(",")],
-        default=[0.0],
-        help="comma list of draft-probability floors (decoding/prune.py) [0]; on a GPU extra "
-        "tree tokens are nearly free, so pruning is expected to matter less than on a CPU",
-    )
+    # On a GPU extra tree tokens are nearly free: pruning should matter less than on a CPU.
+    add_tree_arguments(parser, lookup_default="both")
     parser.add_argument("--jargon", type=int, default=4)
     parser.add_argument("--code", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)

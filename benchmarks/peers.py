@@ -48,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    add_tree_arguments,
     cpu_seconds,
     demo_bundle,
     idle_report,
@@ -724,18 +725,7 @@ def main() -> None:
         "(default: the trained demo drafter, if one is cached)",
     )
     parser.add_argument("--beams", default="4x5,2x5", help="WxL list for ours [4x5,2x5]")
-    parser.add_argument(
-        "--prompt-lookup",
-        choices=["off", "on", "both"],
-        default="off",
-        help="ours: speculative without/with/both the prompt-lookup beam [off]",
-    )
-    parser.add_argument(
-        "--min-draft-prob",
-        type=lambda t: [float(x) for x in t.split(",")],
-        default=[0.0],
-        help="ours: comma list of draft-probability floors (decoding/prune.py) [0]",
-    )
+    add_tree_arguments(parser, lookup_default="off", note=" (ours)")
     parser.add_argument("--jargon", type=int, default=4, help="Jargon chat prompts [4]")
     parser.add_argument("--code", type=int, default=4, help="HumanEval code prompts [4]")
     parser.add_argument(

@@ -31,30 +31,33 @@ def main() -> None:
     """ReDrafter speculative decoding: export, run, validate and benchmark."""
 
 
-def _parse_ints(text: str, flag: str, *, minimum: int) -> list[int]:
-    """'1,2,4' -> [1, 2, 4], each >= minimum, or a usage error naming the flag."""
+def _parse_list(text: str, flag: str, cast: type, noun: str) -> list[Any]:
+    """'1,2,4' -> [1, 2, 4] (duplicates dropped), or a usage error naming the flag."""
     try:
-        values = [int(t) for t in text.split(",") if t.strip()]
+        values = [cast(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of integers", param_hint=flag
+            f"{text!r} is not a comma-separated list of {noun}", param_hint=flag
         ) from None
-    if not values or min(values) < minimum:
-        raise click.BadParameter(f"{text!r}: each value must be >= {minimum}", param_hint=flag)
+    if not values:
+        raise click.BadParameter(f"{text!r}: give at least one value", param_hint=flag)
     return list(dict.fromkeys(values))
+
+
+def _parse_ints(text: str, flag: str, *, minimum: int) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], each >= minimum."""
+    values = _parse_list(text, flag, int, "integers")
+    if min(values) < minimum:
+        raise click.BadParameter(f"{text!r}: each value must be >= {minimum}", param_hint=flag)
+    return values
 
 
 def _parse_probs(text: str, flag: str) -> list[float]:
-    """'0,0.25' -> [0.0, 0.25], each in [0, 1), or a usage error naming the flag."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a comma-separated list of numbers", param_hint=flag
-        ) from None
-    if not values or not all(0.0 <= v < 1.0 for v in values):
+    """'0,0.25' -> [0.0, 0.25], each in [0, 1)."""
+    values = _parse_list(text, flag, float, "numbers")
+    if not all(0.0 <= v < 1.0 for v in values):
         raise click.BadParameter(f"{text!r}: each value must be in [0, 1)", param_hint=flag)
-    return list(dict.fromkeys(values))
+    return values
 
 
 def _parse_ids(text: str) -> list[int]:

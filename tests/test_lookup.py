@@ -18,6 +18,7 @@ from redrafter.decoding.lookup import (
     continuation,
     lookup_beam,
     lookup_length,
+    padded_length,
 )
 from redrafter.decoding.output import Step
 from redrafter.decoding.stats import summarize
@@ -87,7 +88,7 @@ def test_add_lookup_beam_shapes_and_point_mass() -> None:
     q = np.log(rng.dirichlet(np.ones(V), (B, W, L - 1))).astype(np.float32)
     histories = [[5, 8, 9, 3, 5, 8], [2, 6, 7, 1, 6]]
     # span 1: the longest lookup beam is 1 + 3 = L, so nothing is padded.
-    out, q_out = add_lookup_beam(beams, q, histories, span_per_ngram=1)
+    out, q_out = add_lookup_beam(beams, q, histories, length=L, span_per_ngram=1)
     assert out.shape == (B, W + 1, L) and q_out is not None and q_out.shape == (B, W + 1, L - 1, V)
     np.testing.assert_array_equal(out[:, :W], beams)
     np.testing.assert_array_equal(q_out[:, :W], q)
@@ -100,7 +101,7 @@ def test_add_lookup_beam_shapes_and_point_mass() -> None:
             if drafted != NO_TOKEN:
                 assert row[drafted] == 0.0  # log 1 on the drafted token
             assert np.count_nonzero(row == LOG_0) == V - (drafted != NO_TOKEN)
-    out2, none = add_lookup_beam(beams, None, histories, span_per_ngram=1)
+    out2, none = add_lookup_beam(beams, None, histories, length=L, span_per_ngram=1)
     assert none is None
     np.testing.assert_array_equal(out2, out)
 
@@ -109,15 +110,17 @@ def test_add_lookup_beam_pads_the_drafter_beams() -> None:
     B, W, L, V = 1, 2, 3, 20
     beams = np.array([[[8, 11, 12], [8, 13, 14]]])  # (1, 2, 3)
     q = np.zeros((B, W, L - 1, V), np.float32)
-    K = lookup_length()  # 13 by default: a 3-gram match may draft 12 tokens
-    out, q_out = add_lookup_beam(beams, q, [[5, 8, 9, 3, 5, 8]], max_length=None)
+    K = padded_length(L)
+    assert K == lookup_length() == 13  # by default a 3-gram match may draft 12 tokens
+    out, q_out = add_lookup_beam(beams, q, [[5, 8, 9, 3, 5, 8]], length=K)
     assert out.shape == (1, 3, K) and q_out is not None and q_out.shape == (1, 3, K - 1, V)
     np.testing.assert_array_equal(out[0, :2, :L], beams[0])
     assert np.all(out[0, :2, L:] == NO_TOKEN)
     assert list(out[0, 2]) == [8, 9, 3, 5, 8, 9, 3, 5, 8] + [NO_TOKEN] * 4  # 2-gram: 8
     assert np.all(q_out[0, :2, L - 1 :] == LOG_0)
-    # A runtime whose commit takes at most 4 rows gets beams of 4.
-    capped, _ = add_lookup_beam(beams, None, [[5, 8, 9, 3, 5, 8]], max_length=4)
+    # A runtime whose commit takes at most 4 rows gets beams of 4, never fewer than L.
+    assert padded_length(L, max_length=4) == 4 and padded_length(L, max_length=2) == L
+    capped, _ = add_lookup_beam(beams, None, [[5, 8, 9, 3, 5, 8]], length=4)
     assert capped.shape == (1, 3, 4) and list(capped[0, 2]) == [8, 9, 3, 5]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.accept import accept_apple, accept_exact, accept_greedy, choose_token
 from redrafter.decoding.kv_cache import commit_plan
-from redrafter.decoding.lookup import SPAN_PER_NGRAM, add_lookup_beam, lookup_length
+from redrafter.decoding.lookup import SPAN_PER_NGRAM, add_lookup_beam, padded_length
 from redrafter.decoding.output import OutputStream, Step, pad_prompts
 from redrafter.decoding.prune import prune
 from redrafter.decoding.runtime import Runtime
@@ -66,15 +66,13 @@ def speculative_decode(
     matched n-gram token (lookup.py); `min_draft_prob` > 0 ends each drafted beam where its
     draft probability falls below it (prune.py)."""
     rng = np.random.default_rng(sampling.seed)
-    limit = runtime.max_beam_length  # the longest beam its commit takes (None: any)
-    longest = beam.length  # K, the beams' length once the lookup beam is added
-    if prompt_lookup:
-        K = lookup_length(span_per_ngram=lookup_span)
-        longest = max(longest, K if limit is None else min(K, limit))
+    K = beam.length  # the beams' length, once the lookup beam (if any) is added
+    if prompt_lookup:  # capped where the runtime's commit takes only so many rows (Core ML)
+        K = padded_length(K, max_length=runtime.max_beam_length, span_per_ngram=lookup_span)
     g0, context, past_len, t = prefill(
         runtime,
         prompts,
-        extra_slots=(beam.width + prompt_lookup) * longest,
+        extra_slots=(beam.width + prompt_lookup) * K,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         rng=rng,
@@ -93,7 +91,7 @@ def speculative_decode(
                 beams,
                 draft_log_probs if apple else None,
                 histories,
-                max_length=limit,
+                length=K,
                 span_per_ngram=lookup_span,
             )
             draft_log_probs = draft_log_probs if q is None else q

@@ -87,8 +87,18 @@ def lookup_beam(history: np.ndarray, g0: int, *, length: int, **search: int) -> 
 
 
 def lookup_length(max_ngram: int = MAX_NGRAM, span_per_ngram: int = SPAN_PER_NGRAM) -> int:
-    """The longest lookup beam, g0 included: the width of the beams once it is added."""
+    """The longest lookup beam, g0 included."""
     return 1 + span_per_ngram * max_ngram
+
+
+def padded_length(
+    L: int, *, max_length: int | None = None, span_per_ngram: int = SPAN_PER_NGRAM
+) -> int:
+    """K, the length of every beam once the lookup beam is added: the drafter's L or the
+    longest lookup beam, capped at `max_length` (the longest beam the runtime can commit;
+    None: no limit) but never below L."""
+    K = lookup_length(span_per_ngram=span_per_ngram)
+    return max(L, K if max_length is None else min(K, max_length))
 
 
 def add_lookup_beam(
@@ -96,22 +106,19 @@ def add_lookup_beam(
     draft_log_probs: np.ndarray | None,
     histories: Sequence[Sequence[int]],
     *,
-    max_length: int | None = None,
+    length: int,
     **search: int,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Append each row's lookup beam to the drafter's beams, padding both to a common length
-    K = max(L, lookup_length(), capped at max_length) with NO_TOKEN.
+    """Append each row's lookup beam to the drafter's beams, padding both to `length` = K
+    (`padded_length`) with NO_TOKEN.
 
-    beams: (B, W, L) int64 with g0 in column 0; draft_log_probs: (B, W, L-1, V) or None (greedy
-    and the exact rule never read it); histories[b]: row b's prompt + emitted tokens, ending
-    with g0; max_length: the longest beam the runtime can commit (None: no limit); search:
-    continuation()'s keywords. Returns beams (B, W+1, K) and draft log-probs (B, W+1, K-1, V)
-    or None."""
+    beams: (B, W, L) int64 with g0 in column 0, L <= K; draft_log_probs: (B, W, L-1, V) or None
+    (greedy and the exact rule never read it); histories[b]: row b's prompt + emitted tokens,
+    ending with g0; search: continuation()'s keywords. Returns beams (B, W+1, K) and draft
+    log-probs (B, W+1, K-1, V) or None."""
     B, W, L = beams.shape
-    K = lookup_length(
-        search.get("max_ngram", MAX_NGRAM), search.get("span_per_ngram", SPAN_PER_NGRAM)
-    )
-    K = max(L, K if max_length is None else min(K, max_length))
+    K = length
+    assert K >= L, "padded_length() is never below the drafter's beam length"
     extra = np.stack(
         [
             lookup_beam(np.asarray(h, dtype=np.int64), int(beams[b, 0, 0]), length=K, **search)
