@@ -4,7 +4,7 @@ several spans (drafts per matched n-gram token, `decoding/lookup.py`) and floors
 CPU (native kernel), interleaved rounds, paired speed-ups per round.
 
     .venv/bin/python benchmarks/lookup_ablation.py [--drafter DIR] [--spans 1,2,4]
-        [--floors 0,0.25] [--repeats 4] [--max-new-tokens 128] [--wait-idle 3]
+        [--floors 0,0.25] [--repeats 4] [--max-new-tokens 128] [--wait-idle 3] [--name NAME]
 
 The same 8 held-out prompts as benchmarks/peers.py (4 Jargon chat questions, 4 HumanEval
 tasks, never trained on), stopping at EOS. On a 2-core CPU the verification is compute-bound,
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--wait-idle", type=float, default=0, metavar="MIN")
+    parser.add_argument("--name", default="lookup_ablation", help="results file name")
     args = parser.parse_args()
 
     from peers import find_trained_drafter
@@ -87,7 +88,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {', '.join(f'{x:.2f}x' for x in r['speedup_repeats'])} |")
     save(
-        "lookup_ablation",
+        args.name,
         {
             "machine": {**machine(), "idle_before": idle, "idle_after": after},
             "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -94,15 +94,17 @@ def _trained(folder: Path) -> bool:
     return bool(raw.get("step") == raw.get("total_steps"))
 
 
-def ensure_drafter(gguf: Path, cache: Path) -> Path:
-    """The demo drafter, trained on first use (a progress bar per phase), then cached. An
-    interrupted training resumes from its last checkpoint."""
+def ensure_drafter(gguf: Path, cache: Path, recipe: dict[str, Any] | None = None) -> Path:
+    """The demo drafter (or one trained with another `recipe`, same keys as RECIPE), trained
+    on first use (a progress bar per phase), then cached. An interrupted training resumes
+    from its last checkpoint; the base's answers are cached apart and reused."""
+    recipe = RECIPE if recipe is None else recipe
     from redrafter.train.prompts import find_shared_data, heldout_prompts, training_prompts
     from redrafter.train.recipe import Prepared, cache_key, fingerprint, prepare_distill
     from redrafter.train.trainer import Heldout, TrainOptions, train_drafter
 
-    key = cache_key(base=fingerprint(gguf), recipe=RECIPE)
-    data_key = cache_key(base=fingerprint(gguf), data={k: RECIPE[k] for k in DATA_FIELDS})
+    key = cache_key(base=fingerprint(gguf), recipe=recipe)
+    data_key = cache_key(base=fingerprint(gguf), data={k: recipe[k] for k in DATA_FIELDS})
     folder = cache / "drafters" / f"smollm2-135m-instruct-{key[:12]}"
     if _trained(folder):
         return folder
@@ -114,24 +116,24 @@ def ensure_drafter(gguf: Path, cache: Path) -> Path:
     base, tokenizer = load_base(gguf), load_tokenizer(gguf)
     options = TrainOptions(
         mode="distill",
-        epochs=RECIPE["epochs"],
-        batch_size=RECIPE["batch_size"],
-        seq_len=RECIPE["seq_len"],
-        lr=RECIPE["lr"],
-        predict_tokens=RECIPE["predict_tokens"],
-        draft_vocab=RECIPE["draft_vocab"],
-        num_layers=RECIPE["num_layers"],
+        epochs=recipe["epochs"],
+        batch_size=recipe["batch_size"],
+        seq_len=recipe["seq_len"],
+        lr=recipe["lr"],
+        predict_tokens=recipe["predict_tokens"],
+        draft_vocab=recipe["draft_vocab"],
+        num_layers=recipe["num_layers"],
         save_every=50,  # an interrupted first run resumes instead of starting over
     )
     examples = cache / "examples" / data_key
     prepared = Prepared.load(examples)
     if prepared is None:
         start = time.perf_counter()
-        held = heldout_prompts(data, count=RECIPE["heldout_prompts"])
+        held = heldout_prompts(data, count=recipe["heldout_prompts"])
         prepared = prepare_distill(
             base,
             tokenizer,
-            training_prompts(data, count=RECIPE["train_prompts"]),
+            training_prompts(data, count=recipe["train_prompts"]),
             (),
             options,
             heldout_prompts=held,

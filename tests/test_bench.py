@@ -18,6 +18,7 @@ from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
 FIELDS = {
     "tokens_per_second",
     "tokens_per_step",
+    "verified_per_step",
     "ms_per_step",
     "ms_per_step_by_phase",
     "token_latency_ms_p50",
@@ -79,7 +80,14 @@ def test_bench_json_markdown_and_plot(grid_bundle, tmp_path) -> None:
         assert r["token_latency_ms_p50"] <= r["token_latency_ms_p95"]
         # Four default prompts, no EOS in the tiny vocab; the prefill token is not a decode token.
         assert r["tokens"] == 4 * (8 - 1)
+        # A step emits its accepted drafts and one more token; the LLM ran at least those
+        # (the root and the accepted path) and at most the whole beam set.
+        assert r["tokens_per_step"] <= r["verified_per_step"]
+        if name != "autoregressive":
+            w, n = r["beam_width"], r["beam_length"]
+            assert r["verified_per_step"] <= w * n
     assert results["autoregressive"]["tokens_per_step"] == 1.0
+    assert results["autoregressive"]["verified_per_step"] == 1.0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -86,7 +86,7 @@ def test_pruning_verifies_fewer_tokens() -> None:
             return inner(tokens, *args)
 
         runtime.verify = spy  # type: ignore[method-assign]
-        list(
+        steps = list(
             speculative_decode(
                 runtime,
                 PROMPTS_1,
@@ -97,6 +97,8 @@ def test_pruning_verifies_fewer_tokens() -> None:
         )
         runtime.verify = inner  # type: ignore[method-assign]
         verified[min_draft_prob] = sizes
+        # Each step reports what the LLM ran (B = 1: the packed width is the row's tree).
+        assert [int(s.verified[0]) for s in steps if s.kind == "speculative"] == sizes
     assert set(verified[0.0]) == {5}  # g0 and all 4 drafts, every step
     # A higher floor cuts more of a random drafter's drafts; 0.5 often keeps none.
     assert np.mean(verified[0.5]) < np.mean(verified[0.01]) < 5 and min(verified[0.5]) == 1

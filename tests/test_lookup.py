@@ -209,10 +209,11 @@ def test_summarize_histogram_hand_example() -> None:
     steps = [
         Step([[7]], np.zeros(1, np.int64), {"prefill": 0.1}, "prefill"),
         *[
-            Step([[1] * (n + 1)], np.array([n]), {"verify": 0.01}, "speculative")
-            for n in (0, 2, 5, 2)
+            Step([[1] * (n + 1)], np.array([n]), {"verify": 0.01}, "speculative", np.array([v]))
+            for n, v in ((0, 4), (2, 5), (5, 9), (2, 3))
         ],
     ]
     stats = summarize(steps, beam_length=3)
     assert stats["acceptance_histogram"] == [1, 0, 2, 0, 0, 1]
     assert stats["tokens_per_step"] == (1 + 3 + 6 + 3) / 4
+    assert stats["verified_per_step"] == (4 + 5 + 9 + 3) / 4  # the prefill's step not counted

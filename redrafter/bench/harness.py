@@ -68,6 +68,7 @@ class RunStats:
 
     tokens: int = 0
     steps: int = 0
+    verified: int = 0  # tokens the LLM ran (tree sizes summed over steps)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(PHASES, 0.0)
@@ -122,6 +123,7 @@ def run_once(
                 stats.phase_seconds[k] += v
             stats.tokens += n
             stats.steps += 1
+            stats.verified += int(step.verified[0]) if step.verified is not None else n
             stats.seconds += wall
             # Every token of a step becomes visible when the step ends.
             stats.token_latencies_ms += [1000 * wall / max(n, 1)] * n
@@ -139,6 +141,7 @@ def summarize_runs(runs: list[RunStats]) -> dict[str, Any]:
     return {
         "tokens_per_second": med([r.tokens / r.seconds if r.seconds else 0.0 for r in runs]),
         "tokens_per_step": med([r.tokens / r.steps if r.steps else 0.0 for r in runs]),
+        "verified_per_step": med([r.verified / r.steps if r.steps else 0.0 for r in runs]),
         "ms_per_step": med([1000 * r.seconds / r.steps if r.steps else 0.0 for r in runs]),
         "ms_per_step_by_phase": {
             k: med([1000 * r.phase_seconds[k] / r.steps if r.steps else 0.0 for r in runs])

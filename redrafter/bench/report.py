@@ -10,15 +10,16 @@ from typing import Any
 
 def markdown_table(results: dict[str, Any]) -> str:
     head = (
-        "| config | tok/s | speed-up | tok/step | ms/step | draft | verify | accept+commit "
-        "| host | p50 ms/tok | p95 ms/tok | peak RSS MB |"
+        "| config | tok/s | speed-up | tok/step | verified/step | ms/step | draft | verify "
+        "| accept+commit | host | p50 ms/tok | p95 ms/tok | peak RSS MB |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for name, r in results.items():
         p = r["ms_per_step_by_phase"]
         lines.append(
             f"| {name} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['tokens_per_step']:.2f} | {r['ms_per_step']:.1f} | {p['draft']:.1f} | "
+            f"{r['tokens_per_step']:.2f} | {r['verified_per_step']:.2f} | "
+            f"{r['ms_per_step']:.1f} | {p['draft']:.1f} | "
             f"{p['verify']:.1f} | {p['accept_commit']:.1f} | {p['host']:.1f} | "
             f"{r['token_latency_ms_p50']:.1f} | {r['token_latency_ms_p95']:.1f} | "
             f"{r['peak_rss_mb']:.0f} |"

@@ -30,7 +30,7 @@ def autoregressive_decode(
     )
     B = len(prompts)
     out = OutputStream(B, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
-    no_drafts = np.zeros(B, np.int64)
+    no_drafts, one_each = np.zeros(B, np.int64), np.ones(B, np.int64)
     self_only = np.ones((B, 1, 1), dtype=bool)  # (B, 1, 1)
     yield Step(out.emit(token[:, None]), no_drafts, {"prefill": t}, "prefill")
     while not out.done:
@@ -41,4 +41,4 @@ def autoregressive_decode(
         past_len = past_len + ~out.finished
         token = choose_token(logits[:, 0], sampling, rng)  # (B,)
         seconds = {"verify": t1 - t0, "accept": time.perf_counter() - t1}
-        yield Step(out.emit(token[:, None]), no_drafts, seconds, "autoregressive")
+        yield Step(out.emit(token[:, None]), no_drafts, seconds, "autoregressive", one_each)

@@ -120,4 +120,4 @@ def speculative_decode(
             "accept": t3 - t2,
             "commit": time.perf_counter() - t3,
         }
-        yield Step(out.emit(emitted), acc.n.copy(), seconds, "speculative")
+        yield Step(out.emit(emitted), acc.n.copy(), seconds, "speculative", tree.sizes.copy())

@@ -15,12 +15,15 @@ from redrafter.errors import PromptError
 class Step:
     """One decode step. `new_tokens[b]`: tokens row b emitted this step (after stops);
     `accepted` (B,): drafts accepted (0 for prefill and autoregressive steps); `seconds`:
-    wall time per phase (draft, verify, accept, commit, prefill)."""
+    wall time per phase (draft, verify, accept, commit, prefill); `verified` (B,): tokens the
+    LLM ran for row b this step (the packed tree's size; 1 per autoregressive step), the cost
+    side of speculation on a compute-bound device."""
 
     new_tokens: list[list[int]]
     accepted: np.ndarray
     seconds: dict[str, float]
     kind: str  # "prefill" | "speculative" | "autoregressive"
+    verified: np.ndarray | None = None
 
 
 def pad_prompts(
