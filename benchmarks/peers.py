@@ -14,6 +14,11 @@ autoregressive) tokens/s divided by each of theirs, and saves benchmarks/results
 
     .venv/bin/python benchmarks/peers.py --setup          # once: peer venvs + models (~10 min)
     .venv/bin/python benchmarks/peers.py [--bundle DIR | --drafter DIR] [--repeats 3]
+        [--interleave]
+
+With --interleave every engine runs one repeat per round, round after round, and each ratio is
+also taken per round (ours and the peer measured minutes apart, not a whole run apart): this
+VM's speed drifts by up to ~20 % an hour, which a ratio of two separate medians picks up.
 
 Peer environments live outside the repository, under
 `${XDG_CACHE_HOME:-~/.cache}/redrafter/peers/` (override with $REDRAFTER_PEERS_DIR): they need
@@ -614,9 +619,11 @@ def run_ours(
     prompt_lookup: str = "off",
     min_draft_prob: Sequence[float] = (0.0,),
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
+    token_ids: bool = True,
 ) -> dict[str, Any]:
     """ORT CPU on the bundle, native kernel (and portable body): run_bench per implementation,
-    plus one greedy autoregressive pass for the token ids (to compare with the peers)."""
+    plus (with `token_ids`) one greedy autoregressive pass for the token ids (to compare with
+    the peers)."""
     from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
     from redrafter.export.bundle import load_bundle
     from redrafter.pipeline import GenerationOptions, Pipeline
@@ -650,7 +657,7 @@ def run_ours(
             on_run=lambda name, i=impl: log(f"  {i}: {name}"),
         )
         results["other_processes_cores"] = other_load(before, cpu_seconds())
-        if impl == impls[0]:
+        if impl == impls[0] and token_ids:
             pipe = Pipeline(rt, None, stop)
             results["token_ids"] = [
                 pipe.generate(
@@ -740,6 +747,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one repeat per engine per round, --repeats rounds; ratios also per round",
+    )
+    parser.add_argument(
         "--ignore-eos", action="store_true", help="decode exactly --max-new-tokens on every engine"
     )
     parser.add_argument(
@@ -821,85 +833,147 @@ def main() -> None:
         "engines": {},
         "skipped": {},
     }
-    engines, skipped = payload["engines"], payload["skipped"]
+    skipped = payload["skipped"]
 
-    def record(name: str, label: str, fn: Callable[[], dict[str, Any]]) -> None:
-        log(f"--- {label}")
-        before = cpu_seconds()
-        start = time.perf_counter()
-        try:
-            result = fn()
-        except Exception as e:  # a broken peer must not sink the whole run
-            skipped[name] = f"failed: {type(e).__name__}: {str(e)[-500:]}"
-            log(f"    {skipped[name]}")
-            return
-        result["label"] = label
-        result.setdefault("other_processes_cores", other_load(before, cpu_seconds()))
-        result.pop("partial", None)
-        result["wall_s"] = round(time.perf_counter() - start, 1)
-        engines[name] = result
-        save(args.name, payload)  # after every engine: an interrupted run keeps what it measured
-        tps = result.get("tokens_per_second")
-        log(f"    {tps:.1f} tok/s" if tps else "    done")
+    def run_all(engines: dict[str, Any], common: dict[str, Any], first: bool = True) -> None:
+        """Every wanted engine once (`common["repeats"]` repeats each), results into `engines`."""
 
-    if "ours" in wanted:
-        payload["drafter_note"] = note
-        label = "ours: ONNX Runtime CPU fp32 (redrafter)"
+        def record(name: str, label: str, fn: Callable[[], dict[str, Any]]) -> None:
+            log(f"--- {label}")
+            before = cpu_seconds()
+            start = time.perf_counter()
+            try:
+                result = fn()
+            except Exception as e:  # a broken peer must not sink the whole run
+                skipped[name] = f"failed: {type(e).__name__}: {str(e)[-500:]}"
+                log(f"    {skipped[name]}")
+                return
+            result["label"] = label
+            result.setdefault("other_processes_cores", other_load(before, cpu_seconds()))
+            result.pop("partial", None)
+            result["wall_s"] = round(time.perf_counter() - start, 1)
+            engines[name] = result
+            save(args.name, payload)  # after every engine: an interrupted run keeps its figures
+            tps = result.get("tokens_per_second")
+            log(f"    {tps:.1f} tok/s" if tps else "    done")
 
-        def partial(out: dict[str, Any]) -> None:
-            engines["ours"] = {**out, "label": label, "partial": True}
-            save(args.name, payload)
+        if "ours" in wanted:
+            payload["drafter_note"] = note
+            label = "ours: ONNX Runtime CPU fp32 (redrafter)"
 
-        def ours() -> dict[str, Any]:
-            return run_ours(
-                bundle_dir,
-                prompts,
-                beams,
-                eos=eos,
-                portable=args.portable,
-                prompt_lookup=args.prompt_lookup,
-                min_draft_prob=args.min_draft_prob,
-                on_partial=partial,
-                **common,
-            )  # type: ignore[arg-type]
+            def partial(out: dict[str, Any]) -> None:
+                engines["ours"] = {**out, "label": label, "partial": True}
+                save(args.name, payload)
 
-        record("ours", label, ours)
-    job = {"prompts": prompts, "eos": sorted(eos), "gguf": str(gguf), **common}
-    for precision in GENAI_PRECISIONS:
-        name = f"genai-{precision}"
-        if name not in wanted:
-            continue
-        why = genai_ready(precision)
-        if why:
-            skipped[name] = why
-            continue
-        record(
-            name,
-            f"onnxruntime-genai, {precision}",
-            lambda p=precision: run_worker(
-                GENAI_VENV, "genai", {**job, "model_dir": str(MODELS / f"genai-{p}")}
-            ),
-        )
-    if "llamacpp" in wanted:
-        why = llamacpp_ready()
-        if why:
-            skipped["llamacpp"] = why
-        else:
+            def ours() -> dict[str, Any]:
+                return run_ours(
+                    bundle_dir,
+                    prompts,
+                    beams,
+                    eos=eos,
+                    portable=args.portable,
+                    prompt_lookup=args.prompt_lookup,
+                    min_draft_prob=args.min_draft_prob,
+                    on_partial=partial,
+                    token_ids=first,
+                    **common,
+                )  # type: ignore[arg-type]
+
+            record("ours", label, ours)
+        job = {"prompts": prompts, "eos": sorted(eos), "gguf": str(gguf), **common}
+        for precision in GENAI_PRECISIONS:
+            name = f"genai-{precision}"
+            if name not in wanted:
+                continue
+            why = genai_ready(precision)
+            if why:
+                skipped[name] = why
+                continue
             record(
-                "llamacpp",
-                "llama.cpp (llama-cpp-python), Q4_1 GGUF",
-                lambda: run_worker(LLAMA_VENV, "llamacpp", job),
+                name,
+                f"onnxruntime-genai, {precision}",
+                lambda p=precision: run_worker(
+                    GENAI_VENV, "genai", {**job, "model_dir": str(MODELS / f"genai-{p}")}
+                ),
             )
-    if "transformers" in wanted:  # last: torch suffers most when other work shares the cores
-        record(
-            "transformers",
-            "HF transformers generate, fp32",
-            lambda: run_transformers(prompts, eos=eos, **common),  # type: ignore[arg-type]
-        )
+        if "llamacpp" in wanted:
+            why = llamacpp_ready()
+            if why:
+                skipped["llamacpp"] = why
+            else:
+                record(
+                    "llamacpp",
+                    "llama.cpp (llama-cpp-python), Q4_1 GGUF",
+                    lambda: run_worker(LLAMA_VENV, "llamacpp", job),
+                )
+        if "transformers" in wanted:  # last: torch suffers most when other work shares the cores
+            record(
+                "transformers",
+                "HF transformers generate, fp32",
+                lambda: run_transformers(prompts, eos=eos, **common),  # type: ignore[arg-type]
+            )
+
+    if args.interleave:
+        payload["interleaved"] = True
+        payload["rounds"] = []
+        for r in range(args.repeats):
+            log(f"=== round {r + 1}/{args.repeats}")
+            payload["rounds"].append({})
+            run_all(payload["rounds"][-1], {**common, "repeats": 1}, first=r == 0)
+        payload["engines"] = merge_rounds(payload.pop("rounds"))
+    else:
+        run_all(payload["engines"], common)
     payload["idle_after"] = idle_report(2.0)
     payload["summary"] = summarize(payload)
     print_summary(payload)
     save(args.name, payload)
+
+
+def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's (or one of our configurations') results over interleaved rounds: the
+    median round's figures, with every round's tokens/s in `tokens_per_second_repeats`."""
+    rates = [r["tokens_per_second"] for r in runs]
+    middle = sorted(range(len(runs)), key=rates.__getitem__)[len(runs) // 2]
+    return {
+        **runs[middle],
+        "tokens_per_second": statistics.median(rates),
+        "tokens_per_second_repeats": rates,
+    }
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Engines measured in interleaved rounds (one repeat each) -> one result per engine, as a
+    plain run has them. `tokens_per_second_repeats` lists stay aligned by round across engines
+    (an engine missing from a round, e.g. a failed peer, is left out of the merge); our
+    `speedup_repeats` are each round's speculative over that round's autoregressive tokens/s."""
+    merged: dict[str, Any] = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds if name in r]
+        if len(runs) != len(rounds):
+            continue
+        if name != "ours":
+            merged[name] = _median_round(runs)
+            continue
+        ours = dict(runs[0])
+        for impl in ("native", "portable"):
+            if impl not in runs[0]:
+                continue
+            block = dict(runs[0][impl])  # token ids: measured in the first round only
+            for config, r in runs[0][impl].items():
+                if isinstance(r, dict) and "tokens_per_second" in r:
+                    per = [run[impl][config] for run in runs]
+                    block[config] = {
+                        **_median_round(per),
+                        "speedup_repeats": [p["speedup"] for p in per],
+                    }
+            ar = block["autoregressive"]["tokens_per_second"]
+            for r in block.values():
+                if isinstance(r, dict) and "tokens_per_second" in r:
+                    r["speedup"] = r["tokens_per_second"] / ar
+            block["other_processes_cores"] = max(run[impl]["other_processes_cores"] for run in runs)
+            ours[impl] = block
+        merged[name] = ours
+    return merged
 
 
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
@@ -953,6 +1027,14 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
             if best_spec
             else None,
         }
+        if payload.get("interleaved") and best_spec:  # paired: same round, minutes apart
+            peer_rounds = engines[name]["tokens_per_second_repeats"]
+            paired = [
+                a / b
+                for a, b in zip(best_spec["tokens_per_second_repeats"], peer_rounds, strict=True)
+            ]
+            ratios[name]["ours_spec_over_peer_rounds"] = [round(x, 2) for x in paired]
+            ratios[name]["ours_spec_over_peer_median_round"] = round(statistics.median(paired), 2)
     return {
         "rows": rows,
         "ours_autoregressive_tokens_per_second": ours_ar,
@@ -973,6 +1055,7 @@ def print_summary(payload: dict[str, Any]) -> None:
         f"\n{payload['model']}: {len(payload['prompts'])} prompts x "
         f"{payload['max_new_tokens']} new tokens, greedy, {payload['threads']} threads, "
         f"median of {payload['repeats']}"
+        + (" interleaved rounds" if payload.get("interleaved") else "")
     )
     idle = payload["machine"]["idle_before"]
     print(
@@ -989,11 +1072,15 @@ def print_summary(payload: dict[str, Any]) -> None:
             f"{r.get('other_processes_cores')} | {r.get('same_tokens_as_ours_ar') or ''} |"
         )
     best = s["ours_best_speculative"]
-    print("\n| peer | peer tok/s | ours AR / peer | ours speculative / peer |")
-    print("|---|---|---|---|")
+    print("\n| peer | peer tok/s | ours AR / peer | ours speculative / peer | per round |")
+    print("|---|---|---|---|---|")
     for name, r in s["ratios"].items():
         tps = payload["engines"][name]["tokens_per_second"]
-        print(f"| {name} | {tps:.1f} | {r['ours_ar_over_peer']} | {r['ours_spec_over_peer']} |")
+        rounds = ", ".join(f"{x:.2f}" for x in r.get("ours_spec_over_peer_rounds", []))
+        print(
+            f"| {name} | {tps:.1f} | {r['ours_ar_over_peer']} | {r['ours_spec_over_peer']} | "
+            f"{rounds} |"
+        )
     if best:
         print(
             f"\nours speculative = {best['config']}: {best['tokens_per_second']:.1f} tok/s, "
