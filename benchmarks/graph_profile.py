@@ -1,0 +1,187 @@
+"""Where our one-token step loses to onnxruntime-genai's: our bundle's base graph and genai's
+fp32 graph for the same model, each run for one new token on the same context length in this
+process's ONNX Runtime (so the runtime and its version are the same, only the graphs differ),
+timed in alternating blocks, then profiled with ORT's profiler: time per op type per call.
+
+    .venv/bin/python benchmarks/graph_profile.py --bundle DIR [--genai-model DIR]
+        [--context 128] [--calls 200] [--threads 2] [--name graph_profile]
+
+--genai-model defaults to peers.py's genai fp32 export (`peers.py --setup genai`). Ours runs
+through `OnnxRuntime.verify` (IO binding, native TreeAttention kernel); genai's graph through
+a plain IO binding with its KV cache shared in place as genai does it (past and present bound
+to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from _common import idle_report, machine, peers_dir, save  # noqa: E402
+
+
+def ours_step(bundle: Path, threads: int, context: int, profile: str | None):
+    """A one-token verify at `context` past tokens on our runtime; the session profiled when
+    `profile` is a file prefix. Returns (step function, session)."""
+    import onnxruntime as ort
+
+    from redrafter.runtimes import onnxruntime as ours
+
+    if profile:
+        plain = ours.session_options
+
+        def profiled(*args, **kwargs) -> ort.SessionOptions:
+            options = plain(*args, **kwargs)
+            options.enable_profiling = True
+            options.profile_file_prefix = profile
+            return options
+
+        ours.session_options = profiled
+    runtime = ours.OnnxRuntime(bundle, threads=threads)
+    if profile:
+        ours.session_options = plain
+    runtime.reset(batch=1, capacity=context + 8)
+    runtime.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
+    token, pos = np.array([[42]]), np.array([[context]])
+    mask, past = np.ones((1, 1, 1), bool), np.array([context])
+    return (lambda: runtime.verify(token, pos, mask, past)), runtime.base
+
+
+def genai_step(model: Path, threads: int, context: int, max_length: int, profile: str | None):
+    """genai's graph for one new token after `context` cached ones (cache contents do not
+    change the time), KV buffers shared in place."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    sess = ort.InferenceSession(str(model / "model.onnx"), options, ["CPUExecutionProvider"])
+    config = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
+    layers, kv, head = (
+        config["num_hidden_layers"],
+        config["num_key_value_heads"],
+        config["head_size"],
+    )
+    io = sess.io_binding()
+    caches = [np.zeros((1, kv, max_length, head), np.float32) for _ in range(2 * layers)]
+    values = [ort.OrtValue.ortvalue_from_numpy(c) for c in caches]
+    for i in range(layers):
+        for j, kind in enumerate(("key", "value")):
+            v = values[2 * i + j]
+            io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", v)
+            io.bind_ortvalue_output(f"present.{i}.{kind}", v)
+    io.bind_cpu_input("input_ids", np.array([[42]], np.int64))
+    io.bind_cpu_input("attention_mask", np.ones((1, context + 1), np.int64))
+
+    def step():
+        io.bind_output("logits", "cpu")
+        sess.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    return step, sess
+
+
+def op_times(profile_file: str, last_runs: int) -> dict[str, float]:
+    """ms per call by op type over the profile's last `last_runs` runs (the warm-up and, for
+    ours, the prefill come before them), from every node's kernel time."""
+    import bisect
+
+    events = json.loads(Path(profile_file).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    windows = runs[-last_runs:]
+    starts = [w[0] for w in windows]
+    total: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i >= 0 and e["ts"] <= windows[i][1]:
+            total[e["args"]["op_name"]] += e["dur"] / 1000
+    return dict(sorted(((k, v / len(windows)) for k, v in total.items()), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True, help="our bundle (peers.py's, any beam)")
+    ap.add_argument("--genai-model", help="genai fp32 folder [peers.py's]")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=1024, help="genai's shared KV buffer rows")
+    ap.add_argument("--calls", type=int, default=200, help="timed calls per graph")
+    ap.add_argument("--block", type=int, default=20, help="calls per alternating block")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="graph_profile")
+    args = ap.parse_args()
+    genai = Path(args.genai_model) if args.genai_model else peers_dir() / "models" / "genai-fp32"
+    idle = idle_report(2.0)
+    steps = {
+        "ours": ours_step(Path(args.bundle), args.threads, args.context, None)[0],
+        "genai": genai_step(genai, args.threads, args.context, args.max_length, None)[0],
+    }
+    for f in steps.values():
+        for _ in range(10):
+            f()
+    ms: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.calls // args.block):
+        for name, f in steps.items():
+            t = time.perf_counter()
+            for _ in range(args.block):
+                f()
+            ms[name].append(1000 * (time.perf_counter() - t) / args.block)
+    del steps
+    print(f"one token at context {args.context}, {args.threads} threads, blocks of {args.block}:")
+    for name, v in ms.items():
+        print(f"  {name}: {median(v):.2f} ms median block ({min(v):.2f} best)")
+
+    profiles: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        makers = {
+            "ours": lambda p: ours_step(Path(args.bundle), args.threads, args.context, p),
+            "genai": lambda p: genai_step(genai, args.threads, args.context, args.max_length, p),
+        }
+        for name, make in makers.items():
+            step, sess = make(str(Path(tmp) / name))
+            for _ in range(10):
+                step()
+            n = args.calls // 2
+            for _ in range(n):
+                step()
+            profiles[name] = op_times(sess.end_profiling(), n)
+            del step, sess
+    print("\nms per call by op type (ORT profiler, kernel time):")
+    ours, theirs = profiles["ours"], profiles["genai"]
+    names = sorted(set(ours) | set(theirs), key=lambda k: -max(ours.get(k, 0), theirs.get(k, 0)))
+    print("| op | ours | genai |\n|---|---|---|")
+    for k in names:
+        a, b = profiles["ours"].get(k), profiles["genai"].get(k)
+        print(f"| {k} | {'' if a is None else f'{a:.3f}'} | {'' if b is None else f'{b:.3f}'} |")
+    print(
+        f"| total | {sum(profiles['ours'].values()):.2f} | {sum(profiles['genai'].values()):.2f} |"
+    )
+    save(
+        args.name,
+        {
+            "machine": {**machine(), "idle_before": idle},
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "context": args.context,
+            "threads": args.threads,
+            "block_ms": ms,
+            "median_ms": {k: median(v) for k, v in ms.items()},
+            "profile_ms_per_call": profiles,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
