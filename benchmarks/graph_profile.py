@@ -4,12 +4,18 @@ process's ONNX Runtime (so the runtime and its version are the same, only the gr
 timed in alternating blocks, then profiled with ORT's profiler: time per op type per call.
 
     .venv/bin/python benchmarks/graph_profile.py --bundle DIR [--genai-model DIR]
-        [--context 128] [--calls 200] [--threads 2] [--name graph_profile]
+        [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both]
+        [--name graph_profile]
 
 --genai-model defaults to peers.py's genai fp32 export (`peers.py --setup genai`). Ours runs
 through `OnnxRuntime.verify` (IO binding, native TreeAttention kernel); genai's graph through
 a plain IO binding with its KV cache shared in place as genai does it (past and present bound
 to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's length).
+
+--ablate adds timing-only variants of our graph with parts cut out, to bound what fusing them
+could save: `rotary` feeds q and k to TreeAttention unrotated, `rmsnorm` skips every RMSNorm's
+normalisation (x times its weight), `both` does both. Their outputs are wrong by design; they
+are timed, never used.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -55,6 +63,61 @@ def ours_step(bundle: Path, threads: int, context: int, profile: str | None):
     token, pos = np.array([[42]]), np.array([[context]])
     mask, past = np.ones((1, 1, 1), bool), np.array([context])
     return (lambda: runtime.verify(token, pos, mask, past)), runtime.base
+
+
+def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
+    """A copy of our base graph with `cut` ("rotary", "rmsnorm") bypassed, in `folder` beside
+    the bundle's weights (a hard link, else a copy; timing only: the outputs are wrong)."""
+    import onnx
+
+    src = bundle / "onnx" / "base.onnx"
+    model = onnx.load(str(src), load_external_data=False)
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    weights = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if "rotary" in cut and node.op_type == "TreeAttention":
+            for i in (0, 1):  # q, k: Add(Mul(x, cos), Mul(rotate_half(x), sin)) -> x
+                add = made_by[node.input[i]]
+                node.input[i] = made_by[add.input[0]].input[0]
+        if "rmsnorm" in cut and node.op_type == "Mul" and node.input[0] in weights:
+            scaled = made_by.get(node.input[1])  # weight * (x * rsqrt(mean(x^2) + eps)) -> w * x
+            if scaled is not None and scaled.op_type == "Mul":
+                rsqrt = made_by.get(scaled.input[1])
+                if rsqrt is not None and rsqrt.op_type == "Reciprocal":
+                    node.input[1] = scaled.input[0]
+    outputs = {o.name for o in model.graph.output}
+    while True:  # drop the bypassed nodes (ORT would run them: their outputs are not graph outputs)
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in (bundle / "onnx").iterdir():
+        if f.suffix != ".onnx":  # ORT refuses external data reached through a symlink
+            try:
+                os.link(f, folder / f.name)
+            except OSError:  # another filesystem
+                shutil.copyfile(f, folder / f.name)
+    onnx.save(model, str(folder / "base.onnx"))
+    return folder / "base.onnx"
+
+
+def ablated_step(bundle: Path, graph: Path, threads: int, context: int):
+    """Our runtime with its base session swapped for `graph` (same options and library)."""
+    import onnxruntime as ort
+
+    from redrafter.runtimes import onnxruntime as ours
+
+    rt = ours.OnnxRuntime(bundle, threads=threads)
+    options = ours.session_options(threads, ours.native_library(), spin=True)
+    rt.base = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    rt.reset(batch=1, capacity=context + 8)
+    rt.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
+    token, pos = np.array([[42]]), np.array([[context]])
+    mask, past = np.ones((1, 1, 1), bool), np.array([context])
+    return lambda: rt.verify(token, pos, mask, past)
 
 
 def genai_step(model: Path, threads: int, context: int, max_length: int, profile: str | None):
@@ -121,14 +184,27 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="timed calls per graph")
     ap.add_argument("--block", type=int, default=20, help="calls per alternating block")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--ablate",
+        default="",
+        help="timing-only variants of our graph: rotary, rmsnorm, both (comma list)",
+    )
     ap.add_argument("--name", default="graph_profile")
     args = ap.parse_args()
     genai = Path(args.genai_model) if args.genai_model else peers_dir() / "models" / "genai-fp32"
+    bundle = Path(args.bundle)
     idle = idle_report(2.0)
     steps = {
-        "ours": ours_step(Path(args.bundle), args.threads, args.context, None)[0],
+        "ours": ours_step(bundle, args.threads, args.context, None)[0],
         "genai": genai_step(genai, args.threads, args.context, args.max_length, None)[0],
     }
+    scratch = tempfile.TemporaryDirectory()
+    cuts = {"rotary": {"rotary"}, "rmsnorm": {"rmsnorm"}, "both": {"rotary", "rmsnorm"}}
+    for variant in [v for v in args.ablate.split(",") if v]:
+        if variant not in cuts:
+            raise SystemExit(f"error: --ablate {variant!r}: choose from {', '.join(cuts)}")
+        graph = ablated(bundle, cuts[variant], Path(scratch.name) / variant)
+        steps[f"ours without {variant}"] = ablated_step(bundle, graph, args.threads, args.context)
     for f in steps.values():
         for _ in range(10):
             f()
@@ -140,6 +216,7 @@ def main() -> None:
                 f()
             ms[name].append(1000 * (time.perf_counter() - t) / args.block)
     del steps
+    scratch.cleanup()
     print(f"one token at context {args.context}, {args.threads} threads, blocks of {args.block}:")
     for name, v in ms.items():
         print(f"  {name}: {median(v):.2f} ms median block ({min(v):.2f} best)")
@@ -176,6 +253,7 @@ def main() -> None:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "context": args.context,
             "threads": args.threads,
+            "ablate": args.ablate,
             "block_ms": ms,
             "median_ms": {k: median(v) for k, v in ms.items()},
             "profile_ms_per_call": profiles,
