@@ -79,6 +79,11 @@ def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
             for i in (0, 1):  # q, k: Add(Mul(x, cos), Mul(rotate_half(x), sin)) -> x
                 add = made_by[node.input[i]]
                 node.input[i] = made_by[add.input[0]].input[0]
+        if "rmsnorm-div" in cut and node.op_type == "Mul":  # x * (1 / s) -> x / s (exact
+            recip = made_by.get(node.input[1])  # form ORT fuses into SimplifiedLayerNorm)
+            if recip is not None and recip.op_type == "Reciprocal":
+                node.op_type = "Div"
+                node.input[1] = recip.input[0]
         if "rmsnorm" in cut and node.op_type == "Mul" and node.input[0] in weights:
             scaled = made_by.get(node.input[1])  # weight * (x * rsqrt(mean(x^2) + eps)) -> w * x
             if scaled is not None and scaled.op_type == "Mul":
@@ -199,7 +204,12 @@ def main() -> None:
         "genai": genai_step(genai, args.threads, args.context, args.max_length, None)[0],
     }
     scratch = tempfile.TemporaryDirectory()
-    cuts = {"rotary": {"rotary"}, "rmsnorm": {"rmsnorm"}, "both": {"rotary", "rmsnorm"}}
+    cuts = {
+        "rotary": {"rotary"},
+        "rmsnorm": {"rmsnorm"},
+        "both": {"rotary", "rmsnorm"},
+        "rmsnorm-div": {"rmsnorm-div"},  # not a cut: the same values, in a form ORT fuses
+    }
     for variant in [v for v in args.ablate.split(",") if v]:
         if variant not in cuts:
             raise SystemExit(f"error: --ablate {variant!r}: choose from {', '.join(cuts)}")

@@ -88,6 +88,29 @@ def test_base_graph_has_one_tree_attention_node_per_layer(bundle) -> None:
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("redrafter", 1)}
 
 
+def test_rmsnorm_is_exported_in_the_form_onnx_runtime_fuses(bundle, tmp_path) -> None:
+    """Every RMSNorm (2 per layer + the final one) reaches ORT as x / Sqrt(...), which its
+    optimizer turns into one SimplifiedLayerNormalization; torch's rsqrt form stays 7 nodes."""
+    import onnxruntime as ort
+
+    norms = 2 * SHAPE["num_hidden_layers"] + 1
+    model = onnx.load(str(bundle.path("onnx/base.onnx")), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Reciprocal" not in ops and ops.count("Div") == ops.count("Sqrt") == norms
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", "optimized.data"
+    )
+    library = native_library()
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    ort.InferenceSession(str(bundle.path("onnx/base.onnx")), options, ["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    fused = [n for n in optimized.graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert len(fused) == norms
+
+
 def test_checker_passes_in_a_process_that_registered_nothing(bundle) -> None:
     code = (
         "import sys, onnx\n"
