@@ -4,7 +4,7 @@ process's ONNX Runtime (so the runtime and its version are the same, only the gr
 timed in alternating blocks, then profiled with ORT's profiler: time per op type per call.
 
     .venv/bin/python benchmarks/graph_profile.py --bundle DIR [--genai-model DIR]
-        [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both]
+        [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both,rmsnorm-div]
         [--name graph_profile]
 
 --genai-model defaults to peers.py's genai fp32 export (`peers.py --setup genai`). Ours runs
@@ -15,7 +15,8 @@ to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's len
 --ablate adds timing-only variants of our graph with parts cut out, to bound what fusing them
 could save: `rotary` feeds q and k to TreeAttention unrotated, `rmsnorm` skips every RMSNorm's
 normalisation (x times its weight), `both` does both. Their outputs are wrong by design; they
-are timed, never used.
+are timed, never used. `rmsnorm-div` is no cut: it rewrites an older bundle's RMSNorm into the
+x / Sqrt form that ONNX Runtime fuses (the form the exporter now writes).
 """
 
 from __future__ import annotations
@@ -79,16 +80,17 @@ def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
             for i in (0, 1):  # q, k: Add(Mul(x, cos), Mul(rotate_half(x), sin)) -> x
                 add = made_by[node.input[i]]
                 node.input[i] = made_by[add.input[0]].input[0]
-        if "rmsnorm-div" in cut and node.op_type == "Mul":  # x * (1 / s) -> x / s (exact
-            recip = made_by.get(node.input[1])  # form ORT fuses into SimplifiedLayerNorm)
+        if "rmsnorm-div" in cut and node.op_type == "Mul":  # x * (1 / s) -> x / s: what the
+            recip = made_by.get(node.input[1])  # exporter now writes, for older bundles
             if recip is not None and recip.op_type == "Reciprocal":
                 node.op_type = "Div"
                 node.input[1] = recip.input[0]
         if "rmsnorm" in cut and node.op_type == "Mul" and node.input[0] in weights:
-            scaled = made_by.get(node.input[1])  # weight * (x * rsqrt(mean(x^2) + eps)) -> w * x
-            if scaled is not None and scaled.op_type == "Mul":
-                rsqrt = made_by.get(scaled.input[1])
-                if rsqrt is not None and rsqrt.op_type == "Reciprocal":
+            # w * (x * rsqrt(mean(x^2) + eps)), or w * (x / sqrt(...)) as exported now -> w * x
+            scaled = made_by.get(node.input[1])
+            if scaled is not None and scaled.op_type in ("Mul", "Div"):
+                norm = made_by.get(scaled.input[1])
+                if norm is not None and norm.op_type in ("Reciprocal", "Sqrt"):
                     node.input[1] = scaled.input[0]
     outputs = {o.name for o in model.graph.output}
     while True:  # drop the bypassed nodes (ORT would run them: their outputs are not graph outputs)
@@ -192,7 +194,7 @@ def main() -> None:
     ap.add_argument(
         "--ablate",
         default="",
-        help="timing-only variants of our graph: rotary, rmsnorm, both (comma list)",
+        help="timing-only variants of our graph: rotary, rmsnorm, both, rmsnorm-div (comma list)",
     )
     ap.add_argument("--name", default="graph_profile")
     args = ap.parse_args()
@@ -204,17 +206,20 @@ def main() -> None:
         "genai": genai_step(genai, args.threads, args.context, args.max_length, None)[0],
     }
     scratch = tempfile.TemporaryDirectory()
-    cuts = {
-        "rotary": {"rotary"},
-        "rmsnorm": {"rmsnorm"},
-        "both": {"rotary", "rmsnorm"},
-        "rmsnorm-div": {"rmsnorm-div"},  # not a cut: the same values, in a form ORT fuses
+    cuts = {  # variant -> (what is cut, label)
+        "rotary": ({"rotary"}, "ours without rotary"),
+        "rmsnorm": ({"rmsnorm"}, "ours without RMSNorm"),
+        "both": ({"rotary", "rmsnorm"}, "ours without either"),
+        # Not a cut: the same values, in the form ORT fuses (export_base writes it since
+        # 2026-11-30; this variant shows the difference on bundles exported before).
+        "rmsnorm-div": ({"rmsnorm-div"}, "ours, RMSNorm as Div"),
     }
     for variant in [v for v in args.ablate.split(",") if v]:
         if variant not in cuts:
             raise SystemExit(f"error: --ablate {variant!r}: choose from {', '.join(cuts)}")
-        graph = ablated(bundle, cuts[variant], Path(scratch.name) / variant)
-        steps[f"ours without {variant}"] = ablated_step(bundle, graph, args.threads, args.context)
+        cut, label = cuts[variant]
+        graph = ablated(bundle, cut, Path(scratch.name) / variant)
+        steps[label] = ablated_step(bundle, graph, args.threads, args.context)
     for f in steps.values():
         for _ in range(10):
             f()
