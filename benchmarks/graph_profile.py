@@ -39,26 +39,23 @@ import numpy as np  # noqa: E402
 from _common import idle_report, machine, peers_dir, save  # noqa: E402
 
 
-def ours_step(bundle: Path, threads: int, context: int, profile: str | None):
-    """A one-token verify at `context` past tokens on our runtime; the session profiled when
-    `profile` is a file prefix. Returns (step function, session)."""
+def ours_step(bundle: Path, threads: int, context: int, profile: str | None, graph=None):
+    """A one-token verify at `context` past tokens on our runtime. `graph` replaces the
+    bundle's base graph (an `ablated` copy); `profile` (a file prefix) turns ORT's profiler on.
+    Returns (step function, base session)."""
     import onnxruntime as ort
 
     from redrafter.runtimes import onnxruntime as ours
 
-    if profile:
-        plain = ours.session_options
-
-        def profiled(*args, **kwargs) -> ort.SessionOptions:
-            options = plain(*args, **kwargs)
+    runtime = ours.OnnxRuntime(bundle, threads=threads)
+    if profile or graph:  # the base session again: the runtime's options, plus these
+        library = ours.native_library() if runtime.implementation == "native" else None
+        options = ours.session_options(threads, library, spin=True)
+        if profile:
             options.enable_profiling = True
             options.profile_file_prefix = profile
-            return options
-
-        ours.session_options = profiled
-    runtime = ours.OnnxRuntime(bundle, threads=threads)
-    if profile:
-        ours.session_options = plain
+        path = str(graph or bundle / "onnx" / "base.onnx")
+        runtime.base = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     runtime.reset(batch=1, capacity=context + 8)
     runtime.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
     token, pos = np.array([[42]]), np.array([[context]])
@@ -109,22 +106,6 @@ def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
                 shutil.copyfile(f, folder / f.name)
     onnx.save(model, str(folder / "base.onnx"))
     return folder / "base.onnx"
-
-
-def ablated_step(bundle: Path, graph: Path, threads: int, context: int):
-    """Our runtime with its base session swapped for `graph` (same options and library)."""
-    import onnxruntime as ort
-
-    from redrafter.runtimes import onnxruntime as ours
-
-    rt = ours.OnnxRuntime(bundle, threads=threads)
-    options = ours.session_options(threads, ours.native_library(), spin=True)
-    rt.base = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    rt.reset(batch=1, capacity=context + 8)
-    rt.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
-    token, pos = np.array([[42]]), np.array([[context]])
-    mask, past = np.ones((1, 1, 1), bool), np.array([context])
-    return lambda: rt.verify(token, pos, mask, past)
 
 
 def genai_step(model: Path, threads: int, context: int, max_length: int, profile: str | None):
@@ -219,7 +200,7 @@ def main() -> None:
             raise SystemExit(f"error: --ablate {variant!r}: choose from {', '.join(cuts)}")
         cut, label = cuts[variant]
         graph = ablated(bundle, cut, Path(scratch.name) / variant)
-        steps[label] = ablated_step(bundle, graph, args.threads, args.context)
+        steps[label] = ours_step(bundle, args.threads, args.context, None, graph)[0]
     for f in steps.values():
         for _ in range(10):
             f()

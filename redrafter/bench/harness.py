@@ -123,7 +123,7 @@ def run_once(
                 stats.phase_seconds[k] += v
             stats.tokens += n
             stats.steps += 1
-            stats.verified += int(step.verified[0]) if step.verified is not None else n
+            stats.verified += int(step.verified[0])
             stats.seconds += wall
             # Every token of a step becomes visible when the step ends.
             stats.token_latencies_ms += [1000 * wall / max(n, 1)] * n
