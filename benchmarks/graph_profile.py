@@ -5,16 +5,20 @@ timed in alternating blocks, then profiled with ORT's profiler: time per op type
 
     .venv/bin/python benchmarks/graph_profile.py --bundle DIR [--genai-model DIR]
         [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both,rmsnorm-div]
-        [--name graph_profile]
+        [--baseline OLD_BUNDLE] [--name graph_profile]
 
 --genai-model defaults to peers.py's genai fp32 export (`peers.py --setup genai`). Ours runs
 through `OnnxRuntime.verify` (IO binding, native TreeAttention kernel); genai's graph through
 a plain IO binding with its KV cache shared in place as genai does it (past and present bound
 to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's length).
 
+--baseline times another bundle of the same model in the same blocks (e.g. one exported by an
+older redrafter, to measure an exporter change).
+
 --ablate adds timing-only variants of our graph with parts cut out, to bound what fusing them
-could save: `rotary` feeds q and k to TreeAttention unrotated, `rmsnorm` skips every RMSNorm's
-normalisation (x times its weight), `both` does both. Their outputs are wrong by design; they
+could save: `rotary` feeds q and k to TreeAttention unrotated (bundles of TreeAttention version 1
+only: version 2 rotates inside the op), `rmsnorm` skips every RMSNorm's normalisation (x times
+its weight), `both` does both. Their outputs are wrong by design; they
 are timed, never used. `rmsnorm-div` is no cut: it rewrites an older bundle's RMSNorm into the
 x / Sqrt form that ONNX Runtime fuses (the form the exporter now writes).
 """
@@ -73,7 +77,7 @@ def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
     made_by = {o: n for n in model.graph.node for o in n.output}
     weights = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
-        if "rotary" in cut and node.op_type == "TreeAttention":
+        if "rotary" in cut and node.op_type == "TreeAttention" and len(node.input) == 7:
             for i in (0, 1):  # q, k: Add(Mul(x, cos), Mul(rotate_half(x), sin)) -> x
                 add = made_by[node.input[i]]
                 node.input[i] = made_by[add.input[0]].input[0]
@@ -177,6 +181,7 @@ def main() -> None:
         default="",
         help="timing-only variants of our graph: rotary, rmsnorm, both, rmsnorm-div (comma list)",
     )
+    ap.add_argument("--baseline", help="another bundle to time alongside (an older export)")
     ap.add_argument("--name", default="graph_profile")
     args = ap.parse_args()
     genai = Path(args.genai_model) if args.genai_model else peers_dir() / "models" / "genai-fp32"
@@ -186,6 +191,10 @@ def main() -> None:
         "ours": ours_step(bundle, args.threads, args.context, None)[0],
         "genai": genai_step(genai, args.threads, args.context, args.max_length, None)[0],
     }
+    if args.baseline:
+        steps["ours (baseline bundle)"] = ours_step(
+            Path(args.baseline), args.threads, args.context, None
+        )[0]
     scratch = tempfile.TemporaryDirectory()
     cuts = {  # variant -> (what is cut, label)
         "rotary": ({"rotary"}, "ours without rotary"),
@@ -250,6 +259,7 @@ def main() -> None:
             "context": args.context,
             "threads": args.threads,
             "ablate": args.ablate,
+            "baseline": args.baseline,
             "block_ms": ms,
             "median_ms": {k: median(v) for k, v in ms.items()},
             "profile_ms_per_call": profiles,

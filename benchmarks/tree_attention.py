@@ -12,7 +12,7 @@ fp32, S = 8192 + 64, median wall time of one call, --threads threads (default 1)
   native     ORT CPU provider, the library registered, one TreeAttention node, shared IO binding
   portable   ORT CPU provider, no library: the same node's ONNX function body from
              redrafter.export.tree_attention (skipped when that module is absent)
-  torch      redrafter.models.attention.tree_attention (scatter into the cache + SDPA over S)
+  torch      redrafter.models.attention.attend (scatter into the cache + SDPA over S)
   numpy      a vectorised numpy implementation over the P+N live keys
 In place: 1000 calls on a 100 MiB cache pair (S=65536) with the shared binding, then without it
 (ORT allocates fresh outputs and the kernel copies the whole cache): RSS and time per call.
@@ -43,7 +43,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from redrafter import ops  # noqa: E402
-from redrafter.models.attention import tree_attention as torch_tree_attention  # noqa: E402
+from redrafter.models.attention import attend as torch_tree_attention  # noqa: E402
 
 B, HQ, HKV, D = 1, 9, 3, 64
 INPUTS = ["query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask"]

@@ -57,7 +57,8 @@ if [[ -n "$nvcc" ]]; then
   pids+=($!)
   objects+=("$obj/tree_attention_cuda.o")
 fi
-for file in tree_attention_cpu.cc kv_commit_cpu.cc tree_attention_emulation.cc c_api.cc register_ops.cc; do
+for file in tree_attention_cpu.cc tree_attention_rotary_cpu.cc kv_commit_cpu.cc tree_attention_emulation.cc \
+    c_api.cc register_ops.cc; do
   compile_cxx "$file"
 done
 

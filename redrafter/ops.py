@@ -25,7 +25,7 @@ from redrafter.errors import RuntimeUnavailableError
 DOMAIN = "redrafter"
 TREE_ATTENTION = "TreeAttention"
 KV_COMMIT = "KVCommit"
-VERSION = 1
+VERSION = 2  # the newest TreeAttention version (the library runs 1 and 2; KVCommit is 1 and up)
 
 LIBRARY_ENV = "REDRAFTER_OPS_LIBRARY"
 LIBRARY_NAME = "libredrafter_ops.so"
@@ -99,6 +99,8 @@ def load_c_api(path: Path | None = None) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = attention + [last]
         fn.restype = i32
+    lib.rd_tree_attention_rotary_cuda.argtypes = attention + [ptr, ptr, ptr]  # cos, sin, stream
+    lib.rd_tree_attention_rotary_cuda.restype = i32
     commit = [i32, i64, i64, i64, i64, i64, i64] + [ptr] * 5
     lib.rd_kv_commit_cpu.argtypes = commit
     lib.rd_kv_commit_cuda.argtypes = commit + [ptr]

@@ -261,13 +261,15 @@ TREE_INPUTS = ["query", "key", "value", "key_cache", "value_cache", "past_len", 
 TREE_OUTPUTS = ["output", "key_cache_out", "value_cache_out"]
 
 
-def tree_attention_model(dtype, scale=None) -> bytes:
-    """One TreeAttention node in domain `redrafter` v1, with symbolic dims."""
+def tree_attention_model(dtype, scale=None, version=1) -> bytes:
+    """One TreeAttention node in domain `redrafter` of `version`, with symbolic dims: version 1
+    head-major and rotated, version 2 token-major (QW = Hq*D, KW = Hkv*D) plus cos and sin."""
     t = ELEM[dtype]
+    heads = ["B", "Hq", "N", "D"]
     dims = {
-        "query": ["B", "Hq", "N", "D"],
-        "key": ["B", "Hkv", "N", "D"],
-        "value": ["B", "Hkv", "N", "D"],
+        "query": heads if version == 1 else ["B", "N", "QW"],
+        "key": ["B", "Hkv", "N", "D"] if version == 1 else ["B", "N", "KW"],
+        "value": ["B", "Hkv", "N", "D"] if version == 1 else ["B", "N", "KW"],
         "key_cache": ["B", "Hkv", "S", "D"],
         "value_cache": ["B", "Hkv", "S", "D"],
     }
@@ -276,16 +278,18 @@ def tree_attention_model(dtype, scale=None) -> bytes:
         helper.make_tensor_value_info("past_len", TensorProto.INT64, ["B"]),
         helper.make_tensor_value_info("tree_mask", TensorProto.BOOL, ["B", "N", "N"]),
     ]
+    names = TREE_INPUTS
+    if version == 2:
+        inputs += [helper.make_tensor_value_info(n, t, ["B", "N", "D"]) for n in ("cos", "sin")]
+        names = [*TREE_INPUTS, "cos", "sin"]
     outputs = [
-        helper.make_tensor_value_info("output", t, ["B", "Hq", "N", "D"]),
+        helper.make_tensor_value_info("output", t, dims["query"]),
         helper.make_tensor_value_info("key_cache_out", t, ["B", "Hkv", "S", "D"]),
         helper.make_tensor_value_info("value_cache_out", t, ["B", "Hkv", "S", "D"]),
     ]
     attrs = {} if scale is None else {"scale": float(scale)}
-    node = helper.make_node(
-        ops.TREE_ATTENTION, TREE_INPUTS, TREE_OUTPUTS, domain=ops.DOMAIN, **attrs
-    )
-    return _model(node, inputs, outputs)
+    node = helper.make_node(ops.TREE_ATTENTION, names, TREE_OUTPUTS, domain=ops.DOMAIN, **attrs)
+    return _model(node, inputs, outputs, version)
 
 
 def kv_commit_model(dtype, rank) -> bytes:
@@ -304,11 +308,11 @@ def kv_commit_model(dtype, rank) -> bytes:
     return _model(node, inputs, outputs)
 
 
-def _model(node, inputs, outputs) -> bytes:
+def _model(node, inputs, outputs, version=1) -> bytes:
     graph = helper.make_graph([node], "redrafter_op", inputs, outputs)
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.VERSION)],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, version)],
     )
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -327,8 +331,9 @@ def run_bound(sess, x, *, shared: bool):
     """Runs TreeAttention through IO binding. shared: one OrtValue per cache bound as input and
     as output (the in-place pattern); else ORT allocates the cache outputs."""
     binding = sess.io_binding()
-    for name in ("query", "key", "value", "past_len", "tree_mask"):
-        binding.bind_cpu_input(name, x[name])
+    for name in ("query", "key", "value", "past_len", "tree_mask", "cos", "sin"):
+        if name in x:
+            binding.bind_cpu_input(name, x[name])
     binding.bind_output("output")
     for name in ("key_cache", "value_cache"):
         value = ort.OrtValue.ortvalue_from_numpy(x[name])
@@ -392,14 +397,14 @@ def test_ort_rejects_bad_mask_shape(lib):
         sess.run(None, x)
 
 
-def with_portable_body(model: bytes) -> bytes:
+def with_portable_body(model: bytes, version=1) -> bytes:
     """The same node plus the exporter's portable function body (redrafter.export)."""
     export = pytest.importorskip(
         "redrafter.export.tree_attention", reason="the ONNX export module is not in this checkout"
     )
     proto = onnx.load_from_string(model)
     proto.opset_import[0].version = 18  # the body needs opset >= 18
-    proto.functions.append(export.function_body(18))
+    proto.functions.append(export.function_body(18, version))
     return proto.SerializeToString()
 
 
@@ -419,6 +424,89 @@ def test_portable_body_and_native_kernel_agree(lib, case, capfd):
     assert "copies the whole cache" in capfd.readouterr().err
     assert_close(out_native, ref, np.float32)
     np.testing.assert_array_equal(kc_native, kc_want)
+
+
+# ---- TreeAttention version 2: token-major projections, rotary inside -----------------------------
+
+
+def rotary_inputs(case, dtype, seed):
+    """Version 2's inputs for `case` and what version 1 (the numpy reference) sees for them:
+    (inputs, head-major rotated inputs). Angles of positions up to ~1000, as a decode has."""
+    x = make_inputs(case, dtype, seed)
+    B, Hq, Hkv, N, D, _ = case
+    rng = np.random.default_rng(seed + 1)
+    angles = rng.uniform(0, 1000, (B, N, 1)) * (1e-4 ** (np.arange(D // 2) / (D // 2)))
+    angles = np.concatenate([angles, angles], axis=-1)  # (B, N, D): halves equal, as HF's
+    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+    def tokens(heads):  # (B, H, N, D) -> (B, N, H*D)
+        return np.ascontiguousarray(heads.transpose(0, 2, 1, 3).reshape(B, N, -1))
+
+    def rotated(heads):  # x·cos + rotate_half(x)·sin in float32, rounded once (the kernels')
+        f = heads.astype(np.float32)
+        half = np.concatenate([-f[..., D // 2 :], f[..., : D // 2]], axis=-1)
+        c, s = cos.astype(np.float32)[:, None], sin.astype(np.float32)[:, None]
+        return (f * c + half * s).astype(dtype)
+
+    v2 = {**x, "query": tokens(x["query"]), "key": tokens(x["key"]), "value": tokens(x["value"])}
+    v2 |= {"cos": cos, "sin": sin}
+    heads = {**x, "query": rotated(x["query"]), "key": rotated(x["key"])}
+    return v2, heads
+
+
+def reference_v2(heads, **kw):
+    """The numpy reference on the head-major rotated inputs, output merged to (B, N, Hq*D)."""
+    out, kc, vc = reference(**heads, **kw)
+    B, Hq, N, D = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(B, N, Hq * D), kc, vc
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ort_v2_in_place_matches_reference(lib, case, dtype):
+    sess = session(tree_attention_model(dtype, version=2))
+    x, heads = rotary_inputs(case, dtype, seed=20)
+    ref, kc_want, vc_want = reference_v2(heads)
+    outputs = run_bound(sess, x, shared=True)
+    assert outputs[0].shape == x["query"].shape
+    assert_close(outputs[0], ref, dtype)
+    # The rotated keys are what the cache keeps (bit-identical: same float ops, one rounding).
+    np.testing.assert_array_equal(x["key_cache"], kc_want)
+    np.testing.assert_array_equal(x["value_cache"], vc_want)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=str)
+def test_v2_portable_body_and_native_kernel_agree(lib, case, capfd):
+    model = with_portable_body(tree_attention_model(np.float32, scale=0.3, version=2), 2)
+    x, heads = rotary_inputs(case, np.float32, seed=21)
+    ref, kc_want, _ = reference_v2(heads, scale=0.3)
+    portable = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    out_body, kc_body, _ = portable.run(None, x)
+    assert_close(out_body, ref, np.float32)
+    np.testing.assert_allclose(kc_body, kc_want, rtol=0, atol=1e-6)  # ORT may fuse mul-add
+    capfd.readouterr()
+    out_native, kc_native, _ = run_bound(session(model), x, shared=False)
+    assert "copies the whole cache" in capfd.readouterr().err  # the native kernel ran
+    assert_close(out_native, ref, np.float32)
+    np.testing.assert_array_equal(kc_native, kc_want)
+
+
+def test_ort_v2_rejects_a_query_width_that_is_not_whole_heads(lib):
+    sess = session(tree_attention_model(np.float32, version=2))
+    x, _ = rotary_inputs((2, 4, 2, 3, 8, 20), np.float32, seed=22)
+    x["query"] = x["query"][..., :-3].copy()  # 29 columns: not a multiple of D = 8
+    with pytest.raises(
+        Exception, match=r"query width 29 must be a multiple of the cache's head dim 8"
+    ):
+        sess.run(None, x)
+
+
+def test_ort_v1_node_still_runs_beside_v2(lib):
+    """Bundles exported before version 2 keep running on this library."""
+    x = make_inputs((2, 6, 3, 5, 16, 40), np.float32, seed=23)
+    ref, _, _ = reference(**x)
+    out, _, _ = session(tree_attention_model(np.float32, version=1)).run(None, x)
+    assert_close(out, ref, np.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -486,6 +574,45 @@ def test_cuda_kernel_matches_reference(lib, case, dtype):
     torch.cuda.synchronize()
     assert_close(out.cpu().numpy(), ref, dtype)
     np.testing.assert_array_equal(dev["key_cache"].cpu().numpy(), kc_want)
+    np.testing.assert_array_equal(dev["value_cache"].cpu().numpy(), vc_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_v2_matches_reference(lib, case, dtype):
+    """Version 2's prologue/epilogue kernels around the CUDA kernel."""
+    torch = _cuda_or_skip(lib)
+    x, heads = rotary_inputs(case, dtype, seed=24)
+    ref, kc_want, vc_want = reference_v2(heads)
+    dev = {k: torch.from_numpy(v).cuda() for k, v in x.items() if k != "past_len"}
+    out = torch.full_like(dev["query"], float("nan"))
+    B, Hq, Hkv, N, D, S = case
+    ptrs = [dev[k].data_ptr() for k in TREE_INPUTS if k != "past_len"]
+    rc = lib.rd_tree_attention_rotary_cuda(
+        1 if dtype == np.float32 else 10,
+        B,
+        Hq,
+        Hkv,
+        N,
+        D,
+        S,
+        0.0,
+        *ptrs[:5],
+        x["past_len"].ctypes.data,
+        ptrs[5],
+        out.data_ptr(),
+        dev["key_cache"].data_ptr(),
+        dev["value_cache"].data_ptr(),
+        dev["cos"].data_ptr(),
+        dev["sin"].data_ptr(),
+        torch.cuda.current_stream().cuda_stream,
+    )
+    assert rc == 0, lib.rd_last_error().decode()
+    torch.cuda.synchronize()
+    assert_close(out.cpu().numpy(), ref, dtype)
+    # nvcc contracts the rotary's mul-add into an FMA: the rotated keys may differ in the last bit.
+    tol = {np.float32: 1e-6, np.float16: 2e-3}[dtype]
+    np.testing.assert_allclose(dev["key_cache"].cpu().numpy(), kc_want, rtol=tol, atol=tol)
     np.testing.assert_array_equal(dev["value_cache"].cpu().numpy(), vc_want)
 
 

@@ -71,7 +71,7 @@ def test_bundle_layout_and_manifest(bundle) -> None:
     assert {"onnx/base.onnx", "onnx/drafter-w3-l4.onnx", "tokenizer/tokenizer.json"} <= files
     m = bundle.manifest
     assert m["format_version"] == 1 and m["dtype"] == "float32"
-    assert m["custom_op"] == {"domain": "redrafter", "name": "TreeAttention", "version": 1}
+    assert m["custom_op"] == {"domain": "redrafter", "name": "TreeAttention", "version": 2}
     assert m["beam"] == {"width": 3, "length": 4} and m["onnx"]["opset"] == 18
     assert m["parity"]["passed"]
     for meta in m["files"].values():
@@ -85,7 +85,11 @@ def test_base_graph_has_one_tree_attention_node_per_layer(bundle) -> None:
     nodes = [n for n in model.graph.node if n.domain == "redrafter"]
     assert [n.op_type for n in nodes] == ["TreeAttention"] * SHAPE["num_hidden_layers"]
     assert [(f.domain, f.name) for f in model.functions] == [("redrafter", "TreeAttention")]
-    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("redrafter", 1)}
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 18), ("redrafter", 2)}
+    # Version 2: the op takes the projections and the rotary table; no head split, rotary or
+    # head merge is left in the graph (they cost ~20 small nodes per layer).
+    assert all(len(n.input) == 9 for n in nodes)
+    assert not {"Transpose", "Neg", "Split"} & {n.op_type for n in model.graph.node}
 
 
 def test_rmsnorm_is_exported_in_the_form_onnx_runtime_fuses(bundle, tmp_path) -> None:

@@ -128,6 +128,27 @@ int rd_tree_attention_cuda(RD_ATTENTION_PARAMS, void* stream) {
 #endif
 }
 
+int rd_tree_attention_rotary_cuda(RD_ATTENTION_PARAMS, const void* cos, const void* sin,
+                                  void* stream) {
+  const redrafter::TreeAttentionArgs a = RD_ATTENTION_ARGS;
+  const auto check = [](const redrafter::TreeAttentionArgs& args) {
+    return args.D % 2 != 0 ? "TreeAttention version 2: head dim " + std::to_string(args.D) +
+                                 " must be even (rotate_half)"
+                           : redrafter::check_tree_attention(args);
+  };
+#if defined(REDRAFTER_WITH_CUDA)
+  const redrafter::RotaryLayoutArgs r{query, key, value, cos, sin, output};
+  return guarded(a, check, [&] { return redrafter::tree_attention_rotary_cuda(a, r, stream); });
+#else
+  (void)a;
+  (void)check;
+  (void)cos;
+  (void)sin;
+  (void)stream;
+  return fail("this redrafter ops library was built without CUDA (no nvcc at build time)");
+#endif
+}
+
 int rd_kv_commit_cpu(int dtype, int64_t Z, int64_t B, int64_t Hkv, int64_t S, int64_t D,
                      int64_t K, const void* cache, void* cache_out, const int64_t* past_len,
                      const int64_t* source, const int64_t* count) {

@@ -10,7 +10,7 @@
 #define REDRAFTER_OP_DOMAIN "redrafter"
 #define REDRAFTER_TREE_ATTENTION_OP "TreeAttention"
 #define REDRAFTER_KV_COMMIT_OP "KVCommit"
-#define REDRAFTER_OP_VERSION 1
+#define REDRAFTER_OP_VERSION 2  // the newest TreeAttention version implemented (1 and 2 are)
 
 // Element types, numbered as ONNX's TensorProto.DataType.
 #define RD_DTYPE_FLOAT32 1
@@ -63,6 +63,18 @@ RD_EXPORT int rd_tree_attention_cuda(int dtype, int64_t B, int64_t Hq, int64_t H
                                      const void* value_cache, const int64_t* past_len,
                                      const uint8_t* tree_mask, void* output, void* key_cache_out,
                                      void* value_cache_out, void* stream);
+
+// TreeAttention version 2 with the CUDA kernel (tree_attention.h): query [B, N, Hq*D] and
+// key, value [B, N, Hkv*D] before rotary, cos and sin [B, N, D], output [B, N, Hq*D]; the rest
+// as rd_tree_attention_cuda. D must be even.
+RD_EXPORT int rd_tree_attention_rotary_cuda(int dtype, int64_t B, int64_t Hq, int64_t Hkv,
+                                            int64_t N, int64_t D, int64_t S, float scale,
+                                            const void* query, const void* key,
+                                            const void* value, const void* key_cache,
+                                            const void* value_cache, const int64_t* past_len,
+                                            const uint8_t* tree_mask, void* output,
+                                            void* key_cache_out, void* value_cache_out,
+                                            const void* cos, const void* sin, void* stream);
 
 // KVCommit on a cache of shape [Z, B, Hkv, S, D] (Z: the product of any leading dims, e.g.
 // layers x 2). past_len, count: [B] int64; source: [B, K] int64. cache_out may equal cache.

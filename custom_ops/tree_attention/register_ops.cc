@@ -96,7 +96,8 @@ OrtStatus* guarded(Body body) {
 // ---- TreeAttention ---------------------------------------------------------------------------
 
 struct TreeAttentionKernel {
-  TreeAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, bool cuda) : cuda_(cuda) {
+  TreeAttentionKernel(const OrtApi& api, const OrtKernelInfo* info, bool cuda, int version)
+      : cuda_(cuda), version_(version) {
     float scale = 0.0f;
     if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, "scale", &scale)) {
       api.ReleaseStatus(status);  // absent: 1/sqrt(D)
@@ -112,19 +113,37 @@ struct TreeAttentionKernel {
       const Input q = get_input(ctx, 0), k = get_input(ctx, 1), v = get_input(ctx, 2),
                   kc = get_input(ctx, 3), vc = get_input(ctx, 4), past = get_input(ctx, 5),
                   mask = get_input(ctx, 6);
-      if (q.shape.size() != 4 || kc.shape.size() != 4)
+      const bool v2 = version_ >= 2;  // token-major [B, N, H*D] and rotary inside
+      if (q.shape.size() != (v2 ? 3u : 4u) || kc.shape.size() != 4)
         return error_status(std::string(op) + ": query " + shape_string(q.shape) +
-                            " and key_cache " + shape_string(kc.shape) +
-                            " must be 4-D [B, H, N, D] and [B, Hkv, S, D]");
-      const int64_t B = q.shape[0], Hq = q.shape[1], N = q.shape[2], D = q.shape[3];
-      const int64_t Hkv = kc.shape[1], S = kc.shape[2];
+                            " and key_cache " + shape_string(kc.shape) + " must be " +
+                            (v2 ? "[B, N, Hq*D]" : "[B, Hq, N, D]") + " and [B, Hkv, S, D]");
+      const int64_t B = q.shape[0], Hkv = kc.shape[1], S = kc.shape[2], D = kc.shape[3];
+      const int64_t N = v2 ? q.shape[1] : q.shape[2];
+      if (v2 && (D <= 0 || D % 2 != 0 || q.shape[2] % D != 0))
+        return error_status(std::string(op) + ": query width " + std::to_string(q.shape[2]) +
+                            " must be a multiple of the cache's head dim " + std::to_string(D) +
+                            ", which must be even (rotate_half)");
+      const int64_t Hq = v2 ? q.shape[2] / D : q.shape[1];
+      const std::vector<int64_t> kv_shape =
+          v2 ? std::vector<int64_t>{B, N, Hkv * D} : std::vector<int64_t>{B, Hkv, N, D};
       std::string err;
       for (const std::string& e :
-           {expect_shape(op, "key", k, {B, Hkv, N, D}), expect_shape(op, "value", v, {B, Hkv, N, D}),
+           {expect_shape(op, "key", k, kv_shape), expect_shape(op, "value", v, kv_shape),
             expect_shape(op, "key_cache", kc, {B, Hkv, S, D}),
             expect_shape(op, "value_cache", vc, {B, Hkv, S, D}),
             expect_shape(op, "past_len", past, {B}), expect_shape(op, "tree_mask", mask, {B, N, N})})
         if (err.empty()) err = e;
+      Input cos{}, sin{};
+      if (v2) {
+        if (!ctx.GetInput(7) || !ctx.GetInput(8))
+          return error_status(std::string(op) + ": cos and sin must both be given (version 2)");
+        cos = get_input(ctx, 7);
+        sin = get_input(ctx, 8);
+        for (const std::string& e :
+             {expect_shape(op, "cos", cos, {B, N, D}), expect_shape(op, "sin", sin, {B, N, D})})
+          if (err.empty()) err = e;
+      }
       if (!err.empty()) return error_status(err);
       for (const Input* in : {&k, &v, &kc, &vc})
         if (in->type != q.type)
@@ -155,13 +174,18 @@ struct TreeAttentionKernel {
       a.value_cache_out = ctx.GetOutput(2, vc.shape).GetTensorMutableRawData();
       if (a.key_cache_out != a.key_cache || a.value_cache_out != a.value_cache)
         warn_copy_once(ctx, copy_warning_, op);
+      const RotaryLayoutArgs r{q.data, k.data, v.data, cos.data, sin.data, a.output};
 
       if (!cuda_) {
-        tree_attention_cpu(a, OrtRunner(ctx));
+        if (v2)
+          tree_attention_rotary_cpu(a, r, OrtRunner(ctx));
+        else
+          tree_attention_cpu(a, OrtRunner(ctx));
         return nullptr;
       }
 #if defined(REDRAFTER_WITH_CUDA)
-      err = tree_attention_cuda(a, ctx.GetGPUComputeStream());
+      void* stream = ctx.GetGPUComputeStream();
+      err = v2 ? tree_attention_rotary_cuda(a, r, stream) : tree_attention_cuda(a, stream);
       return err.empty() ? nullptr : error_status(err, ORT_RUNTIME_EXCEPTION);
 #else
       return error_status("redrafter ops: built without CUDA", ORT_NOT_IMPLEMENTED);
@@ -171,23 +195,45 @@ struct TreeAttentionKernel {
 
  private:
   bool cuda_;
+  int version_;
   float scale_;
   std::once_flag copy_warning_;
 };
 
+// One registration serves both op versions. ORT keeps one schema per op name (one input count),
+// and a versioned registration is not matched by the model's opset version, so the node's own
+// inputs tell: version 2 nodes have cos and sin (inputs 7 and 8), version 1 nodes stop at 7.
 template <ONNXTensorElementDataType kType, bool kCuda>
 struct TreeAttentionOp
     : Ort::CustomOpBase<TreeAttentionOp<kType, kCuda>, TreeAttentionKernel, /*WithStatus=*/true> {
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&]() -> OrtStatus* {
-      *kernel = new TreeAttentionKernel(api, info, kCuda);
+      const int version = Ort::ConstKernelInfo(info).GetInputCount() >= 9 ? 2 : 1;
+      *kernel = new TreeAttentionKernel(api, info, kCuda, version);
       return nullptr;
     });
   }
+  // Output shapes for ORT's graph optimizers: without them nothing downstream of the op has a
+  // shape, and shape-guarded fusions (the residual Add into SkipSimplifiedLayerNormalization)
+  // never fire. output is shaped as query, the cache outputs as the caches.
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    try {
+      for (const auto& [out, in] : {std::pair<size_t, size_t>{0, 0}, {1, 3}, {2, 4}}) {
+        Ort::Status status = ctx.SetOutputShape(out, ctx.GetInputShape(in), kType);
+        if (!status.IsOK()) return status.release();
+      }
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    }
+  }
   const char* GetName() const { return REDRAFTER_TREE_ATTENTION_OP; }
   const char* GetExecutionProviderType() const { return kCuda ? kCudaProvider : kCpuProvider; }
-  // query, key, value, key_cache, value_cache, past_len, tree_mask
-  size_t GetInputTypeCount() const { return 7; }
+  // query, key, value, key_cache, value_cache, past_len, tree_mask, cos, sin (version 2 only)
+  size_t GetInputTypeCount() const { return 9; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 5) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     if (i == 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;

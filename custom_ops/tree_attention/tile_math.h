@@ -90,6 +90,19 @@ RD_HD float from_float<float>(float x) { return x; }
 template <>
 RD_HD uint16_t from_float<uint16_t>(float x) { return float_to_half(x); }
 
+// ---- TreeAttention version 2's prologue ----------------------------------------------------
+
+// Element d of one head's row after rotary: x[d]·cos[d] + rotate_half(x)[d]·sin[d], with HF's
+// rotate_half pairs (d, d + D/2), computed in float and rounded once. `row` is the head's D
+// values before rotary, `cos`/`sin` the token's D-entry table; cos == nullptr copies (values).
+template <typename T>
+RD_HD T rotary_element(const T* row, const T* cos, const T* sin, int64_t d, int64_t D) {
+  if (cos == nullptr) return row[d];
+  const int64_t half = D / 2;
+  const float pair = d < half ? -to_float(row[d + half]) : to_float(row[d - half]);
+  return from_float<T>(to_float(row[d]) * to_float(cos[d]) + pair * to_float(sin[d]));
+}
+
 // ---- grouped-query attention ---------------------------------------------------------------
 
 // Query head h reads key/value head h / G (G = Hq / Hkv), HF's repeat_kv order.

@@ -27,6 +27,21 @@
 //   (all other slots equal the input caches)
 //
 // ---------------------------------------------------------------------------------------------
+// TreeAttention version 2 (what ONNX bundles carry since version 2; docs/tree_attention.md):
+// version 1 with the head split, the rotary and the head merge moved into the op, so a graph
+// spends one node per layer on them instead of ~20 small ones.
+//   inputs  query        [B, N, Hq * D]   T, before rotary (the q projection as it comes)
+//           key, value   [B, N, Hkv * D]  T, key before rotary
+//           key_cache, value_cache, past_len, tree_mask   as version 1
+//           cos, sin     [B, N, D]        T, the rotary table of each new token's position
+//   outputs output       [B, N, Hq * D]   T
+//           key_cache_out, value_cache_out   as version 1 (the rotated keys are written)
+//   D and Hkv come from key_cache, Hq = query width / D; D is even.
+//   rot(x)[d] = x[d] * cos[d] + (d < D/2 ? -x[d + D/2] : x[d - D/2]) * sin[d]  (float, one
+//   rounding to T); version 1 then runs on q = rot(query) and k = rot(key) split into heads
+//   ([B, H, N, D]) and v = value split likewise, and its output is merged back.
+//
+// ---------------------------------------------------------------------------------------------
 // KVCommit (the commit of §3.6: the n+1 accepted packed rows move to [P, P+n+1))
 //   inputs  cache     [..., B, Hkv, S, D]  T; rank >= 4, leading dims flattened to Z: one stacked
 //                     buffer [layers, 2, B, Hkv, S, D] commits every layer in one call; a
@@ -84,6 +99,17 @@ struct TreeAttentionArgs {
   }
 };
 
+// Version 2's token-major tensors; the TreeAttentionArgs beside them give the shapes, caches,
+// past_len and mask, and their query/key/value/output are scratch the implementation fills.
+struct RotaryLayoutArgs {
+  const void* query;  // [B, N, Hq * D], before rotary
+  const void* key;    // [B, N, Hkv * D], before rotary
+  const void* value;  // [B, N, Hkv * D]
+  const void* cos;    // [B, N, D]
+  const void* sin;    // [B, N, D]
+  void* output;       // [B, N, Hq * D]
+};
+
 struct KVCommitArgs {
   DType dtype;
   int64_t Z, B, Hkv, S, D, K;
@@ -128,6 +154,9 @@ struct ThreadRunner final : ParallelRunner {
 // CPU kernels (host pointers). Arguments must have passed the checks above.
 void tree_attention_cpu(const TreeAttentionArgs& a, const ParallelRunner& runner);
 void kv_commit_cpu(const KVCommitArgs& a);
+// Version 2 on the CPU: the prologue into per-thread scratch, tree_attention_cpu, the epilogue.
+void tree_attention_rotary_cpu(TreeAttentionArgs a, const RotaryLayoutArgs& r,
+                               const ParallelRunner& runner);
 
 // The CUDA kernel's algorithm, sequentially on the host (see rd_tree_attention_cuda_emulated).
 void tree_attention_cuda_emulated(const TreeAttentionArgs& a, int num_sms);
@@ -136,6 +165,9 @@ void tree_attention_cuda_emulated(const TreeAttentionArgs& a, int num_sms);
 // CUDA kernels (device pointers; past_len, source, count on the host). They enqueue work on
 // `stream` and return "" or the CUDA error of the launch.
 std::string tree_attention_cuda(const TreeAttentionArgs& a, void* stream);
+// Version 2: prologue and epilogue kernels around tree_attention_cuda, scratch from its pool.
+std::string tree_attention_rotary_cuda(TreeAttentionArgs a, const RotaryLayoutArgs& r,
+                                       void* stream);
 std::string kv_commit_cuda(const KVCommitArgs& a, void* stream);
 #endif
 

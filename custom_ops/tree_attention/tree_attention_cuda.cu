@@ -559,6 +559,93 @@ std::string tree_attention_cuda(const TreeAttentionArgs& a, void* stream_ptr) {
   return err;
 }
 
+namespace {
+
+// Version 2's prologue: src [B, N, H * D] -> dst [B, H, N, D], rotated when cos is given. One
+// thread per output element (grid-stride).
+template <typename T>
+__global__ void to_heads_kernel(const T* src, T* dst, int64_t N, int64_t H, int64_t D,
+                                int64_t total, const T* cos, const T* sin) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = e % D, i = e / D % N, h = e / (D * N) % H, b = e / (D * N * H);
+    const int64_t token = b * N + i;
+    dst[e] = tile::rotary_element(src + (token * H + h) * D,
+                                  cos != nullptr ? cos + token * D : nullptr,
+                                  sin != nullptr ? sin + token * D : nullptr, d, D);
+  }
+}
+
+// Version 2's epilogue: src [B, H, N, D] -> dst [B, N, H * D].
+template <typename T>
+__global__ void to_tokens_kernel(const T* src, T* dst, int64_t N, int64_t H, int64_t D,
+                                 int64_t total) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = e % D, h = e / D % H, i = e / (D * H) % N, b = e / (D * H * N);
+    dst[e] = src[((b * H + h) * N + i) * D + d];
+  }
+}
+
+unsigned grid_for(int64_t total) {
+  return static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+}
+
+template <typename T>
+std::string rotary_layout(TreeAttentionArgs a, const RotaryLayoutArgs& r, cudaStream_t stream) {
+  cudaMemPool_t pool;
+  int num_sms = 0;
+  std::string err = scratch_pool(&pool, &num_sms);
+  if (!err.empty()) return err;
+  const int64_t q_size = a.B * a.Hq * a.N * a.D, kv_size = a.B * a.Hkv * a.N * a.D;
+  if (q_size == 0) return tree_attention_cuda(a, stream);  // nothing to lay out
+  T* scratch = nullptr;
+  RD_CUDA_RETURN_IF_ERROR(
+      "cudaMallocFromPoolAsync",
+      cudaMallocFromPoolAsync(reinterpret_cast<void**>(&scratch),
+                              sizeof(T) * static_cast<size_t>(2 * q_size + 2 * kv_size), pool,
+                              stream));
+  T* q = scratch;
+  T* k = q + q_size;
+  T* v = k + kv_size;
+  T* out = v + kv_size;
+  const T* cos = static_cast<const T*>(r.cos);
+  const T* sin = static_cast<const T*>(r.sin);
+  to_heads_kernel<T><<<grid_for(q_size), 256, 0, stream>>>(static_cast<const T*>(r.query), q,
+                                                           a.N, a.Hq, a.D, q_size, cos, sin);
+  to_heads_kernel<T><<<grid_for(kv_size), 256, 0, stream>>>(static_cast<const T*>(r.key), k,
+                                                            a.N, a.Hkv, a.D, kv_size, cos, sin);
+  to_heads_kernel<T><<<grid_for(kv_size), 256, 0, stream>>>(
+      static_cast<const T*>(r.value), v, a.N, a.Hkv, a.D, kv_size, nullptr, nullptr);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) err = cuda_error("to_heads_kernel launch", e);
+  if (err.empty()) {
+    a.query = q;
+    a.key = k;
+    a.value = v;
+    a.output = out;
+    err = tree_attention_cuda(a, stream);
+  }
+  if (err.empty()) {
+    to_tokens_kernel<T><<<grid_for(q_size), 256, 0, stream>>>(out, static_cast<T*>(r.output), a.N,
+                                                              a.Hq, a.D, q_size);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) err = cuda_error("to_tokens_kernel launch", e);
+  }
+  e = cudaFreeAsync(scratch, stream);
+  if (err.empty() && e != cudaSuccess) err = cuda_error("cudaFreeAsync", e);
+  return err;
+}
+
+}  // namespace
+
+std::string tree_attention_rotary_cuda(TreeAttentionArgs a, const RotaryLayoutArgs& r,
+                                       void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  return a.dtype == DType::kFloat16 ? rotary_layout<uint16_t>(a, r, stream)
+                                    : rotary_layout<float>(a, r, stream);
+}
+
 std::string kv_commit_cuda(const KVCommitArgs& a, void* stream_ptr) {
   if (a.B > kMaxBatch || a.B * a.K > kMaxCommitEntries)
     return "KVCommit (CUDA): batch " + std::to_string(a.B) + " x slots " + std::to_string(a.K) +

@@ -115,6 +115,8 @@ def export_bundle(
             )
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / "tokenizer")
+        from redrafter.export import tree_attention as ta
+
         fields: dict[str, Any] = {
             "base": {"config": base.config.to_dict(), "source": _source_record(Path(base_path))},
             "drafter": None
@@ -127,7 +129,7 @@ def export_bundle(
             "targets": list(options.targets),
             "onnx": {"opset": 18, "ir_version": 10} if "onnx" in options.targets else None,
             "coreml": coreml,
-            "custom_op": {"domain": "redrafter", "name": "TreeAttention", "version": 1},
+            "custom_op": {"domain": ta.DOMAIN, "name": ta.OP_NAME, "version": ta.OP_VERSION},
             "export_seconds": timings,
         }
         write_manifest(tmp, fields)

@@ -24,7 +24,7 @@ from redrafter.errors import RedrafterError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-KNOWN_OP_DOMAINS = {("redrafter", 1)}
+KNOWN_OP_DOMAINS = {("redrafter", 1), ("redrafter", 2)}  # 1: head-major; 2: + rotary, layout
 
 
 class BundleError(RedrafterError):

@@ -48,6 +48,7 @@ from torch import nn
 from redrafter.config import BeamShape
 from redrafter.errors import RedrafterError
 from redrafter.export import tree_attention as ta  # noqa: F401  (registers redrafter::tree_attention)
+from redrafter.models.attention import with_rotary_layout
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 
@@ -234,7 +235,9 @@ class StatefulBase(nn.Module):
         self.capacity, self.commit_length, self.split = capacity, commit_length, split
         scale = 1.0 / math.sqrt(c.dim_per_head)
         for layer in self.base.model.layers:
-            layer.self_attn.op = functools.partial(_tree_attention, scale=scale)
+            # Core ML lowers op version 1 (the composite above); the head split, rotary and
+            # head merge of version 2 stay torch ops around it, which Core ML compiles itself.
+            layer.self_attn.op = with_rotary_layout(functools.partial(_tree_attention, scale=scale))
         shape = (1, c.kv_heads, capacity, c.dim_per_head)  # (1, Hkv, S, D)
         for name in state_names(c.num_hidden_layers, split=split):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float16))

@@ -57,7 +57,9 @@ class VerifyGraph(nn.Module):
         self.base = base
         scale = 1.0 / math.sqrt(base.config.dim_per_head)
         for layer in base.model.layers:
-            layer.self_attn.op = lambda *args: torch.ops.redrafter.tree_attention(*args, scale)
+            layer.self_attn.op = lambda *args: torch.ops.redrafter.tree_attention_rotary(
+                *args, scale
+            )
 
     def forward(
         self,
@@ -121,7 +123,7 @@ def _export(
                 output_names=names_out,
                 dynamic_shapes=dynamic_shapes,
                 custom_translation_table={
-                    torch.ops.redrafter.tree_attention.default: ta.onnx_translation()
+                    torch.ops.redrafter.tree_attention_rotary.default: ta.onnx_translation()
                 },
                 verbose=False,
             )

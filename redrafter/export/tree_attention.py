@@ -1,7 +1,13 @@
-"""`redrafter::TreeAttention` for export (DESIGN.md §4): the torch custom op the exporter sees,
-its ONNX schema, the translation to one ONNX node, and the portable ONNX function body.
+"""`redrafter::TreeAttention` for export (DESIGN.md §4, docs/tree_attention.md): the torch
+custom ops the exporters see, the ONNX schema, the translation to one ONNX node, and the
+portable ONNX function bodies.
 
 Dimensions: B batch, Hq/Hkv heads, N new tokens, S cache capacity, P committed length, D head dim.
+
+Two op versions, one attention (models/attention.py): version 1 takes head-major (B, H, N, D)
+tensors with rotary applied (`redrafter::tree_attention`; Core ML's converter lowers it, and
+the native library still runs version-1 bundles); version 2 takes the (B, N, H*D) projections
+and the (B, N, D) rotary table (`redrafter::tree_attention_rotary`; what ONNX bundles carry).
 
 Why this shape: torch 2.13's dynamo exporter inlines every model-local function during its
 version-conversion pass, so an onnxscript function in `custom_translation_table` vanishes. We
@@ -15,12 +21,13 @@ from __future__ import annotations
 import torch
 from onnx import FunctionProto, TensorProto, defs, helper
 
-from redrafter.models.attention import tree_attention as eager_tree_attention
+from redrafter.models.attention import attend, tree_attention
 
 DOMAIN = "redrafter"
 OP_NAME = "TreeAttention"
-OP_VERSION = 1
-INPUTS = ("query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask")
+OP_VERSION = 2  # what the exporter writes
+INPUTS_V1 = ("query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask")
+INPUTS = (*INPUTS_V1, "cos", "sin")
 OUTPUTS = ("output", "key_cache_out", "value_cache_out")
 
 
@@ -35,8 +42,8 @@ def tree_attention_op(
     tree_mask: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional tree attention: same math as the eager reference, on copies of the caches."""
-    return eager_tree_attention(
+    """Functional tree attention, op version 1: the eager reference on copies of the caches."""
+    return attend(
         query,
         key,
         value,
@@ -53,11 +60,47 @@ def _(query, key, value, key_cache, value_cache, past_len, tree_mask, scale):  #
     return torch.empty_like(query), torch.empty_like(key_cache), torch.empty_like(value_cache)
 
 
+@torch.library.custom_op("redrafter::tree_attention_rotary", mutates_args=())
+def tree_attention_rotary_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    past_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional tree attention, op version 2: the eager reference on copies of the caches."""
+    return tree_attention(
+        query,
+        key,
+        value,
+        key_cache.clone(),
+        value_cache.clone(),
+        past_len,
+        tree_mask,
+        cos,
+        sin,
+        scale=scale,
+    )
+
+
+@tree_attention_rotary_op.register_fake
+def _(query, key, value, key_cache, value_cache, past_len, tree_mask, cos, sin, scale):  # type: ignore[no-untyped-def]
+    return torch.empty_like(query), torch.empty_like(key_cache), torch.empty_like(value_cache)
+
+
 def register_onnx_schema() -> None:
-    """Make `redrafter::TreeAttention` known to onnx in this process (idempotent). Needed only
-    while exporting; checking or running a saved model relies on its function body instead."""
-    if defs.has(OP_NAME, DOMAIN):
-        return
+    """Make `redrafter::TreeAttention` version 2 known to onnx in this process (idempotent).
+    Needed only while exporting; checking or running a saved model relies on its function body."""
+    try:
+        if defs.get_schema(OP_NAME, OP_VERSION, DOMAIN).since_version == OP_VERSION:
+            return
+    except defs.SchemaError:
+        pass
     param = defs.OpSchema.FormalParameter
     kinds = {"past_len": "I", "tree_mask": "M"}
     defs.register_schema(
@@ -85,12 +128,15 @@ def register_onnx_schema() -> None:
 
 
 def onnx_translation():  # type: ignore[no-untyped-def]
-    """The exporter's translation for `redrafter::tree_attention`: one `TreeAttention` node."""
+    """The exporter's translation for `redrafter::tree_attention_rotary`: one `TreeAttention`
+    node of version 2."""
     from onnxscript.values import Opset
 
     redrafter = Opset(DOMAIN, OP_VERSION)
 
-    def translate(query, key, value, key_cache, value_cache, past_len, tree_mask, scale: float):  # type: ignore[no-untyped-def]
+    def translate(
+        query, key, value, key_cache, value_cache, past_len, tree_mask, cos, sin, scale: float
+    ):  # type: ignore[no-untyped-def]
         return redrafter.TreeAttention(
             query,
             key,
@@ -99,6 +145,8 @@ def onnx_translation():  # type: ignore[no-untyped-def]
             value_cache,
             past_len,
             tree_mask,
+            cos,
+            sin,
             scale=scale,
             _num_outputs=3,
         )
@@ -106,12 +154,13 @@ def onnx_translation():  # type: ignore[no-untyped-def]
     return translate
 
 
-def function_body(opset: int) -> FunctionProto:
-    """The portable body of `TreeAttention` in standard ONNX ops (opset >= 18).
+def function_body(opset: int, version: int = OP_VERSION) -> FunctionProto:
+    """The portable body of `TreeAttention` `version` (1 or 2) in standard ONNX ops (opset >= 18).
 
     It computes in float32 whatever the I/O type, writes the caches with ScatterElements (a
     full-cache copy, which the in-place native kernel avoids), and materialises the (B, Hq, N, S)
-    scores: correct everywhere, fast nowhere. The native kernels are the fast path."""
+    scores: correct everywhere, fast nowhere. The native kernels are the fast path. Version 2
+    is version 1's nodes between a prologue (head split, rotary) and an epilogue (head merge)."""
     F32, I64 = TensorProto.FLOAT, TensorProto.INT64
     n = helper.make_node
 
@@ -195,12 +244,74 @@ def function_body(opset: int) -> FunctionProto:
         n("MatMul", ["probs", "v_all"], ["out_f"]),  # [B, Hq, N, D]
         n("CastLike", ["out_f", "query"], ["output"]),
     ]
+    if version == 2:
+        nodes = _rotary_layout_nodes(nodes)
     return helper.make_function(
         DOMAIN,
         OP_NAME,
-        list(INPUTS),
+        list(INPUTS if version == 2 else INPUTS_V1),
         list(OUTPUTS),
         nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=["scale"],
     )
+
+
+def _rotary_layout_nodes(attend_nodes: list) -> list:
+    """Version 2's body: `attend_nodes` (version 1's, on head-major rotated tensors) between
+    the head split + rotary of query/key/value and the head merge of the output."""
+    n = helper.make_node
+    heads = {"query": "q_heads", "key": "k_heads", "value": "v_heads", "output": "out_heads"}
+    for node in attend_nodes:  # version 1's I/O names -> this body's intermediates
+        node.input[:] = [heads.get(i, i) for i in node.input]
+        node.output[:] = [heads.get(o, o) for o in node.output]
+
+    def split(x: str, heads_count: str) -> list:  # (B, N, H*D) -> (B, N, H, D)
+        return [
+            n("Concat", ["B_", "N_", heads_count, "D_"], [f"{x}_shape4"], axis=0),
+            n("Reshape", [x, f"{x}_shape4"], [f"{x}_4"]),
+        ]
+
+    def rotate(x: str) -> list:  # x·cos + rotate_half(x)·sin in float32, then x's type again
+        return [
+            n("Cast", [f"{x}_4"], [f"{x}_f"], to=TensorProto.FLOAT),
+            n("Split", [f"{x}_f"], [f"{x}_lo", f"{x}_hi"], axis=-1, num_outputs=2),
+            n("Neg", [f"{x}_hi"], [f"{x}_neg_hi"]),
+            n("Concat", [f"{x}_neg_hi", f"{x}_lo"], [f"{x}_half"], axis=-1),
+            n("Mul", [f"{x}_f", "cos_f"], [f"{x}_cos"]),
+            n("Mul", [f"{x}_half", "sin_f"], [f"{x}_sin"]),
+            n("Add", [f"{x}_cos", f"{x}_sin"], [f"{x}_rot_f"]),
+            n("CastLike", [f"{x}_rot_f", x], [f"{x}_rot"]),
+        ]
+
+    def to_heads(x: str, src: str) -> list:  # (B, N, H, D) -> (B, H, N, D)
+        return [n("Transpose", [src], [heads[x]], perm=[0, 2, 1, 3])]
+
+    axis = helper.make_tensor("axis2", TensorProto.INT64, [1], [2])
+    prologue = [
+        n("Shape", ["query"], ["B_"], start=0, end=1),  # [1] each
+        n("Shape", ["query"], ["N_"], start=1, end=2),
+        n("Shape", ["query"], ["qwidth_"], start=2),
+        n("Shape", ["key_cache"], ["Hkv_"], start=1, end=2),
+        n("Shape", ["key_cache"], ["D_"], start=3),
+        n("Div", ["qwidth_", "D_"], ["Hq_"]),
+        n("Constant", [], ["axis2"], value=axis),
+        n("Cast", ["cos"], ["cos_f32"], to=TensorProto.FLOAT),
+        n("Cast", ["sin"], ["sin_f32"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["cos_f32", "axis2"], ["cos_f"]),  # (B, N, 1, D): every head
+        n("Unsqueeze", ["sin_f32", "axis2"], ["sin_f"]),
+        *split("query", "Hq_"),
+        *split("key", "Hkv_"),
+        *split("value", "Hkv_"),
+        *rotate("query"),
+        *rotate("key"),
+        *to_heads("query", "query_rot"),
+        *to_heads("key", "key_rot"),
+        *to_heads("value", "value_4"),
+    ]
+    epilogue = [
+        n("Transpose", ["out_heads"], ["out_tokens"], perm=[0, 2, 1, 3]),  # (B, N, Hq, D)
+        n("Shape", ["query"], ["qshape_"]),
+        n("Reshape", ["out_tokens", "qshape_"], ["output"]),  # (B, N, Hq*D)
+    ]
+    return prologue + attend_nodes + epilogue

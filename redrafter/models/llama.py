@@ -57,11 +57,6 @@ def rope_inv_freq(config: BaseModelConfig) -> torch.Tensor:
     return inv.float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config: BaseModelConfig) -> None:
         super().__init__()
@@ -75,8 +70,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=config.o_bias)
-        # The tree-attention implementation: the eager in-place reference by default; export
-        # swaps in the `redrafter::tree_attention` custom op (functional, one ONNX node).
+        # The tree-attention implementation (op version 2: projections and rotary table in):
+        # the eager in-place reference by default; export swaps in a custom op (one node).
         self.op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = tree_attention
 
     def forward(
@@ -89,16 +84,12 @@ class Attention(nn.Module):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the attention output (B, T, E) and the updated caches (B, Hkv, S, D)."""
-        B, T, _ = x.shape
-        D = self.head_dim
-        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out, key_cache, value_cache = self.op(q, k, v, key_cache, value_cache, past_len, tree_mask)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)  # (B, T, Hq*D)
+        """Returns the attention output (B, T, E) and the updated caches (B, Hkv, S, D).
+        cos, sin: (B, T, D) rotary table of the new tokens' positions."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*D), before rotary
+        out, key_cache, value_cache = self.op(
+            q, k, v, key_cache, value_cache, past_len, tree_mask, cos, sin
+        )  # out (B, T, Hq*D)
         return self.o_proj(out), key_cache, value_cache
 
 
@@ -189,7 +180,7 @@ class Transformer(nn.Module):
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, E)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         new_caches = []
         for layer, (key_cache, value_cache) in zip(self.model.layers, caches, strict=True):

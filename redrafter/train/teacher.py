@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from redrafter.models.attention import with_rotary_layout
 from redrafter.models.llama import Transformer
 
 Progress = Callable[[int], None]
@@ -137,7 +138,8 @@ def decode_attention(
     *,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`tree_attention` for exactly one new token per row (T = 1), as batched generation needs.
+    """`attend` (op version 1) for exactly one new token per row (T = 1), as batched generation
+    needs.
 
     Same inputs, outputs and in-place cache write; but it reads the cache once per KV head
     instead of materialising (B, Hq, S, D) copies of it and calling a masked SDPA kernel, which
@@ -159,6 +161,9 @@ def decode_attention(
     return out.reshape(B, Hkv * rep, 1, D), key_cache, value_cache
 
 
+_decode_attention_v2 = with_rotary_layout(decode_attention)
+
+
 @contextlib.contextmanager
 def one_token_attention(base: Transformer) -> Iterator[None]:
     """Swap every layer's attention op for `decode_attention` (restored on exit)."""
@@ -166,7 +171,7 @@ def one_token_attention(base: Transformer) -> Iterator[None]:
     before = [a.op for a in layers]
     try:
         for a in layers:
-            a.op = decode_attention
+            a.op = _decode_attention_v2
         yield
     finally:
         for a, op in zip(layers, before, strict=True):
