@@ -1,7 +1,9 @@
 """Where our one-token step loses to onnxruntime-genai's: our bundle's base graph and genai's
 fp32 graph for the same model, each run for one new token on the same context length in this
 process's ONNX Runtime (so the runtime and its version are the same, only the graphs differ),
-timed in alternating blocks, then profiled with ORT's profiler: time per op type per call.
+timed in alternating blocks (50 ms apart, so the previous block's spinning thread pool does not
+eat into the next; runs before 2026-11-30 18:20 UTC had no pause and were ~4-7 ms per call
+slower for both graphs), then profiled with ORT's profiler: time per op type per call.
 
     .venv/bin/python benchmarks/graph_profile.py --bundle DIR [--genai-model DIR]
         [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both,rmsnorm-div]
@@ -216,6 +218,7 @@ def main() -> None:
     ms: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.calls // args.block):
         for name, f in steps.items():
+            time.sleep(0.05)  # the previous block's session stops spinning (bundle_ab.py)
             t = time.perf_counter()
             for _ in range(args.block):
                 f()

@@ -4,7 +4,9 @@ training (benchmarks/large_drafter.py relies on both)."""
 
 from __future__ import annotations
 
+import collections
 import gzip
+import hashlib
 import json
 
 import redrafter.train.prompts as prompts
@@ -63,3 +65,20 @@ def test_ensure_drafter_caches_per_recipe_and_shares_answers(tmp_path, monkeypat
     more = demo.ensure_drafter(gguf_like, cache, {**small, "train_prompts": 8})
     assert more not in (first, deeper)
     assert len(list((cache / "examples").iterdir())) == 2  # more prompts: new answers
+
+
+def test_training_prompts_grow_past_one_question_per_term_and_keep_smaller_sets(tmp_path):
+    """Counts beyond one question per Jargon term ask about the same terms in other templates'
+    words; counts one pass covers get exactly the prompts earlier versions gave (their cached
+    answers are keyed by the count, not the prompts), pinned by the old code's digests."""
+    data = _shared_data(tmp_path / "data")  # 36 training terms, 6 code tasks, 90 general
+
+    def digest(count: int) -> str:
+        texts = [f"{p.chat}{p.text}" for p in prompts.training_prompts(data, count=count)]
+        return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+    assert digest(30) == "8f4b467c55e6d835" and digest(60) == "cd3fefa1874acaef"
+    large = prompts.training_prompts(data, count=250)  # before: at most 138 distinct
+    assert len({p.text for p in large}) == 250
+    asked = collections.Counter(p.text.split("'")[1] for p in large if "'w" in p.text)
+    assert max(asked.values()) > 1  # the same term, other words

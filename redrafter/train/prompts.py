@@ -103,9 +103,14 @@ def training_prompts(data: Path, *, count: int, seed: int = 0) -> list[Prompt]:
     jargon = [e for i, e in enumerate(_jargon(data)) if i % HOLDOUT_EVERY]
     code = _humaneval(data)[:-HUMANEVAL_HELDOUT]
     rng.shuffle(jargon)
-    pool: list[Prompt] = []
-    for i, e in enumerate(jargon):
-        pool.append(Prompt(JARGON_TEMPLATES[i % len(JARGON_TEMPLATES)].format(term=e["term"])))
+    # One pass asks about every term once; later passes ask about the same terms in the other
+    # templates' words, so counts beyond ~1,900 Jargon prompts stay distinct. The first pass
+    # comes first, so smaller counts get the prompts they always had (cached answers match).
+    pool = [
+        Prompt(JARGON_TEMPLATES[(i + rep) % len(JARGON_TEMPLATES)].format(term=e["term"]))
+        for rep in range(len(JARGON_TEMPLATES))
+        for i, e in enumerate(jargon)
+    ]
     n_jargon = round(0.6 * count)
     prompts = pool[:n_jargon]
     code_pool: list[Prompt] = []

@@ -1,0 +1,99 @@
+"""Two bundles of the same model, one verify step each, timed against each other: the A/B
+for an exporter change (e.g. a bundle exported by an older redrafter as the baseline).
+
+    .venv/bin/python benchmarks/bundle_ab.py --bundle NEW --baseline OLD [--tokens 1,8]
+        [--context 128] [--blocks 60] [--block 10] [--threads 2] [--name bundle_ab]
+
+Both run through `OnnxRuntime.verify` (IO binding, native kernel when built) on a causal chain
+of `--tokens` new tokens after `--context` cached ones, in alternating blocks of `--block`
+calls. Between blocks the process sleeps 50 ms: each ORT session has its own spinning thread
+pool, and without the pause the session that ran last keeps a core busy into the other's
+block (measured: +4 ms per call on 2 cores). Reports the median block of each and the median
+of the paired (same round) differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from _common import idle_report, machine, save  # noqa: E402
+
+
+def verify_step(bundle: Path, tokens: int, context: int, threads: int):
+    """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime."""
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
+
+    runtime = OnnxRuntime(bundle, threads=threads)
+    runtime.reset(batch=1, capacity=context + tokens + 8)
+    runtime.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
+    ids = np.full((1, tokens), 42)
+    positions = (context + np.arange(tokens))[None]  # (1, T)
+    mask = np.tril(np.ones((1, tokens, tokens), bool))  # (1, T, T) a chain
+    past = np.array([context])
+    return runtime, lambda: runtime.verify(ids, positions, mask, past)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--baseline", required=True)
+    ap.add_argument("--tokens", default="1,8", help="comma list of verify widths")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--blocks", type=int, default=60, help="blocks per bundle and width")
+    ap.add_argument("--block", type=int, default=10, help="calls per block")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="bundle_ab")
+    args = ap.parse_args()
+    idle = idle_report(2.0)
+    rows = {}
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        steps = {
+            "bundle": verify_step(Path(args.bundle), tokens, args.context, args.threads),
+            "baseline": verify_step(Path(args.baseline), tokens, args.context, args.threads),
+        }
+        for _, f in steps.values():
+            for _ in range(10):
+                f()
+        ms: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(args.blocks):
+            for name, (_, f) in steps.items():
+                time.sleep(0.05)  # the other session's pool stops spinning
+                t = time.perf_counter()
+                for _ in range(args.block):
+                    f()
+                ms[name].append(1000 * (time.perf_counter() - t) / args.block)
+        diff = [a - b for a, b in zip(ms["bundle"], ms["baseline"], strict=True)]
+        rows[tokens] = {
+            "median_ms": {k: median(v) for k, v in ms.items()},
+            "paired_diff_ms_median": median(diff),
+            "block_ms": ms,
+        }
+        print(
+            f"{tokens} token(s): bundle {median(ms['bundle']):.2f} ms, baseline "
+            f"{median(ms['baseline']):.2f} ms, paired difference {median(diff):+.2f} ms"
+        )
+        del steps
+    save(
+        args.name,
+        {
+            "machine": {**machine(), "idle_before": idle},
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "bundle": args.bundle,
+            "baseline": args.baseline,
+            "context": args.context,
+            "threads": args.threads,
+            "tokens": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
