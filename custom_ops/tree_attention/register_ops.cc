@@ -213,20 +213,6 @@ struct TreeAttentionOp
       return nullptr;
     });
   }
-  // Output shapes for ORT's graph optimizers: without them nothing downstream of the op has a
-  // shape, and shape-guarded fusions (the residual Add into SkipSimplifiedLayerNormalization)
-  // never fire. output is shaped as query, the cache outputs as the caches.
-  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
-    try {
-      for (const auto& [out, in] : {std::pair<size_t, size_t>{0, 0}, {1, 3}, {2, 4}}) {
-        Ort::Status status = ctx.SetOutputShape(out, ctx.GetInputShape(in), kType);
-        if (!status.IsOK()) return status.release();
-      }
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    }
-  }
   const char* GetName() const { return REDRAFTER_TREE_ATTENTION_OP; }
   const char* GetExecutionProviderType() const { return kCuda ? kCudaProvider : kCpuProvider; }
   // query, key, value, key_cache, value_cache, past_len, tree_mask, cos, sin (version 2 only)

@@ -11,7 +11,7 @@ Two forms of the same attention: `attend` (op version 1) takes head-major (B, H,
 with rotary already applied; `tree_attention` (op version 2, what the model calls) takes the
 projections as they come, (B, T, H*D), and the rotary table, and does the head split, the
 rotary and the head merge itself, so an exported graph spends one node per layer on them
-instead of twenty (each small node costs ~1.5-2 µs of dispatch on a CPU).
+instead of ~20 (1-4 % of a decode step on a 2-core CPU: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
