@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,39 @@ def wait_for_idle(max_minutes: float, *, threshold: float = 0.3, log: Any = prin
             f"{report['other_processes_cores']} cores ({waited / 60:.1f}/{max_minutes} min)"
         )
         time.sleep(15)
+
+
+def verify_call(runtime: Any, tokens: int, context: int) -> Callable[[], Any]:
+    """A verify of `tokens` chained new tokens after `context` prefilled ones on an
+    `OnnxRuntime`, as a no-argument call (the same inputs every time; the cache rows it
+    writes sit past the context, so repeated calls all see the same cache)."""
+    import numpy as np
+
+    runtime.reset(batch=1, capacity=context + tokens + 8)
+    runtime.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
+    ids = np.full((1, tokens), 42)
+    positions = (context + np.arange(tokens))[None]  # (1, T)
+    mask = np.tril(np.ones((1, tokens, tokens), bool))  # (1, T, T) a chain
+    past = np.array([context])
+    return lambda: runtime.verify(ids, positions, mask, past)
+
+
+def time_alternating(
+    steps: dict[str, Callable[[], Any]], blocks: int, block: int, *, pause: float = 0.05
+) -> dict[str, list[float]]:
+    """ms per call of each step, in `blocks` rounds of one block of `block` calls per step,
+    after 10 warm-up calls each. Each block starts `pause` s after the previous one: ORT
+    sessions have their own spinning thread pools, and without the pause the session that ran
+    last keeps a core busy into the next one's block (+4 ms per call measured on 2 cores)."""
+    for f in steps.values():
+        for _ in range(10):
+            f()
+    ms: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(blocks):
+        for name, f in steps.items():
+            time.sleep(pause)
+            t = time.perf_counter()
+            for _ in range(block):
+                f()
+            ms[name].append(1000 * (time.perf_counter() - t) / block)
+    return ms

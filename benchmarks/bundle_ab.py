@@ -16,29 +16,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
-from _common import idle_report, machine, save  # noqa: E402
+from _common import idle_report, machine, save, time_alternating, verify_call  # noqa: E402
 
 
 def verify_step(bundle: Path, tokens: int, context: int, threads: int):
     """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime."""
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
-    runtime = OnnxRuntime(bundle, threads=threads)
-    runtime.reset(batch=1, capacity=context + tokens + 8)
-    runtime.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
-    ids = np.full((1, tokens), 42)
-    positions = (context + np.arange(tokens))[None]  # (1, T)
-    mask = np.tril(np.ones((1, tokens, tokens), bool))  # (1, T, T) a chain
-    past = np.array([context])
-    return runtime, lambda: runtime.verify(ids, positions, mask, past)
+    return verify_call(OnnxRuntime(bundle, threads=threads), tokens, context)
 
 
 def main() -> None:
@@ -59,17 +49,7 @@ def main() -> None:
             "bundle": verify_step(Path(args.bundle), tokens, args.context, args.threads),
             "baseline": verify_step(Path(args.baseline), tokens, args.context, args.threads),
         }
-        for _, f in steps.values():
-            for _ in range(10):
-                f()
-        ms: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.blocks):
-            for name, (_, f) in steps.items():
-                time.sleep(0.05)  # the other session's pool stops spinning
-                t = time.perf_counter()
-                for _ in range(args.block):
-                    f()
-                ms[name].append(1000 * (time.perf_counter() - t) / args.block)
+        ms = time_alternating(steps, args.blocks, args.block)
         diff = [a - b for a, b in zip(ms["bundle"], ms["baseline"], strict=True)]
         rows[tokens] = {
             "median_ms": {k: median(v) for k, v in ms.items()},

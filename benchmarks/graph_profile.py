@@ -34,7 +34,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
@@ -42,7 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _common import idle_report, machine, peers_dir, save  # noqa: E402
+from _common import (  # noqa: E402
+    idle_report,
+    machine,
+    peers_dir,
+    save,
+    time_alternating,
+    verify_call,
+)
 
 
 def ours_step(bundle: Path, threads: int, context: int, profile: str | None, graph=None):
@@ -62,11 +68,7 @@ def ours_step(bundle: Path, threads: int, context: int, profile: str | None, gra
             options.profile_file_prefix = profile
         path = str(graph or bundle / "onnx" / "base.onnx")
         runtime.base = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    runtime.reset(batch=1, capacity=context + 8)
-    runtime.prefill(np.arange(3, 3 + context)[None] % 1000, np.array([context]))
-    token, pos = np.array([[42]]), np.array([[context]])
-    mask, past = np.ones((1, 1, 1), bool), np.array([context])
-    return (lambda: runtime.verify(token, pos, mask, past)), runtime.base
+    return verify_call(runtime, 1, context), runtime.base
 
 
 def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
@@ -212,17 +214,7 @@ def main() -> None:
         cut, label = cuts[variant]
         graph = ablated(bundle, cut, Path(scratch.name) / variant)
         steps[label] = ours_step(bundle, args.threads, args.context, None, graph)[0]
-    for f in steps.values():
-        for _ in range(10):
-            f()
-    ms: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.calls // args.block):
-        for name, f in steps.items():
-            time.sleep(0.05)  # the previous block's session stops spinning (bundle_ab.py)
-            t = time.perf_counter()
-            for _ in range(args.block):
-                f()
-            ms[name].append(1000 * (time.perf_counter() - t) / args.block)
+    ms = time_alternating(steps, args.calls // args.block, args.block)
     del steps
     scratch.cleanup()
     print(f"one token at context {args.context}, {args.threads} threads, blocks of {args.block}:")

@@ -540,55 +540,15 @@ def _cuda_or_skip(lib):
     return torch
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_cuda_kernel_matches_reference(lib, case, dtype):
-    torch = _cuda_or_skip(lib)
-    x = make_inputs(case, dtype, seed=20)
-    ref, kc_want, vc_want = reference(**x)
-    dev = {k: torch.from_numpy(v).cuda() for k, v in x.items() if k != "past_len"}
-    out = torch.full_like(dev["query"], float("nan"))
-    B, Hq, N, D = x["query"].shape
-    Hkv, S = x["key_cache"].shape[1:3]
-    code = 1 if dtype == np.float32 else 10
-    stream = torch.cuda.current_stream().cuda_stream
-    ptrs = [dev[k].data_ptr() for k in TREE_INPUTS if k != "past_len"]
-    rc = lib.rd_tree_attention_cuda(
-        code,
-        B,
-        Hq,
-        Hkv,
-        N,
-        D,
-        S,
-        0.0,
-        *ptrs[:5],
-        x["past_len"].ctypes.data,
-        ptrs[5],
-        out.data_ptr(),
-        dev["key_cache"].data_ptr(),
-        dev["value_cache"].data_ptr(),
-        stream,
-    )
-    assert rc == 0, lib.rd_last_error().decode()
-    torch.cuda.synchronize()
-    assert_close(out.cpu().numpy(), ref, dtype)
-    np.testing.assert_array_equal(dev["key_cache"].cpu().numpy(), kc_want)
-    np.testing.assert_array_equal(dev["value_cache"].cpu().numpy(), vc_want)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_cuda_v2_matches_reference(lib, case, dtype):
-    """Version 2's prologue/epilogue kernels around the CUDA kernel."""
-    torch = _cuda_or_skip(lib)
-    x, heads = rotary_inputs(case, dtype, seed=24)
-    ref, kc_want, vc_want = reference_v2(heads)
+def _cuda_attention(lib, torch, function, x, case, dtype, extra=()):
+    """One C ABI TreeAttention call (`function`: rd_tree_attention_cuda or its version-2
+    sibling, whose cos and sin come as `extra` input names) on device copies of `x`, on the
+    current stream; returns the output (host) and the device inputs (the caches written)."""
     dev = {k: torch.from_numpy(v).cuda() for k, v in x.items() if k != "past_len"}
     out = torch.full_like(dev["query"], float("nan"))
     B, Hq, Hkv, N, D, S = case
     ptrs = [dev[k].data_ptr() for k in TREE_INPUTS if k != "past_len"]
-    rc = lib.rd_tree_attention_rotary_cuda(
+    rc = getattr(lib, function)(
         1 if dtype == np.float32 else 10,
         B,
         Hq,
@@ -603,13 +563,37 @@ def test_cuda_v2_matches_reference(lib, case, dtype):
         out.data_ptr(),
         dev["key_cache"].data_ptr(),
         dev["value_cache"].data_ptr(),
-        dev["cos"].data_ptr(),
-        dev["sin"].data_ptr(),
+        *[dev[k].data_ptr() for k in extra],
         torch.cuda.current_stream().cuda_stream,
     )
     assert rc == 0, lib.rd_last_error().decode()
     torch.cuda.synchronize()
-    assert_close(out.cpu().numpy(), ref, dtype)
+    return out.cpu().numpy(), dev
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_kernel_matches_reference(lib, case, dtype):
+    torch = _cuda_or_skip(lib)
+    x = make_inputs(case, dtype, seed=20)
+    ref, kc_want, vc_want = reference(**x)
+    out, dev = _cuda_attention(lib, torch, "rd_tree_attention_cuda", x, case, dtype)
+    assert_close(out, ref, dtype)
+    np.testing.assert_array_equal(dev["key_cache"].cpu().numpy(), kc_want)
+    np.testing.assert_array_equal(dev["value_cache"].cpu().numpy(), vc_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_v2_matches_reference(lib, case, dtype):
+    """Version 2's prologue/epilogue kernels around the CUDA kernel."""
+    torch = _cuda_or_skip(lib)
+    x, heads = rotary_inputs(case, dtype, seed=24)
+    ref, kc_want, vc_want = reference_v2(heads)
+    out, dev = _cuda_attention(
+        lib, torch, "rd_tree_attention_rotary_cuda", x, case, dtype, extra=("cos", "sin")
+    )
+    assert_close(out, ref, dtype)
     # nvcc contracts the rotary's mul-add into an FMA: the rotated keys may differ in the last bit.
     tol = {np.float32: 1e-6, np.float16: 2e-3}[dtype]
     np.testing.assert_allclose(dev["key_cache"].cpu().numpy(), kc_want, rtol=tol, atol=tol)
