@@ -181,7 +181,8 @@ def generate(
     as_json: bool,
 ) -> None:
     """Generate text with speculative decoding (or the autoregressive baseline)."""
-    from redrafter.pipeline import GenerationOptions, from_checkpoints, load
+    from redrafter.decoding import DecodeOptions
+    from redrafter.pipeline import from_checkpoints, load
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -218,7 +219,7 @@ def generate(
     d = pipe.defaults
     if not autoregressive and bundle_path is not None and not d.speculative:
         raise click.UsageError("this bundle has no drafter; pass --autoregressive")
-    options = GenerationOptions(
+    options = DecodeOptions(
         max_new_tokens=max_new_tokens,
         beam=BeamShape(beam_width or d.beam.width, beam_length or d.beam.length),
         sampling=SamplingParams(temperature=temperature or 0.0, seed=seed, acceptance=acceptance),  # type: ignore[arg-type]
@@ -254,7 +255,7 @@ def _run(
         elif not as_json:
             click.echo(" ".join(map(str, step.new_tokens[0])) + " ", nl=False)
     wall = time.perf_counter() - start
-    summary = summarize(steps, beam_length=options.beam.length if options.speculative else None)
+    summary = summarize(steps, beam_length=options.beam_length)
     summary["wall_seconds"] = wall
     summary["runtime"] = pipe.runtime.name
     summary["implementation"] = getattr(pipe.runtime, "implementation", "eager")
@@ -521,7 +522,7 @@ def bench(
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
     from rich.progress import Progress
 
-    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
+    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_configs, speculative_grid
     from redrafter.bench.report import markdown_table, plot_speedup, save_json
     from redrafter.pipeline import load, reference_runtime
     from redrafter.validate.prompts import read_prompts
@@ -560,16 +561,19 @@ def bench(
     total = (repeats + 1) * (len(beams) * len(lookups) * len(floors) + 1)
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
-        results = run_bench(
-            rt,
-            prompts,
+        spec = speculative_grid(
             beams,
             max_new_tokens=max_new_tokens,
-            repeats=repeats,
             packing=bundle.packing,
-            eos_token_ids=pipe.eos_token_ids,
             prompt_lookup=lookups,
             min_draft_prob=floors,
+        )
+        results = run_configs(
+            rt,
+            prompts,
+            spec,
+            repeats=repeats,
+            eos_token_ids=pipe.eos_token_ids,
             on_run=lambda name: progress.update(task, advance=1, description=name),
         )
     implementation = getattr(rt, "implementation", "eager")

@@ -188,7 +188,8 @@ def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
 
 def main() -> None:
     """Train (once), export (once), validate, then generate speculatively vs autoregressively."""
-    from redrafter.pipeline import GenerationOptions, Pipeline, load, reference_runtime
+    from redrafter.decoding import DecodeOptions
+    from redrafter.pipeline import Pipeline, load, reference_runtime
     from redrafter.train.recipe import default_cache_dir
     from redrafter.validate.report import validate_bundle
 
@@ -238,7 +239,7 @@ def main() -> None:
             ("torch", torch_pipe, [(None, False), (BEAM, LOOKUP)]),
         ):
             for beam, lookup in configs:
-                options = GenerationOptions(
+                options = DecodeOptions(
                     max_new_tokens=MAX_NEW_TOKENS,
                     beam=beam or BEAM,
                     speculative=beam is not None,

@@ -13,27 +13,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from redrafter.config import BeamShape, SamplingParams
-from redrafter.decoding.autoregressive import autoregressive_decode
-from redrafter.decoding.driver import speculative_decode
+from redrafter.decoding.driver import decode
+from redrafter.decoding.options import DecodeOptions
 from redrafter.decoding.output import Step
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.stats import summarize
-from redrafter.decoding.tree import Packing
 from redrafter.errors import TokenizerError
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationOptions:
-    """How to decode: speculative (ReDrafter) or the autoregressive baseline."""
-
-    max_new_tokens: int = 64
-    beam: BeamShape = BeamShape()
-    sampling: SamplingParams = SamplingParams()
-    packing: Packing = "dedup"
-    speculative: bool = True
-    prompt_lookup: bool = False  # add an n-gram draft of the row's own text as one more beam
-    min_draft_prob: float = 0.0  # cut drafter beams below this cumulative draft probability
 
 
 @dataclasses.dataclass
@@ -57,7 +42,7 @@ class Pipeline:
         runtime: Runtime,
         tokenizer: Any | None = None,
         eos_token_ids: Sequence[int] = (),
-        defaults: GenerationOptions = GenerationOptions(),
+        defaults: DecodeOptions = DecodeOptions(),
     ) -> None:
         self.runtime = runtime
         self.defaults = defaults  # e.g. a bundle's beam shape and packing
@@ -77,37 +62,19 @@ class Pipeline:
     def stream(
         self,
         prompts: Sequence[Prompt],
-        options: GenerationOptions | None = None,
+        options: DecodeOptions | None = None,
         *,
         chat: bool = False,
     ) -> Iterator[Step]:
         """Yield one `Step` per runtime round trip; `step.new_tokens[b]` is what row b emitted."""
         options = options or self.defaults
         ids = [self.encode(p, chat=chat) for p in prompts]
-        if options.speculative:
-            return speculative_decode(
-                self.runtime,
-                ids,
-                beam=options.beam,
-                sampling=options.sampling,
-                max_new_tokens=options.max_new_tokens,
-                eos_token_ids=self.eos_token_ids,
-                packing=options.packing,
-                prompt_lookup=options.prompt_lookup,
-                min_draft_prob=options.min_draft_prob,
-            )
-        return autoregressive_decode(
-            self.runtime,
-            ids,
-            sampling=options.sampling,
-            max_new_tokens=options.max_new_tokens,
-            eos_token_ids=self.eos_token_ids,
-        )
+        return decode(self.runtime, ids, options, eos_token_ids=self.eos_token_ids)
 
     def generate(
         self,
         prompts: Sequence[Prompt],
-        options: GenerationOptions | None = None,
+        options: DecodeOptions | None = None,
         *,
         chat: bool = False,
     ) -> Generation:
@@ -120,7 +87,7 @@ class Pipeline:
             if self.tokenizer is None
             else [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
         )
-        stats = summarize(steps, beam_length=options.beam.length if options.speculative else None)
+        stats = summarize(steps, beam_length=options.beam_length)
         return Generation(token_ids, texts, stats)
 
 
@@ -198,7 +165,7 @@ def load(
             f"unknown runtime {runtime!r}; choose onnxruntime, torch, coreml or coreml-mil"
         )
     tokenizer = load_tokenizer(b.root / "tokenizer") if (b.root / "tokenizer").is_dir() else None
-    defaults = GenerationOptions(
+    defaults = DecodeOptions(
         beam=b.beam,
         packing=b.packing,  # type: ignore[arg-type]
         speculative=b.drafter_config is not None,

@@ -1,8 +1,8 @@
 """Run autoregressive and speculative decoding on the same runtime and prompts, interleaved,
 after a warm-up, for `repeats` rounds; aggregate per configuration (DESIGN.md §8).
 
-A configuration is `None` (autoregressive) or a `Speculative` (a beam shape, with or without
-the prompt-lookup beam). Timings come from the driver's per-phase clocks plus the wall time
+A configuration is a `DecodeOptions` (its `name` labels the results; the autoregressive
+baseline always runs too). Timings come from the driver's per-phase clocks plus the wall time
 between steps; host overhead is what is left over.
 """
 
@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from redrafter.config import BeamShape
-from redrafter.decoding.autoregressive import autoregressive_decode
-from redrafter.decoding.driver import speculative_decode
-from redrafter.decoding.lookup import SPAN_PER_NGRAM
+from redrafter.decoding.driver import decode
+from redrafter.decoding.options import AUTOREGRESSIVE, DecodeOptions
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
 
@@ -30,30 +29,6 @@ PROMPT_LOOKUP_SETTINGS: dict[str, tuple[bool, ...]] = {
     "on": (True,),
     "both": (False, True),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Speculative:
-    """One speculative configuration: the drafter's beam shape, the prompt-lookup beam, and the
-    draft-probability floor below which drafter beams are cut (0: keep every draft)."""
-
-    beam: BeamShape
-    prompt_lookup: bool = False
-    min_draft_prob: float = 0.0
-    lookup_span: int = SPAN_PER_NGRAM  # lookup drafts per matched n-gram token
-
-
-Config = Speculative | None
-
-
-def config_name(config: Config) -> str:
-    if config is None:
-        return "autoregressive"
-    lookup = " +lookup" if config.prompt_lookup else ""
-    if config.prompt_lookup and config.lookup_span != SPAN_PER_NGRAM:
-        lookup += f" span{config.lookup_span}"
-    floor = f" p>={config.min_draft_prob:g}" if config.min_draft_prob > 0 else ""
-    return f"W{config.beam.width} L{config.beam.length}{lookup}{floor}"
 
 
 def _rss_mb() -> float:
@@ -80,31 +55,14 @@ class RunStats:
 def run_once(
     runtime: Runtime,
     prompts: Sequence[Sequence[int]],
-    config: Config,
+    options: DecodeOptions,
     *,
-    max_new_tokens: int,
-    packing: Packing,
     eos_token_ids: Sequence[int],
 ) -> RunStats:
-    """Decode every prompt (batch 1, greedy); prefill time is excluded from the decode figures."""
+    """Decode every prompt (batch 1); prefill time is excluded from the decode figures."""
     stats = RunStats()
     for prompt in prompts:
-        if config is None:
-            steps = autoregressive_decode(
-                runtime, [prompt], max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids
-            )
-        else:
-            steps = speculative_decode(
-                runtime,
-                [prompt],
-                beam=config.beam,
-                prompt_lookup=config.prompt_lookup,
-                min_draft_prob=config.min_draft_prob,
-                lookup_span=config.lookup_span,
-                packing=packing,
-                max_new_tokens=max_new_tokens,
-                eos_token_ids=eos_token_ids,
-            )
+        steps = decode(runtime, [prompt], options, eos_token_ids=eos_token_ids)
         last = time.perf_counter()
         for step in steps:
             now = time.perf_counter()
@@ -155,69 +113,58 @@ def summarize_runs(runs: list[RunStats]) -> dict[str, Any]:
     }
 
 
-def run_bench(
-    runtime: Runtime,
-    prompts: Sequence[Sequence[int]],
+def speculative_grid(
     beams: Sequence[BeamShape],
     *,
     max_new_tokens: int,
-    repeats: int = 3,
     packing: Packing = "dedup",
-    eos_token_ids: Sequence[int] = (),
     prompt_lookup: Sequence[bool] = (False,),
     min_draft_prob: Sequence[float] = (0.0,),
-    on_run: Callable[[str], None] = lambda name: None,
-) -> dict[str, Any]:
+) -> list[DecodeOptions]:
     """Every beam shape once per value in `prompt_lookup` (without and/or with the
-    prompt-lookup beam) and per draft-probability floor in `min_draft_prob`, against
-    autoregressive decoding (`run_configs`)."""
-    spec = [
-        Speculative(b, lookup, floor)
+    prompt-lookup beam) and per draft-probability floor in `min_draft_prob` (greedy)."""
+    return [
+        DecodeOptions(
+            max_new_tokens=max_new_tokens,
+            beam=b,
+            packing=packing,
+            prompt_lookup=lookup,
+            min_draft_prob=floor,
+        )
         for b in beams
         for lookup in prompt_lookup
         for floor in min_draft_prob
     ]
-    return run_configs(
-        runtime,
-        prompts,
-        spec,
-        max_new_tokens=max_new_tokens,
-        repeats=repeats,
-        packing=packing,
-        eos_token_ids=eos_token_ids,
-        on_run=on_run,
-    )
 
 
 def run_configs(
     runtime: Runtime,
     prompts: Sequence[Sequence[int]],
-    spec: Sequence[Speculative],
+    spec: Sequence[DecodeOptions],
     *,
-    max_new_tokens: int,
     repeats: int = 3,
-    packing: Packing = "dedup",
     eos_token_ids: Sequence[int] = (),
     on_run: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Any]:
     """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
-    ...), so slow drifts of the machine hit every configuration alike. Results per config name
-    (`config_name`), each with its speed-up over autoregressive decoding."""
-    configs: list[Config] = [None, *spec]
-    kwargs = dict(max_new_tokens=max_new_tokens, packing=packing, eos_token_ids=eos_token_ids)
+    ...), so slow drifts of the machine hit every configuration alike. The autoregressive
+    baseline runs at the first configuration's max_new_tokens. Results per configuration name
+    (`DecodeOptions.name`), each with its speed-up over autoregressive decoding."""
+    max_new_tokens = spec[0].max_new_tokens if spec else AUTOREGRESSIVE.max_new_tokens
+    configs = [AUTOREGRESSIVE.replace(max_new_tokens=max_new_tokens), *spec]
     for c in configs:  # warm-up: session init, allocator growth, caches
-        run_once(runtime, prompts[:1], c, **kwargs)  # type: ignore[arg-type]
-        on_run(f"warm-up {config_name(c)}")
-    runs: dict[str, list[RunStats]] = {config_name(c): [] for c in configs}
+        run_once(runtime, prompts[:1], c, eos_token_ids=eos_token_ids)
+        on_run(f"warm-up {c.name}")
+    runs: dict[str, list[RunStats]] = {c.name: [] for c in configs}
     for r in range(repeats):
         for c in configs:
-            runs[config_name(c)].append(run_once(runtime, prompts, c, **kwargs))  # type: ignore[arg-type]
-            on_run(f"repeat {r + 1}/{repeats} {config_name(c)}")
+            runs[c.name].append(run_once(runtime, prompts, c, eos_token_ids=eos_token_ids))
+            on_run(f"repeat {r + 1}/{repeats} {c.name}")
     results = {name: summarize_runs(rs) for name, rs in runs.items()}
     base = results["autoregressive"]["tokens_per_second"]
     ar_repeats = results["autoregressive"]["tokens_per_second_repeats"]
     for c in spec:
-        entry = results[config_name(c)]
+        entry = results[c.name]
         entry["beam_width"], entry["beam_length"] = c.beam.width, c.beam.length
         entry["prompt_lookup"] = c.prompt_lookup
         entry["min_draft_prob"] = c.min_draft_prob

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from redrafter.config import LOG_0, NO_TOKEN, SamplingParams
+from redrafter.decoding.tree import unpack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,24 @@ def choose_token(
         return logits.argmax(axis=-1).astype(np.int64)
     probs = target_probs(logits, sampling)
     return np.array([sample(p, rng) for p in probs], dtype=np.int64)
+
+
+def accept(
+    beams: np.ndarray,
+    logits: np.ndarray,
+    unpacker: np.ndarray,
+    draft_log_probs: np.ndarray,
+    sampling: SamplingParams,
+    rng: np.random.Generator,
+) -> Acceptance:
+    """The acceptance rule `sampling` names: greedy (temperature 0), Apple's rule, or the exact
+    tree walk. beams (B, W, L); logits (B, N, V) as verified, over the packed tree; unpacker
+    (B, W, L) from `tree.pack`; draft_log_probs (B, W, L-1, V), read by Apple's rule only."""
+    if sampling.greedy:  # argmax before unpacking: (B, N) ids, not (B, W, L, V) floats
+        return accept_greedy(beams, unpack(logits.argmax(-1), unpacker))
+    if sampling.acceptance == "apple":
+        return accept_apple(beams, unpack(logits, unpacker), draft_log_probs, sampling, rng)
+    return accept_exact(beams, unpack(logits, unpacker), sampling, rng)
 
 
 def accept_greedy(beams: np.ndarray, llm_tokens: np.ndarray) -> Acceptance:

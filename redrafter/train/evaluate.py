@@ -62,7 +62,8 @@ def tokens_per_step(
     One prompt per decode by default: with several, a row that finishes inside a multi-token
     accept leaves its cache up to L-2 slots past the driver's capacity while the others go on
     verifying (a driver bug, reported), which a trained drafter triggers."""
-    from redrafter.decoding.driver import speculative_decode
+    from redrafter.decoding.driver import decode
+    from redrafter.decoding.options import DecodeOptions
     from redrafter.runtimes.torch import TorchRuntime
 
     was_training = drafter.training
@@ -70,13 +71,8 @@ def tokens_per_step(
     emitted = row_steps = accepted = 0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        for step in speculative_decode(
-            runtime,
-            batch,
-            beam=beam,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=eos_token_ids,
-        ):
+        options = DecodeOptions(max_new_tokens=max_new_tokens, beam=beam)
+        for step in decode(runtime, batch, options, eos_token_ids=eos_token_ids):
             if step.kind == "prefill":
                 continue
             for b, row in enumerate(step.new_tokens):

@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from redrafter.config import BeamShape
-from redrafter.decoding.autoregressive import autoregressive_decode
-from redrafter.decoding.driver import speculative_decode
+from redrafter.decoding.driver import decode
+from redrafter.decoding.options import AUTOREGRESSIVE, DecodeOptions
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.stats import summarize
 from redrafter.decoding.tree import Packing
@@ -49,27 +49,20 @@ def check_token_parity(
 ) -> list[TokenCheck]:
     """Greedy, one prompt at a time: the candidate decodes speculatively (autoregressively
     when there is no drafter) and must match the reference's autoregressive tokens."""
+    reference_options = AUTOREGRESSIVE.replace(max_new_tokens=max_new_tokens)
+    options = (
+        reference_options
+        if beam is None
+        else DecodeOptions(max_new_tokens=max_new_tokens, beam=beam, packing=packing)
+    )
     checks = []
     for i, prompt in enumerate(prompts):
         want, _ = _generated(
-            autoregressive_decode(
-                reference, [prompt], max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids
-            )
+            decode(reference, [prompt], reference_options, eos_token_ids=eos_token_ids)
         )
-        if beam is None:
-            steps = autoregressive_decode(
-                candidate, [prompt], max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids
-            )
-        else:
-            steps = speculative_decode(
-                candidate,
-                [prompt],
-                beam=beam,
-                packing=packing,
-                max_new_tokens=max_new_tokens,
-                eos_token_ids=eos_token_ids,
-            )
-        got, tokens_per_step = _generated(steps, beam.length if beam is not None else None)
+        got, tokens_per_step = _generated(
+            decode(candidate, [prompt], options, eos_token_ids=eos_token_ids), options.beam_length
+        )
         diverge = next((j for j, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
         if diverge is None and len(got) != len(want):
             diverge = min(len(got), len(want))

@@ -1,0 +1,63 @@
+"""`DecodeOptions`: everything that says how to decode, in one frozen value object shared by
+the library (`Pipeline.generate`), the CLI, `bench`, `validate` and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from redrafter.config import BeamShape, SamplingParams
+from redrafter.decoding.lookup import SPAN_PER_NGRAM
+from redrafter.decoding.tree import Packing
+from redrafter.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode: speculative (ReDrafter, the default) or the autoregressive baseline.
+
+    `beam`, `packing`, `prompt_lookup`, `min_draft_prob` and `lookup_span` apply to speculative
+    decoding only: `prompt_lookup` adds an n-gram draft of the row's own text as one more beam,
+    `lookup_span` tokens per matched n-gram token (lookup.py); `min_draft_prob` > 0 cuts each
+    drafter beam where its cumulative draft probability falls below it (prune.py)."""
+
+    max_new_tokens: int = 64
+    speculative: bool = True
+    beam: BeamShape = BeamShape()
+    sampling: SamplingParams = SamplingParams()
+    packing: Packing = "dedup"
+    prompt_lookup: bool = False
+    min_draft_prob: float = 0.0
+    lookup_span: int = SPAN_PER_NGRAM
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens {self.max_new_tokens!r} must be >= 1")
+        if self.packing not in ("dedup", "full"):
+            raise ConfigError(f"packing {self.packing!r} must be 'dedup' or 'full'")
+        if not 0.0 <= self.min_draft_prob < 1.0:
+            raise ConfigError(f"min_draft_prob {self.min_draft_prob!r} must be in [0, 1)")
+        if self.lookup_span < 1:
+            raise ConfigError(f"lookup_span {self.lookup_span!r} must be >= 1")
+
+    @property
+    def beam_length(self) -> int | None:
+        """The drafter's beam length when speculative (sizes the acceptance histogram)."""
+        return self.beam.length if self.speculative else None
+
+    @property
+    def name(self) -> str:
+        """A short label: 'autoregressive' or e.g. 'W1 L5 +lookup p>=0.25' (bench tables)."""
+        if not self.speculative:
+            return "autoregressive"
+        lookup = " +lookup" if self.prompt_lookup else ""
+        if self.prompt_lookup and self.lookup_span != SPAN_PER_NGRAM:
+            lookup += f" span{self.lookup_span}"
+        floor = f" p>={self.min_draft_prob:g}" if self.min_draft_prob > 0 else ""
+        return f"W{self.beam.width} L{self.beam.length}{lookup}{floor}"
+
+    def replace(self, **changes: object) -> DecodeOptions:
+        """A copy with some fields changed (dataclasses.replace, checked again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+AUTOREGRESSIVE = DecodeOptions(speculative=False)
