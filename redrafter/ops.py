@@ -1,9 +1,10 @@
 """The native op library (`custom_ops/`, built by `make ops`): where it is, how to register it
 with ONNX Runtime, and a ctypes view of its C ABI for tests and benchmarks.
 
-The op identity below mirrors `custom_ops/tree_attention/redrafter_ops.h`, where it is defined
-(tests/test_native_ops.py checks that the two agree). Semantics and shapes of both ops:
-`custom_ops/tree_attention/tree_attention.h` and DESIGN.md §4.
+The op identity (domain, names, versions) is `redrafter.bundle.names`, which mirrors
+`custom_ops/tree_attention/redrafter_ops.h` (tests/test_native_ops.py checks that they agree).
+Semantics and shapes of both ops: `custom_ops/tree_attention/tree_attention.h` and
+DESIGN.md §4.
 
 Dimensions: B batch, Hq query heads, Hkv key/value heads, N new tokens, D head dim, S cache
 capacity, K commit slots, Z flattened leading cache dims.
@@ -21,11 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from redrafter.errors import RuntimeUnavailableError
-
-DOMAIN = "redrafter"
-TREE_ATTENTION = "TreeAttention"
-KV_COMMIT = "KVCommit"
-VERSION = 2  # the newest TreeAttention version (the library runs 1 and 2; KVCommit is 1 and up)
 
 LIBRARY_ENV = "REDRAFTER_OPS_LIBRARY"
 LIBRARY_NAME = "libredrafter_ops.so"

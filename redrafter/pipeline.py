@@ -13,12 +13,26 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from redrafter.bundle import Bundle, load_bundle
+from redrafter.bundle.names import TOKENIZER_DIR
+from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.driver import decode
 from redrafter.decoding.options import DecodeOptions
 from redrafter.decoding.output import Step
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.stats import summarize
-from redrafter.errors import TokenizerError
+from redrafter.errors import (
+    CheckpointError,
+    ConfigError,
+    RuntimeUnavailableError,
+    TokenizerError,
+)
+from redrafter.models.checkpoints import load_pair
+from redrafter.models.tokenizer import find_tokenizer, load_tokenizer
+from redrafter.runtimes.coreml import CoreMLRuntime
+from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
+from redrafter.runtimes.onnxruntime import OnnxRuntime
+from redrafter.runtimes.torch import TorchRuntime
 
 
 @dataclasses.dataclass
@@ -102,28 +116,14 @@ def from_checkpoints(
     """Load a base checkpoint (HF folder, .gguf or llama2.c .bin) and optionally a drafter
     (Apple's layout) into a pipeline on the eager torch runtime (`dtype`: float32, float16 or
     bfloat16 weights and cache)."""
-    from redrafter.errors import RuntimeUnavailableError
-    from redrafter.models.checkpoints import check_drafter_fits, load_base, load_drafter
-    from redrafter.models.tokenizer import load_tokenizer
-
     if runtime != "torch":
         raise RuntimeUnavailableError(
             f"runtime {runtime!r} needs an exported bundle; checkpoints run on 'torch'"
         )
-    from redrafter.runtimes.torch import TorchRuntime
-
-    model = load_base(base)
-    draft = None
-    if drafter is not None:
-        draft = load_drafter(drafter)
-        check_drafter_fits(model.config, draft.config)
-    try:
-        tokenizer = load_tokenizer(base)
-    except TokenizerError:
-        tokenizer = None  # id prompts still work; text prompts raise a clear error
+    model, draft = load_pair(base, drafter)
     return Pipeline(
         TorchRuntime(model, draft, device=device, dtype=dtype),
-        tokenizer,
+        find_tokenizer(base),  # None: id prompts still work; text prompts raise a clear error
         model.config.eos_token_ids,
     )
 
@@ -141,30 +141,20 @@ def load(
     'coreml' (the Core ML programs on Apple's runtime, macOS 15+) or 'coreml-mil' (the converted
     Core ML programs evaluated op by op in numpy: checks the conversion, not Apple's runtime).
     Defaults for `generate` come from the bundle (its beam shape and packing)."""
-    from redrafter.errors import RuntimeUnavailableError
-    from redrafter.export.bundle import load_bundle
-    from redrafter.models.tokenizer import load_tokenizer
-
     b = load_bundle(bundle)
     if runtime == "onnxruntime":
-        from redrafter.runtimes.onnxruntime import OnnxRuntime
-
         rt: Runtime = OnnxRuntime(b, device=device, native=native)
     elif runtime == "torch":
         rt = reference_runtime(b)
     elif runtime == "coreml":
-        from redrafter.runtimes.coreml import CoreMLRuntime
-
         rt = CoreMLRuntime(b)
     elif runtime == "coreml-mil":
-        from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
-
         rt = CoreMLMilRuntime(b)
     else:
         raise RuntimeUnavailableError(
             f"unknown runtime {runtime!r}; choose onnxruntime, torch, coreml or coreml-mil"
         )
-    tokenizer = load_tokenizer(b.root / "tokenizer") if (b.root / "tokenizer").is_dir() else None
+    tokenizer = load_tokenizer(b.path(TOKENIZER_DIR)) if b.has_tree(TOKENIZER_DIR) else None
     defaults = DecodeOptions(
         beam=b.beam,
         packing=b.packing,  # type: ignore[arg-type]
@@ -174,21 +164,18 @@ def load(
 
 
 def reference_runtime(
-    bundle: Any, *, base: str | Path | None = None, drafter: str | Path | None = None
+    bundle: Bundle, *, base: str | Path | None = None, drafter: str | Path | None = None
 ) -> Runtime:
     """The torch reference for a bundle, from the checkpoints recorded in its manifest (or
     the paths given)."""
-    from redrafter.errors import CheckpointError
-    from redrafter.models.checkpoints import load_base, load_drafter
-    from redrafter.runtimes.torch import TorchRuntime
 
     def source(kind: str, given: str | Path | None) -> Path | None:
         if given is not None:
             return Path(given)
-        record = bundle.manifest.get(kind)
+        record = bundle.manifest.base_source if kind == "base" else bundle.manifest.drafter_source
         if record is None:
             return None
-        path = Path(record["source"]["path"])
+        path = Path(record.path)
         if not path.exists():
             raise CheckpointError(
                 f"the {kind} checkpoint this bundle was exported from ({path}) is gone; "
@@ -198,6 +185,157 @@ def reference_runtime(
 
     base_path, drafter_path = source("base", base), source("drafter", drafter)
     assert base_path is not None
-    return TorchRuntime(
-        load_base(base_path), load_drafter(drafter_path) if drafter_path is not None else None
+    return TorchRuntime(*load_pair(base_path, drafter_path))
+
+
+def open_pipeline(
+    *,
+    base: str | Path | None = None,
+    drafter: str | Path | None = None,
+    bundle: str | Path | None = None,
+    runtime: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    native: bool | None = None,
+    autoregressive: bool = False,
+) -> Pipeline:
+    """A pipeline from either checkpoints (`base`, optionally `drafter`, on the torch runtime)
+    or an exported `bundle` (on `runtime`, default 'onnxruntime'), checking that the
+    combination makes sense before anything is loaded: exactly one of `base` and `bundle`;
+    `drafter` and `dtype` (default float32) only with `base`; 'onnxruntime' and `native` only
+    with a bundle; a drafter unless `autoregressive`. Raises `ConfigError` (the CLI's
+    `generate` prints it as one line, exit code 2)."""
+    if (base is None) == (bundle is None):
+        raise ConfigError("give exactly one of --base PATH (checkpoints) or --bundle DIR")
+    if bundle is not None:
+        if drafter is not None:
+            raise ConfigError("--drafter goes with --base; a bundle carries its drafter")
+        if dtype is not None:
+            raise ConfigError(
+                "--dtype goes with --base; a bundle runs in the dtype it was exported in "
+                "(redrafter export --dtype)"
+            )
+        runtime = runtime or "onnxruntime"
+        if native is not None and runtime != "onnxruntime":
+            raise ConfigError("--native/--portable apply to --runtime onnxruntime")
+        pipe = load(bundle, runtime=runtime, device=device, native=native)
+        if not autoregressive and not pipe.defaults.speculative:
+            raise ConfigError("this bundle has no drafter; pass --autoregressive")
+        return pipe
+    if runtime == "onnxruntime":
+        raise ConfigError(
+            "--runtime onnxruntime needs --bundle DIR (make one with `redrafter export`)"
+        )
+    if native is not None:
+        raise ConfigError("--native/--portable apply to --runtime onnxruntime")
+    if not autoregressive and drafter is None:
+        raise ConfigError("speculative decoding needs --drafter (or pass --autoregressive)")
+    assert base is not None
+    return from_checkpoints(
+        base,
+        drafter=None if autoregressive else drafter,
+        runtime=runtime or "torch",
+        device=device,
+        dtype=dtype or "float32",
     )
+
+
+def decode_options(
+    defaults: DecodeOptions,
+    *,
+    max_new_tokens: int = 64,
+    beam_width: int | None = None,
+    beam_length: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    acceptance: str = "exact",
+    packing: str | None = None,
+    speculative: bool = True,
+    prompt_lookup: bool = False,
+    min_draft_prob: float = 0.0,
+) -> DecodeOptions:
+    """`DecodeOptions` from per-run choices, the beam shape and packing left as None taken from
+    `defaults` (a pipeline's: e.g. a bundle's exported beam). `temperature` None or 0 is greedy."""
+    return DecodeOptions(
+        max_new_tokens=max_new_tokens,
+        beam=BeamShape(beam_width or defaults.beam.width, beam_length or defaults.beam.length),
+        sampling=SamplingParams(temperature=temperature or 0.0, seed=seed, acceptance=acceptance),  # type: ignore[arg-type]
+        packing=packing or defaults.packing,  # type: ignore[arg-type]
+        speculative=speculative,
+        prompt_lookup=prompt_lookup,
+        min_draft_prob=min_draft_prob,
+    )
+
+
+def implementation_of(runtime: Runtime) -> str:
+    """How a runtime runs its graphs, for reports: e.g. 'native' or 'portable' TreeAttention on
+    ONNX Runtime; 'eager' for runtimes that do not say."""
+    return str(getattr(runtime, "implementation", "eager"))
+
+
+def run_stats(
+    pipe: Pipeline, steps: Sequence[Step], options: DecodeOptions, *, wall_seconds: float
+) -> dict[str, Any]:
+    """The statistics of one generation (`redrafter.decoding.stats.summarize`) plus
+    `wall_seconds` (the whole run, as the caller timed it), `runtime` and `implementation`."""
+    stats = summarize(steps, beam_length=options.beam_length)
+    stats["wall_seconds"] = wall_seconds
+    stats["runtime"] = pipe.runtime.name
+    stats["implementation"] = implementation_of(pipe.runtime)
+    return stats
+
+
+def generation_record(
+    pipe: Pipeline, token_ids: Sequence[int], stats: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON object `redrafter generate --json` prints for one prompt: `token_ids`, `text`
+    (None without a tokenizer) and `stats` (see `run_stats`)."""
+    ids = [int(t) for t in token_ids]
+    text = None if pipe.tokenizer is None else pipe.tokenizer.decode(ids, skip_special_tokens=True)
+    return {"token_ids": ids, "text": text, "stats": stats}
+
+
+def stats_text(stats: dict[str, Any], options: DecodeOptions) -> str:
+    """`run_stats` as the lines `redrafter generate --stats` prints: tokens/step, tokens/s,
+    time by phase and, for speculative runs, the acceptance histogram."""
+    mode = (
+        f"speculative W={options.beam.width} L={options.beam.length}"
+        if options.speculative
+        else "autoregressive"
+    )
+    lines = [
+        f"[{stats['runtime']} {stats['implementation']}, {mode}] "
+        f"{stats['generated_tokens']} tokens in {stats['steps']} steps: "
+        f"{stats['tokens_per_step']:.2f} tokens/step, {stats['tokens_per_second']:.1f} tokens/s "
+        f"(prefill {1000 * stats['prefill_seconds']:.0f} ms)",
+        "time by phase: "
+        + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in stats["seconds_by_phase"].items()),
+    ]
+    if stats["acceptance_histogram"]:
+        lines.append(
+            "steps by accepted drafts (0, 1, ...): " + str(stats["acceptance_histogram"])
+        )
+    return "\n".join(lines)
+
+
+def read_prompt_ids(
+    pipe: Pipeline,
+    prompts_file: str | Path | None = None,
+    *,
+    chat: bool = False,
+    synthetic_vocab: int | None = None,
+) -> list[list[int]]:
+    """The token ids of the prompts `validate` and `bench` run: those of `prompts_file` (text,
+    one per line, or JSONL; see `redrafter.validate.prompts.read_prompts`), else the default
+    prompts, each encoded (in the chat template with `chat`). Without a tokenizer, text cannot
+    be encoded: given `synthetic_vocab` and no file, four fixed 8-token id prompts below it
+    stand in; otherwise a `TokenizerError`."""
+    from redrafter.validate.prompts import read_prompts
+    from redrafter.validate.report import DEFAULT_PROMPTS
+
+    texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
+    if pipe.tokenizer is None and synthetic_vocab is not None:
+        if prompts_file:
+            raise TokenizerError("this bundle has no tokenizer, so text prompts cannot be used")
+        return [[(7 * i + j) % synthetic_vocab for j in range(1, 9)] for i in range(4)]
+    return [pipe.encode(t, chat=chat) for t in texts]

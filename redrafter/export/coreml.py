@@ -30,14 +30,10 @@ cached K/V keep fp32 precision; the float16 program keeps one. docs/coreml.md ha
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import io
-import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +41,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from redrafter.bundle.manifest import CoreMLRecord
+from redrafter.bundle.names import (
+    BASE_OUTPUTS,
+    BEAMS,
+    COREML_DIR,
+    DRAFTER_OUTPUTS,
+    coreml_package,
+    state_names,
+)
 from redrafter.config import BeamShape
+from redrafter.coremltools_support import import_coremltools, quiet
 from redrafter.errors import RedrafterError
 from redrafter.export import tree_attention as ta  # noqa: F401  (registers redrafter::tree_attention)
 from redrafter.models.attention import with_rotary_layout
@@ -53,69 +59,12 @@ from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 
 DEPLOYMENT_TARGET = "iOS18"  # ML Program with states: iOS 18 / macOS 15 and later
-COREMLTOOLS_VERSION = "9.0"  # the version the facts in DESIGN.md §9 were measured with
 DEFAULT_CAPACITY = 1024  # cache slots S (capped at the model's context length)
 PREFILL_TOKENS = 64  # N_max is max(PREFILL_TOKENS, W*L): prefill runs in chunks of N_max
-BASE_INPUTS = ("input_ids", "position_ids", "tree_mask", "past_len", "commit_from", "commit_at")
-BASE_OUTPUTS = ("logits", "hidden_states")
-DRAFTER_INPUTS = ("context", "first_token")
-DRAFTER_OUTPUTS = ("beams", "log_probs")
 
 
 class CoreMLExportError(RedrafterError):
     """coremltools could not convert a model we expected to convert."""
-
-
-def state_names(num_layers: int, *, split: bool = False) -> list[str]:
-    """The base program's states: key_cache_0, value_cache_0, key_cache_1, ...; with `split`
-    (float32 export) also key_cache_lo_{i}, value_cache_lo_{i} (see `StatefulBase`)."""
-    kinds = ("key", "value", "key", "value") if split else ("key", "value")
-    return [
-        f"{kind}_cache_{'lo_' if j >= 2 else ''}{i}"
-        for i in range(num_layers)
-        for j, kind in enumerate(kinds)
-    ]
-
-
-@contextlib.contextmanager
-def quiet() -> Any:
-    """coremltools logs a warning per op it broadcasts, draws progress bars and warns about the
-    untested torch version on import; keep the CLI readable (the warnings are in docs/coreml.md)."""
-    names = ("coremltools", "torch.export", "torch._dynamo", "torch.fx")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    sink = io.StringIO()
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(sink),
-            contextlib.redirect_stderr(sink),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
-
-
-def import_coremltools() -> Any:
-    """Import coremltools quietly and check its version (our converter and the MIL evaluator
-    use its internals, verified with 9.0)."""
-    try:
-        with quiet():
-            import coremltools as ct
-    except ImportError:
-        raise CoreMLExportError(
-            f"coremltools is not installed; pip install coremltools=={COREMLTOOLS_VERSION}"
-        ) from None
-    if ct.__version__.split(".")[0] != COREMLTOOLS_VERSION.split(".")[0]:
-        raise CoreMLExportError(
-            f"coremltools {ct.__version__} is not supported; "
-            f"pip install coremltools=={COREMLTOOLS_VERSION}"
-        )
-    return ct
 
 
 # -- the custom op, lowered to MIL -----------------------------------------------------------------
@@ -375,7 +324,7 @@ def convert(
                 minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
                 compute_precision=precision,
                 outputs=[
-                    ct.TensorType(name=n, dtype=np.int32 if n == "beams" else np.float32)
+                    ct.TensorType(name=n, dtype=np.int32 if n == BEAMS else np.float32)
                     for n in outputs
                 ],
                 skip_model_load=True,
@@ -424,15 +373,16 @@ class _Fp16Selector:
 def export_coreml(
     base: Transformer,
     drafter: Drafter | None,
-    out_dir: Path,
+    root: Path,
     *,
     beam: BeamShape,
     dtype: str = "float16",
     capacity: int | None = None,
     progress: Any = lambda message: None,
-) -> dict[str, Any]:
-    """Write out_dir/base.mlpackage (and drafter.mlpackage) and return the manifest's `coreml`
-    record: deployment target, capacity, N_max, commit length, dtypes, times, sizes."""
+) -> CoreMLRecord:
+    """Write the bundle's coreml/base.mlpackage (and drafter.mlpackage) under `root` and return
+    the manifest's Core ML record: deployment target, capacity, N_max, commit length, dtypes,
+    files, times."""
     ct = import_coremltools()
     if dtype not in ("float16", "float32"):
         raise CoreMLExportError(f"Core ML dtype {dtype!r} must be float16 or float32")
@@ -442,21 +392,8 @@ def export_coreml(
             f"Core ML cache capacity {S} is too small for beam {beam.width}x{beam.length}; "
             f"use at least {beam.width * beam.length + 1}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (root / COREML_DIR).mkdir(parents=True, exist_ok=True)
     split = dtype == "float32"
-    record: dict[str, Any] = {
-        "deployment_target": DEPLOYMENT_TARGET,
-        "coremltools": ct.__version__,
-        "batch": 1,
-        "capacity": S,
-        "max_tokens": base_max_tokens(beam, S),
-        "commit_length": beam.length,
-        "compute_precision": dtype,
-        "state_dtype": "float16",
-        "state_split": split,  # two fp16 states (hi, lo) per cache: fp32 precision
-        "files": {},
-        "seconds": {},
-    }
     graphs = [
         (
             "base",
@@ -468,33 +405,27 @@ def export_coreml(
         graphs.append(
             ("drafter", lambda: export_program_drafter(drafter, base, beam), DRAFTER_OUTPUTS)
         )
+    files, seconds = {}, {}
     for name, make_program, outputs in graphs:
         start = time.perf_counter()
         model = convert(make_program(), dtype=dtype, outputs=outputs)
-        path = out_dir / f"{name}.mlpackage"
+        files[name] = coreml_package(name)
+        path = root / files[name]
         with quiet():
             model.save(str(path))
-        record["seconds"][name] = round(time.perf_counter() - start, 2)
-        record["files"][name] = f"coreml/{path.name}"
+        seconds[name] = round(time.perf_counter() - start, 2)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        progress(
-            f"exported coreml/{path.name} ({size / 1e6:.1f} MB) in {record['seconds'][name]} s"
-        )
-    return record
-
-
-def export_time_parity(bundle: Any, base: Transformer, drafter: Drafter | None) -> dict[str, Any]:
-    """Tensor parity of the saved programs (through the MIL evaluator, `coreml-mil`) against
-    the torch modules they came from; the manifest's `coreml.parity`."""
-    from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
-    from redrafter.runtimes.torch import TorchRuntime
-    from redrafter.validate.tensors import compare_runtimes
-
-    candidate = CoreMLMilRuntime(bundle)
-    report = compare_runtimes(
-        candidate,
-        TorchRuntime(base, drafter),
-        dtype=candidate.precision,
-        beam=bundle.beam if drafter is not None else None,
+        progress(f"exported {files[name]} ({size / 1e6:.1f} MB) in {seconds[name]} s")
+    return CoreMLRecord(
+        deployment_target=DEPLOYMENT_TARGET,
+        coremltools=ct.__version__,
+        batch=1,
+        capacity=S,
+        max_tokens=base_max_tokens(beam, S),
+        commit_length=beam.length,
+        compute_precision=dtype,
+        state_dtype="float16",
+        state_split=split,  # two fp16 states (hi, lo) per cache: fp32 precision
+        files=files,
+        seconds=seconds,
     )
-    return {"runtime": candidate.name, **report.summary()}

@@ -28,24 +28,30 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from redrafter.bundle.names import (
+    BASE_INPUTS,
+    BASE_OUTPUTS,
+    DRAFTER_INPUTS,
+    DRAFTER_OUTPUTS,
+    IR_VERSION,
+    OP_DOMAIN,
+    OPSET,
+    PAST,
+    PRESENT,
+    TREE_ATTENTION,
+    cache_names,
+)
 from redrafter.config import BeamShape
 from redrafter.errors import RedrafterError
 from redrafter.export import tree_attention as ta
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 
-OPSET = 18
-IR_VERSION = 10  # ORT 1.20+ reads IR 10; the exporter writes a newer IR than ORT 1.31 accepts
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class ExportError(RedrafterError):
     """The ONNX exporter failed on a model we expected to export."""
-
-
-def cache_names(num_layers: int, prefix: str) -> list[str]:
-    """[prefix_key_0, prefix_value_0, prefix_key_1, ...] for prefix in {past, present}."""
-    return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 class VerifyGraph(nn.Module):
@@ -193,16 +199,17 @@ def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto
         {0: batch},
         tuple({0: batch, 2: capacity} for _ in range(2 * c.num_hidden_layers)),
     )
-    names_in = ["input_ids", "position_ids", "tree_mask", "past_len"]
-    names_in += cache_names(c.num_hidden_layers, "past")
-    names_out = ["logits", "hidden_states", *cache_names(c.num_hidden_layers, "present")]
+    names_in = [*BASE_INPUTS, *cache_names(c.num_hidden_layers, PAST)]
+    names_out = [*BASE_OUTPUTS, *cache_names(c.num_hidden_layers, PRESENT)]
     onnx_model = _export(VerifyGraph(model), args, names_in, names_out, dynamic)
     _fusable_rmsnorm(onnx_model)
     onnx_model.functions.append(ta.function_body(OPSET))
-    count = sum(n.op_type == ta.OP_NAME and n.domain == ta.DOMAIN for n in onnx_model.graph.node)
+    count = sum(
+        n.op_type == TREE_ATTENTION and n.domain == OP_DOMAIN for n in onnx_model.graph.node
+    )
     if count != c.num_hidden_layers:
         raise ExportError(
-            f"expected {c.num_hidden_layers} {ta.DOMAIN}::{ta.OP_NAME} nodes, found {count}; "
+            f"expected {c.num_hidden_layers} {OP_DOMAIN}::{TREE_ATTENTION} nodes, found {count}; "
             "the exporter inlined or rewrote the custom op"
         )
     return onnx_model
@@ -217,7 +224,7 @@ def export_drafter(
     args = (torch.zeros(B, base.config.hidden_size), torch.zeros(B, dtype=torch.int64))
     batch = torch.export.Dim("batch")
     return _export(
-        graph, args, ["context", "first_token"], ["beams", "log_probs"], ({0: batch}, {0: batch})
+        graph, args, list(DRAFTER_INPUTS), list(DRAFTER_OUTPUTS), ({0: batch}, {0: batch})
     )
 
 
@@ -272,7 +279,3 @@ class SharedWeights:
                 entry.key, entry.value = key, str(value)
             tensor.data_location = onnx.TensorProto.EXTERNAL
         onnx.save_model(model, str(path))
-
-
-def drafter_graph_name(beam: BeamShape) -> str:
-    return f"drafter-w{beam.width}-l{beam.length}.onnx"

@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 from onnx import FunctionProto, TensorProto, defs, helper
 
+from redrafter.bundle.names import OP_DOMAIN as DOMAIN
+from redrafter.bundle.names import OP_VERSION
+from redrafter.bundle.names import TREE_ATTENTION as OP_NAME
 from redrafter.models.attention import attend, tree_attention
 
-DOMAIN = "redrafter"
-OP_NAME = "TreeAttention"
-OP_VERSION = 2  # what the exporter writes
 INPUTS_V1 = ("query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask")
 INPUTS = (*INPUTS_V1, "cos", "sin")
 OUTPUTS = ("output", "key_cache_out", "value_cache_out")

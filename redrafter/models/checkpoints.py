@@ -246,6 +246,19 @@ def load_drafter(path: str | Path) -> Drafter:
     return drafter.eval()
 
 
+def load_pair(
+    base_path: str | Path, drafter_path: str | Path | None = None
+) -> tuple[Transformer, Drafter | None]:
+    """A base model and, optionally, a drafter checked to fit it: what `export`, the library
+    and `validate`'s reference load."""
+    base = load_base(base_path)
+    if drafter_path is None:
+        return base, None
+    drafter = load_drafter(drafter_path)
+    check_drafter_fits(base.config, drafter.config)
+    return base, drafter
+
+
 def _is_drafter_dir(folder: Path) -> bool:
     try:
         raw = json.loads((folder / "config.json").read_text())

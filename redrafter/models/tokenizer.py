@@ -208,6 +208,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     )
 
 
+def find_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when it has none (token-id prompts still work)."""
+    try:
+        return load_tokenizer(path)
+    except TokenizerError:
+        return None
+
+
 def _read_json_opt(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}

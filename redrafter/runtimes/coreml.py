@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from redrafter.bundle import Bundle, load_bundle
+from redrafter.bundle import names as n
 from redrafter.config import BeamShape
+from redrafter.coremltools_support import import_coremltools, quiet
 from redrafter.errors import RuntimeUnavailableError
-from redrafter.export.bundle import Bundle, load_bundle
 
 
 class CoreMLProgramRuntime:
@@ -34,17 +36,17 @@ class CoreMLProgramRuntime:
 
     def __init__(self, bundle: Bundle | str | Path) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        record = self.bundle.manifest.get("coreml")
-        if not record or not self.has_package("base"):
+        record = self.bundle.manifest.coreml
+        if record is None or not self.has_package("base"):
             raise RuntimeUnavailableError(
                 f"{self.bundle.root} has no Core ML programs; export with --target coreml"
             )
         config = self.bundle.base_config
-        self.capacity = int(record["capacity"])  # S
-        self.max_tokens = int(record["max_tokens"])  # N_max per base call
-        self.commit_length = int(record["commit_length"])  # L rows per commit
+        self.capacity = record.capacity  # S
+        self.max_tokens = record.max_tokens  # N_max per base call
+        self.commit_length = record.commit_length  # L rows per commit
         self.max_beam_length = self.commit_length  # its commit program moves L rows
-        self.precision = str(record["compute_precision"])  # float16 | float32 (states: fp16)
+        self.precision = record.compute_precision  # float16 | float32 (states: fp16)
         self.vocab_size = config.vocab_size
         beam = self.bundle.beam
         # Room for the prompt + generation, plus one draft tree past the last committed token.
@@ -67,11 +69,10 @@ class CoreMLProgramRuntime:
 
     # -- the bundle -------------------------------------------------------------------------------
     def package(self, name: str) -> Path:
-        return self.bundle.root / "coreml" / f"{name}.mlpackage"
+        return self.bundle.path(n.coreml_package(name))
 
     def has_package(self, name: str) -> bool:
-        prefix = f"coreml/{name}.mlpackage/"
-        return any(rel.startswith(prefix) for rel in self.bundle.manifest["files"])
+        return self.bundle.has_tree(n.coreml_package(name))
 
     # -- the protocol -----------------------------------------------------------------------------
     def reset(self, *, batch: int, capacity: int) -> None:
@@ -105,12 +106,12 @@ class CoreMLProgramRuntime:
             )
         commit_from, commit_at = self.pending[row]
         values = {
-            "input_ids": tokens[None],
-            "position_ids": positions[None],
-            "tree_mask": mask[None],
-            "past_len": np.array([past_len]),
-            "commit_from": commit_from,
-            "commit_at": np.array([commit_at]),
+            n.INPUT_IDS: tokens[None],
+            n.POSITION_IDS: positions[None],
+            n.TREE_MASK: mask[None],
+            n.PAST_LEN: np.array([past_len]),
+            n.COMMIT_FROM: commit_from,
+            n.COMMIT_AT: np.array([commit_at]),
         }
         feeds = {
             k: np.ascontiguousarray(v, self._input_dtype("base", k)) for k, v in values.items()
@@ -118,8 +119,8 @@ class CoreMLProgramRuntime:
         out = self._predict_base(feeds, self.states[row])
         self.pending[row] = self._no_commit()
         return (
-            np.asarray(out["logits"], np.float32)[0],
-            np.asarray(out["hidden_states"], np.float32)[0],
+            np.asarray(out[n.LOGITS], np.float32)[0],
+            np.asarray(out[n.HIDDEN_STATES], np.float32)[0],
         )
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,16 +161,16 @@ class CoreMLProgramRuntime:
         beams, log_probs = [], []
         for b in range(len(first_token)):
             feeds = {
-                "context": np.ascontiguousarray(
-                    context[b : b + 1], self._input_dtype("drafter", "context")
+                n.CONTEXT: np.ascontiguousarray(
+                    context[b : b + 1], self._input_dtype("drafter", n.CONTEXT)
                 ),
-                "first_token": np.ascontiguousarray(
-                    first_token[b : b + 1], self._input_dtype("drafter", "first_token")
+                n.FIRST_TOKEN: np.ascontiguousarray(
+                    first_token[b : b + 1], self._input_dtype("drafter", n.FIRST_TOKEN)
                 ),
             }
             out = self._predict_drafter(feeds)
-            beams.append(np.asarray(out["beams"]).astype(np.int64))
-            log_probs.append(np.asarray(out["log_probs"], np.float32))
+            beams.append(np.asarray(out[n.BEAMS]).astype(np.int64))
+            log_probs.append(np.asarray(out[n.LOG_PROBS], np.float32))
         return np.concatenate(beams), np.concatenate(log_probs)  # (B, W, L), (B, W, L-1, V)
 
     def verify(
@@ -228,8 +229,6 @@ class CoreMLRuntime(CoreMLProgramRuntime):
                 "upgrade macOS or use --runtime coreml-mil"
             )
         super().__init__(bundle)
-        from redrafter.export.coreml import import_coremltools, quiet
-
         ct = import_coremltools()
         units = {
             "all": ct.ComputeUnit.ALL,

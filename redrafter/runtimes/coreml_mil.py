@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from redrafter.bundle import Bundle
+from redrafter.coremltools_support import import_coremltools, quiet
 from redrafter.errors import RuntimeUnavailableError
-from redrafter.export.bundle import Bundle
-from redrafter.export.coreml import import_coremltools, quiet
 from redrafter.runtimes.coreml import CoreMLProgramRuntime
 
 

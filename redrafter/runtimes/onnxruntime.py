@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from redrafter import ops
+from redrafter.bundle import Bundle, load_bundle
+from redrafter.bundle import names as n
 from redrafter.config import BeamShape
 from redrafter.errors import RuntimeUnavailableError
-from redrafter.export.bundle import Bundle, load_bundle
-from redrafter.export.onnx import cache_names
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -39,15 +40,6 @@ def session_options(threads: int | None, library: Path | None, *, spin: bool) ->
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-def native_library() -> Path | None:
-    """The built native op library, if any (see `redrafter.ops`)."""
-    try:
-        from redrafter import ops
-    except ImportError:
-        return None
-    return ops.library_path()
 
 
 class OnnxRuntime:
@@ -67,7 +59,7 @@ class OnnxRuntime:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if device not in PROVIDERS:
             raise RuntimeUnavailableError(f"device {device!r} must be 'cpu' or 'cuda'")
-        if not self.bundle.has("onnx/base.onnx"):
+        if not self.bundle.has(n.BASE_ONNX):
             raise RuntimeUnavailableError(
                 f"{self.bundle.root} has no ONNX graphs; export with --target onnx"
             )
@@ -78,7 +70,7 @@ class OnnxRuntime:
         self.num_layers = config.num_hidden_layers
         self.cache_shape = (config.kv_heads, config.dim_per_head)
         self.dtype = NP_DTYPES[self.bundle.dtype]
-        library = native_library() if native is not False else None
+        library = ops.library_path() if native is not False else None
         if native and library is None:
             raise RuntimeUnavailableError(
                 "the native TreeAttention library is not built; run `make ops` "
@@ -93,8 +85,9 @@ class OnnxRuntime:
         providers = (
             [PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [PROVIDERS["cpu"]]
         )
-        root = self.bundle.root / "onnx"
-        self.base = ort.InferenceSession(str(root / "base.onnx"), options, providers=providers)
+        self.base = ort.InferenceSession(
+            str(self.bundle.path(n.BASE_ONNX)), options, providers=providers
+        )
         self._drafter_options, self._providers = drafter_options, providers
         self._drafters: dict[BeamShape, ort.InferenceSession] = {}  # opened on first use
         active = self.base.get_providers()[0]
@@ -107,8 +100,8 @@ class OnnxRuntime:
                 file=sys.stderr,
             )
         self.ort_device = "cuda" if self.device == "cuda" else "cpu"
-        self._past = cache_names(self.num_layers, "past")
-        self._present = cache_names(self.num_layers, "present")
+        self._past = n.cache_names(self.num_layers, n.PAST)
+        self._present = n.cache_names(self.num_layers, n.PRESENT)
         self.buffers: list[ort.OrtValue] = []  # one or two stacked caches
         self.arrays: list[np.ndarray] = []  # their numpy views, on the CPU
         self.live = 0  # which buffer holds the committed cache
@@ -159,17 +152,17 @@ class OnnxRuntime:
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.live not in self._bindings:
             io = self.base.io_binding()
-            io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
-            io.bind_output("hidden_states", "cpu")
+            io.bind_output(n.LOGITS, "cpu")  # bound first: get_outputs() follows binding order
+            io.bind_output(n.HIDDEN_STATES, "cpu")
             self._bindings[self.live] = io, self._bind_caches(io)
         io, new_live = self._bindings[self.live]
         # Rebound (in place) on every call: after a run they hold last run's shapes.
-        io.bind_output("logits", "cpu")
-        io.bind_output("hidden_states", "cpu")
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        io.bind_cpu_input("tree_mask", np.ascontiguousarray(mask, dtype=bool))
-        io.bind_cpu_input("past_len", np.ascontiguousarray(past_len, dtype=np.int64))
+        io.bind_output(n.LOGITS, "cpu")
+        io.bind_output(n.HIDDEN_STATES, "cpu")
+        io.bind_cpu_input(n.INPUT_IDS, np.ascontiguousarray(tokens, dtype=np.int64))
+        io.bind_cpu_input(n.POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
+        io.bind_cpu_input(n.TREE_MASK, np.ascontiguousarray(mask, dtype=bool))
+        io.bind_cpu_input(n.PAST_LEN, np.ascontiguousarray(past_len, dtype=np.int64))
         self.base.run_with_iobinding(io)
         outputs = io.get_outputs()
         self.live = new_live
@@ -204,7 +197,7 @@ class OnnxRuntime:
         session = self._drafter_session(beam)
         beams, log_probs = session.run(
             None,
-            {"context": context.astype(np.float32), "first_token": first_token.astype(np.int64)},
+            {n.CONTEXT: context.astype(np.float32), n.FIRST_TOKEN: first_token.astype(np.int64)},
         )
         return beams, log_probs
 
@@ -223,7 +216,7 @@ class OnnxRuntime:
             )
         if beam not in self._drafters:
             self._drafters[beam] = ort.InferenceSession(
-                str(self.bundle.root / graphs[beam]),
+                str(self.bundle.path(graphs[beam])),
                 self._drafter_options,
                 providers=self._providers,
             )

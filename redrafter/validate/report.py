@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from redrafter.export.bundle import Bundle
+from redrafter.bundle import Bundle
 from redrafter.validate.tensors import TensorReport, compare_runtimes
 from redrafter.validate.tokens import TokenCheck, check_token_parity
 

@@ -11,9 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from redrafter.bundle import Bundle, Parity
 from redrafter.config import LOG_0
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import pack
+from redrafter.models.drafter import Drafter
+from redrafter.models.llama import Transformer
+from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
+from redrafter.runtimes.onnxruntime import OnnxRuntime
+from redrafter.runtimes.torch import TorchRuntime
 
 # Max-abs tolerances by bundle dtype, on fp32 logits / hidden states / draft log-probs. fp32 runs
 # the same math in another order; fp16 rounds weights and activations (see docs/parity.md).
@@ -43,12 +49,6 @@ class TensorReport:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            **{f"{c.graph}.{c.output}.max_abs": round(c.max_abs, 7) for c in self.checks},
-        }
 
 
 def _compare(
@@ -109,19 +109,38 @@ def compare_runtimes(
     return TensorReport(checks)
 
 
-def check_tensor_parity(
-    bundle: Any, base: Any, drafter: Any | None, *, device: str = "cpu", seed: int = 0
-) -> TensorReport:
-    """A bundle (ONNX Runtime, CPU) against the torch modules it was exported from."""
-    from redrafter.runtimes.onnxruntime import OnnxRuntime
-    from redrafter.runtimes.torch import TorchRuntime
+def parity_record(report: TensorReport, *, runtime: str | None = None) -> Parity:
+    """A report as the manifest records it: passed, and the max-abs error per output."""
+    return Parity(
+        report.passed,
+        {f"{c.graph}.{c.output}": round(c.max_abs, 7) for c in report.checks},
+        runtime,
+    )
 
-    candidate = OnnxRuntime(bundle, device=device)
-    reference = TorchRuntime(base, drafter)
-    return compare_runtimes(
-        candidate,
-        reference,
+
+def onnx_export_parity(
+    bundle: Bundle, base: Transformer, drafter: Drafter | None, *, seed: int = 0
+) -> Parity:
+    """Export-time parity: a bundle's ONNX graphs (ONNX Runtime, CPU) against the torch modules
+    they were exported from."""
+    report = compare_runtimes(
+        OnnxRuntime(bundle, device="cpu"),
+        TorchRuntime(base, drafter),
         dtype=bundle.dtype,
         beam=bundle.beam if drafter is not None else None,
         seed=seed,
     )
+    return parity_record(report)
+
+
+def coreml_export_parity(bundle: Bundle, base: Transformer, drafter: Drafter | None) -> Parity:
+    """Export-time parity of a bundle's Core ML programs (through the MIL evaluator,
+    `coreml-mil`) against the torch modules they came from."""
+    candidate = CoreMLMilRuntime(bundle)
+    report = compare_runtimes(
+        candidate,
+        TorchRuntime(base, drafter),
+        dtype=candidate.precision,
+        beam=bundle.beam if drafter is not None else None,
+    )
+    return parity_record(report, runtime=candidate.name)
