@@ -1,4 +1,4 @@
-"""`redrafter export`: checkpoints -> a bundle (DESIGN.md §5), written atomically, with
+"""`redrafter export`: checkpoints -> a bundle (docs/design.md §5), written atomically, with
 export-time parity. It runs the exporters and then runtimes on what they wrote, so it sits
 above both `redrafter.export` and `redrafter.runtimes`."""
 

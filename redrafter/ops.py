@@ -4,7 +4,7 @@ with ONNX Runtime, and a ctypes view of its C ABI for tests and benchmarks.
 The op identity (domain, names, versions) is `redrafter.bundle.names`, which mirrors
 `custom_ops/tree_attention/redrafter_ops.h` (tests/test_native_ops.py checks that they agree).
 Semantics and shapes of both ops: `custom_ops/tree_attention/tree_attention.h` and
-DESIGN.md §4.
+docs/design.md §4.
 
 Dimensions: B batch, Hq query heads, Hkv key/value heads, N new tokens, D head dim, S cache
 capacity, K commit slots, Z flattened leading cache dims.

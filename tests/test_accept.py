@@ -1,4 +1,4 @@
-"""Acceptance rules (DESIGN.md §3.5) and the traps of DESIGN.md §7."""
+"""Acceptance rules (docs/design.md §3.5) and the traps of docs/design.md §7."""
 
 import numpy as np
 import pytest

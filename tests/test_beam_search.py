@@ -1,5 +1,5 @@
-"""Drafter beam search (DESIGN.md §3.1-3.2): the torch module against the numpy reference, and
-the drafter traps of DESIGN.md §7."""
+"""Drafter beam search (docs/design.md §3.1-3.2): the torch module against the numpy reference, and
+the drafter traps of docs/design.md §7."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Commit (DESIGN.md §3.6): plan properties and the torch runtime's move against the oracle."""
+"""Commit (docs/design.md §3.6): plan properties and the torch runtime's move against the oracle."""
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Tree packing (DESIGN.md §3.3): hand-checked examples and hypothesis properties."""
+"""Tree packing (docs/design.md §3.3): hand-checked examples and hypothesis properties."""
 
 import numpy as np
 import pytest

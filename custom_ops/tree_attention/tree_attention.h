@@ -1,4 +1,4 @@
-// redrafter::TreeAttention and redrafter::KVCommit, version 1 (DESIGN.md §3.6, §4).
+// redrafter::TreeAttention and redrafter::KVCommit, version 1 (docs/design.md §3.6, §4).
 //
 // Dimensions: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0, G = Hq / Hkv),
 // N new (packed tree) tokens, D head dim, S cache capacity, P_b committed length of row b,
@@ -57,7 +57,7 @@
 //
 // ---------------------------------------------------------------------------------------------
 // In place. Every cache output may share its input's buffer: the caller binds one OrtValue as
-// both `key_cache` and `key_cache_out` through IO binding (DESIGN.md §9) and ORT hands the kernel
+// both `key_cache` and `key_cache_out` through IO binding (docs/design.md §9) and ORT hands the kernel
 // identical pointers. Then only the N new rows (or the K moved rows) are written. When the
 // pointers differ, the kernel first copies the whole cache to the output (and the ORT kernels log
 // a one-time warning). All reads of the cache happen inside these kernels.

@@ -1,4 +1,4 @@
-"""Acceptance (DESIGN.md §3.5): decide how much of the drafted beam the LLM keeps.
+"""Acceptance (docs/design.md §3.5): decide how much of the drafted beam the LLM keeps.
 
 Dimensions: B batch, W beam width, L beam length, V vocab.
 

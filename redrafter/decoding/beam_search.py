@@ -1,4 +1,4 @@
-"""Reference drafter beam search in numpy (DESIGN.md §3.1-3.2), the oracle for every runtime's
+"""Reference drafter beam search in numpy (docs/design.md §3.1-3.2), the oracle for every runtime's
 `draft` (the torch module, the exported ONNX graph, the Core ML program).
 
 Dimensions: B batch, W beam width, L beam length, E hidden size, V vocab.

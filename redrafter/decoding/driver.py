@@ -1,4 +1,4 @@
-"""The ReDrafter decode loop (DESIGN.md §3), written once for every runtime, and `decode`, the
+"""The ReDrafter decode loop (docs/design.md §3), written once for every runtime, and `decode`, the
 one entry point that every caller (pipeline, bench, validate, train, benchmarks) goes through.
 
 Dimensions: B batch, W beam width, L beam length, N packed tokens, E hidden, V vocab,

@@ -1,4 +1,4 @@
-"""KV-cache commit bookkeeping (DESIGN.md §3.6).
+"""KV-cache commit bookkeeping (docs/design.md §3.6).
 
 Dimensions: B batch, W beam width, L beam length, S cache capacity, P committed length.
 

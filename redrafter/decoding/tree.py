@@ -1,4 +1,5 @@
-"""Dynamic tree attention bookkeeping (DESIGN.md §3.3): pack a beam of drafts into one sequence.
+"""Dynamic tree attention bookkeeping (docs/design.md §3.3): pack a beam of drafts into one
+sequence.
 
 Dimensions: B batch, W beam width, L beam length, N packed tokens (N <= W*L).
 

@@ -1,5 +1,5 @@
-"""Core ML export (DESIGN.md §4, Core ML bullet): the base model as a *stateful* ML Program whose
-KV cache lives in Core ML states, and the drafter's whole beam search as a stateless one.
+"""Core ML export (docs/design.md §4, Core ML bullet): the base model as a *stateful* ML Program
+whose KV cache lives in Core ML states, and the drafter's whole beam search as a stateless one.
 
 Dimensions: N new tokens (a ranged input dimension, 1..N_max), S cache capacity (fixed: Core ML
 states have a fixed shape), L beam length (= rows moved by a commit), W beam width, Lyr layers,

@@ -1,5 +1,5 @@
 """ONNX export of the base model (verify/prefill graph) and of the drafter (one step's whole
-beam search), with tree attention as `redrafter::TreeAttention` nodes (DESIGN.md §4).
+beam search), with tree attention as `redrafter::TreeAttention` nodes (docs/design.md §4).
 
 Dimensions: B batch, T new tokens, S cache capacity, Lyr layers, Hkv KV heads, D head dim,
 E hidden, V vocab, W beam width, L beam length.

@@ -1,4 +1,4 @@
-"""`redrafter::TreeAttention` for export (DESIGN.md §4, docs/tree_attention.md): the torch
+"""`redrafter::TreeAttention` for export (docs/design.md §4, docs/tree_attention.md): the torch
 custom ops the exporters see, the ONNX schema, the translation to one ONNX node, and the
 portable ONNX function bodies.
 
@@ -13,7 +13,7 @@ Why this shape: torch 2.13's dynamo exporter inlines every model-local function 
 version-conversion pass, so an onnxscript function in `custom_translation_table` vanishes. We
 register an ONNX schema in-process, translate the custom op into a single `TreeAttention` node,
 and append the body as a `FunctionProto` after export. Stock ONNX Runtime inlines the body; a
-registered native library overrides it (DESIGN.md §9).
+registered native library overrides it (docs/design.md §9).
 """
 
 from __future__ import annotations

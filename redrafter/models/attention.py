@@ -1,4 +1,4 @@
-"""Tree attention, the reference semantics of the `redrafter::TreeAttention` op (DESIGN.md §4,
+"""Tree attention, the reference semantics of the `redrafter::TreeAttention` op (docs/design.md §4,
 docs/tree_attention.md).
 
 Dimensions: B batch, Hq query heads, Hkv key/value heads, T new tokens (N packed tree tokens when

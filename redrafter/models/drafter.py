@@ -1,4 +1,4 @@
-"""The ReDrafter drafter (DESIGN.md §3.1-3.2): a recurrent head over the LLM's embeddings.
+"""The ReDrafter drafter (docs/design.md §3.1-3.2): a recurrent head over the LLM's embeddings.
 
 Dimensions: B batch, W beam width, L beam length (column 0 is the LLM's token g0), E the LLM's
 hidden size, X exit_dim, V vocab.

@@ -6,7 +6,7 @@ W beam width, L beam length, E hidden, V vocab, P committed length per row.
 
 Caches live in one stacked buffer (Lyr, 2, B, Hkv, S, D) per slot; each layer's key and value
 are bound by address. With the native TreeAttention library the output `present_*` is bound to
-the same buffer as the input `past_*`, so the kernel writes N rows in place (DESIGN.md §9).
+the same buffer as the input `past_*`, so the kernel writes N rows in place (docs/design.md §9).
 The portable function body cannot write in place safely (ORT does not know the two alias), so
 it ping-pongs between two buffers and copies the cache once per call.
 """

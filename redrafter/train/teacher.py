@@ -6,7 +6,7 @@ K predicted tokens per context (`predict_tokens`), C teacher top-C entries kept 
 
 The drafter reads the base's post-norm hidden state h_t at a context position t and, at step k
 (1..K), the embedding of x_{t+k} to predict x_{t+k+1}: at inference t is the last accepted token
-and x_{t+1} is the base's own next token g0 (DESIGN.md §3.1). So an example is h_t plus the K+1
+and x_{t+1} is the base's own next token g0 (docs/design.md §3.1). So an example is h_t plus the K+1
 following tokens. A *trace* is one sequence seen from the base: contexts (n, E) and next tokens
 (n,) with `next[j]` the token after context j, plus the base's top-C log-probs for that token.
 Traces come from teacher forcing on data (Apple's recipe) or from the base's own greedy

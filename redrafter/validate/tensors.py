@@ -1,5 +1,5 @@
 """Tensor parity: the same protocol calls (prefill, draft, verify) on a candidate runtime and on
-the torch reference, compared output by output (DESIGN.md §7).
+the torch reference, compared output by output (docs/design.md §7).
 
 Dimensions: B batch, T prompt, W beam width, L beam length, N packed tokens, E hidden, V vocab.
 """

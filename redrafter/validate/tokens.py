@@ -1,5 +1,5 @@
 """Token parity: greedy generations on a candidate runtime against the torch reference's
-*autoregressive* generations (DESIGN.md §3, the invariant), first divergence reported."""
+*autoregressive* generations (docs/design.md §3, the invariant), first divergence reported."""
 
 from __future__ import annotations
 
