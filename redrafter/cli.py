@@ -1,16 +1,21 @@
 """The `redrafter` command line: a thin layer over the library. Bad input prints one line and
-exits with code 2 (click's own usage errors already do)."""
+exits with code 2 (click's own usage errors already do).
+
+Options that several commands take are declared once, in `_SHARED` (a command adds its own help,
+default or type through `_option`); what the commands do lives in the library
+(`redrafter.pipeline`, `redrafter.bench`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from redrafter.config import BeamShape, SamplingParams
+from redrafter.config import BeamShape
 from redrafter.errors import RedrafterError
 
 
@@ -31,6 +36,7 @@ def main() -> None:
     """ReDrafter speculative decoding: export, run, validate and benchmark."""
 
 
+# -- parsing comma lists ---------------------------------------------------------------------
 def _parse_list(text: str, flag: str, cast: type, noun: str) -> list[Any]:
     """'1,2,4' -> [1, 2, 4] (duplicates dropped), or a usage error naming the flag."""
     try:
@@ -61,6 +67,7 @@ def _parse_probs(text: str, flag: str) -> list[float]:
 
 
 def _parse_ids(text: str) -> list[int]:
+    """'1, 2,3' -> [1, 2, 3] (a prompt's token ids), or a usage error."""
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
@@ -70,36 +77,99 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _ints(minimum: int) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: a comma list (str) -> list[int], each >= minimum; None stays None."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+        return None if value is None else _parse_ints(value, param.opts[0], minimum=minimum)
+
+    return parse
+
+
+def _probs(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+    """A click callback: a comma list (str) -> list[float], each in [0, 1)."""
+    return _parse_probs(value, param.opts[0])
+
+
+# -- options several commands take, each declared once -------------------------------------------
+# name -> (flag and parameter name, click attributes); `_option` adds a command's own.
+_PATH = click.Path()
+_SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "base": (("--base", "base_path"), {"type": _PATH}),
+    "drafter": (("--drafter", "drafter_path"), {"type": _PATH}),
+    "bundle": (
+        ("--bundle", "bundle_path"),
+        {"type": _PATH, "required": True, "help": "Bundle directory."},
+    ),
+    "out": (("--out", "out_dir"), {"type": _PATH, "required": True}),
+    "runtime": (("--runtime",), {}),
+    "device": (("--device",), {"choices": ["cpu", "cuda"], "default": "cpu"}),
+    "dtype": (("--dtype",), {}),
+    "prompts": (
+        ("--prompts", "prompts_file"),
+        {
+            "type": _PATH,
+            "help": "Prompts: a text file (one per line) or JSONL with a 'prompt' field.",
+        },
+    ),
+    "chat": (("--chat",), {"is_flag": True, "help": "Wrap each prompt in the chat template."}),
+    "max-new-tokens": (("--max-new-tokens",), {"type": click.IntRange(min=1)}),
+    # Comma lists (export, bench) parsed to list[int]; generate takes one int instead.
+    "beam-width": (("--beam-width",), {"callback": _ints(1)}),
+    "beam-length": (("--beam-length",), {"callback": _ints(2)}),
+    "packing": (("--packing",), {"choices": ["dedup", "full"]}),
+    "prompt-lookup": (("--prompt-lookup",), {}),
+    "min-draft-prob": (("--min-draft-prob",), {}),
+    "seed": (("--seed",), {"type": int}),
+    "json": (("--json", "json_out"), {"type": _PATH}),
+    "exit-dim": (("--exit-dim",), {"type": click.IntRange(min=1)}),
+    "num-layers": (("--num-layers",), {"type": click.IntRange(min=0), "default": 1}),
+}
+
+
+def _option(
+    name: str, help: str | None = None, *, dest: str | None = None, **attrs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The shared option `name` of `_SHARED` as a click decorator. `help` (if given) and
+    `attrs` are this command's; `dest` renames the parameter; `choices` becomes a
+    `click.Choice`; a flag drops the shared type; a default other than None shows in --help."""
+    decls, shared = _SHARED[name]
+    attrs = {**shared, **attrs}
+    if help is not None:
+        attrs["help"] = help
+    if attrs.get("is_flag"):
+        attrs.pop("type", None)
+    if "choices" in attrs:
+        attrs["type"] = click.Choice(list(attrs.pop("choices")))
+    if attrs.get("default") is not None and not attrs.get("is_flag"):
+        attrs.setdefault("show_default", True)
+    return click.option(*(decls[:1] + ((dest,) if dest else decls[1:])), **attrs)
+
+
+# -- commands ------------------------------------------------------------------------------------
 @main.command()
-@click.option(
-    "--base",
-    "base_path",
-    type=click.Path(),
-    help="Base model: HF folder, .gguf file or llama2.c .bin (torch runtime).",
-)
-@click.option(
-    "--drafter",
-    "drafter_path",
-    type=click.Path(),
-    help="ReDrafter drafter folder (Apple's layout), for --base.",
-)
-@click.option(
-    "--bundle",
-    "bundle_path",
-    type=click.Path(),
-    help="An exported bundle (from `redrafter export`), instead of --base/--drafter.",
+@_option("base", "Base model: HF folder, .gguf file or llama2.c .bin (torch runtime).")
+@_option("drafter", "ReDrafter drafter folder (Apple's layout), for --base.")
+@_option(
+    "bundle",
+    "An exported bundle (from `redrafter export`), instead of --base/--drafter.",
+    required=False,
 )
 @click.option("--prompt", help="Prompt text.")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--beam-width", type=click.IntRange(min=1), help="Beams drafted per step [4, or the bundle's]."
+@_option("chat", "Wrap the prompt in the model's chat template.")
+@_option("max-new-tokens", default=64)
+@_option(
+    "beam-width",
+    "Beams drafted per step [4, or the bundle's].",
+    type=click.IntRange(min=1),
+    callback=None,
 )
-@click.option(
-    "--beam-length",
+@_option(
+    "beam-length",
+    "Tokens per beam, counting the LLM's own [4, or the bundle's].",
     type=click.IntRange(min=2),
-    help="Tokens per beam, counting the LLM's own [4, or the bundle's].",
+    callback=None,
 )
 @click.option("--greedy", is_flag=True, help="Greedy decoding (the default without --temperature).")
 @click.option(
@@ -107,7 +177,7 @@ def _parse_ids(text: str) -> list[int]:
     type=click.FloatRange(min=0, min_open=True),
     help="Sample at this temperature (top-50 warped).",
 )
-@click.option("--seed", type=int, help="Random seed for sampling.")
+@_option("seed", "Random seed for sampling.")
 @click.option(
     "--acceptance",
     type=click.Choice(["exact", "apple"]),
@@ -115,47 +185,38 @@ def _parse_ids(text: str) -> list[int]:
     show_default=True,
     help="Sampling acceptance rule.",
 )
-@click.option(
-    "--packing",
-    type=click.Choice(["dedup", "full"]),
-    help="Tree packing: dedup shared prefixes, or keep all W*L [dedup, or the bundle's].",
+@_option(
+    "packing", "Tree packing: dedup shared prefixes, or keep all W*L [dedup, or the bundle's]."
 )
-@click.option(
-    "--prompt-lookup",
+@_option(
+    "prompt-lookup",
+    "Add a prompt-lookup draft (the text's own n-gram continuation) as one more beam.",
     is_flag=True,
-    help="Add a prompt-lookup draft (the text's own n-gram continuation) as one more beam.",
 )
-@click.option(
-    "--min-draft-prob",
+@_option(
+    "min-draft-prob",
+    "Cut each drafter beam before its first draft whose cumulative draft probability is "
+    "below this (fewer tree tokens: pays off where verification is compute-bound, e.g. CPUs).",
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.0,
-    show_default=True,
-    help="Cut each drafter beam before its first draft whose cumulative draft probability is "
-    "below this (fewer tree tokens: pays off where verification is compute-bound, e.g. CPUs).",
 )
 @click.option("--autoregressive", is_flag=True, help="Run the plain autoregressive baseline.")
-@click.option(
-    "--runtime",
-    type=click.Choice(["torch", "onnxruntime", "coreml", "coreml-mil"]),
-    help="Runtime [torch for --base, onnxruntime for --bundle]. coreml: Apple's runtime "
+@_option(
+    "runtime",
+    "Runtime [torch for --base, onnxruntime for --bundle]. coreml: Apple's runtime "
     "(macOS 15+); coreml-mil: the converted Core ML program evaluated in numpy (slow; checks "
     "the conversion, not Apple's runtime or the Neural Engine).",
+    choices=["torch", "onnxruntime", "coreml", "coreml-mil"],
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="Device for the runtime (cuda: ORT CUDA provider, or torch on CUDA).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    help="With --base: the torch runtime's weights and KV cache [float32] (half: for CUDA). "
+@_option("device", "Device for the runtime (cuda: ORT CUDA provider, or torch on CUDA).")
+@_option(
+    "dtype",
+    "With --base: the torch runtime's weights and KV cache [float32] (half: for CUDA). "
     "A bundle has the dtype it was exported in.",
+    choices=["float32", "float16", "bfloat16"],
 )
 @click.option("--stats", is_flag=True, help="Print tokens/step, tokens/s and acceptance to stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_option("json", "Print one JSON object instead of text.", dest="as_json", is_flag=True)
 def generate(
     base_path: str | None,
     drafter_path: str | None,
@@ -181,8 +242,7 @@ def generate(
     as_json: bool,
 ) -> None:
     """Generate text with speculative decoding (or the autoregressive baseline)."""
-    from redrafter.decoding import DecodeOptions
-    from redrafter.pipeline import from_checkpoints, load
+    from redrafter.pipeline import decode_options, open_pipeline
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -190,40 +250,24 @@ def generate(
         raise click.UsageError("--greedy and --temperature exclude each other")
     if chat and prompt_ids is not None:
         raise click.UsageError("--chat applies to --prompt text, not --prompt-ids")
-    if (base_path is None) == (bundle_path is None):
-        raise click.UsageError("give exactly one of --base PATH (checkpoints) or --bundle DIR")
-    if bundle_path is not None:
-        if drafter_path is not None:
-            raise click.UsageError("--drafter goes with --base; a bundle carries its drafter")
-        if dtype is not None:
-            raise click.UsageError(
-                "--dtype goes with --base; a bundle runs in the dtype it was exported in "
-                "(redrafter export --dtype)"
-            )
-        pipe = load(bundle_path, runtime=runtime or "onnxruntime", device=device)
-    else:
-        if runtime == "onnxruntime":
-            raise click.UsageError(
-                "--runtime onnxruntime needs --bundle DIR (make one with `redrafter export`)"
-            )
-        if not autoregressive and drafter_path is None:
-            raise click.UsageError(
-                "speculative decoding needs --drafter (or pass --autoregressive)"
-            )
-        pipe = from_checkpoints(
-            base_path or "",
-            drafter=None if autoregressive else drafter_path,
-            device=device,
-            dtype=dtype or "float32",
-        )
-    d = pipe.defaults
-    if not autoregressive and bundle_path is not None and not d.speculative:
-        raise click.UsageError("this bundle has no drafter; pass --autoregressive")
-    options = DecodeOptions(
+    pipe = open_pipeline(
+        base=base_path,
+        drafter=drafter_path,
+        bundle=bundle_path,
+        runtime=runtime,
+        device=device,
+        dtype=dtype,
+        autoregressive=autoregressive,
+    )
+    options = decode_options(
+        pipe.defaults,
         max_new_tokens=max_new_tokens,
-        beam=BeamShape(beam_width or d.beam.width, beam_length or d.beam.length),
-        sampling=SamplingParams(temperature=temperature or 0.0, seed=seed, acceptance=acceptance),  # type: ignore[arg-type]
-        packing=packing or d.packing,  # type: ignore[arg-type]
+        beam_width=beam_width,
+        beam_length=beam_length,
+        temperature=temperature,
+        seed=seed,
+        acceptance=acceptance,
+        packing=packing,
         speculative=not autoregressive,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
@@ -235,9 +279,10 @@ def generate(
 def _run(
     pipe: Any, prompt: Any, options: Any, *, chat: bool, show_stats: bool, as_json: bool
 ) -> None:
-    """Stream one prompt's generation to stdout (text, or ids without a tokenizer)."""
-    from redrafter.decoding.stats import summarize
+    """Stream one prompt's generation to stdout (text, or ids without a tokenizer), then the
+    JSON object (--json) or the stats (--stats, to stderr)."""
     from redrafter.models.tokenizer import StreamDecoder
+    from redrafter.pipeline import generation_record, run_stats, stats_text
 
     stream = (
         None
@@ -254,72 +299,29 @@ def _run(
             sys.stdout.flush()  # stream as tokens are accepted
         elif not as_json:
             click.echo(" ".join(map(str, step.new_tokens[0])) + " ", nl=False)
-    wall = time.perf_counter() - start
-    summary = summarize(steps, beam_length=options.beam_length)
-    summary["wall_seconds"] = wall
-    summary["runtime"] = pipe.runtime.name
-    summary["implementation"] = getattr(pipe.runtime, "implementation", "eager")
+    summary = run_stats(pipe, steps, options, wall_seconds=time.perf_counter() - start)
     if as_json:
-        text = (
-            None if pipe.tokenizer is None else pipe.tokenizer.decode(ids, skip_special_tokens=True)
-        )
-        click.echo(json.dumps({"token_ids": ids, "text": text, "stats": summary}))
+        click.echo(json.dumps(generation_record(pipe, ids, summary)))
         return
     if stream is not None:
         click.echo(stream.flush(), nl=False)
     click.echo()
     sys.stdout.flush()
     if show_stats:
-        _print_stats(summary, options)
-
-
-def _print_stats(s: dict[str, Any], options: Any) -> None:
-    mode = (
-        f"speculative W={options.beam.width} L={options.beam.length}"
-        if options.speculative
-        else "autoregressive"
-    )
-    lines = [
-        f"[{s['runtime']} {s['implementation']}, {mode}] "
-        f"{s['generated_tokens']} tokens in {s['steps']} steps: "
-        f"{s['tokens_per_step']:.2f} tokens/step, {s['tokens_per_second']:.1f} tokens/s "
-        f"(prefill {1000 * s['prefill_seconds']:.0f} ms)",
-        "time by phase: "
-        + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in s["seconds_by_phase"].items()),
-    ]
-    if s["acceptance_histogram"]:
-        lines.append("steps by accepted drafts (0, 1, ...): " + str(s["acceptance_histogram"]))
-    click.echo("\n".join(lines), err=True)
+        click.echo(stats_text(summary, options), err=True)
 
 
 @main.command()
-@click.option(
-    "--base",
-    "base_path",
-    required=True,
-    type=click.Path(),
-    help="Base model: HF folder, .gguf file or llama2.c .bin.",
-)
-@click.option(
-    "--drafter",
-    "drafter_path",
-    type=click.Path(),
-    help="ReDrafter drafter folder (Apple's layout); omit for an autoregressive bundle.",
-)
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Bundle directory.")
+@_option("base", "Base model: HF folder, .gguf file or llama2.c .bin.", required=True)
+@_option("drafter", "ReDrafter drafter folder (Apple's layout); omit for an autoregressive bundle.")
+@_option("out", "Bundle directory.")
 @click.option(
     "--target",
     default="onnx",
     show_default=True,
     help="Comma-separated targets: onnx, coreml (Core ML is float16, batch 1).",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    default="float32",
-    show_default=True,
-    help="ONNX weights and caches.",
-)
+@_option("dtype", "ONNX weights and caches.", choices=["float32", "float16"], default="float32")
 @click.option(
     "--coreml-dtype",
     type=click.Choice(["float32", "float16"]),
@@ -327,19 +329,17 @@ def _print_stats(s: dict[str, Any], options: Any) -> None:
     show_default=True,
     help="Core ML compute precision.",
 )
-@click.option(
-    "--beam-width",
+@_option(
+    "beam-width",
+    "Beam width(s) of the drafter graphs, e.g. 4 or 1,2,4 (the first is the default).",
     default="4",
-    show_default=True,
-    help="Beam width(s) of the drafter graphs, e.g. 4 or 1,2,4 (the first is the default).",
 )
-@click.option(
-    "--beam-length",
+@_option(
+    "beam-length",
+    "Beam length(s), counting the LLM's token, e.g. 4 or 3,4,5 (the first is the default).",
     default="4",
-    show_default=True,
-    help="Beam length(s), counting the LLM's token, e.g. 4 or 3,4,5 (the first is the default).",
 )
-@click.option("--packing", type=click.Choice(["dedup", "full"]), default="dedup", show_default=True)
+@_option("packing", default="dedup")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(
     base_path: str,
@@ -348,8 +348,8 @@ def export(
     target: str,
     dtype: str,
     coreml_dtype: str,
-    beam_width: str,
-    beam_length: str,
+    beam_width: list[int],
+    beam_length: list[int],
     packing: str,
     overwrite: bool,
 ) -> None:
@@ -357,9 +357,7 @@ def export(
     checksummed manifest), written to a temp dir and renamed into place."""
     from redrafter.build import ExportOptions, export_bundle
 
-    widths = _parse_ints(beam_width, "--beam-width", minimum=1)
-    lengths = _parse_ints(beam_length, "--beam-length", minimum=2)
-    beams = [BeamShape(w, n) for w in widths for n in lengths]
+    beams = [BeamShape(w, n) for w in beam_width for n in beam_length]
     options = ExportOptions(
         targets=tuple(t.strip() for t in target.split(",") if t.strip()),
         dtype=dtype,
@@ -384,39 +382,38 @@ def export(
     )
 
 
+def _prompt_ids(
+    pipe: Any, prompts_file: str | None, chat: bool, *, synthetic_vocab: int | None = None
+) -> list[list[int]]:
+    """--prompts (or the default prompts) as token ids, for validate and bench; see
+    `redrafter.pipeline.encode_prompts`."""
+    from redrafter.pipeline import encode_prompts
+    from redrafter.validate.prompts import read_prompts
+    from redrafter.validate.report import DEFAULT_PROMPTS
+
+    texts = read_prompts(prompts_file) if prompts_file else None
+    return encode_prompts(
+        pipe, texts, defaults=DEFAULT_PROMPTS, chat=chat, synthetic_vocab=synthetic_vocab
+    )
+
+
 @main.command()
-@click.option("--bundle", "bundle_path", required=True, type=click.Path(), help="Bundle directory.")
-@click.option(
-    "--runtime",
-    type=click.Choice(["onnxruntime", "coreml", "coreml-mil"]),
-    default="onnxruntime",
-    show_default=True,
-    help="coreml: Apple's runtime (macOS 15+); coreml-mil: the converted Core ML program "
+@_option("bundle")
+@_option(
+    "runtime",
+    "coreml: Apple's runtime (macOS 15+); coreml-mil: the converted Core ML program "
     "evaluated op by op in numpy on any OS (checks the conversion, not Apple's runtime or the "
     "Neural Engine).",
+    choices=["onnxruntime", "coreml", "coreml-mil"],
+    default="onnxruntime",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option(
-    "--base",
-    "base_path",
-    type=click.Path(),
-    help="Reference base checkpoint [the one recorded in the manifest].",
-)
-@click.option(
-    "--drafter",
-    "drafter_path",
-    type=click.Path(),
-    help="Reference drafter [the one recorded in the manifest].",
-)
-@click.option(
-    "--prompts",
-    "prompts_file",
-    type=click.Path(),
-    help="Prompts: a text file (one per line) or JSONL with a 'prompt' field.",
-)
-@click.option("--chat", is_flag=True, help="Wrap each prompt in the chat template.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "json_out", type=click.Path(), help="Write the JSON report here.")
+@_option("device")
+@_option("base", "Reference base checkpoint [the one recorded in the manifest].")
+@_option("drafter", "Reference drafter [the one recorded in the manifest].")
+@_option("prompts")
+@_option("chat")
+@_option("max-new-tokens", default=32)
+@_option("json", "Write the JSON report here.")
 def validate(
     bundle_path: str,
     runtime: str,
@@ -431,20 +428,12 @@ def validate(
     """Prove parity of a bundle against the PyTorch reference: tensors per graph and greedy
     tokens per prompt. Exit 0 pass, 1 parity failure, 2 bad input."""
     from redrafter.pipeline import load, reference_runtime
-    from redrafter.validate.prompts import read_prompts
-    from redrafter.validate.report import DEFAULT_PROMPTS, validate_bundle
+    from redrafter.validate.report import validate_bundle
 
     pipe = load(bundle_path, runtime=runtime, device=device)
     bundle = pipe.runtime.bundle  # type: ignore[attr-defined]
     reference = reference_runtime(bundle, base=base_path, drafter=drafter_path)
-    texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
-    if pipe.tokenizer is None:
-        if prompts_file is not None:
-            raise click.UsageError("this bundle has no tokenizer, so text prompts cannot be used")
-        V = bundle.base_config.vocab_size
-        prompts = [[(7 * i + j) % V for j in range(1, 9)] for i in range(4)]
-    else:
-        prompts = [pipe.encode(t, chat=chat) for t in texts]
+    prompts = _prompt_ids(pipe, prompts_file, chat, synthetic_vocab=bundle.base_config.vocab_size)
     report = validate_bundle(
         bundle,
         candidate=pipe.runtime,
@@ -460,47 +449,40 @@ def validate(
 
 
 @main.command()
-@click.option("--bundle", "bundle_path", required=True, type=click.Path(), help="Bundle directory.")
-@click.option(
-    "--runtime",
-    type=click.Choice(["onnxruntime", "torch"]),
+@_option("bundle")
+@_option(
+    "runtime",
+    "torch = the reference rebuilt from the bundle's sources.",
+    choices=["onnxruntime", "torch"],
     default="onnxruntime",
-    show_default=True,
-    help="torch = the reference rebuilt from the bundle's sources.",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_option("device")
 @click.option(
     "--native/--portable",
     "native",
     default=None,
     help="ONNX Runtime TreeAttention: the native library or the portable body [native when built].",
 )
-@click.option(
-    "--prompts",
-    "prompts_file",
-    type=click.Path(),
-    help="Prompts: a text file (one per line) or JSONL with a 'prompt' field.",
-)
-@click.option("--chat", is_flag=True, help="Wrap each prompt in the chat template.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--beam-width", default=None, help="Comma list, e.g. 1,2,4 [the bundle's graphs].")
-@click.option("--beam-length", default=None, help="Comma list, e.g. 3,4,5 [the bundle's graphs].")
+@_option("prompts")
+@_option("chat")
+@_option("max-new-tokens", default=64)
+@_option("beam-width", "Comma list, e.g. 1,2,4 [the bundle's graphs].")
+@_option("beam-length", "Comma list, e.g. 3,4,5 [the bundle's graphs].")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "json_out", type=click.Path(), help="Write the JSON results here.")
+@_option("json", "Write the JSON results here.")
 @click.option("--plot", "plot_out", type=click.Path(), help="Write a PNG speed-up plot here.")
-@click.option(
-    "--prompt-lookup",
-    type=click.Choice(["off", "on", "both"]),  # keys of harness.PROMPT_LOOKUP_SETTINGS
+@_option(
+    "prompt-lookup",
+    "Speculative runs without, with, or both without and with the prompt-lookup beam.",
+    choices=["off", "on", "both"],  # keys of harness.PROMPT_LOOKUP_SETTINGS
     default="off",
-    show_default=True,
-    help="Speculative runs without, with, or both without and with the prompt-lookup beam.",
 )
-@click.option(
-    "--min-draft-prob",
-    default="0",
-    show_default=True,
-    help="Comma list of draft-probability floors (0 = keep every draft), e.g. 0,0.25: each "
+@_option(
+    "min-draft-prob",
+    "Comma list of draft-probability floors (0 = keep every draft), e.g. 0,0.25: each "
     "speculative configuration runs once per floor.",
+    default="0",
+    callback=_probs,
 )
 def bench(
     bundle_path: str,
@@ -510,64 +492,52 @@ def bench(
     prompts_file: str | None,
     chat: bool,
     max_new_tokens: int,
-    beam_width: str | None,
-    beam_length: str | None,
+    beam_width: list[int] | None,
+    beam_length: list[int] | None,
     repeats: int,
     json_out: str | None,
     plot_out: str | None,
     prompt_lookup: str,
-    min_draft_prob: str,
+    min_draft_prob: list[float],
 ) -> None:
     """Speculative vs autoregressive decoding on the same runtime and prompts, side by side:
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
     from rich.progress import Progress
 
-    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_configs, speculative_grid
-    from redrafter.bench.report import markdown_table, plot_speedup, save_json
+    from redrafter.bench.beams import select_beams
+    from redrafter.bench.harness import (
+        PROMPT_LOOKUP_SETTINGS,
+        run_configs,
+        runs_in,
+        speculative_grid,
+    )
+    from redrafter.bench.report import (
+        bench_payload,
+        bench_title,
+        markdown_table,
+        plot_speedup,
+        save_json,
+    )
     from redrafter.pipeline import load, reference_runtime
-    from redrafter.validate.prompts import read_prompts
-    from redrafter.validate.report import DEFAULT_PROMPTS
 
     if runtime == "torch" and native is not None:
         raise click.UsageError("--native/--portable apply to --runtime onnxruntime")
     pipe = load(bundle_path, runtime="onnxruntime", device=device, native=native)
     bundle = pipe.runtime.bundle  # type: ignore[attr-defined]
     rt = pipe.runtime if runtime == "onnxruntime" else reference_runtime(bundle)
-    available = list(bundle.drafter_graphs)
-    if not available:
-        raise click.UsageError("this bundle has no drafter graph: nothing to compare")
-    widths = _parse_ints(beam_width, "--beam-width", minimum=1) if beam_width else None
-    lengths = _parse_ints(beam_length, "--beam-length", minimum=2) if beam_length else None
-    beams = [
-        b
-        for b in available
-        if (widths is None or b.width in widths) and (lengths is None or b.length in lengths)
-    ]
-    wanted = {(w, n) for w in (widths or []) for n in (lengths or [])}
-    missing = sorted(wanted - {(b.width, b.length) for b in available})
-    if runtime == "onnxruntime" and missing:
-        raise click.UsageError(
-            f"the bundle has no drafter graph for (W, L) {missing}; re-export with "
-            f"--beam-width {beam_width} --beam-length {beam_length}"
-        )
-    if runtime == "torch" and wanted:
-        beams = [BeamShape(w, n) for w, n in sorted(wanted)]
-    if not beams:
-        raise click.UsageError("no beam shape selected; check --beam-width/--beam-length")
-    texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
-    prompts = [pipe.encode(t, chat=chat) for t in texts]
-    lookups = PROMPT_LOOKUP_SETTINGS[prompt_lookup]
-    floors = _parse_probs(min_draft_prob, "--min-draft-prob")
-    total = (repeats + 1) * (len(beams) * len(lookups) * len(floors) + 1)
+    beams = select_beams(
+        bundle.drafter_graphs, beam_width, beam_length, any_shape=runtime == "torch"
+    )
+    prompts = _prompt_ids(pipe, prompts_file, chat)
+    spec = speculative_grid(
+        beams,
+        max_new_tokens=max_new_tokens,
+        packing=bundle.packing,
+        prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
+        min_draft_prob=min_draft_prob,
+    )
     with Progress(transient=True) as progress:
-        task = progress.add_task("benchmarking", total=total)
-        spec = speculative_grid(
-            beams,
-            max_new_tokens=max_new_tokens,
-            packing=bundle.packing,
-            prompt_lookup=lookups,
-            min_draft_prob=floors,
-        )
+        task = progress.add_task("benchmarking", total=runs_in(spec, repeats))
         results = run_configs(
             rt,
             prompts,
@@ -576,32 +546,27 @@ def bench(
             eos_token_ids=pipe.eos_token_ids,
             on_run=lambda name: progress.update(task, advance=1, description=name),
         )
-    implementation = getattr(rt, "implementation", "eager")
-    title = (
-        f"{bundle.root.name}: {rt.name} ({implementation}, {device}), "
-        f"{len(prompts)} prompts x {max_new_tokens} tokens"
-    )
+    n = len(prompts)
+    title = bench_title(bundle, rt, device=device, prompts=n, max_new_tokens=max_new_tokens)
     click.echo(title)
     click.echo(markdown_table(results))
-    payload = {
-        "bundle": str(bundle.root),
-        "runtime": rt.name,
-        "implementation": implementation,
-        "device": device,
-        "dtype": bundle.dtype,
-        "prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "repeats": repeats,
-        "results": results,
-    }
     if json_out:
+        payload = bench_payload(
+            bundle,
+            rt,
+            results,
+            device=device,
+            prompts=n,
+            max_new_tokens=max_new_tokens,
+            repeats=repeats,
+        )
         save_json(payload, json_out)
     if plot_out:
         plot_speedup(results, plot_out, title=title)
 
 
 @main.command("train-drafter")
-@click.option("--base", "base_path", required=True, type=click.Path(), help="Frozen base model.")
+@_option("base", "Frozen base model.", required=True)
 @click.option(
     "--data",
     "data_paths",
@@ -610,7 +575,7 @@ def bench(
     type=click.Path(),
     help="Text or JSONL(.gz) file; repeat for more. JSONL text from --text-field.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Drafter folder.")
+@_option("out", "Drafter folder.")
 @click.option(
     "--mode",
     type=click.Choice(["ce", "distill"]),
@@ -634,19 +599,19 @@ def bench(
     "--predict-tokens", default=5, show_default=True, type=click.IntRange(min=1),
     help="Drafter steps trained per context (beam length - 1).",
 )  # fmt: skip
-@click.option("--exit-dim", type=click.IntRange(min=1), help="Drafter width [base hidden size].")
-@click.option("--num-layers", default=1, show_default=True, type=click.IntRange(min=0))
+@_option("exit-dim", "Drafter width [base hidden size].")
+@_option("num-layers")
 @click.option(
     "--draft-vocab", default=8192, show_default=True, type=click.IntRange(min=0),
     help="Tokens the head can draft (the most frequent targets); 0 = the full vocab.",
 )  # fmt: skip
 @click.option("--kl-weight", default=0.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--chat", is_flag=True, help="distill: wrap each record in the chat template.")
+@_option("chat", "distill: wrap each record in the chat template.")
 @click.option("--text-field", help="JSONL field holding the text [text, prompt or content].")
 @click.option("--max-records", type=click.IntRange(min=1), help="distill: use the first N only.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@_option("seed", default=0)
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
 @click.option("--cache-dir", type=click.Path(), help="Base outputs cache [~/.cache/redrafter].")
 def train_drafter_cmd(**kw: Any) -> None:
@@ -693,23 +658,13 @@ def train_drafter_cmd(**kw: Any) -> None:
 
 
 @main.command("init-drafter")
-@click.option(
-    "--base",
-    "base_path",
-    required=True,
-    type=click.Path(),
-    help="Base model the drafter must fit (HF folder, .gguf or llama2.c .bin).",
+@_option(
+    "base", "Base model the drafter must fit (HF folder, .gguf or llama2.c .bin).", required=True
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output folder.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--exit-dim", type=click.IntRange(min=1), help="Drafter width (default 2*hidden).")
-@click.option(
-    "--num-layers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Residual blocks in the drafter head.",
-)
+@_option("out", "Output folder.")
+@_option("seed", default=0)
+@_option("exit-dim", "Drafter width (default 2*hidden).")
+@_option("num-layers", "Residual blocks in the drafter head.")
 def init_drafter_cmd(
     base_path: str, out_dir: str, seed: int, exit_dim: int | None, num_layers: int
 ) -> None:

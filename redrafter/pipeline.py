@@ -312,30 +312,25 @@ def stats_text(stats: dict[str, Any], options: DecodeOptions) -> str:
         + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in stats["seconds_by_phase"].items()),
     ]
     if stats["acceptance_histogram"]:
-        lines.append(
-            "steps by accepted drafts (0, 1, ...): " + str(stats["acceptance_histogram"])
-        )
+        lines.append("steps by accepted drafts (0, 1, ...): " + str(stats["acceptance_histogram"]))
     return "\n".join(lines)
 
 
-def read_prompt_ids(
+def encode_prompts(
     pipe: Pipeline,
-    prompts_file: str | Path | None = None,
+    texts: Sequence[str] | None,
     *,
+    defaults: Sequence[str] = (),
     chat: bool = False,
     synthetic_vocab: int | None = None,
 ) -> list[list[int]]:
-    """The token ids of the prompts `validate` and `bench` run: those of `prompts_file` (text,
-    one per line, or JSONL; see `redrafter.validate.prompts.read_prompts`), else the default
-    prompts, each encoded (in the chat template with `chat`). Without a tokenizer, text cannot
-    be encoded: given `synthetic_vocab` and no file, four fixed 8-token id prompts below it
-    stand in; otherwise a `TokenizerError`."""
-    from redrafter.validate.prompts import read_prompts
-    from redrafter.validate.report import DEFAULT_PROMPTS
-
-    texts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
+    """The token ids of the prompts `validate` and `bench` run: `texts` (e.g. a prompts file's,
+    `redrafter.validate.prompts.read_prompts`) or, when None, `defaults`, each encoded (in the
+    chat template with `chat`). Without a tokenizer text cannot be encoded: given
+    `synthetic_vocab` and no `texts`, four fixed 8-token id prompts below it stand in for the
+    defaults; otherwise a `TokenizerError`."""
     if pipe.tokenizer is None and synthetic_vocab is not None:
-        if prompts_file:
+        if texts is not None:
             raise TokenizerError("this bundle has no tokenizer, so text prompts cannot be used")
         return [[(7 * i + j) % synthetic_vocab for j in range(1, 9)] for i in range(4)]
-    return [pipe.encode(t, chat=chat) for t in texts]
+    return [pipe.encode(t, chat=chat) for t in (defaults if texts is None else texts)]

@@ -4,14 +4,21 @@ timings, plot written, bad arguments rejected with exit 2. No timing assertions.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
+from redrafter.bench.beams import select_beams
+from redrafter.bench.harness import run_configs, runs_in, speculative_grid
+from redrafter.bench.report import bench_payload, bench_title
+from redrafter.build import ExportOptions, export_bundle
 from redrafter.cli import main
 from redrafter.config import BeamShape
-from redrafter.export.build import ExportOptions, export_bundle
+from redrafter.errors import ConfigError
 from redrafter.models.checkpoints import save_drafter
+from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
 
@@ -191,3 +198,86 @@ def test_bench_bad_arguments_exit_2(grid_bundle, args, message) -> None:
     result = _bench(grid_bundle, *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+# -- the library behind `bench` -------------------------------------------------------------------
+GRID = [BeamShape(1, 3), BeamShape(2, 3), BeamShape(2, 4)]
+
+
+@pytest.mark.parametrize(
+    "widths,lengths,any_shape,expected",
+    [
+        (None, None, False, GRID),
+        ([2], None, False, [BeamShape(2, 3), BeamShape(2, 4)]),
+        (None, [3], False, [BeamShape(1, 3), BeamShape(2, 3)]),
+        ([2, 1], [3], False, [BeamShape(1, 3), BeamShape(2, 3)]),  # the bundle's order
+        ([3], [2, 5], True, [BeamShape(3, 2), BeamShape(3, 5)]),  # any shape: the product
+        ([2], None, True, [BeamShape(2, 3), BeamShape(2, 4)]),  # one list: the bundle's graphs
+    ],
+)
+def test_select_beams(widths, lengths, any_shape, expected) -> None:
+    assert select_beams(GRID, widths, lengths, any_shape=any_shape) == expected
+
+
+@pytest.mark.parametrize(
+    "available,widths,lengths,message",
+    [
+        ([], None, None, "this bundle has no drafter graph: nothing to compare"),
+        (
+            GRID,
+            [2, 8],
+            [3],
+            "the bundle has no drafter graph for (W, L) [(8, 3)]; re-export with "
+            "--beam-width 2,8 --beam-length 3",
+        ),
+        (GRID, [5], None, "no beam shape selected; check --beam-width/--beam-length"),
+    ],
+)
+def test_select_beams_errors(available, widths, lengths, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        select_beams(available, widths, lengths)
+    assert str(info.value) == message
+
+
+def test_runs_in_counts_the_runs_run_configs_reports() -> None:
+    base = tiny_base(seed=1)
+    runtime = TorchRuntime(base, tiny_drafter(base))
+    spec = speculative_grid([BeamShape(2, 3)], max_new_tokens=3, prompt_lookup=(False, True))
+    names: list[str] = []
+    run_configs(runtime, [[3, 4, 5]], spec, repeats=2, on_run=names.append)
+    assert len(names) == runs_in(spec, 2) == 9
+
+
+def test_bench_title_and_payload() -> None:
+    bundle = SimpleNamespace(root=Path("/b/tiny"), dtype="float16")
+    runtime = SimpleNamespace(name="onnxruntime", implementation="native")
+    results = {"autoregressive": {"speedup": 1.0}}
+    run = dict(device="cuda", prompts=4, max_new_tokens=8)
+    assert bench_title(bundle, runtime, **run) == (
+        "tiny: onnxruntime (native, cuda), 4 prompts x 8 tokens"
+    )
+    assert bench_payload(bundle, runtime, results, **run, repeats=2) == {
+        "bundle": "/b/tiny",
+        "runtime": "onnxruntime",
+        "implementation": "native",
+        "device": "cuda",
+        "dtype": "float16",
+        "prompts": 4,
+        "max_new_tokens": 8,
+        "repeats": 2,
+        "results": results,
+    }
+    eager = SimpleNamespace(name="torch")  # a runtime that does not name its implementation
+    assert bench_payload(bundle, eager, {}, **run, repeats=1)["implementation"] == "eager"
+
+
+def test_validate_reads_prompts_as_bench_does(grid_bundle, tmp_path) -> None:
+    """validate and bench share the prompt reading (--prompts file, else the defaults)."""
+    prompts, report = tmp_path / "prompts.txt", tmp_path / "report.json"
+    prompts.write_text("w1 w2 w3\nw4 w5\n")
+    args = ["validate", "--bundle", str(grid_bundle.root), "--max-new-tokens", "4"]
+    result = CliRunner().invoke(main, [*args, "--prompts", str(prompts), "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["token_parity"] == "2/2"
+    missing = CliRunner().invoke(main, [*args, "--prompts", str(tmp_path / "none.txt")])
+    assert missing.exit_code == 2 and "not found" in missing.output

@@ -4,12 +4,26 @@ JSON and stats), init-drafter, and one-line errors with exit code 2 for bad inpu
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
 
-from redrafter.cli import main
+from redrafter import pipeline
+from redrafter.cli import _SHARED, main
+from redrafter.config import BeamShape
+from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions
+from redrafter.errors import ConfigError, RuntimeUnavailableError, TokenizerError
 from redrafter.models.checkpoints import load_drafter
+from redrafter.pipeline import (
+    Pipeline,
+    decode_options,
+    encode_prompts,
+    generation_record,
+    open_pipeline,
+    run_stats,
+    stats_text,
+)
 
 from conftest import tiny_base, write_hf_checkpoint
 
@@ -197,3 +211,142 @@ def test_unknown_model_type_is_rejected(tmp_path) -> None:
     result = _run(["generate", "--base", str(folder), "--autoregressive", "--prompt-ids", "1"])
     assert result.exit_code == 2
     assert "unsupported model_type 'gpt2'" in result.output
+
+
+def test_generate_checks_base_versus_bundle_before_loading() -> None:
+    """The library's ConfigError reaches the user as one `error:` line, exit code 2."""
+    for args, message in [
+        ([], "give exactly one of --base PATH (checkpoints) or --bundle DIR"),
+        (["--bundle", "/b", "--drafter", "/d"], "--drafter goes with --base"),
+        (["--base", "/m", "--runtime", "onnxruntime"], "--runtime onnxruntime needs --bundle"),
+    ]:
+        result = _run(["generate", "--prompt-ids", "1", *args])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"error: {message}"), result.output
+
+
+# -- shared options -------------------------------------------------------------------------------
+def test_each_shared_option_serves_several_commands() -> None:
+    commands = main.commands.values()
+    for name, (decls, _) in _SHARED.items():
+        users = [c.name for c in commands if any(decls[0] in p.opts for p in c.params)]
+        assert len(users) >= 2, (name, users)
+    # Per-command attributes stay the commands' own.
+    defaults = {
+        c: next(p.default for p in main.commands[c].params if p.name == "max_new_tokens")
+        for c in ("generate", "validate", "bench")
+    }
+    assert defaults == {"generate": 64, "validate": 32, "bench": 64}
+    bundle = {c.name: p.required for c in commands for p in c.params if p.name == "bundle_path"}
+    assert bundle == {"generate": False, "validate": True, "bench": True}
+
+
+# -- the library behind `generate` ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({}, "give exactly one of --base PATH (checkpoints) or --bundle DIR"),
+        ({"base": "/m", "bundle": "/b"}, "give exactly one of --base PATH"),
+        ({"bundle": "/b", "drafter": "/d"}, "--drafter goes with --base"),
+        ({"bundle": "/b", "dtype": "float16"}, "runs in the dtype it was exported in"),
+        ({"bundle": "/b", "runtime": "torch", "native": True}, "--native/--portable apply"),
+        ({"base": "/m", "runtime": "onnxruntime"}, "--runtime onnxruntime needs --bundle DIR"),
+        ({"base": "/m", "native": False}, "--native/--portable apply"),
+        ({"base": "/m"}, "speculative decoding needs --drafter (or pass --autoregressive)"),
+    ],
+)
+def test_open_pipeline_rejects_bad_combinations(kwargs, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        open_pipeline(**kwargs)  # nothing exists at these paths: checked before loading
+
+
+def test_open_pipeline_on_a_bundle(monkeypatch) -> None:
+    calls = []
+
+    def fake_load(bundle, **kwargs):
+        calls.append((bundle, kwargs))
+        return Pipeline(runtime=None, defaults=AUTOREGRESSIVE)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "load", fake_load)
+    pipe = open_pipeline(bundle="/b", native=False, autoregressive=True)
+    assert pipe.defaults is AUTOREGRESSIVE
+    assert calls == [("/b", {"runtime": "onnxruntime", "device": "cpu", "native": False})]
+    with pytest.raises(ConfigError, match="this bundle has no drafter; pass --autoregressive"):
+        open_pipeline(bundle="/b", runtime="coreml-mil")
+
+
+def test_open_pipeline_on_checkpoints(checkpoints) -> None:
+    base_dir, drafter_dir = checkpoints
+    pipe = open_pipeline(base=base_dir, drafter=drafter_dir)
+    assert pipe.runtime.name == "torch" and pipe.tokenizer is not None
+    ar = open_pipeline(base=base_dir, drafter=drafter_dir, autoregressive=True, dtype="bfloat16")
+    assert ar.runtime.name == "torch"
+    with pytest.raises(RuntimeUnavailableError, match="needs an exported bundle"):
+        open_pipeline(base=base_dir, runtime="coreml", autoregressive=True)
+
+
+def test_decode_options_fill_in_the_pipeline_defaults() -> None:
+    defaults = DecodeOptions(beam=BeamShape(2, 3), packing="full")
+    options = decode_options(defaults, max_new_tokens=5)
+    assert (options.beam, options.packing, options.max_new_tokens) == (BeamShape(2, 3), "full", 5)
+    assert options.sampling.greedy and options.speculative
+    options = decode_options(
+        defaults,
+        beam_width=1,
+        beam_length=4,
+        packing="dedup",
+        temperature=0.5,
+        seed=3,
+        acceptance="apple",
+        speculative=False,
+        prompt_lookup=True,
+        min_draft_prob=0.25,
+    )
+    assert options.beam == BeamShape(1, 4) and options.packing == "dedup"
+    assert (options.sampling.temperature, options.sampling.seed) == (0.5, 3)
+    assert options.sampling.acceptance == "apple" and not options.speculative
+    assert options.prompt_lookup and options.min_draft_prob == 0.25
+
+
+def test_run_stats_record_and_text(checkpoints) -> None:
+    base_dir, drafter_dir = checkpoints
+    pipe = open_pipeline(base=base_dir, drafter=drafter_dir)
+    options = DecodeOptions(max_new_tokens=6, beam=BeamShape(2, 3))
+    steps = list(pipe.stream([[3, 4, 5]], options))
+    stats = run_stats(pipe, steps, options, wall_seconds=1.5)
+    assert stats["wall_seconds"] == 1.5 and stats["generated_tokens"] == 6
+    assert (stats["runtime"], stats["implementation"]) == ("torch", "eager")
+    ids = [t for s in steps for t in s.new_tokens[0]]
+    record = generation_record(pipe, ids, stats)
+    assert record["token_ids"] == ids and record["stats"] is stats
+    assert record["text"] == pipe.tokenizer.decode(ids, skip_special_tokens=True)
+    assert json.loads(json.dumps(record)) == record
+    text = stats_text(stats, options)
+    assert text.startswith("[torch eager, speculative W=2 L=3] 6 tokens in ")
+    assert "time by phase:" in text and "steps by accepted drafts" in text
+    ar = stats_text(run_stats(pipe, steps, AUTOREGRESSIVE, wall_seconds=1.0), AUTOREGRESSIVE)
+    assert ar.startswith("[torch eager, autoregressive]")
+
+
+class _Tokenizer:
+    eos_token_ids = ()
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+    def chat_prompt(self, text: str) -> str:
+        return "say " + text
+
+
+def test_encode_prompts() -> None:
+    pipe = Pipeline(runtime=None, tokenizer=_Tokenizer())  # type: ignore[arg-type]
+    assert encode_prompts(pipe, None, defaults=["a bb", "ccc"]) == [[1, 2], [3]]
+    assert encode_prompts(pipe, ["dddd"], defaults=["a"], chat=True) == [[3, 4]]
+    assert encode_prompts(pipe, ["a"], synthetic_vocab=50) == [[1]]  # a tokenizer: text
+    bare = Pipeline(runtime=None)  # type: ignore[arg-type]
+    ids = encode_prompts(bare, None, defaults=["a"], synthetic_vocab=50)
+    assert len(ids) == 4 and all(len(p) == 8 and max(p) < 50 for p in ids)
+    with pytest.raises(TokenizerError, match="no tokenizer, so text prompts cannot be used"):
+        encode_prompts(bare, ["a"], synthetic_vocab=50)
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        encode_prompts(bare, None, defaults=["a"])

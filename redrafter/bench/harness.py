@@ -137,6 +137,12 @@ def speculative_grid(
     ]
 
 
+def runs_in(spec: Sequence[DecodeOptions], repeats: int) -> int:
+    """How many runs `run_configs(..., spec, repeats=repeats)` makes (and reports to `on_run`):
+    a warm-up and `repeats` rounds of each configuration plus the autoregressive baseline."""
+    return (repeats + 1) * (len(spec) + 1)
+
+
 def run_configs(
     runtime: Runtime,
     prompts: Sequence[Sequence[int]],

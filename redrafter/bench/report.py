@@ -7,8 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from redrafter.bundle import Bundle
+from redrafter.decoding.runtime import Runtime
+from redrafter.pipeline import implementation_of
+
 
 def markdown_table(results: dict[str, Any]) -> str:
+    """One row per configuration of `run_configs` results: throughput, speed-up, tokens and
+    verified tokens per step, ms per step and per phase, latency percentiles, peak RSS."""
     head = (
         "| config | tok/s | speed-up | tok/step | verified/step | ms/step | draft | verify "
         "| accept+commit | host | p50 ms/tok | p95 ms/tok | peak RSS MB |"
@@ -27,7 +33,45 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_title(
+    bundle: Bundle, runtime: Runtime, *, device: str, prompts: int, max_new_tokens: int
+) -> str:
+    """The one-line heading of a benchmark (printed above the table, the plot's title): bundle,
+    runtime, implementation, device, and how many prompts x tokens."""
+    return (
+        f"{bundle.root.name}: {runtime.name} ({implementation_of(runtime)}, {device}), "
+        f"{prompts} prompts x {max_new_tokens} tokens"
+    )
+
+
+def bench_payload(
+    bundle: Bundle,
+    runtime: Runtime,
+    results: dict[str, Any],
+    *,
+    device: str,
+    prompts: int,
+    max_new_tokens: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """The JSON document `redrafter bench --json` writes: what ran (bundle path, runtime,
+    implementation, device, the bundle's dtype, prompt count, max_new_tokens, repeats) and
+    `results` (from `redrafter.bench.harness.run_configs`)."""
+    return {
+        "bundle": str(bundle.root),
+        "runtime": runtime.name,
+        "implementation": implementation_of(runtime),
+        "device": device,
+        "dtype": bundle.dtype,
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "results": results,
+    }
+
+
 def save_json(payload: dict[str, Any], path: str | Path) -> None:
+    """Write `payload` as indented JSON (with a final newline)."""
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
