@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
+
 from redrafter.bundle import (
     Bundle,
     DrafterGraph,
     Manifest,
     OnnxRecord,
     OpRecord,
+    Quantization,
     Source,
     atomic_directory,
     load_bundle,
@@ -38,6 +41,7 @@ from redrafter.decoding.tree import Packing
 from redrafter.errors import ConfigError
 from redrafter.export.coreml import export_coreml
 from redrafter.export.onnx import SharedWeights, export_base, export_drafter
+from redrafter.export.quantize import quantize_graph
 from redrafter.models.checkpoints import load_pair
 from redrafter.models.tokenizer import find_tokenizer, save_tokenizer
 from redrafter.validate.tensors import coreml_export_parity, onnx_export_parity
@@ -53,6 +57,7 @@ class ExportOptions:
     packing: Packing = "dedup"
     extra_beams: tuple[BeamShape, ...] = ()  # more drafter graphs, e.g. for a benchmark grid
     coreml_dtype: str = "float16"  # Core ML compute precision (its KV states are fp16 always)
+    quantization: Quantization | None = None  # weight-only int4/int8 (export/quantize.py)
 
     @property
     def beams(self) -> tuple[BeamShape, ...]:
@@ -97,22 +102,26 @@ def export_bundle(
     tokenizer = find_tokenizer(base_path)
     progress(f"loaded checkpoints in {time.perf_counter() - start:.1f} s")
     timings: dict[str, float] = {}
+    q = options.quantization
+
+    def quantized(graph: onnx.ModelProto) -> onnx.ModelProto:
+        return graph if q is None else quantize_graph(graph, q)
+
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         drafters = []
         if "onnx" in options.targets:
             (tmp / ONNX_DIR).mkdir()
             weights = SharedWeights(tmp / WEIGHTS_DATA)
             t = time.perf_counter()
-            weights.save(export_base(base, dtype=options.dtype), tmp / BASE_ONNX)
+            weights.save(quantized(export_base(base, dtype=options.dtype)), tmp / BASE_ONNX)
             timings["base_onnx_seconds"] = round(time.perf_counter() - t, 2)
             progress(f"exported {BASE_ONNX} in {timings['base_onnx_seconds']} s")
             if drafter is not None:
                 t = time.perf_counter()
                 for beam in options.beams:
                     graph = DrafterGraph(beam, drafter_graph_file(beam))
-                    weights.save(
-                        export_drafter(drafter, base, beam, dtype=options.dtype), tmp / graph.file
-                    )
+                    exported = export_drafter(drafter, base, beam, dtype=options.dtype)
+                    weights.save(quantized(exported), tmp / graph.file)
                     drafters.append(graph)
                     progress(f"exported {graph.file}")
                 timings["drafter_onnx_seconds"] = round(time.perf_counter() - t, 2)
@@ -137,6 +146,7 @@ def export_bundle(
             coreml=coreml,
             custom_op=OpRecord(OP_DOMAIN, TREE_ATTENTION, OP_VERSION),
             files={},
+            quantization=q,
             export_seconds=timings,
         )
         manifest = write_manifest(tmp, manifest)

@@ -112,7 +112,14 @@ class Bundle:
 
     @property
     def dtype(self) -> str:
+        """The ONNX graphs' float type (activations, caches; weights unless quantized)."""
         return self.manifest.dtype
+
+    @property
+    def precision(self) -> str:
+        """What parity holds the ONNX graphs to: 'int4'/'int8' (quantized weights) or dtype."""
+        q = self.manifest.quantization
+        return self.manifest.dtype if q is None else q.weights
 
     def has(self, rel: str) -> bool:
         """Whether the bundle lists (and so has checked) the file `rel`."""

@@ -228,6 +228,14 @@ def export_drafter(
     )
 
 
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    """A tensor's bytes as external data stores them: packed for 4-bit types (one byte holds
+    two int4 values, which `to_array().tobytes()` would unpack), little-endian otherwise."""
+    if tensor.raw_data:
+        return tensor.raw_data
+    return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+
+
 class SharedWeights:
     """One external-data file for several graphs of a bundle, each distinct tensor stored once
     (matched by content): the drafter graphs of every beam shape and the base graph share their
@@ -255,7 +263,7 @@ class SharedWeights:
     def save(self, model: onnx.ModelProto, path: Path) -> None:
         """Move `model`'s large initializers into the shared file, then save the graph."""
         for tensor in model.graph.initializer:
-            raw = numpy_helper.to_array(tensor).tobytes()
+            raw = _raw_bytes(tensor)
             if len(raw) < self.THRESHOLD:
                 continue
             offset, length = self._store(raw)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from redrafter.bundle import Bundle
+from redrafter.validate.drift import Drift, measure_drift
 from redrafter.validate.tensors import TensorReport, compare_runtimes
 from redrafter.validate.tokens import TokenCheck, check_token_parity
 
@@ -31,10 +32,12 @@ class ValidationReport:
     tensors: TensorReport
     tokens: list[TokenCheck]
     token_reference: str = "torch autoregressive (fp32)"
+    drift: Drift | None = None
 
     @property
     def passed(self) -> bool:
-        return self.tensors.passed and all(t.passed for t in self.tokens)
+        drift_ok = self.drift is None or self.drift.passed
+        return self.tensors.passed and all(t.passed for t in self.tokens) and drift_ok
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,9 @@ class ValidationReport:
             "tokens": [{**dataclasses.asdict(t), "passed": t.passed} for t in self.tokens],
             "token_parity": f"{sum(t.passed for t in self.tokens)}/{len(self.tokens)}",
             "token_reference": self.token_reference,
+            "drift": None
+            if self.drift is None
+            else {**dataclasses.asdict(self.drift), "passed": self.drift.passed},
         }
 
     def table(self) -> str:
@@ -56,13 +62,14 @@ class ValidationReport:
             f"{self.device}, {self.dtype})",
             "",
             f"{'graph':8} {'output':16} {'max abs':>10} {'max rel':>10} {'argmax':>7} "
-            f"{'tol':>8}  result",
+            f"{'KL':>9} {'tol':>8}  result",
         ]
         for c in self.tensors.checks:
             agree = "" if c.agreement is None else f"{c.agreement:.3f}"
+            kl = "" if c.kl is None else f"{c.kl:.2e}"
             lines.append(
                 f"{c.graph:8} {c.output:16} {c.max_abs:10.2e} {c.max_rel:10.2e} "
-                f"{agree:>7} {c.tolerance:8.0e}  {'ok' if c.passed else 'FAIL'}"
+                f"{agree:>7} {kl:>9} {c.tolerance:8.0e}  {'ok' if c.passed else 'FAIL'}"
             )
         lines += [
             "",
@@ -76,11 +83,20 @@ class ValidationReport:
                 f"{t.tokens_per_step:>8.2f}  {verdict}"
             )
         ok = sum(t.passed for t in self.tokens)
-        lines += [
-            "",
+        verdict = (
             f"{'PASS' if self.passed else 'FAIL'}: tensors "
-            f"{'ok' if self.tensors.passed else 'FAIL'}, tokens {ok}/{len(self.tokens)}",
-        ]
+            f"{'ok' if self.tensors.passed else 'FAIL'}, tokens {ok}/{len(self.tokens)}"
+        )
+        if self.drift is not None:
+            d = self.drift
+            lines += [
+                "",
+                f"drift against the fp32 torch reference ({d.precision}, teacher-forced over "
+                f"{d.positions} positions): top-1 agreement {d.top1:.3f}, mean KL "
+                f"{d.mean_kl:.2e} nats (limit {d.limit:g})  {'ok' if d.passed else 'FAIL'}",
+            ]
+            verdict += f", drift {'ok' if d.passed else 'FAIL'}"
+        lines += ["", verdict]
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
@@ -95,16 +111,18 @@ def validate_bundle(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
+    drift_texts: Sequence[Sequence[int]] | None = None,
 ) -> ValidationReport:
-    """Tensor parity on random inputs, then greedy token parity on `prompts`.
+    """Tensor parity on random inputs, greedy token parity on `prompts`, and drift (top-1 and
+    mean KL against the fp32 reference, teacher-forced over `drift_texts`, default `prompts`).
 
     fp32 bundles must emit exactly the torch reference's autoregressive tokens. fp16 rounding
-    flips some near-tied argmaxes, so an fp16 bundle's speculative tokens are held to its own
-    autoregressive tokens on the same runtime (speculation must change nothing), while its
-    tensors are held to the fp16 tolerances against the fp32 reference."""
+    and int4/int8 weights change some argmaxes, so such a bundle's speculative tokens are held
+    to its own autoregressive tokens on the same runtime (speculation must change nothing),
+    while its tensors and drift are held to its precision's limits against the fp32 reference."""
     beam = bundle.beam if bundle.drafter_config is not None else None
     # A runtime with its own precision (Core ML: float16 by default) is held to that dtype.
-    dtype = getattr(candidate, "precision", None) or bundle.dtype
+    dtype = getattr(candidate, "precision", None) or bundle.precision
     tensors = compare_runtimes(candidate, reference, dtype=dtype, beam=beam)
     token_reference = reference if dtype == "float32" else candidate
     tokens = check_token_parity(
@@ -115,6 +133,9 @@ def validate_bundle(
         beam=beam,
         packing=bundle.packing,  # type: ignore[arg-type]
         eos_token_ids=eos_token_ids,
+    )
+    drift = measure_drift(
+        candidate, reference, drift_texts if drift_texts is not None else prompts, precision=dtype
     )
     return ValidationReport(
         str(bundle.root),
@@ -127,4 +148,5 @@ def validate_bundle(
         "torch autoregressive (fp32)"
         if token_reference is reference
         else f"{candidate.name} autoregressive ({dtype})",
+        drift,
     )
