@@ -340,6 +340,34 @@ def _run(
     default="4",
 )
 @_option("packing", default="dedup")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int4", "int8"]),
+    default="none",
+    show_default=True,
+    help="Weight-only quantization of the ONNX graphs (MatMulNBits; int4 also the embedding); "
+    "activations, KV cache and attention stay --dtype.",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="--quantize block size (a power of two >= 16).",
+)
+@click.option(
+    "--symmetric/--asymmetric",
+    default=True,
+    show_default=True,
+    help="--quantize: symmetric blocks, or with a zero point per block.",
+)
+@click.option(
+    "--accuracy-level",
+    type=int,
+    default=4,
+    show_default=True,
+    help="--quantize: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(
     base_path: str,
@@ -351,13 +379,23 @@ def export(
     beam_width: list[int],
     beam_length: list[int],
     packing: str,
+    quantize: str,
+    block_size: int,
+    symmetric: bool,
+    accuracy_level: int,
     overwrite: bool,
 ) -> None:
     """Export checkpoints to a bundle (ONNX graphs with redrafter::TreeAttention, tokenizer,
     checksummed manifest), written to a temp dir and renamed into place."""
     from redrafter.build import ExportOptions, export_bundle
+    from redrafter.export.quantize import quantization
 
     beams = [BeamShape(w, n) for w in beam_width for n in beam_length]
+    q = None
+    if quantize != "none":
+        q = quantization(
+            quantize, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level
+        )
     options = ExportOptions(
         targets=tuple(t.strip() for t in target.split(",") if t.strip()),
         dtype=dtype,
@@ -365,6 +403,7 @@ def export(
         beam=beams[0],
         extra_beams=tuple(beams[1:]),
         packing=packing,  # type: ignore[arg-type]
+        quantization=q,
     )
     bundle = export_bundle(
         base_path,

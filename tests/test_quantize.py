@@ -1,0 +1,169 @@
+"""Quantized bundles (`export --quantize`, redrafter/export/quantize.py): weight-only int4/int8
+through ONNX Runtime's quantizer. Pinned here: the manifest records it, TreeAttention survives,
+the bundle shrinks, speculation stays lossless on the quantized model (greedy speculative ==
+greedy autoregressive of the same bundle), validate reports drift and fails a broken
+quantization, and bad options are one-line errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from redrafter.build import ExportOptions, export_bundle
+from redrafter.bundle import Bundle, load_bundle, write_manifest
+from redrafter.bundle import names as n
+from redrafter.cli import main
+from redrafter.config import BeamShape
+from redrafter.decoding import DecodeOptions, decode
+from redrafter.errors import ConfigError
+from redrafter.export.quantize import quantization
+from redrafter.runtimes.onnxruntime import OnnxRuntime
+
+from conftest import BUNDLE_BEAM, BUNDLE_SHAPE, collect
+
+IMPLEMENTATIONS = [False, True]  # portable body, native kernel (skipped where not built)
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_checkpoints: tuple[Path, Path, Path]) -> Bundle:
+    root, base_dir, drafter_dir = tiny_checkpoints
+    options = ExportOptions(beam=BUNDLE_BEAM, quantization=quantization("int4", block_size=16))
+    return export_bundle(base_dir, root / "int4-bundle", drafter_path=drafter_dir, options=options)
+
+
+def _ops(bundle: Bundle, rel: str) -> collections.Counter[tuple[str, str]]:
+    model = onnx.load(str(bundle.path(rel)), load_external_data=False)
+    return collections.Counter((node.domain, node.op_type) for node in model.graph.node)
+
+
+def test_quantized_export_keeps_tree_attention_and_shrinks(int4_bundle, onnx_bundle) -> None:
+    q = int4_bundle.manifest.quantization
+    assert q is not None and (q.weights, q.block_size, q.symmetric, q.accuracy_level) == (
+        "int4",
+        16,
+        True,
+        4,
+    )
+    assert int4_bundle.precision == "int4" and int4_bundle.dtype == "float32"
+    base_ops = _ops(int4_bundle, n.BASE_ONNX)
+    layers = BUNDLE_SHAPE["num_hidden_layers"]
+    assert base_ops[(n.OP_DOMAIN, n.TREE_ATTENTION)] == layers
+    assert base_ops[("", "MatMul")] == 0  # every constant weight, the LM head too
+    # q, k, v, o, gate, up, down per layer, and the LM head
+    assert base_ops[("com.microsoft", "MatMulNBits")] == 7 * layers + 1
+    assert base_ops[("com.microsoft", "GatherBlockQuantized")] == 1  # the embedding
+    model = onnx.load(str(int4_bundle.path(n.BASE_ONNX)), load_external_data=False)
+    assert [f.name for f in model.functions] == [n.TREE_ATTENTION]
+    drafter_ops = _ops(int4_bundle, int4_bundle.drafter_graphs[BUNDLE_BEAM])
+    assert drafter_ops[("com.microsoft", "MatMulNBits")] > 0
+    # Weights shrink (the tiny model's norms and biases stay float, so less than 8x).
+    assert int4_bundle.manifest.total_bytes < 0.6 * onnx_bundle.manifest.total_bytes
+    assert int4_bundle.manifest.parity is not None and int4_bundle.manifest.parity.passed
+
+
+@pytest.mark.parametrize("native", IMPLEMENTATIONS, ids=["portable", "native"])
+@pytest.mark.parametrize("packing", ["dedup", "full"])
+def test_speculation_is_lossless_on_the_quantized_model(int4_bundle, packing, native) -> None:
+    from redrafter import ops
+
+    if native and ops.library_path() is None:
+        pytest.skip("native op library not built (make ops)")
+    runtime = OnnxRuntime(int4_bundle, native=native)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    ar = collect(decode(runtime, prompts, DecodeOptions(speculative=False, max_new_tokens=20)), 3)
+    options = DecodeOptions(max_new_tokens=20, beam=BUNDLE_BEAM, packing=packing)
+    assert collect(decode(runtime, prompts, options), 3) == ar
+    lookup = options.replace(prompt_lookup=True, beam=BeamShape(BUNDLE_BEAM.width, 4))
+    assert collect(decode(runtime, prompts, lookup), 3) == ar
+
+
+def test_int8_bundle_runs_and_stays_close(tiny_checkpoints) -> None:
+    root, base_dir, drafter_dir = tiny_checkpoints
+    options = ExportOptions(beam=BUNDLE_BEAM, quantization=quantization("int8"))
+    bundle = export_bundle(
+        base_dir, root / "int8-bundle", drafter_path=drafter_dir, options=options
+    )
+    ops = _ops(bundle, n.BASE_ONNX)
+    assert ops[("com.microsoft", "MatMulNBits")] > 0
+    assert ops[("", "Gather")] == 1  # 8-bit tables have no GatherBlockQuantized kernel
+    assert bundle.manifest.parity is not None and bundle.manifest.parity.passed
+
+
+def _swap_nibbles(bundle_dir: Path, initializer: str) -> None:
+    """A packing bug on purpose: the two 4-bit values of every byte of one quantized weight
+    swapped (wherever the tensor lives: inline or in the shared weights file), checksums
+    rewritten, so only parity can notice."""
+    path = bundle_dir / n.BASE_ONNX
+    model = onnx.load(str(path), load_external_data=False)
+    data = bytearray((bundle_dir / n.WEIGHTS_DATA).read_bytes())
+    (tensor,) = [t for t in model.graph.initializer if t.name == initializer]
+    info = {e.key: e.value for e in tensor.external_data}
+
+    def swap(raw: bytes) -> bytes:
+        b = np.frombuffer(raw, np.uint8)
+        return ((b << 4) | (b >> 4)).astype(np.uint8).tobytes()
+
+    if "offset" in info:
+        start, length = int(info["offset"]), int(info["length"])
+        data[start : start + length] = swap(bytes(data[start : start + length]))
+        (bundle_dir / n.WEIGHTS_DATA).write_bytes(bytes(data))
+    else:
+        tensor.raw_data = swap(tensor.raw_data)
+        onnx.save(model, str(path))
+    write_manifest(bundle_dir, load_bundle(bundle_dir, verify_checksums=False).manifest)
+
+
+def test_validate_fails_a_broken_quantization(int4_bundle, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(int4_bundle.root, broken)
+    model = onnx.load(str(broken / n.BASE_ONNX), load_external_data=False)
+    head = [node for node in model.graph.node if node.op_type == "MatMulNBits"][-1]
+    _swap_nibbles(broken, head.input[1])
+    runner = CliRunner()
+    ok = runner.invoke(
+        main, ["validate", "--bundle", str(int4_bundle.root), "--json", str(tmp_path / "ok.json")]
+    )
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "ok.json").read_text())
+    assert report["drift"]["precision"] == "int4" and report["drift"]["passed"]
+    bad = runner.invoke(
+        main, ["validate", "--bundle", str(broken), "--json", str(tmp_path / "bad.json")]
+    )
+    assert bad.exit_code == 1, bad.output
+    report = json.loads((tmp_path / "bad.json").read_text())
+    assert not report["drift"]["passed"] and report["drift"]["mean_kl"] > 1.0
+    assert "drift FAIL" in bad.output
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quantize", "int3"], "Invalid value for '--quantize'"),
+        (["--quantize", "int4", "--block-size", "48"], "block size 48 must be a power of two"),
+        (["--quantize", "int4", "--block-size", "8"], "block size 8 must be a power of two"),
+        (["--quantize", "int4", "--accuracy-level", "7"], "accuracy level 7 must be one of"),
+    ],
+)
+def test_bad_quantize_options_exit_2_and_leave_nothing(tiny_checkpoints, tmp_path, flags, message):
+    _, base_dir, drafter_dir = tiny_checkpoints
+    out = tmp_path / "b"
+    args = ["export", "--base", str(base_dir), "--drafter", str(drafter_dir), "--out", str(out)]
+    result = CliRunner().invoke(main, args + flags)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_quantization_record_is_checked() -> None:
+    with pytest.raises(ConfigError, match="choose none, int4 or int8"):
+        quantization("fp8")
+    assert quantization("int8", block_size=128, symmetric=False).block_size == 128
