@@ -38,7 +38,7 @@ demo: demo-model ops-if-compiler
 	$(PY) -m redrafter.demo
 
 bench-spine: demo-model
-	$(PY) benchmarks/spine.py
+	$(PY) -m benchmarks.spine
 
 # ---- ops: the native op library (custom_ops/; see custom_ops/README.md) ----------------------
 # CPU kernels with the C++ compiler, CUDA kernels too when nvcc is found; ORT headers are fetched

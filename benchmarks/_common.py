@@ -1,4 +1,7 @@
-"""Shared bits of the benchmark scripts: machine facts, idleness, saving results."""
+"""Shared bits of the benchmark scripts: machine facts, idleness, saving results (with token
+digests, never raw token ids), the cached demo bundle. Standard library only at import time:
+`benchmarks.peers` also runs as a worker inside peer venvs that have no redrafter dependencies.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float:
 
 
 def machine() -> dict[str, Any]:
+    """Date, CPU, core count and the versions that shape timings; the busy fraction before."""
     import numpy
     import onnxruntime
     import torch
@@ -47,35 +51,40 @@ def machine() -> dict[str, Any]:
     }
 
 
-def save(name: str, payload: dict[str, Any]) -> Path:
+def save(name: str, payload: dict[str, Any], *, also_to: Path | None = None) -> Path:
+    """Write `payload` as results/<name>.json (and into `also_to`, e.g. the device's $OUT).
+    Results keep token digests and counts (`redrafter.bench.tokens`), never raw token ids: a
+    payload with a `*token_ids` key is refused."""
+    raw = _raw_token_ids(payload)
+    if raw:
+        raise ValueError(f"results must not hold raw token ids ({raw}): store token_digest()s")
+    text = json.dumps(payload, indent=2) + "\n"
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(text)
     print(f"saved {path}")
+    if also_to is not None:
+        (also_to / f"{name}.json").write_text(text)
+        print(f"saved {also_to / (name + '.json')}")
     return path
 
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_prompts(n_jargon: int, n_code: int, *, offset: int = 0) -> list[tuple[str, bool]]:
-    """Real prompts from ../shared/data: (text, chat) pairs. Jargon File terms become chat
-    questions; HumanEval prompts are raw code to continue. `offset` picks a later slice (e.g.
-    to stay clear of drafter-training data)."""
-    import gzip
-
-    entries = [
-        json.loads(line)
-        for line in (SHARED_DATA / "jargon-file" / "entries.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    step = max(1, len(entries) // max(n_jargon, 1))
-    picked = entries[offset % step :: step][:n_jargon]
-    prompts = [(f"Explain the computing slang term '{e['term']}'.", True) for e in picked]
-    with gzip.open(SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
-        code = [json.loads(line)["prompt"] for line in f if line.strip()]
-    prompts += [(p, False) for p in code[offset : offset + n_code]]
-    return prompts
+def _raw_token_ids(value: Any, where: str = "") -> str | None:
+    """The path of the first `*token_ids` key in `value`, if any."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{where}.{k}" if where else str(k)
+            if str(k).endswith("token_ids"):
+                return here
+            found = _raw_token_ids(v, here)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _raw_token_ids(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 # -- peers / roofline helpers (issue 8) ----------------------------------------------------------
@@ -171,10 +180,10 @@ def demo_bundle(
     """An exported bundle of the demo GGUF (or `base`), with `drafter` (None: autoregressive
     only) and a drafter graph per beam shape, cached under peers_dir()/bundles and re-exported
     only when the drafter folder or the exporter's code changes."""
+    from redrafter.build import ExportOptions, export_bundle
+    from redrafter.bundle import exporter_fingerprint
     from redrafter.config import BeamShape
     from redrafter.demo import find_demo_gguf
-    from redrafter.export.build import ExportOptions, export_bundle
-    from redrafter.export.bundle import exporter_fingerprint
 
     base = base or find_demo_gguf()
     beams = beams or [BeamShape(4, 4)]
@@ -198,30 +207,17 @@ def demo_bundle(
     return out
 
 
-def heldout_shared_prompts(n_jargon: int, n_code: int) -> list[tuple[str, bool]]:
-    """Like `shared_prompts`, but only from entries the demo drafter is never trained on
-    (`redrafter.train.prompts`: every HOLDOUT_EVERY-th Jargon entry, the last
-    HUMANEVAL_HELDOUT HumanEval tasks), so speculative figures are not inflated by memorised
-    text. Same formats: Jargon terms as chat questions, HumanEval prompts as raw code."""
-    import gzip
+def prompt_ids(base: Path, texts: Sequence[Any]) -> tuple[list[list[int]], tuple[int, ...]]:
+    """The token ids of `texts` (prompts with `.text` and `.chat`, e.g. from
+    `redrafter.demo.heldout_shared_prompts`) with `base`'s tokenizer, and the stop tokens: the
+    base config's EOS ids and the tokenizer's."""
+    from redrafter.bench.prompts import encode_prompts
+    from redrafter.models.checkpoints import load_base_config
+    from redrafter.models.tokenizer import load_tokenizer
 
-    try:
-        from redrafter.train.prompts import HOLDOUT_EVERY, HUMANEVAL_HELDOUT
-    except ImportError:  # keep in step with redrafter/train/prompts.py
-        HOLDOUT_EVERY, HUMANEVAL_HELDOUT = 10, 14
-    entries = [
-        json.loads(line)
-        for line in (SHARED_DATA / "jargon-file" / "entries.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    held = entries[::HOLDOUT_EVERY]
-    step = max(1, len(held) // max(n_jargon, 1))
-    prompts = [(f"Explain the computing slang term '{e['term']}'.", True) for e in held[::step]]
-    prompts = prompts[:n_jargon]
-    with gzip.open(SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
-        code = [json.loads(line)["prompt"] for line in f if line.strip()]
-    prompts += [(p, False) for p in code[-HUMANEVAL_HELDOUT:][:n_code]]
-    return prompts
+    tokenizer = load_tokenizer(base)
+    eos = set(load_base_config(base).eos_token_ids) | set(tokenizer.eos_token_ids)
+    return encode_prompts(tokenizer, texts), tuple(sorted(eos))
 
 
 def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> None:

@@ -1,45 +1,43 @@
 """Tokens/step of trained drafters on held-out prompts, greedy, for a grid of beam shapes, with
 the real decode driver on the torch runtime (the numbers of benchmarks/RESULTS.md).
 
-    .venv/bin/python benchmarks/acceptance.py DRAFTER [DRAFTER ...] [--widths 1,2,4,8]
+    .venv/bin/python -m benchmarks.acceptance DRAFTER [DRAFTER ...] [--widths 1,2,4,8]
         [--lengths 3,4,5] [--prompts 24] [--max-new-tokens 64]
         [--runtime torch|onnxruntime] [--device cpu|cuda] [--prompt-lookup off|on|both]
 
-Prompts come from held-out Jargon File entries and HumanEval tasks (`heldout_prompts`), never
-trained on. Greedy fp32 decoding emits the same tokens on every runtime, so tokens/step does not
-depend on it: `--runtime onnxruntime` (one exported bundle per drafter, holding a drafter graph
-per beam shape) is just the fastest way on a CPU, `--device cuda` on a GPU. `--prompt-lookup`
-(onnxruntime only) adds the prompt-lookup beam (`decoding/lookup.py`): keys `W4L5+lookup`.
+Prompts come from held-out Jargon File entries and HumanEval tasks
+(`redrafter.demo.heldout_prompts`), never trained on. Greedy fp32 decoding emits the same
+tokens on every runtime, so tokens/step does not depend on it: `--runtime onnxruntime` (one
+exported bundle per drafter, holding a drafter graph per beam shape) is just the fastest way on
+a CPU, `--device cuda` on a GPU. `--prompt-lookup` (onnxruntime only) adds the prompt-lookup
+beam (`decoding/lookup.py`): keys `W4L5+lookup`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS  # noqa: E402
-from redrafter.config import BeamShape  # noqa: E402
-from redrafter.demo import find_demo_gguf  # noqa: E402
-from redrafter.errors import RedrafterError  # noqa: E402
-from redrafter.models.checkpoints import load_base, load_drafter  # noqa: E402
-from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
-from redrafter.train.evaluate import tokens_per_step  # noqa: E402
-from redrafter.train.prompts import find_shared_data, heldout_prompts  # noqa: E402
-from redrafter.train.recipe import encode_prompt  # noqa: E402
-
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
+from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS
+from redrafter.bench.prompts import encode_prompts
+from redrafter.config import BeamShape
+from redrafter.decoding import DecodeOptions, decode
+from redrafter.demo import find_demo_gguf, find_shared_data, heldout_prompts
+from redrafter.errors import RedrafterError
+from redrafter.models.checkpoints import load_base, load_drafter
+from redrafter.models.tokenizer import load_tokenizer
+from redrafter.train.evaluate import tokens_per_step
 
 
 def grid(
-    base,
-    drafter,
+    base: Any,
+    drafter: Any,
     prompts: list[list[int]],
     *,
     widths: list[int],
@@ -47,7 +45,7 @@ def grid(
     max_new_tokens: int,
     eos: tuple[int, ...],
     batch_size: int = 1,
-    runtime=None,
+    runtime: Any = None,
     lookups: tuple[bool, ...] = (False,),
 ) -> dict[str, float]:
     """tokens/step for every (W, L): {"W4L5": 2.9, ...}; on `runtime` (an ONNX Runtime
@@ -82,31 +80,30 @@ def grid(
 
 
 def _runtime_tokens_per_step(
-    runtime, prompts, beam, max_new_tokens, eos, lookup=False
+    runtime: Any,
+    prompts: list[list[int]],
+    beam: BeamShape,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+    lookup: bool = False,
 ) -> dict[str, float]:
-    from redrafter.decoding.driver import speculative_decode
-
+    """Greedy speculative decoding on `runtime`, one prompt per decode (see
+    `tokens_per_step`): tokens emitted per decode step, the prefill's token excluded."""
+    options = DecodeOptions(max_new_tokens=max_new_tokens, beam=beam, prompt_lookup=lookup)
     emitted = row_steps = 0
-    for prompt in prompts:  # one per decode (see `tokens_per_step`)
-        for step in speculative_decode(
-            runtime,
-            [prompt],
-            beam=beam,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=eos,
-            prompt_lookup=lookup,
-        ):
+    for prompt in prompts:
+        for step in decode(runtime, [prompt], options, eos_token_ids=eos):
             if step.kind != "prefill" and step.new_tokens[0]:
                 emitted += len(step.new_tokens[0])
                 row_steps += 1
     return {"tokens_per_step": emitted / max(row_steps, 1)}
 
 
-def ort_runtime(gguf: Path, drafter: str, beams: list[BeamShape], threads: int):
+def ort_runtime(gguf: Path, drafter: str, beams: list[BeamShape], threads: int) -> Any:
     """An ONNX Runtime runtime for base + drafter with a drafter graph per beam shape (the
     bundle is exported next to the drafter, once)."""
-    from redrafter.export.build import ExportOptions, export_bundle
-    from redrafter.export.bundle import load_bundle
+    from redrafter.build import ExportOptions, export_bundle
+    from redrafter.bundle import load_bundle
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     tag = "_".join(f"{b.width}x{b.length}" for b in beams)
@@ -120,7 +117,8 @@ def ort_runtime(gguf: Path, drafter: str, beams: list[BeamShape], threads: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    """Tokens/step of each drafter over the W x L grid; saves results/<--name>.json."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("drafters", nargs="+")
     ap.add_argument("--widths", default="1,2,4,8")
     ap.add_argument("--lengths", default="3,4,5")
@@ -129,7 +127,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-dir", help="the shared data folder [<repo>/../shared/data]")
+    ap.add_argument(
+        "--data-dir",
+        help="the demo's shared data folder [$REDRAFTER_SHARED_DATA or ../shared/data]",
+    )
     ap.add_argument("--name", default="acceptance")
     ap.add_argument("--prompt-lookup", choices=["off", "on", "both"], default="off")
     args = ap.parse_args()
@@ -137,8 +138,8 @@ def main() -> None:
     info = machine()
     gguf = find_demo_gguf()
     base, tokenizer = load_base(gguf).to(args.device), load_tokenizer(gguf)
-    data = Path(args.data_dir) if args.data_dir else find_shared_data()
-    prompts = [encode_prompt(tokenizer, p) for p in heldout_prompts(data, count=args.prompts)]
+    data = find_shared_data(args.data_dir)
+    prompts = encode_prompts(tokenizer, heldout_prompts(data, count=args.prompts))
     widths = [int(w) for w in args.widths.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
     results = {}

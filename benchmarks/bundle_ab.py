@@ -1,7 +1,7 @@
 """Two bundles of the same model, one verify step each, timed against each other: the A/B
 for an exporter change (e.g. a bundle exported by an older redrafter as the baseline).
 
-    .venv/bin/python benchmarks/bundle_ab.py --bundle NEW --baseline OLD [--tokens 1,8]
+    .venv/bin/python -m benchmarks.bundle_ab --bundle NEW --baseline OLD [--tokens 1,8]
         [--context 128] [--blocks 60] [--block 10] [--threads 2] [--name bundle_ab]
 
 Both run through `OnnxRuntime.verify` (IO binding, native kernel when built) on a causal chain
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import idle_report, machine, save, time_alternating, verify_call  # noqa: E402
+from benchmarks._common import idle_report, machine, save, time_alternating, verify_call
 
 
-def verify_step(bundle: Path, tokens: int, context: int, threads: int):
+def verify_step(bundle: Path, tokens: int, context: int, threads: int) -> Callable[[], Any]:
     """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime."""
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
@@ -32,6 +32,7 @@ def verify_step(bundle: Path, tokens: int, context: int, threads: int):
 
 
 def main() -> None:
+    """Time both bundles' verify steps per width in alternating blocks; save the medians."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--baseline", required=True)

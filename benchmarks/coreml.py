@@ -5,35 +5,32 @@ and token parity of the converted programs through the MIL evaluator (`coreml-mi
 
 This checks the converted programs, not Apple's runtime or the Neural Engine (no macOS here).
 
-    .venv/bin/python benchmarks/coreml.py [--out DIR] [--dtypes float16,float32]
+    .venv/bin/python -m benchmarks.coreml [--out DIR] [--dtypes float16,float32]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from redrafter.demo import find_demo_gguf  # noqa: E402
-from redrafter.export.build import ExportOptions, export_bundle  # noqa: E402
-from redrafter.export.coreml import import_coremltools  # noqa: E402
-from redrafter.models.checkpoints import init_drafter, load_base, save_drafter  # noqa: E402
-from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
-from redrafter.pipeline import reference_runtime  # noqa: E402
-from redrafter.runtimes.coreml_mil import CoreMLMilRuntime, MilProgram  # noqa: E402
-from redrafter.validate.report import validate_bundle  # noqa: E402
-
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
+from redrafter.build import ExportOptions, export_bundle
+from redrafter.coremltools_support import import_coremltools
+from redrafter.demo import find_demo_gguf
+from redrafter.models.checkpoints import init_drafter, load_base, save_drafter
+from redrafter.models.tokenizer import load_tokenizer
+from redrafter.pipeline import reference_runtime
+from redrafter.runtimes.coreml_mil import CoreMLMilRuntime, MilProgram
+from redrafter.validate.report import validate_bundle
 
 PROMPTS = ("What is the capital of France?", "Explain what a compiler does.")
 
 
 def package_mb(path: Path) -> float:
+    """Megabytes of every file under a Core ML package."""
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
 
 
@@ -55,6 +52,7 @@ def program_facts(path: Path) -> dict:
 
 
 def main() -> None:
+    """Export to Core ML per dtype, inspect the programs, validate through the MIL evaluator."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="where to write the bundles [a temp dir]")
     parser.add_argument("--dtypes", default="float16,float32")
@@ -83,7 +81,8 @@ def main() -> None:
             progress=lambda m: print(f"  {m}", flush=True),
         )
         export_seconds = time.perf_counter() - start
-        record = bundle.manifest["coreml"]
+        record = bundle.manifest.coreml
+        assert record is not None
         runtime = CoreMLMilRuntime(bundle)
         t = time.perf_counter()
         report = validate_bundle(
@@ -96,21 +95,21 @@ def main() -> None:
         )
         result[dtype] = {
             "export_seconds_total": round(export_seconds, 1),
-            "convert_seconds": record["seconds"],
+            "convert_seconds": record.seconds,
             "package_mb": {
-                name: package_mb(bundle.path(rel)) for name, rel in record["files"].items()
+                name: package_mb(bundle.path(rel)) for name, rel in record.files.items()
             },
-            "capacity": record["capacity"],
-            "max_tokens": record["max_tokens"],
-            "state_split": record["state_split"],
-            "export_time_parity": record["parity"],
-            "base_program": program_facts(bundle.path(record["files"]["base"])),
+            "capacity": record.capacity,
+            "max_tokens": record.max_tokens,
+            "state_split": record.state_split,
+            "export_time_parity": None if record.parity is None else record.parity.to_dict(),
+            "base_program": program_facts(bundle.path(record.files["base"])),
             "validate_seconds": round(time.perf_counter() - t, 1),
             "report": report.to_dict(),
         }
         print(report.table(), flush=True)
         facts = result[dtype]["base_program"]
-        print(f"{dtype}: {result[dtype]['package_mb']} MB, convert {record['seconds']} s, {facts}")
+        print(f"{dtype}: {result[dtype]['package_mb']} MB, convert {record.seconds} s, {facts}")
     save("coreml", result)
 
 

@@ -2,9 +2,9 @@
 and one autoregressive step, on ONNX Runtime (CPU, from exported graphs) and on the torch
 runtime, for several head sizes and beam shapes.
 
-    .venv/bin/python benchmarks/drafter_cost.py [--beams 1x4,1x5,2x4,4x5] [--threads 2]
+    .venv/bin/python -m benchmarks.drafter_cost [--beams 1x4,1x5,2x4,4x5] [--threads 2]
         [--bundle AR_BUNDLE] [--runtimes onnxruntime,torch]
-    .venv/bin/python benchmarks/drafter_cost.py --in-loop BUNDLE   # a trained drafter's bundle
+    .venv/bin/python -m benchmarks.drafter_cost --in-loop BUNDLE   # a trained drafter's bundle
 
 Goal (issue 7): drafting <= 25 % of one verification step. The verification runs the W x L
 tree without dedup (N = W*L, the worst case) over a 200-token cache. `break_even` is the
@@ -22,24 +22,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from redrafter.config import BeamShape, DrafterConfig  # noqa: E402
-from redrafter.decoding.tree import pack  # noqa: E402
-from redrafter.demo import find_demo_gguf  # noqa: E402
-from redrafter.models.checkpoints import load_base  # noqa: E402
-from redrafter.models.drafter import Drafter  # noqa: E402
-from redrafter.runtimes.torch import TorchRuntime  # noqa: E402
-
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
+from redrafter.bench.shapes import parse_beams
+from redrafter.config import DrafterConfig
+from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions
+from redrafter.decoding.tree import pack
+from redrafter.demo import find_demo_gguf
+from redrafter.models.checkpoints import load_base
+from redrafter.models.drafter import Drafter
+from redrafter.runtimes.torch import TorchRuntime
 
 # (name, exit_dim or None = 2E, draft vocab or None = full V)
 CONFIGS = [
@@ -52,7 +52,8 @@ CONFIGS = [
 ]
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median milliseconds of `fn` over `repeats` calls after a warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -64,10 +65,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 def in_loop(bundle_path: str, threads: int) -> None:
     """Per-step milliseconds by phase in the real decode loop (ORT, batch 1, greedy)."""
+    from redrafter.bundle import load_bundle
     from redrafter.demo import DEMO_PROMPTS
-    from redrafter.export.bundle import load_bundle
     from redrafter.models.tokenizer import load_tokenizer
-    from redrafter.pipeline import GenerationOptions, Pipeline
+    from redrafter.pipeline import Pipeline
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     info = machine()
@@ -83,8 +84,10 @@ def in_loop(bundle_path: str, threads: int) -> None:
         steps = 0
         tokens = decode = 0.0
         for p in prompts:
-            options = GenerationOptions(
-                max_new_tokens=64, beam=beam or bundle.beam, speculative=beam is not None
+            options = (
+                AUTOREGRESSIVE.replace(max_new_tokens=64)
+                if beam is None
+                else DecodeOptions(max_new_tokens=64, beam=beam)
             )
             s = pipe.generate([p], options, chat=True).stats
             steps += s["steps"]
@@ -105,7 +108,8 @@ def in_loop(bundle_path: str, threads: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    """Drafting vs verification per head size and beam shape (or, --in-loop, the phases)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--beams", default="1x4,1x5,2x4,4x5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
@@ -119,7 +123,7 @@ def main() -> None:
         in_loop(args.in_loop, args.threads)
         return
     info = machine()
-    beams = [BeamShape(*map(int, b.split("x"))) for b in args.beams.split(",")]
+    beams = parse_beams(args.beams)
     configs = [CONFIGS[int(i)] for i in args.configs.split(",")] if args.configs else CONFIGS
     base = load_base(find_demo_gguf())
     E, V = base.config.hidden_size, base.config.vocab_size
@@ -129,7 +133,7 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
 
-    from redrafter.export.build import export_bundle
+    from redrafter.build import export_bundle
     from redrafter.export.onnx import export_drafter
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
@@ -138,7 +142,7 @@ def main() -> None:
     if "onnxruntime" in args.runtimes and not bundle_path.exists():
         export_bundle(find_demo_gguf(), bundle_path)
 
-    def verify_ms(rt, n: int) -> float:
+    def verify_ms(rt: Any, n: int) -> float:
         """One verification of n tree tokens (a chain when n = 1: the autoregressive step)."""
         tree = pack(rng.integers(0, V, size=(1, 1, n)) if n == 1 else _beams(n), packing="full")
         rt.reset(batch=1, capacity=256)

@@ -8,7 +8,7 @@ What it runs, in order of preference:
      is too large to carry), so there this step is reported as unavailable, with the reason;
   2. what CAN run there: the torch reference runtime on CUDA (`TorchRuntime(device="cuda")`),
      fp32 and fp16 (`TorchRuntime(dtype=...)`).
-Each configuration goes through `redrafter.bench.harness.run_bench`: autoregressive and every
+Each configuration goes through `redrafter.bench.harness.run_configs`: autoregressive and every
 beam shape on the same prompts, interleaved, after a warm-up, median of --repeats.
 
 The machine reaches no network and receives at most 64 MiB per call, so the model (a 98 MB
@@ -16,8 +16,12 @@ GGUF), the drafter and the pure-Python `gguf` package travel in parts, over cons
 while the machine stays warm (ignored files carried by one call stay there for the next):
 
     # here, once (main venv): split the files into .gpu-carry/ (ignored by git)
-    .venv/bin/python benchmarks/gpu.py --pack [--drafter DIR]
+    .venv/bin/python -m benchmarks.gpu --pack [--drafter DIR]
     # then, on the device, the commands --pack prints (one per part; the last one runs)
+
+The project is not installed there: the last command runs `python3 -m benchmarks.gpu --run`
+from the repository root, where `python -m` puts the checkout on the import path, so
+`redrafter` and `benchmarks` import from it as they are.
 
 Results: benchmarks/results/gpu.json (and $OUT/gpu.json when $OUT is set, so they come back).
 """
@@ -36,8 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: no install needed
+from benchmarks._common import add_tree_arguments, demo_bundle, prompt_ids, save
 
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / ".gpu-carry"
@@ -45,10 +48,12 @@ MiB = 2**20
 
 
 def log(message: str) -> None:
+    """Progress on stderr (stdout carries the tables)."""
     print(message, file=sys.stderr, flush=True)
 
 
 def sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(MiB), b""):
@@ -65,7 +70,7 @@ def pack(drafter: Path | None, part_mb: int, jargon: int, code: int) -> None:
     the device commands. .gpu-carry/ is added to .git/info/exclude (local, never committed)."""
     import gguf
 
-    from redrafter.demo import find_demo_gguf
+    from redrafter.demo import find_demo_gguf, heldout_shared_prompts
 
     exclude = REPO / ".git" / "info" / "exclude"
     if exclude.parent.is_dir() and "/.gpu-carry/" not in exclude.read_text(errors="replace"):
@@ -99,9 +104,8 @@ def pack(drafter: Path | None, part_mb: int, jargon: int, code: int) -> None:
                     chunk, room = chunk[room:], room - len(chunk[:room])
     if part is not None:
         part.close()
-    from _common import heldout_shared_prompts
-
-    manifest["prompts"] = heldout_shared_prompts(jargon, code)  # ../shared does not travel
+    prompts = heldout_shared_prompts(jargon, code)  # the demo's data does not travel
+    manifest["prompts"] = [[p.text, p.chat] for p in prompts]
     (CARRY / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     total = sum(f["bytes"] for f in manifest["files"])
     print(
@@ -115,7 +119,10 @@ def pack(drafter: Path | None, part_mb: int, jargon: int, code: int) -> None:
         last = i == len(manifest["parts"]) - 1
         if last:
             carry.append(".gpu-carry/pylib")
-            cmd = "PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --run 2>&1 | tee $OUT/gpu.log"
+            cmd = (
+                "PYTHONPATH=.gpu-carry/pylib PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu --run "
+                "2>&1 | tee $OUT/gpu.log"
+            )
         else:
             cmd = f"ls -la .gpu-carry && echo part {name} is there"
         print(f"  call {i + 1}: carry={json.dumps(carry)}\n          command: {cmd}")
@@ -129,7 +136,7 @@ def unpack(work: Path) -> dict[str, Path]:
         raise SystemExit(
             f"error: carried parts missing on this machine: {', '.join(missing)}. The machine "
             "went back between calls (or a call did not carry them): send every part again, "
-            "back to back, as `benchmarks/gpu.py --pack` printed"
+            "back to back, as `python -m benchmarks.gpu --pack` printed"
         )
     out: dict[str, Path] = {}
     parts = iter(manifest["parts"])
@@ -211,24 +218,30 @@ def bench(
     eos: tuple[int, ...],
     packing: str = "dedup",
 ) -> dict[str, Any]:
+    """Autoregressive and every beam shape (with/without the lookup beam, per floor) on
+    `runtime`: `run_configs` figures, plus peak CUDA memory and wall seconds."""
     import torch
 
-    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
+    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_configs, speculative_grid
 
     cuda = torch.cuda.is_available() and args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    results = run_bench(
-        runtime,
-        prompts,
+    spec = speculative_grid(
         beams,
         max_new_tokens=args.max_new_tokens,
-        repeats=args.repeats,
-        packing=packing,
-        eos_token_ids=eos,  # type: ignore[arg-type]
+        packing=packing,  # type: ignore[arg-type]
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[args.prompt_lookup],
         min_draft_prob=args.min_draft_prob,
+    )
+    results = run_configs(
+        runtime,
+        prompts,
+        spec,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        eos_token_ids=eos,
         on_run=lambda name: log(f"    {name}"),
     )
     if cuda:
@@ -238,6 +251,7 @@ def bench(
 
 
 def table(results: dict[str, Any]) -> str:
+    """The markdown table of one `bench` result."""
     from redrafter.bench.report import markdown_table
 
     return markdown_table({k: v for k, v in results.items() if isinstance(v, dict)})
@@ -270,9 +284,9 @@ def ort_cuda(
                 "CUDA cannot run; the torch runtime on CUDA below is what this machine can run"
             ),
         }
-    from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library
-
-    from _common import demo_bundle
+    from redrafter.bench.shapes import with_graphs
+    from redrafter.ops import library_path as native_library
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     bundle = (
         Path(args.bundle)
@@ -289,7 +303,7 @@ def ort_cuda(
         if rt.device != "cuda":
             out[impl] = {"error": "ONNX Runtime fell back to the CPU provider"}
             continue
-        usable = [b for b in beams if b in set(rt.bundle.drafter_graphs)]
+        usable, _ = with_graphs(beams, rt.bundle.drafter_graphs)
         log(f"  ORT CUDA {rt.implementation}: {len(usable)} beam shape(s)")
         out[impl] = bench(rt, prompts, usable, args, eos, packing=rt.bundle.packing)
         print(f"\nONNX Runtime CUDA fp16, {rt.implementation}:\n{table(out[impl])}")
@@ -304,6 +318,7 @@ def torch_cuda(
     prompts: list[list[int]],
     eos: tuple[int, ...],
 ) -> dict[str, Any]:
+    """The torch runtime on `args.device`, per dtype in --torch-dtypes (fp32, fp16)."""
     import torch
 
     from redrafter.models.checkpoints import load_base, load_drafter
@@ -330,6 +345,8 @@ def torch_cuda(
 
 
 def run(args: argparse.Namespace) -> None:
+    """On the GPU machine: reassemble the carried files, then ORT CUDA (if it can run) and
+    the torch runtime on CUDA; save the results (and copy them to $OUT)."""
     missing = []
     for module in ("torch", "numpy", "safetensors", "tokenizers", "gguf", "psutil"):
         try:
@@ -341,9 +358,8 @@ def run(args: argparse.Namespace) -> None:
             f"error: missing Python packages: {', '.join(missing)} (gguf travels in "
             ".gpu-carry/pylib: carry it and set PYTHONPATH=.gpu-carry/pylib)"
         )
-    from redrafter.config import BeamShape
-    from redrafter.models.checkpoints import load_base_config
-    from redrafter.models.tokenizer import load_tokenizer
+    from redrafter.bench.shapes import parse_beams
+    from redrafter.train.prompts import Prompt
 
     env = environment()
     log(json.dumps(env, indent=2))
@@ -363,22 +379,17 @@ def run(args: argparse.Namespace) -> None:
 
         base_path = find_demo_gguf()
         drafter = Path(args.drafter) if args.drafter else None
-    beams = [
-        BeamShape(int(w), int(n)) for w, n in (b.lower().split("x") for b in args.beams.split(","))
-    ]
-    tokenizer = load_tokenizer(base_path)
+    beams = parse_beams(args.beams)
     if (CARRY / "manifest.json").is_file() and not args.base:
-        texts = [tuple(x) for x in json.loads((CARRY / "manifest.json").read_text())["prompts"]]
+        carried = json.loads((CARRY / "manifest.json").read_text())["prompts"]
+        texts = [Prompt(text, chat=bool(chat)) for text, chat in carried]
         prompt_source = "heldout_shared_prompts, carried in .gpu-carry/manifest.json"
     else:
-        from _common import heldout_shared_prompts
+        from redrafter.demo import heldout_shared_prompts
 
         texts = heldout_shared_prompts(args.jargon, args.code)
         prompt_source = "heldout_shared_prompts"
-    prompts = [tokenizer.encode(tokenizer.chat_prompt(t) if chat else t) for t, chat in texts]
-    eos = tuple(
-        sorted(set(load_base_config(base_path).eos_token_ids) | set(tokenizer.eos_token_ids))
-    )
+    prompts, eos = prompt_ids(base_path, texts)
     payload: dict[str, Any] = {
         "environment": env,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -401,18 +412,11 @@ def run(args: argparse.Namespace) -> None:
     payload["summary"] = summarize(payload)
     for line in payload["summary"]:
         print(line)
-    text = json.dumps(payload, indent=2) + "\n"
-    from _common import RESULTS
-
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(text)
-    print(f"saved {RESULTS / (args.name + '.json')}")
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / f"{args.name}.json").write_text(text)
-        print(f"saved $OUT/{args.name}.json")
+    save(args.name, payload, also_to=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
 
 
 def summarize(payload: dict[str, Any]) -> list[str]:
+    """One line per runtime: autoregressive tok/s and the best beam shape's speed-up."""
     lines = ["", "summary (tok/s; speed-up of the best beam shape over autoregressive):"]
     sections = [
         ("ORT CUDA " + k, v) for k, v in payload["onnxruntime_cuda"].items() if isinstance(v, dict)
@@ -435,8 +439,7 @@ def summarize(payload: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    from _common import add_tree_arguments
-
+    """--pack here, or --run on the GPU machine."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--pack",
@@ -465,7 +468,7 @@ def main() -> None:
         if args.drafter:
             drafter = Path(args.drafter)
         else:
-            from peers import find_trained_drafter
+            from redrafter.demo import find_trained_drafter
 
             drafter = find_trained_drafter()
             log(f"drafter: {drafter or 'none found (autoregressive only); pass --drafter DIR'}")

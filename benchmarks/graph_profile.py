@@ -5,14 +5,14 @@ timed in alternating blocks (50 ms apart, so the previous block's spinning threa
 eat into the next; runs before 2026-11-30 18:20 UTC had no pause and were ~4-7 ms per call
 slower for both graphs), then profiled with ORT's profiler: time per op type per call.
 
-    .venv/bin/python benchmarks/graph_profile.py --bundle DIR [--genai-model DIR]
+    .venv/bin/python -m benchmarks.graph_profile --bundle DIR [--genai-model DIR]
         [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both,rmsnorm-div]
         [--baseline OLD_BUNDLE] [--name graph_profile]
 
---genai-model defaults to peers.py's genai fp32 export (`peers.py --setup genai`). Ours runs
-through `OnnxRuntime.verify` (IO binding, native TreeAttention kernel); genai's graph through
-a plain IO binding with its KV cache shared in place as genai does it (past and present bound
-to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's length).
+--genai-model defaults to the genai fp32 export of `python -m benchmarks.peers --setup genai`.
+Ours runs through `OnnxRuntime.verify` (IO binding, native TreeAttention kernel); genai's graph
+through a plain IO binding with its KV cache shared in place as genai does it (past and present
+bound to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's length).
 
 --baseline times another bundle of the same model in the same blocks (e.g. one exported by an
 older redrafter, to measure an exporter change).
@@ -34,14 +34,14 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     idle_report,
     machine,
     peers_dir,
@@ -51,17 +51,20 @@ from _common import (  # noqa: E402
 )
 
 
-def ours_step(bundle: Path, threads: int, context: int, profile: str | None, graph=None):
+def ours_step(
+    bundle: Path, threads: int, context: int, profile: str | None, graph: Path | None = None
+) -> tuple[Callable[[], Any], Any]:
     """A one-token verify at `context` past tokens on our runtime. `graph` replaces the
     bundle's base graph (an `ablated` copy); `profile` (a file prefix) turns ORT's profiler on.
     Returns (step function, base session)."""
     import onnxruntime as ort
 
+    from redrafter import ops
     from redrafter.runtimes import onnxruntime as ours
 
     runtime = ours.OnnxRuntime(bundle, threads=threads)
     if profile or graph:  # the base session again: the runtime's options, plus these
-        library = ours.native_library() if runtime.implementation == "native" else None
+        library = ops.library_path() if runtime.implementation == "native" else None
         options = ours.session_options(threads, library, spin=True)
         if profile:
             options.enable_profiling = True
@@ -116,7 +119,9 @@ def ablated(bundle: Path, cut: set[str], folder: Path) -> Path:
     return folder / "base.onnx"
 
 
-def genai_step(model: Path, threads: int, context: int, max_length: int, profile: str | None):
+def genai_step(
+    model: Path, threads: int, context: int, max_length: int, profile: str | None
+) -> tuple[Callable[[], Any], Any]:
     """genai's graph for one new token after `context` cached ones (cache contents do not
     change the time), KV buffers shared in place."""
     import onnxruntime as ort
@@ -144,7 +149,7 @@ def genai_step(model: Path, threads: int, context: int, max_length: int, profile
     io.bind_cpu_input("input_ids", np.array([[42]], np.int64))
     io.bind_cpu_input("attention_mask", np.ones((1, context + 1), np.int64))
 
-    def step():
+    def step() -> Any:
         io.bind_output("logits", "cpu")
         sess.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
@@ -172,9 +177,10 @@ def op_times(profile_file: str, last_runs: int) -> dict[str, float]:
 
 
 def main() -> None:
+    """Time ours vs genai's one-token graph (and variants) in blocks, then profile both."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", required=True, help="our bundle (peers.py's, any beam)")
-    ap.add_argument("--genai-model", help="genai fp32 folder [peers.py's]")
+    ap.add_argument("--bundle", required=True, help="our bundle (benchmarks.peers', any beam)")
+    ap.add_argument("--genai-model", help="genai fp32 folder [benchmarks.peers']")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=1024, help="genai's shared KV buffer rows")
     ap.add_argument("--calls", type=int, default=200, help="timed calls per graph")

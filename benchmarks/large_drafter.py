@@ -3,9 +3,9 @@ the demo recipe with more training prompts (the base's answers are what limits a
 benchmarks/RESULTS.md "Drafter training") and optionally more ResBlocks and epochs. Same code
 path as the demo (`redrafter.demo.ensure_drafter`): the base's answers and the drafter are
 cached under ~/.cache/redrafter and an interrupted training resumes. Prints and saves the
-drafter's folder and its held-out metrics; pass the folder to peers.py --drafter.
+drafter's folder and its held-out metrics; pass the folder to `benchmarks.peers --drafter`.
 
-    .venv/bin/python benchmarks/large_drafter.py [--train-prompts 2000] [--num-layers 1]
+    .venv/bin/python -m benchmarks.large_drafter [--train-prompts 2000] [--num-layers 1]
         [--epochs 4] [--threads 2] [--name large_drafter]
 
 The base's greedy answers cost ~0.7 s per prompt on the 2-core VM (batch 32, fp32 torch): 24
@@ -18,19 +18,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from redrafter.demo import RECIPE, ensure_drafter, find_demo_gguf  # noqa: E402
-from redrafter.train.recipe import default_cache_dir  # noqa: E402
-
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
+from redrafter.demo import RECIPE, ensure_drafter, find_demo_gguf
+from redrafter.train.recipe import default_cache_dir
 
 
 def main() -> None:
+    """Train (or find cached) the larger drafter; print and save its held-out metrics."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-prompts", type=int, default=2000)
     ap.add_argument("--num-layers", type=int, default=1)

@@ -1,35 +1,32 @@
 """The demo model through the ONNX path (issue 4): export SmolLM2-135M (fp32 and fp16) with a
-drafter, validate tensor and token parity on real prompts from ../shared/data, and measure
-ms per verify call (N = 1..20 tokens, context 128/512/2048) for the portable body and the
-native kernel.
+drafter, validate tensor and token parity on real prompts from the demo's data
+(`redrafter.demo.shared_prompts`), and measure ms per verify call (N = 1..20 tokens, context
+128/512/2048) for the portable body and the native kernel.
 
-    .venv/bin/python benchmarks/onnx_demo.py [--drafter DIR] [--skip-fp16]
-    .venv/bin/python benchmarks/onnx_demo.py --steps-only BUNDLE   # only the ms per verify call
+    .venv/bin/python -m benchmarks.onnx_demo [--drafter DIR] [--skip-fp16]
+    .venv/bin/python -m benchmarks.onnx_demo --steps-only BUNDLE   # only the ms per verify call
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from redrafter.config import BeamShape  # noqa: E402
-from redrafter.demo import find_demo_gguf  # noqa: E402
-from redrafter.export.build import ExportOptions, export_bundle  # noqa: E402
-from redrafter.export.bundle import load_bundle  # noqa: E402
-from redrafter.models.checkpoints import init_drafter, load_base, save_drafter  # noqa: E402
-from redrafter.pipeline import load, reference_runtime  # noqa: E402
-from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library  # noqa: E402
-from redrafter.validate.report import validate_bundle  # noqa: E402
-
-from _common import machine, save, shared_prompts  # noqa: E402
+from benchmarks._common import machine, save
+from redrafter.build import ExportOptions, export_bundle
+from redrafter.bundle import load_bundle
+from redrafter.config import BeamShape
+from redrafter.demo import find_demo_gguf, shared_prompts
+from redrafter.models.checkpoints import init_drafter, load_base, save_drafter
+from redrafter.ops import library_path as native_library
+from redrafter.pipeline import load, reference_runtime
+from redrafter.runtimes.onnxruntime import OnnxRuntime
+from redrafter.validate.report import validate_bundle
 
 STEP_SIZES = (1, 2, 3, 4, 5, 8, 12, 16, 20)  # tokens per verify call
 
@@ -59,7 +56,8 @@ def ms_per_step(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    """Export fp32 (and fp16), validate, time verify steps; or only time steps of a bundle."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", help="drafter folder (default: a random one)")
     parser.add_argument("--skip-fp16", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -111,9 +109,9 @@ def main() -> None:
             progress=print,
         )
         export_seconds = time.perf_counter() - t
-        size = sum(f["bytes"] for f in bundle.manifest["files"].values())
+        size = bundle.manifest.total_bytes
         pipe = load(out)
-        prompts = [pipe.encode(text, chat=chat) for text, chat in prompts_text]
+        prompts = [pipe.encode(p.text, chat=p.chat) for p in prompts_text]
         reference = reference_runtime(bundle)
         t = time.perf_counter()
         report = validate_bundle(

@@ -7,13 +7,14 @@ same thread count by
     venv, run as a subprocess);
   * llama.cpp through llama-cpp-python on the original Q4_1 GGUF (a separate venv, subprocess);
   * ours: ONNX Runtime CPU on an exported bundle, native TreeAttention kernel and portable
-    body, autoregressive and speculative (`redrafter.bench.harness.run_bench`).
+    body, autoregressive and speculative (`redrafter.bench.harness.run_configs`).
 
 It prints one table with each engine's decode tokens/s and our speculative (and
-autoregressive) tokens/s divided by each of theirs, and saves benchmarks/results/peers.json.
+autoregressive) tokens/s divided by each of theirs, and saves benchmarks/results/peers.json
+(each engine's tokens as a digest and a count per prompt, never the ids).
 
-    .venv/bin/python benchmarks/peers.py --setup          # once: peer venvs + models (~10 min)
-    .venv/bin/python benchmarks/peers.py [--bundle DIR | --drafter DIR] [--repeats 3]
+    .venv/bin/python -m benchmarks.peers --setup          # once: peer venvs + models (~10 min)
+    .venv/bin/python -m benchmarks.peers [--bundle DIR | --drafter DIR] [--repeats 3]
         [--interleave]
 
 With --interleave every engine runs one repeat per round, round after round, and each ratio is
@@ -30,9 +31,10 @@ are excluded; tokens/s = (tokens after the first) / (seconds from the first toke
 summed over all prompts, median over repeats, after a warm-up prompt. Every engine stops at EOS
 (or with --ignore-eos runs exactly --max-new-tokens).
 
-This file is also the worker that runs inside the peer venvs (`--worker genai|llamacpp`): the
-top level imports only the standard library and `_common` (which is standard library only at
-import time).
+This file is also the worker that runs inside the peer venvs (`--worker genai|llamacpp`, as
+`python -m benchmarks.peers` from the repository root): the top level imports only the standard
+library and `benchmarks._common` (standard library only at import time); redrafter is imported
+where the main venv needs it.
 """
 
 from __future__ import annotations
@@ -50,18 +52,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     add_tree_arguments,
     cpu_seconds,
     demo_bundle,
     idle_report,
+    machine,
     other_load,
     peers_dir,
+    prompt_ids,
     save,
     wait_for_idle,
 )
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP_HINT = "run python -m benchmarks.peers --setup"
 
 PEERS_DIR = peers_dir()
 GENAI_VENV = PEERS_DIR / "genai-venv"
@@ -93,10 +98,12 @@ GENAI_PRECISIONS = ("fp32", "int4")
 
 
 def log(message: str) -> None:
+    """Progress on stderr (stdout carries the tables and, in a worker, the RESULT line)."""
     print(message, file=sys.stderr, flush=True)
 
 
 def venv_python(venv: Path) -> Path:
+    """The interpreter of `venv`."""
     return venv / "bin" / "python"
 
 
@@ -105,7 +112,8 @@ def venv_python(venv: Path) -> Path:
 
 def timed_stream(tokens: Iterable[int], *, max_new_tokens: int, eos: set[int]) -> dict[str, Any]:
     """Drain an engine's token stream (the first item is the token the prefill produced) and
-    time it: prefill = start -> first token; decode = first token -> last token."""
+    time it: prefill = start -> first token; decode = first token -> last token. The ids stay
+    in memory: the run digests them before anything is saved."""
     start = time.perf_counter()
     stamps: list[float] = []
     ids: list[int] = []
@@ -241,6 +249,7 @@ def worker_llamacpp(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_main(kind: str, job_path: str) -> None:
+    """Run one peer job (a JSON file) in this venv; print its result as one RESULT line."""
     job = json.loads(Path(job_path).read_text())
     result = {"genai": worker_genai, "llamacpp": worker_llamacpp}[kind](job)
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
@@ -267,6 +276,7 @@ def _run(cmd: list[str], *, log_name: str, env: dict[str, str] | None = None) ->
 
 
 def _make_venv(venv: Path) -> float:
+    """A venv from this interpreter's base Python, unless it exists; seconds taken."""
     if venv_python(venv).exists():
         return 0.0
     # From inside a venv, `-m venv` bases the new one on the same base interpreter.
@@ -302,6 +312,7 @@ def write_hf_folder(out: Path = HF_DIR) -> Path:
 
 
 def setup_genai() -> dict[str, float]:
+    """genai-venv, the HF folder and genai's fp32 and int4 builds; seconds per step."""
     times = {"venv_s": _make_venv(GENAI_VENV)}
     pip = [str(venv_python(GENAI_VENV)), "-m", "pip", "install", "-q"]
     times["pip_s"] = _run([*pip, *GENAI_PACKAGES], log_name="genai-pip.log")
@@ -335,6 +346,7 @@ def setup_genai() -> dict[str, float]:
 
 
 def llama_wheel() -> Path | None:
+    """The cached llama-cpp-python wheel, if built."""
     found = sorted(WHEELS.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))
     return found[-1] if found else None
 
@@ -373,6 +385,7 @@ def setup_llamacpp() -> dict[str, float]:
 
 
 def setup(which: list[str]) -> None:
+    """Set up the named peers (genai, llamacpp), idempotently; record step times."""
     log(f"peer environments under {PEERS_DIR}")
     report = {}
     if "genai" in which:
@@ -395,18 +408,19 @@ def setup(which: list[str]) -> None:
 def genai_ready(precision: str) -> str | None:
     """None when the genai peer can run, else why not."""
     if not venv_python(GENAI_VENV).exists():
-        return f"no {GENAI_VENV}; run benchmarks/peers.py --setup"
+        return f"no {GENAI_VENV}; {SETUP_HINT}"
     if not (MODELS / f"genai-{precision}" / "genai_config.json").is_file():
-        return f"no genai {precision} model; run benchmarks/peers.py --setup"
+        return f"no genai {precision} model; {SETUP_HINT}"
     return None
 
 
 def llamacpp_ready() -> str | None:
+    """None when the llama.cpp peer can run, else why not."""
     python = venv_python(LLAMA_VENV)
     if not python.exists():
-        return f"no {LLAMA_VENV}; run benchmarks/peers.py --setup"
+        return f"no {LLAMA_VENV}; {SETUP_HINT}"
     if subprocess.call([str(python), "-c", "import llama_cpp"], stderr=subprocess.DEVNULL):
-        return "llama_cpp does not import in its venv; run benchmarks/peers.py --setup"
+        return f"llama_cpp does not import in its venv; {SETUP_HINT}"
     return None
 
 
@@ -414,14 +428,16 @@ def llamacpp_ready() -> str | None:
 
 
 def run_worker(venv: Path, kind: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Run this file as a worker in a peer venv; returns its RESULT line."""
+    """Run this module as a worker in a peer venv (from the repository root, so that
+    `benchmarks` imports); returns its RESULT line."""
     job_file = PEERS_DIR / f"job-{kind}-{os.getpid()}.json"
     job_file.write_text(json.dumps(job))
     try:
         proc = subprocess.run(
             [
                 str(venv_python(venv)),
-                str(Path(__file__).resolve()),
+                "-m",
+                "benchmarks.peers",
                 "--worker",
                 kind,
                 "--job",
@@ -429,6 +445,7 @@ def run_worker(venv: Path, kind: str, job: dict[str, Any]) -> dict[str, Any]:
             ],
             capture_output=True,
             text=True,
+            cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": str(job["threads"])},
         )
     finally:
@@ -546,54 +563,10 @@ def run_engine_replayed(
     }
 
 
-def _finished_drafter(folder: Path) -> bool:
-    """A complete drafter checkpoint whose training (if it left a trainer state) finished:
-    a half-trained, resumable checkpoint must not be benchmarked."""
-    from redrafter.config import DRAFTER_MODEL_TYPE
-
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not (isinstance(raw, dict) and raw.get("model_type") == DRAFTER_MODEL_TYPE):
-        return False
-    if not (folder / "model.safetensors").is_file():
-        return False
-    state = folder / "trainer_state.json"
-    if state.is_file():
-        try:
-            st = json.loads(state.read_text())
-        except ValueError:
-            return False
-        return bool(st.get("step") == st.get("total_steps"))
-    return True
-
-
-def find_trained_drafter() -> Path | None:
-    """The trained demo drafter, if it exists: $REDRAFTER_DRAFTER, else the folder `make demo`
-    trains into (`redrafter.demo`: <cache>/drafters/smollm2-135m-instruct-<key of the GGUF and
-    RECIPE>), else the newest finished drafter under <cache>/drafters. Never trains."""
-    if os.environ.get("REDRAFTER_DRAFTER"):
-        return Path(os.environ["REDRAFTER_DRAFTER"])
-    try:
-        import redrafter.demo as demo
-        from redrafter.train.recipe import cache_key, default_cache_dir, fingerprint
-    except ImportError:
-        return None
-    cache = default_cache_dir()
-    try:
-        key = cache_key(base=fingerprint(demo.find_demo_gguf()), recipe=demo.RECIPE)
-        folder = cache / "drafters" / f"smollm2-135m-instruct-{key[:12]}"
-        if _finished_drafter(folder):
-            return folder
-    except Exception:  # the demo's layout changed: fall back to the newest finished drafter
-        pass
-    found = [p for p in (cache / "drafters").glob("*") if p.is_dir() and _finished_drafter(p)]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
 def ensure_bundle(args: argparse.Namespace, beams: list[Any]) -> tuple[Path, str]:
     """The bundle to benchmark and a note on where its drafter came from."""
+    from redrafter.demo import find_trained_drafter
+
     if args.bundle:
         return Path(args.bundle), "given with --bundle"
     drafter = Path(args.drafter) if args.drafter else find_trained_drafter()
@@ -619,52 +592,56 @@ def run_ours(
     prompt_lookup: str = "off",
     min_draft_prob: Sequence[float] = (0.0,),
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
-    token_ids: bool = True,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
 ) -> dict[str, Any]:
-    """ORT CPU on the bundle, native kernel (and portable body): run_bench per implementation,
-    plus (with `token_ids`) one greedy autoregressive pass for the token ids (to compare with
-    the peers)."""
-    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_bench
-    from redrafter.export.bundle import load_bundle
-    from redrafter.pipeline import GenerationOptions, Pipeline
-    from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library
+    """ORT CPU on the bundle, native kernel (and portable body): `run_configs` per
+    implementation, plus (with `on_tokens`) one greedy autoregressive pass whose token ids go
+    to `on_tokens` (to compare with the peers') and, as digests, into the first block."""
+    from redrafter.bench.harness import PROMPT_LOOKUP_SETTINGS, run_configs, speculative_grid
+    from redrafter.bench.shapes import with_graphs
+    from redrafter.bench.tokens import digest_rows
+    from redrafter.bundle import load_bundle
+    from redrafter.decoding import AUTOREGRESSIVE
+    from redrafter.ops import library_path as native_library
+    from redrafter.pipeline import Pipeline
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     bundle = load_bundle(bundle_dir)
-    graphs = set(bundle.drafter_graphs)
-    usable = [b for b in beams if b in graphs]
-    skipped = [f"W{b.width} L{b.length}" for b in beams if b not in graphs]
+    usable, skipped = with_graphs(beams, bundle.drafter_graphs)
     out: dict[str, Any] = {"bundle": str(bundle_dir), "dtype": bundle.dtype}
     if skipped:
-        out["beams_without_graph"] = skipped
+        out["beams_without_graph"] = [f"W{b.width} L{b.length}" for b in skipped]
     impls = ["native"] if native_library() is not None else []
     if portable or not impls:
         impls.append("portable")
     stop = () if ignore_eos else tuple(sorted(eos))
+    spec = speculative_grid(
+        usable,
+        max_new_tokens=max_new_tokens,
+        packing=bundle.packing,
+        prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
+        min_draft_prob=min_draft_prob,
+    )
     for impl in impls:
         rt = OnnxRuntime(bundle, native=impl == "native", threads=threads)
         log(f"ours: onnxruntime {rt.implementation}, {len(usable)} beam shape(s)")
         before = cpu_seconds()
-        results = run_bench(
+        results = run_configs(
             rt,
             prompts,
-            usable,
+            spec,
             max_new_tokens=max_new_tokens,
             repeats=repeats,
-            packing=bundle.packing,
-            eos_token_ids=stop,  # type: ignore[arg-type]
-            prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
-            min_draft_prob=min_draft_prob,
+            eos_token_ids=stop,
             on_run=lambda name, i=impl: log(f"  {i}: {name}"),
         )
         results["other_processes_cores"] = other_load(before, cpu_seconds())
-        if impl == impls[0] and token_ids:
+        if impl == impls[0] and on_tokens is not None:
             pipe = Pipeline(rt, None, stop)
-            results["token_ids"] = [
-                pipe.generate(
-                    [p], GenerationOptions(max_new_tokens=max_new_tokens, speculative=False)
-                ).token_ids[0]
-                for p in prompts
-            ]
+            ar = AUTOREGRESSIVE.replace(max_new_tokens=max_new_tokens)
+            ids = [pipe.generate([p], ar).token_ids[0] for p in prompts]
+            results["token_digests"] = digest_rows(ids)
+            on_tokens(ids)
         out[impl] = results
         on_partial(out)  # saved now: the portable run that follows is slow
         del rt
@@ -673,47 +650,31 @@ def run_ours(
 
 def encode_prompts(
     n_jargon: int, n_code: int, offset: int, heldout: bool
-) -> tuple[list[list[int]], Any]:
-    from redrafter.demo import find_demo_gguf
-    from redrafter.models.tokenizer import load_tokenizer
+) -> tuple[list[list[int]], list[Any], tuple[int, ...]]:
+    """The benchmark prompts' token ids (the demo tokenizer), the prompts themselves and the
+    stop tokens: `heldout_shared_prompts`, else `shared_prompts` from `offset`."""
+    from redrafter.demo import find_demo_gguf, heldout_shared_prompts, shared_prompts
 
-    from _common import heldout_shared_prompts, shared_prompts
-
-    tokenizer = load_tokenizer(find_demo_gguf())
     texts = (
         heldout_shared_prompts(n_jargon, n_code)
         if heldout
         else shared_prompts(n_jargon, n_code, offset=offset)
     )
-    ids = [tokenizer.encode(tokenizer.chat_prompt(t) if chat else t) for t, chat in texts]
-    return ids, {"texts": texts, "tokenizer_eos": list(tokenizer.eos_token_ids)}
+    ids, eos = prompt_ids(find_demo_gguf(), texts)
+    return ids, texts, eos
 
 
-def parse_beams(text: str) -> list[Any]:
-    from redrafter.config import BeamShape
+def engine_tokens(result: dict[str, Any], reference: list[list[int]] | None) -> dict[str, Any]:
+    """A peer's result with its decoded ids replaced by digests and counts, and (when our
+    autoregressive ids are known) how far they agree with ours, common prefix included."""
+    from redrafter.bench.tokens import compare_tokens, digest_rows
 
-    beams = []
-    for part in text.split(","):
-        w, _, n = part.strip().lower().partition("x")
-        if not (w.isdigit() and n.isdigit()):
-            raise SystemExit(f"error: --beams {text!r}: use WxL pairs, e.g. 4x4,4x5")
-        beams.append(BeamShape(int(w), int(n)))
-    return beams
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> str:
-    """How many prompts two engines decode to the same greedy tokens (over the common
-    length), and the mean length of the common prefix."""
-    same = sum(
-        x[: min(len(x), len(y))] == y[: min(len(x), len(y))] for x, y in zip(a, b, strict=False)
-    )
-    prefix = []
-    for x, y in zip(a, b, strict=False):
-        k = 0
-        while k < min(len(x), len(y)) and x[k] == y[k]:
-            k += 1
-        prefix.append(k)
-    return f"{same}/{len(a)} identical, mean common prefix {statistics.mean(prefix):.0f}"
+    ids = result.pop("token_ids", None)
+    if ids is not None:
+        result["token_digests"] = digest_rows(ids)
+        if reference is not None:
+            result["agreement_with_ours_ar"] = compare_tokens(reference, ids).to_dict()
+    return result
 
 
 def main() -> None:
@@ -740,7 +701,7 @@ def main() -> None:
         choices=["heldout", "shared"],
         default="heldout",
         help="heldout: entries the demo drafter never trains on [default]; shared: "
-        "_common.shared_prompts with --offset",
+        "redrafter.demo.shared_prompts with --offset",
     )
     parser.add_argument("--offset", type=int, default=0, help="shared prompt offset [0]")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -790,12 +751,16 @@ def main() -> None:
         setup(args.setup or ["genai", "llamacpp"])
         return
 
+    from redrafter.bench.rounds import merge_rounds
+    from redrafter.bench.shapes import parse_beams
     from redrafter.demo import find_demo_gguf
-
-    from _common import machine
+    from redrafter.errors import ConfigError
 
     wanted = [x.strip() for x in args.only.split(",") if x.strip()]
-    beams = parse_beams(args.beams)
+    try:
+        beams = parse_beams(args.beams)
+    except ConfigError as e:
+        parser.error(f"--beams: {e}")
     if "ours" in wanted:  # export (if needed) before the idle check: it is not timed
         bundle_dir, note = ensure_bundle(args, beams)
     if args.wait_idle:
@@ -806,13 +771,11 @@ def main() -> None:
         f"machine: load {idle['loadavg']}, other processes {idle['other_processes_cores']} "
         f"cores{'' if idle['idle'] else '  <-- BUSY: timings are skewed'}"
     )
-    prompts, prompt_info = encode_prompts(
+    prompts, texts, stop = encode_prompts(
         args.jargon, args.code, args.offset, args.prompt_set == "heldout"
     )
     gguf = find_demo_gguf()
-    from redrafter.models.checkpoints import load_base_config
-
-    eos = set(load_base_config(gguf).eos_token_ids) | set(prompt_info["tokenizer_eos"])
+    eos = set(stop)
     common = dict(
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
@@ -826,14 +789,15 @@ def main() -> None:
         "model": gguf.name,
         "prompt_set": args.prompt_set,
         "prompts": [
-            {"chat": c, "text": t[:80], "tokens": len(p)}
-            for (t, c), p in zip(prompt_info["texts"], prompts, strict=False)
+            {"chat": t.chat, "text": t.text[:80], "tokens": len(p)}
+            for t, p in zip(texts, prompts, strict=False)
         ],
         **common,
         "engines": {},
         "skipped": {},
     }
     skipped = payload["skipped"]
+    reference: dict[str, list[list[int]]] = {}  # our AR token ids, in memory only
 
     def run_all(engines: dict[str, Any], common: dict[str, Any], first: bool = True) -> None:
         """Every wanted engine once (`common["repeats"]` repeats each), results into `engines`."""
@@ -848,6 +812,7 @@ def main() -> None:
                 skipped[name] = f"failed: {type(e).__name__}: {str(e)[-500:]}"
                 log(f"    {skipped[name]}")
                 return
+            result = engine_tokens(result, reference.get("ours"))  # digests: never raw ids
             result["label"] = label
             result.setdefault("other_processes_cores", other_load(before, cpu_seconds()))
             result.pop("partial", None)
@@ -875,7 +840,7 @@ def main() -> None:
                     prompt_lookup=args.prompt_lookup,
                     min_draft_prob=args.min_draft_prob,
                     on_partial=partial,
-                    token_ids=first,
+                    on_tokens=(lambda ids: reference.update(ours=ids)) if first else None,
                     **common,
                 )  # type: ignore[arg-type]
 
@@ -929,127 +894,15 @@ def main() -> None:
     save(args.name, payload)
 
 
-def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One engine's (or one of our configurations') results over interleaved rounds: the
-    median round's figures, with every round's tokens/s in `tokens_per_second_repeats`."""
-    rates = [r["tokens_per_second"] for r in runs]
-    middle = sorted(range(len(runs)), key=rates.__getitem__)[len(runs) // 2]
-    return {
-        **runs[middle],
-        "tokens_per_second": statistics.median(rates),
-        "tokens_per_second_repeats": rates,
-    }
-
-
-def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Engines measured in interleaved rounds (one repeat each) -> one result per engine, as a
-    plain run has them. `tokens_per_second_repeats` lists stay aligned by round across engines
-    (an engine missing from a round, e.g. a failed peer, is left out of the merge); our
-    `speedup_repeats` are each round's speculative over that round's autoregressive tokens/s."""
-    merged: dict[str, Any] = {}
-    for name in rounds[0]:
-        runs = [r[name] for r in rounds if name in r]
-        if len(runs) != len(rounds):
-            continue
-        if name != "ours":
-            merged[name] = _median_round(runs)
-            continue
-        ours = dict(runs[0])
-        for impl in ("native", "portable"):
-            if impl not in runs[0]:
-                continue
-            block = dict(runs[0][impl])  # token ids: measured in the first round only
-            for config, r in runs[0][impl].items():
-                if isinstance(r, dict) and "tokens_per_second" in r:
-                    per = [run[impl][config] for run in runs]
-                    block[config] = {
-                        **_median_round(per),
-                        "speedup_repeats": [p["speedup"] for p in per],
-                    }
-            ar = block["autoregressive"]["tokens_per_second"]
-            for r in block.values():
-                if isinstance(r, dict) and "tokens_per_second" in r:
-                    r["speedup"] = r["tokens_per_second"] / ar
-            block["other_processes_cores"] = max(run[impl]["other_processes_cores"] for run in runs)
-            ours[impl] = block
-        merged[name] = ours
-    return merged
-
-
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
-    """Flat rows (engine, tok/s) and our speculative/autoregressive tok/s over each peer's."""
-    engines = payload["engines"]
-    rows: list[dict[str, Any]] = []
-    ours = engines.get("ours", {})
-    best_spec: dict[str, Any] | None = None
-    ours_ar: float | None = None
-    ref_ids = None
-    for impl in ("native", "portable"):
-        if impl not in ours:
-            continue
-        ref_ids = ref_ids or ours[impl].get("token_ids")
-        for config, r in ours[impl].items():
-            if not isinstance(r, dict) or "tokens_per_second" not in r:
-                continue
-            row = {
-                "engine": f"ours ORT CPU {impl}, {config}",
-                "tokens_per_second": round(r["tokens_per_second"], 1),
-                "tokens_per_step": round(r["tokens_per_step"], 2),
-                "ms_per_step": round(r["ms_per_step"], 1),
-                "other_processes_cores": ours[impl].get("other_processes_cores"),
-            }
-            rows.append(row)
-            if impl == "native" or "native" not in ours:
-                if config == "autoregressive":
-                    ours_ar = r["tokens_per_second"]
-                elif best_spec is None or r["tokens_per_second"] > best_spec["tokens_per_second"]:
-                    best_spec = {"config": f"{impl} {config}", **r}
-    peers = {}
-    for name, r in engines.items():
-        if name == "ours":
-            continue
-        peers[name] = r["tokens_per_second"]
-        rows.append(
-            {
-                "engine": r["label"],
-                "tokens_per_second": round(r["tokens_per_second"], 1),
-                "decode_tokens": r["decode_tokens"],
-                "prefill_ms_mean": r["prefill_ms_mean"],
-                "other_processes_cores": r["other_processes_cores"],
-                "same_tokens_as_ours_ar": agreement(ref_ids, r["token_ids"]) if ref_ids else None,
-            }
-        )
-    ratios = {}
-    for name, tps in peers.items():
-        ratios[name] = {
-            "ours_ar_over_peer": round(ours_ar / tps, 2) if ours_ar else None,
-            "ours_spec_over_peer": round(best_spec["tokens_per_second"] / tps, 2)
-            if best_spec
-            else None,
-        }
-        if payload.get("interleaved") and best_spec:  # paired: same round, minutes apart
-            peer_rounds = engines[name]["tokens_per_second_repeats"]
-            paired = [
-                a / b
-                for a, b in zip(best_spec["tokens_per_second_repeats"], peer_rounds, strict=True)
-            ]
-            ratios[name]["ours_spec_over_peer_rounds"] = [round(x, 2) for x in paired]
-            ratios[name]["ours_spec_over_peer_median_round"] = round(statistics.median(paired), 2)
-    return {
-        "rows": rows,
-        "ours_autoregressive_tokens_per_second": ours_ar,
-        "ours_best_speculative": None
-        if best_spec is None
-        else {
-            "config": best_spec["config"],
-            "tokens_per_second": best_spec["tokens_per_second"],
-            "tokens_per_step": best_spec["tokens_per_step"],
-        },
-        "ratios": ratios,
-    }
+    """Table rows and our tokens/s over each peer's (`redrafter.bench.rounds.summarize_engines`)."""
+    from redrafter.bench.rounds import summarize_engines
+
+    return summarize_engines(payload["engines"], interleaved=bool(payload.get("interleaved")))
 
 
 def print_summary(payload: dict[str, Any]) -> None:
+    """The run's tables (markdown) and skipped peers, on stdout."""
     s = payload["summary"]
     print(
         f"\n{payload['model']}: {len(payload['prompts'])} prompts x "

@@ -11,9 +11,9 @@ tokens/s <= memory bandwidth / bytes read per token. This script measures
      the model config, checked against the exported weights file; + KV cache);
   3. the resulting tokens/s bound, and the fraction of it that autoregressive decoding reaches
      on ONNX Runtime CPU (native kernel and portable body) and on the torch runtime: one decode
-     step timed at a fixed context, and end to end on real prompts (`run_bench`, no drafter).
+     step timed at a fixed context, and end to end on real prompts (`run_configs`, no drafter).
 
-    .venv/bin/python benchmarks/roofline.py [--threads 2] [--contexts 128,512,2048]
+    .venv/bin/python -m benchmarks.roofline [--threads 2] [--contexts 128,512,2048]
 
 Saves benchmarks/results/roofline.json.
 """
@@ -32,23 +32,23 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from benchmarks._common import (
     cpu_seconds,
     demo_bundle,
     idle_report,
     machine,
     other_load,
+    prompt_ids,
     save,
-    shared_prompts,
     wait_for_idle,
 )
 
 GB = 1e9
+REPO = Path(__file__).resolve().parents[1]
 
 
 def log(message: str) -> None:
+    """Progress on stderr (stdout carries the tables)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -123,13 +123,9 @@ def openblas_effect(repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"env": env, "numpy_gemv_GBps": numpy_gemv_GBps(repeats)}
     if env:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
-        here = str(Path(__file__).resolve().parent)
-        code = (
-            f"import sys; sys.path.insert(0, {here!r}); import roofline; "
-            f"print(roofline.numpy_gemv_GBps({repeats}))"
-        )
+        code = f"from benchmarks.roofline import numpy_gemv_GBps; print(numpy_gemv_GBps({repeats}))"
         res = subprocess.run(
-            [sys.executable, "-c", code], env=clean, capture_output=True, text=True
+            [sys.executable, "-c", code], env=clean, cwd=REPO, capture_output=True, text=True
         )
         try:
             out["numpy_gemv_GBps_without_openblas_env"] = float(res.stdout.strip().splitlines()[-1])
@@ -186,9 +182,10 @@ def step_ms(runtime: Any, context: int, repeats: int) -> float:
 def end_to_end(
     runtime: Any, prompts: list[list[int]], eos: tuple[int, ...], args: argparse.Namespace
 ) -> dict[str, Any]:
-    from redrafter.bench.harness import run_bench
+    """Autoregressive decoding of `prompts` end to end (`run_configs`' figures, no drafter)."""
+    from redrafter.bench.harness import run_configs
 
-    r = run_bench(
+    r = run_configs(
         runtime,
         prompts,
         [],
@@ -200,6 +197,7 @@ def end_to_end(
 
 
 def main() -> None:
+    """Bandwidth, bytes per token, the bound, and what autoregressive decoding reaches."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size-mb", type=int, default=256, help="MiB per array [256]")
@@ -256,7 +254,7 @@ def main() -> None:
     payload["bandwidth_used_for_bounds_GBps"] = headline
 
     log("2. bytes read per token (fp32)")
-    from redrafter.demo import find_demo_gguf
+    from redrafter.demo import find_demo_gguf, shared_prompts
     from redrafter.models.checkpoints import load_base, load_base_config
 
     gguf = find_demo_gguf()
@@ -280,7 +278,8 @@ def main() -> None:
     }
 
     log("3. autoregressive decoding against the bound")
-    from redrafter.runtimes.onnxruntime import OnnxRuntime, native_library
+    from redrafter.ops import library_path as native_library
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
     from redrafter.runtimes.torch import TorchRuntime
 
     runtimes: dict[str, Callable[[], Any]] = {}
@@ -292,14 +291,7 @@ def main() -> None:
         )
     runtimes["torch_eager"] = lambda: TorchRuntime(load_base(gguf))
 
-    from redrafter.models.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(gguf)
-    prompts = [
-        tokenizer.encode(tokenizer.chat_prompt(text) if chat else text)
-        for text, chat in shared_prompts(args.jargon, args.code)
-    ]
-    eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    prompts, eos = prompt_ids(gguf, shared_prompts(args.jargon, args.code))
     measured: dict[str, Any] = {}
     for name, make in runtimes.items():
         rt = make()
@@ -342,6 +334,7 @@ def main() -> None:
 
 
 def print_summary(payload: dict[str, Any], contexts: list[int], headline: dict[str, float]) -> None:
+    """The bandwidth and bound tables and the end-to-end fractions, on stdout."""
     m = payload["model"]
     print(
         f"\n{m['gguf']} fp32: {m['params_total'] / 1e6:.1f}M parameters; "

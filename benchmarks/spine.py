@@ -2,32 +2,32 @@
 torch runtime, greedy: the answer to the ChatML prompt "What is the capital of France?",
 autoregressive tokens/s, and tokens/step with a random (untrained) drafter (expected ~1).
 
-    make bench-spine        # or: .venv/bin/python benchmarks/spine.py
+    make bench-spine        # or: .venv/bin/python -m benchmarks.spine
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from redrafter.config import BeamShape  # noqa: E402
-from redrafter.demo import find_demo_gguf  # noqa: E402
-from redrafter.models.checkpoints import init_drafter, load_base  # noqa: E402
-from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
-from redrafter.pipeline import GenerationOptions, Pipeline  # noqa: E402
-from redrafter.runtimes.torch import TorchRuntime  # noqa: E402
-
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
+from redrafter.bench.tokens import token_digest
+from redrafter.config import BeamShape
+from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions
+from redrafter.demo import find_demo_gguf
+from redrafter.models.checkpoints import init_drafter, load_base
+from redrafter.models.tokenizer import load_tokenizer
+from redrafter.pipeline import Pipeline
+from redrafter.runtimes.torch import TorchRuntime
 
 PROMPT = "What is the capital of France?"
 REPEATS = 3
 
 
 def main() -> None:
+    """Load the demo model, answer the prompt, time autoregressive and random-drafter decoding."""
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     info = machine()
     gguf = find_demo_gguf()
     t0 = time.perf_counter()
@@ -37,27 +37,21 @@ def main() -> None:
     drafter = init_drafter(base.config, seed=0)
     pipe = Pipeline(TorchRuntime(base, drafter), tokenizer, base.config.eos_token_ids)
 
-    answer = pipe.generate(
-        [PROMPT], GenerationOptions(max_new_tokens=32, speculative=False), chat=True
-    )
+    answer = pipe.generate([PROMPT], AUTOREGRESSIVE.replace(max_new_tokens=32), chat=True)
     assert answer.texts is not None
     # Throughput on a longer, fixed-length generation (no early EOS), median of REPEATS.
     long = "Write a long story about a lighthouse keeper."
-    ar_runs = [
-        pipe.generate(
-            [long], GenerationOptions(max_new_tokens=128, speculative=False), chat=True
-        ).stats
-        for _ in range(REPEATS)
-    ]
+    ar = AUTOREGRESSIVE.replace(max_new_tokens=128)
+    ar_runs = [pipe.generate([long], ar, chat=True).stats for _ in range(REPEATS)]
     beam = BeamShape(4, 4)
-    spec = pipe.generate([long], GenerationOptions(max_new_tokens=128, beam=beam), chat=True)
+    spec = pipe.generate([long], DecodeOptions(max_new_tokens=128, beam=beam), chat=True)
     result = {
         "machine": info,
         "model": gguf.name,
         "load_seconds": round(load_seconds, 2),
         "chat_prompt": PROMPT,
         "answer": answer.texts[0],
-        "answer_token_ids": answer.token_ids[0],
+        "answer_tokens": token_digest(answer.token_ids[0]),
         "ar_tokens_per_second_median": round(
             statistics.median(r["tokens_per_second"] for r in ar_runs), 2
         ),

@@ -2,14 +2,14 @@
 and measure each on held-out prompts: Apple's CE on data labels vs distillation from the
 base's own answers, draft-vocab sizes, init, budget. Prints and saves one JSON.
 
-    .venv/bin/python benchmarks/train_drafter.py [--variants distill,ce] [--prompts 320]
+    .venv/bin/python -m benchmarks.train_drafter [--variants distill,ce] [--prompts 320]
         [--epochs 2] [--device cpu|cuda] [--out DIR] [--grid distill,ce]
 
 Variants (names below) share one set of base outputs: the base's greedy answers to the first
-N demo training prompts (`training_prompts`), and teacher-forced chunks of the Jargon File and
-HumanEval for CE. Held-out metrics: teacher-forced accuracy on answers to held-out prompts and
-tokens/step (greedy, real driver) on `heldout_prompts`; `--grid` names variants that also get
-the full W x L table.
+N demo training prompts (`redrafter.demo.training_prompts`), and teacher-forced chunks of the
+Jargon File and HumanEval for CE. Held-out metrics: teacher-forced accuracy on answers to
+held-out prompts and tokens/step (greedy, real driver) on `redrafter.demo.heldout_prompts`;
+`--grid` names variants that also get the full W x L table.
 """
 
 from __future__ import annotations
@@ -17,32 +17,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from acceptance import grid, ort_runtime  # noqa: E402
-
-from redrafter.config import BeamShape  # noqa: E402
-from redrafter.demo import find_demo_gguf  # noqa: E402
-from redrafter.models.checkpoints import load_base  # noqa: E402
-from redrafter.models.tokenizer import load_tokenizer  # noqa: E402
-from redrafter.train.data import load_chunks  # noqa: E402
-from redrafter.train.prompts import (  # noqa: E402
-    HUMANEVAL,
-    JARGON,
-    find_shared_data,
-    heldout_prompts,
-    training_prompts,
-)
-from redrafter.train.recipe import encode_prompt  # noqa: E402
-from redrafter.train.teacher import Examples, distill_examples, teacher_forced  # noqa: E402
-from redrafter.train.trainer import Heldout, TrainOptions, train_drafter  # noqa: E402
-
-from _common import machine, save  # noqa: E402
+from benchmarks._common import machine, save
+from benchmarks.acceptance import grid, ort_runtime
+from redrafter.bench.prompts import encode_prompts
+from redrafter.config import BeamShape
+from redrafter.demo import find_demo_gguf, find_shared_data, heldout_prompts, training_prompts
+from redrafter.demo.data import HUMANEVAL, JARGON
+from redrafter.models.checkpoints import load_base
+from redrafter.models.tokenizer import load_tokenizer
+from redrafter.train.data import load_chunks
+from redrafter.train.prompts import Prompt
+from redrafter.train.teacher import Examples, distill_examples, teacher_forced
+from redrafter.train.trainer import Heldout, TrainOptions, train_drafter
 
 # name -> (data: "distill" | "distill-all" | "ce", TrainOptions overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -69,7 +61,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    """Train every named variant on shared base answers, measure each held out, save all."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="distill,distill-kl,ce")
     ap.add_argument("--grid", default="", help="variants that also get the W x L table")
     ap.add_argument("--prompts", type=int, default=320, help="training prompts (distill)")
@@ -89,7 +82,7 @@ def main() -> None:
         help="runs the tokens/step grid (greedy fp32: the same tokens either way, ORT is faster)",
     )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-dir")
+    ap.add_argument("--data-dir", help="the demo's data folder [redrafter.demo's default]")
     ap.add_argument("--out", default="/tmp/redrafter-drafters")
     ap.add_argument("--name", default="train_drafter")
     args = ap.parse_args()
@@ -101,13 +94,14 @@ def main() -> None:
     base = load_base(gguf).to(args.device)
     tokenizer = load_tokenizer(gguf)
     eos = base.config.eos_token_ids
-    data = Path(args.data_dir) if args.data_dir else find_shared_data()
+    data = find_shared_data(args.data_dir)
     K = args.predict_tokens
     timings: dict[str, float] = {"load": time.perf_counter() - t0}
 
-    def answers(prompts) -> tuple[Examples, float]:
+    def answers(prompts: Sequence[Prompt]) -> tuple[Examples, float]:
+        """The base's greedy answers to `prompts` as training examples, and seconds taken."""
         t = time.perf_counter()
-        ids = [encode_prompt(tokenizer, p) for p in prompts]
+        ids = encode_prompts(tokenizer, prompts)
         ex, _ = distill_examples(
             base,
             ids,
@@ -144,7 +138,7 @@ def main() -> None:
         examples["ce"] = ce.take(torch.arange(min(len(ce), len(small))))
         examples["ce-all"] = ce
         timings["ce_teacher_forced"] = time.perf_counter() - t
-    eval_ids = [encode_prompt(tokenizer, p) for p in heldout_prompts(data, count=args.eval_prompts)]
+    eval_ids = encode_prompts(tokenizer, heldout_prompts(data, count=args.eval_prompts))
     print(f"examples: { {k: len(v) for k, v in examples.items()} }, held-out {len(held)}")
     results = {}
     for name in names:

@@ -5,7 +5,7 @@ that the native path updates the cache in place.
 Dimensions: B batch, Hq query heads, Hkv key/value heads, N new tokens, D head dim, S cache
 capacity, P committed length.
 
-    python benchmarks/tree_attention.py [--out DIR] [--quick]
+    .venv/bin/python -m benchmarks.tree_attention [--out DIR] [--quick]
 
 Per (N, P), N in {1, 8, 32, 64}, P in {128, 1024, 8192}, B=1, Hq=9, Hkv=3, D=64 (SmolLM2-135M),
 fp32, S = 8192 + 64, median wall time of one call, --threads threads (default 1) for ORT and torch:
@@ -16,7 +16,7 @@ fp32, S = 8192 + 64, median wall time of one call, --threads threads (default 1)
   numpy      a vectorised numpy implementation over the P+N live keys
 In place: 1000 calls on a 100 MiB cache pair (S=65536) with the shared binding, then without it
 (ORT allocates fresh outputs and the kernel copies the whole cache): RSS and time per call.
-Saves DIR/tree_attention_cpu.json and prints tables.
+Saves DIR/tree_attention_cpu.json (DIR: benchmarks/results) and prints tables.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import RESULTS  # noqa: E402
 from redrafter import ops  # noqa: E402
 from redrafter.models.attention import attend as torch_tree_attention  # noqa: E402
 
@@ -250,7 +250,7 @@ def fmt(x) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--quick", action="store_true", help="shorter timings, 100 in-place runs")
     parser.add_argument(
         "--threads",

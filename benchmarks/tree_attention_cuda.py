@@ -5,7 +5,7 @@ reference, then kernel time against torch's scaled_dot_product_attention on the 
 Dimensions: B batch, Hq query heads, Hkv key/value heads, N new tokens, D head dim, S cache
 capacity, P committed length.
 
-    python benchmarks/tree_attention_cuda.py [--out DIR] [--quick]
+    python -m benchmarks.tree_attention_cuda [--out DIR] [--quick]   # from the repository root
 
 Correctness: fp32 and fp16, ragged P across the batch, GQA ratios 1, 3 and 8, N in {1, 8, 32, 64},
 P in {128, 1024, 8192}; outputs poisoned with NaN before each call; caches checked bit for bit
@@ -16,7 +16,9 @@ B=1), CUDA events around repeated calls, median of several repeats, eager and CU
                  enable_gqa=True) alone: inputs prepared outside the timed region
   sdpa_pipeline  what a portable graph does per layer: write the new K/V into the cache, build
                  the [N, P+N] mask from tree_mask, then sdpa
-Saves JSON to DIR/tree_attention_cuda.json and prints a table.
+Saves JSON to DIR/tree_attention_cuda.json (DIR: benchmarks/results) and prints a table. On a
+machine without the project installed (the lent GPU machine), run it from the repository root:
+`python -m` puts that folder on the import path, so `redrafter` imports from the checkout.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from redrafter import ops  # noqa: E402
-from redrafter.decoding.kv_cache import apply_commit  # noqa: E402
+from benchmarks._common import RESULTS
+from redrafter import ops
+from redrafter.decoding.kv_cache import apply_commit
 
 CODES = {torch.float32: 1, torch.float16: 10}
 
@@ -366,7 +368,7 @@ def fmt(x):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
     parser.add_argument("--profile", action="store_true", help="only per-kernel device times")
     args = parser.parse_args()

@@ -1,6 +1,7 @@
 """`redrafter.demo.ensure_drafter` with a recipe: one drafter folder per recipe, the base's
 answers cached by the fields that shape them and shared between recipes that differ only in
-training (benchmarks/large_drafter.py relies on both)."""
+training (benchmarks.large_drafter relies on both); the demo's prompt choice (training vs
+held-out entries) and its data lookup."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import gzip
 import hashlib
 import json
 
-import redrafter.train.prompts as prompts
+import pytest
+
 from redrafter import demo
+from redrafter.demo import data as demo_data
+from redrafter.errors import RedrafterError
+from redrafter.train.prompts import Prompt, rotating_templates
 
 from conftest import tiny_base, write_hf_checkpoint
 
@@ -33,7 +38,7 @@ def _shared_data(folder):
 def test_ensure_drafter_caches_per_recipe_and_shares_answers(tmp_path, monkeypatch):
     gguf_like = write_hf_checkpoint(tiny_base(), tmp_path / "base")  # any base format loads
     data = _shared_data(tmp_path / "data")
-    monkeypatch.setattr(prompts, "find_shared_data", lambda *a, **k: data)
+    monkeypatch.setattr(demo_data, "find_shared_data", lambda *a, **k: data)
     cache = tmp_path / "cache"
     small = {
         **demo.RECIPE,
@@ -74,11 +79,47 @@ def test_training_prompts_grow_past_one_question_per_term_and_keep_smaller_sets(
     data = _shared_data(tmp_path / "data")  # 36 training terms, 6 code tasks, 90 general
 
     def digest(count: int) -> str:
-        texts = [f"{p.chat}{p.text}" for p in prompts.training_prompts(data, count=count)]
+        texts = [f"{p.chat}{p.text}" for p in demo_data.training_prompts(data, count=count)]
         return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
     assert digest(30) == "8f4b467c55e6d835" and digest(60) == "cd3fefa1874acaef"
-    large = prompts.training_prompts(data, count=250)  # before: at most 138 distinct
+    large = demo_data.training_prompts(data, count=250)  # before: at most 138 distinct
     assert len({p.text for p in large}) == 250
     asked = collections.Counter(p.text.split("'")[1] for p in large if "'w" in p.text)
     assert max(asked.values()) > 1  # the same term, other words
+
+
+def test_benchmark_and_heldout_prompts_never_come_from_training_entries(tmp_path):
+    data = _shared_data(tmp_path / "data")
+    trained = {p.text for p in demo_data.training_prompts(data, count=60)}
+    held = demo_data.heldout_shared_prompts(3, 2, data_dir=data)
+    assert [p.chat for p in held] == [True, True, True, False, False]
+    assert held[0] == Prompt("Explain the computing slang term 'w0'.")
+    assert [p.text.split("'")[1] for p in held[:3]] == ["w0", "w10", "w20"]  # every 10th entry
+    assert held[3].text.startswith("def f6():")  # the first of the last 14 tasks
+    assert not trained & {p.text for p in held}
+    for p in demo_data.heldout_prompts(data, count=6):
+        assert p.text not in trained
+    shared = demo_data.shared_prompts(2, 1, offset=1, data_dir=data)
+    assert [p.text for p in shared[:2]] == [
+        "Explain the computing slang term 'w1'.",
+        "Explain the computing slang term 'w21'.",
+    ]
+
+
+def test_missing_demo_data_is_one_line_naming_the_files_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDRAFTER_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(RedrafterError) as err:
+        demo.find_shared_data()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "entries.jsonl" in message and "HumanEval.jsonl.gz" in message
+    assert "REDRAFTER_SHARED_DATA" in message
+
+
+def test_rotating_templates_ask_each_record_in_each_template_once_per_pass():
+    records = [{"term": "a"}, {"term": "b"}]
+    got = rotating_templates(records, ("X {term}", "Y {term}"))
+    assert [p.text for p in got] == ["X a", "Y b", "Y a", "X b"]
+    plain = rotating_templates(records, ("X {term}",), chat=False)
+    assert [(p.text, p.chat) for p in plain] == [("X a", False), ("X b", False)]

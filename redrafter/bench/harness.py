@@ -151,12 +151,15 @@ def run_configs(
     repeats: int = 3,
     eos_token_ids: Sequence[int] = (),
     on_run: Callable[[str], None] = lambda name: None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Warm up each configuration once, then `repeats` interleaved rounds (AR, W1 L3, ..., AR,
-    ...), so slow drifts of the machine hit every configuration alike. The autoregressive
-    baseline runs at the first configuration's max_new_tokens. Results per configuration name
-    (`DecodeOptions.name`), each with its speed-up over autoregressive decoding."""
-    max_new_tokens = spec[0].max_new_tokens if spec else AUTOREGRESSIVE.max_new_tokens
+     ...), so slow drifts of the machine hit every configuration alike. The autoregressive
+    baseline runs at `max_new_tokens` (default: the first configuration's). Results per
+     configuration name (`DecodeOptions.name`), each with its speed-up over autoregressive
+     decoding; with an empty `spec` (no drafter), the baseline alone."""
+    if max_new_tokens is None:
+        max_new_tokens = spec[0].max_new_tokens if spec else AUTOREGRESSIVE.max_new_tokens
     configs = [AUTOREGRESSIVE.replace(max_new_tokens=max_new_tokens), *spec]
     for c in configs:  # warm-up: session init, allocator growth, caches
         run_once(runtime, prompts[:1], c, eos_token_ids=eos_token_ids)

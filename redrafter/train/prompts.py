@@ -1,41 +1,19 @@
-"""Prompts for training and evaluating the demo model's drafter, built from the shared data
-(`<repo>/../shared/data`): the Jargon File (glossary prose) and HumanEval (Python prompts).
+"""Building prompts for drafter training: a `Prompt` (text, and whether it goes into the chat
+template), templated questions about records, and everyday requests that need no data file.
 
-The drafter must predict what the base model *says*, so the training text is the base's own
-answers to chat prompts built from these sources (see `teacher.distill_examples`). Entries are
-split once, deterministically: every `HOLDOUT_EVERY`-th Jargon entry and the last
-`HUMANEVAL_HELDOUT` HumanEval tasks are never trained on; evaluation prompts come from them.
+The drafter must predict what the base model *says*, so distillation trains on the base's own
+answers to such prompts (see `teacher.distill_examples`). Which records are asked about, and
+how they split into training and held-out prompts, is up to the caller: the demo's choice
+(Jargon File and HumanEval) is `redrafter.demo.data`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
-import random
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from redrafter.train.data import DataError
-
-JARGON = Path("jargon-file") / "entries.jsonl"
-HUMANEVAL = Path("humaneval") / "HumanEval.jsonl.gz"
-HOLDOUT_EVERY = 10
-HUMANEVAL_HELDOUT = 14
-
-JARGON_TEMPLATES = (
-    "Explain the computing slang term '{term}'.",
-    "What does '{term}' mean?",
-    "Explain in one sentence what '{term}' is.",
-    "Write a short paragraph about '{term}'.",
-    "How would a programmer use the word '{term}'?",
-    "Give an example sentence that uses '{term}'.",
-)
-CODE_TEMPLATES = (
-    "Complete this Python function:\n\n{prompt}",
-    "Write a Python function `{name}`. {summary}",
-    "Explain what this Python function does:\n\n{prompt}",
-)
-# General requests in an assistant's everyday style (no evaluation or demo prompt is one).
+# General requests in an assistant's everyday style.
 GENERAL = (
     "Tell me a fun fact about {country}.",
     "Write a haiku about {topic}.",
@@ -63,87 +41,30 @@ class Prompt:
     chat: bool = True
 
 
-def find_shared_data(repo_root: Path | None = None) -> Path:
-    """`<repo>/../shared/data` (where CI and developer checkouts have it), with a clear error."""
-    root = repo_root or Path(__file__).resolve().parents[2]
-    data = root.parent / "shared" / "data"
-    missing = [p for p in (JARGON, HUMANEVAL) if not (data / p).is_file()]
-    if missing:
-        raise DataError(
-            f"training data not found: {', '.join(str(data / p) for p in missing)}; the demo "
-            "trains its drafter from ../shared/data beside the checkout (Jargon File + "
-            "HumanEval); put the shared folder there"
-        )
-    return data
-
-
-def _jargon(data: Path) -> list[dict[str, str]]:
-    lines = (data / JARGON).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _humaneval(data: Path) -> list[dict[str, str]]:
-    with gzip.open(data / HUMANEVAL, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _summary(task: dict[str, str]) -> str:
-    """The first line of a HumanEval docstring, e.g. 'Check if in given list of numbers...'."""
-    doc = task["prompt"].split('"""')[1] if '"""' in task["prompt"] else task["prompt"]
-    doc = doc.split("'''")[1] if "'''" in doc else doc
-    first = doc.strip().split("\n")[0].strip()
-    return first if first.endswith(".") else first + "."
-
-
-def training_prompts(data: Path, *, count: int, seed: int = 0) -> list[Prompt]:
-    """`count` training prompts, mixing Jargon questions (~60 %), HumanEval tasks (~25 %: chat
-    requests and raw code to continue) and general questions (~15 %), none from held-out
-    entries. Deterministic for a (data, count, seed)."""
-    rng = random.Random(seed)
-    jargon = [e for i, e in enumerate(_jargon(data)) if i % HOLDOUT_EVERY]
-    code = _humaneval(data)[:-HUMANEVAL_HELDOUT]
-    rng.shuffle(jargon)
-    # One pass asks about every term once; later passes ask about the same terms in the other
-    # templates' words, so counts beyond ~1,900 Jargon prompts stay distinct. The first pass
-    # comes first, so smaller counts get the prompts they always had (cached answers match).
-    pool = [
-        Prompt(JARGON_TEMPLATES[(i + rep) % len(JARGON_TEMPLATES)].format(term=e["term"]))
-        for rep in range(len(JARGON_TEMPLATES))
-        for i, e in enumerate(jargon)
+def rotating_templates(
+    records: Sequence[Mapping[str, Any]],
+    templates: Sequence[str],
+    *,
+    passes: int | None = None,
+    chat: bool = True,
+) -> list[Prompt]:
+    """One prompt per record per pass: in pass p, record i is asked in template
+    (i + p) % len(templates), each template filled from the record's fields (`{term}` reads
+    `record["term"]`). Later passes ask about the same records in other templates' words, so
+    up to len(templates) passes (the default) stay distinct; the first pass comes first."""
+    passes = len(templates) if passes is None else passes
+    return [
+        Prompt(templates[(i + p) % len(templates)].format(**record), chat=chat)
+        for p in range(passes)
+        for i, record in enumerate(records)
     ]
-    n_jargon = round(0.6 * count)
-    prompts = pool[:n_jargon]
-    code_pool: list[Prompt] = []
-    for i, t in enumerate(code):
-        template = CODE_TEMPLATES[i % len(CODE_TEMPLATES)]
-        code_pool.append(
-            Prompt(template.format(prompt=t["prompt"], name=t["entry_point"], summary=_summary(t)))
-        )
-        code_pool.append(Prompt(t["prompt"], chat=False))  # the base continues the code itself
-    rng.shuffle(code_pool)
-    prompts += code_pool[: round(0.25 * count)]
-    general = [
+
+
+def general_prompts() -> list[Prompt]:
+    """Everyday assistant requests (`GENERAL` filled with `COUNTRIES` and `TOPICS` pairwise),
+    in a fixed order: training text that needs no data file."""
+    return [
         Prompt(g.format(country=c, topic=t))
         for g in GENERAL
         for c, t in zip(COUNTRIES, TOPICS, strict=False)
     ]
-    rng.shuffle(general)
-    prompts += general[: count - len(prompts)]
-    prompts += pool[n_jargon : n_jargon + count - len(prompts)]  # top up if a pool ran short
-    rng.shuffle(prompts)
-    return prompts[:count]
-
-
-def heldout_prompts(data: Path, *, count: int) -> list[Prompt]:
-    """`count` evaluation prompts from held-out entries only: Jargon questions (two thirds)
-    and HumanEval completions (one third), in a fixed order."""
-    jargon = [e for i, e in enumerate(_jargon(data)) if i % HOLDOUT_EVERY == 0]
-    code = _humaneval(data)[-HUMANEVAL_HELDOUT:]
-    n_code = min(len(code), count // 3)
-    step = max(1, len(jargon) // max(count - n_code, 1))
-    prompts = [
-        Prompt(JARGON_TEMPLATES[i % 3].format(term=e["term"]))
-        for i, e in enumerate(jargon[::step][: count - n_code])
-    ]
-    prompts += [Prompt(f"Complete this Python function:\n\n{t['prompt']}") for t in code[:n_code]]
-    return prompts

