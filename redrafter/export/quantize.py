@@ -65,6 +65,35 @@ def _quiet_quantizer() -> Iterator[None]:
         logger.setLevel(own_level)
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each `Transpose` of an initializer by the transposed initializer, in place.
+
+    A tied LM head reaches its MatMul as `MatMul(h, Transpose(embedding))`; the quantizer only
+    takes constant weights, so without this fold the head (the largest matrix of a small
+    model) stays float, and so does the float embedding it reads. Initializers nothing reads
+    any more are dropped."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.domain == "" and node.input[0] in inits:
+            array = numpy_helper.to_array(inits[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            graph.initializer.append(numpy_helper.from_array(array.transpose(perm), node.output[0]))
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        unused = [t for t in graph.initializer if t.name not in used]
+        for t in unused:
+            graph.initializer.remove(t)
+    return model
+
+
 def quantize_graph(model: onnx.ModelProto, q: Quantization) -> onnx.ModelProto:
     """`model` with its constant MatMul weights as MatMulNBits and its Gather tables as
     GatherBlockQuantized, blocks of `q.block_size` along the reduction (MatMul) / hidden
@@ -89,7 +118,7 @@ def quantize_graph(model: onnx.ModelProto, q: Quantization) -> onnx.ModelProto:
             bits=bits,
         )
         functions = list(model.functions)
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer = MatMulNBitsQuantizer(fold_weight_transposes(model), algo_config=config)
         quantizer.process()
     out: onnx.ModelProto = quantizer.model.model
     if [f.name for f in out.functions] != [f.name for f in functions]:
