@@ -128,7 +128,13 @@ def export_bundle(
         coreml = None
         if "coreml" in options.targets:
             coreml = export_coreml(
-                base, drafter, tmp, beam=options.beam, dtype=options.coreml_dtype, progress=progress
+                base,
+                drafter,
+                tmp,
+                beam=options.beam,
+                dtype=options.coreml_dtype,
+                progress=progress,
+                quantization=q,
             )
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)

@@ -167,3 +167,28 @@ def test_quantization_record_is_checked() -> None:
     with pytest.raises(ConfigError, match="choose none, int4 or int8"):
         quantization("fp8")
     assert quantization("int8", block_size=128, symmetric=False).block_size == 128
+
+
+def test_coreml_int4_programs_run_in_the_mil_evaluator(tiny_checkpoints) -> None:
+    pytest.importorskip("coremltools", reason="Core ML export needs coremltools (macOS or Linux)")
+    from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
+
+    root, base_dir, drafter_dir = tiny_checkpoints
+    options = ExportOptions(
+        targets=("coreml",),
+        beam=BUNDLE_BEAM,
+        quantization=quantization("int4", block_size=16),
+    )
+    bundle = export_bundle(
+        base_dir, root / "coreml-int4", drafter_path=drafter_dir, options=options
+    )
+    assert bundle.manifest.coreml is not None and bundle.manifest.coreml.parity is not None
+    assert bundle.manifest.coreml.parity.passed  # held to the int4 limits
+    runtime = CoreMLMilRuntime(bundle)
+    assert runtime.precision == "int4"
+    ops = {op.op_type for op in runtime.base.function.operations}
+    assert "constexpr_blockwise_shift_scale" in ops  # the weights really are 4-bit blocks
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    ar = collect(decode(runtime, prompts, DecodeOptions(speculative=False, max_new_tokens=8)), 2)
+    spec = DecodeOptions(max_new_tokens=8, beam=BUNDLE_BEAM)
+    assert collect(decode(runtime, prompts, spec), 2) == ar

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from redrafter.bundle.manifest import CoreMLRecord
+from redrafter.bundle.manifest import CoreMLRecord, Quantization
 from redrafter.bundle.names import (
     BASE_OUTPUTS,
     BEAMS,
@@ -370,6 +370,33 @@ class _Fp16Selector:
         return True
 
 
+# Weights with fewer elements stay float (norms); every matrix of a real model is larger.
+WEIGHT_THRESHOLD = 512
+
+
+def quantize_weights(model: Any, q: Quantization) -> Any:
+    """Block-wise int4/int8 weights for an iOS18 ML Program, by coremltools' own linear
+    quantizer (`constexpr_blockwise_shift_scale` ops that Core ML dequantizes on load or
+    on the fly); blocks of `q.block_size` along each weight's input axis."""
+    ct = import_coremltools()
+    config = ct.optimize.coreml.OptimizationConfig(
+        global_config=ct.optimize.coreml.OpLinearQuantizerConfig(
+            mode="linear_symmetric" if q.symmetric else "linear",
+            dtype=q.weights,
+            granularity="per_block",
+            block_size=q.block_size,
+            weight_threshold=WEIGHT_THRESHOLD,
+        )
+    )
+    try:
+        with quiet():
+            return ct.optimize.coreml.linear_quantize_weights(model, config)
+    except Exception as e:  # coremltools raises many types; name the cause
+        raise CoreMLExportError(
+            f"Core ML weight quantization failed: {type(e).__name__}: {e}"
+        ) from e
+
+
 def export_coreml(
     base: Transformer,
     drafter: Drafter | None,
@@ -379,6 +406,7 @@ def export_coreml(
     dtype: str = "float16",
     capacity: int | None = None,
     progress: Any = lambda message: None,
+    quantization: Quantization | None = None,
 ) -> CoreMLRecord:
     """Write the bundle's coreml/base.mlpackage (and drafter.mlpackage) under `root` and return
     the manifest's Core ML record: deployment target, capacity, N_max, commit length, dtypes,
@@ -409,6 +437,8 @@ def export_coreml(
     for name, make_program, outputs in graphs:
         start = time.perf_counter()
         model = convert(make_program(), dtype=dtype, outputs=outputs)
+        if quantization is not None:
+            model = quantize_weights(model, quantization)
         files[name] = coreml_package(name)
         path = root / files[name]
         with quiet():

@@ -46,7 +46,10 @@ class CoreMLProgramRuntime:
         self.max_tokens = record.max_tokens  # N_max per base call
         self.commit_length = record.commit_length  # L rows per commit
         self.max_beam_length = self.commit_length  # its commit program moves L rows
-        self.precision = record.compute_precision  # float16 | float32 (states: fp16)
+        # What parity holds the programs to: their quantized weights, else the compute precision
+        # (float16 | float32; the states are fp16 either way).
+        q = self.bundle.manifest.quantization
+        self.precision = record.compute_precision if q is None else q.weights
         self.vocab_size = config.vocab_size
         beam = self.bundle.beam
         # Room for the prompt + generation, plus one draft tree past the last committed token.

@@ -108,6 +108,8 @@ FALLBACKS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
     "scaled_dot_product_attention": _sdpa,
     "gather_nd": _gather_nd,
     "topk": _topk,
+    # Quantized weights (export --quantize): the dequantized constant, as Core ML computes it.
+    "constexpr_blockwise_shift_scale": lambda op, x: op.materialized_val_inference(),
     **{f"reduce_{k}": _reduce for k in ("mean", "sum", "max", "min", "prod", "l2_norm")},
 }
 
