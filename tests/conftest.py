@@ -1,14 +1,28 @@
-"""Shared fixtures: tiny random models built in-process (no files, no network)."""
+"""Shared fixtures: tiny random models built in-process (no network), and the session's
+exported bundles of one tiny checkpoint (ONNX; Core ML float32), each exported once and shared by
+test_onnx_bundle.py, test_coreml.py and the runtime conformance suite (test_conformance.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from redrafter.config import BaseModelConfig, DrafterConfig
+from redrafter.config import BaseModelConfig, BeamShape, DrafterConfig
+from redrafter.decoding.output import Step
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
+
+# The bundles' model: three layers and 1 KV head for 4 query heads (GQA repeat 4), so no two
+# cache dimensions are equal and a transposed index fails; drafted as beams of 3 x 4.
+BUNDLE_SHAPE: dict[str, Any] = dict(
+    num_hidden_layers=3, num_key_value_heads=1, num_attention_heads=4
+)
+BUNDLE_BEAM = BeamShape(3, 4)
 
 
 def tiny_base_config(**overrides) -> BaseModelConfig:
@@ -135,3 +149,68 @@ class OracleDrafts:
     def commit(self, past_len, source, count):
         self.inner.commit(past_len, source, count)
         self.past = past_len + count
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests: the tiny models' matmuls on 2 threads spend their
+    time in OpenMP hand-offs (tens of times slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def collect(steps: Iterable[Step], batch: int) -> list[list[int]]:
+    """Each row's emitted tokens, concatenated over the steps of one decode."""
+    steps = list(steps)
+    return [sum((s.new_tokens[b] for s in steps), []) for b in range(batch)]
+
+
+# -- the session's bundles: each exported once, shared by every module that runs them -----------
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(root, base folder, drafter folder): a BUNDLE_SHAPE base (seed 2, with a tokenizer) and a
+    drafter (seed 4, exit_dim 48) on disk, as `redrafter export` reads them."""
+    from redrafter.models.checkpoints import save_drafter
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    base = tiny_base(seed=2, **BUNDLE_SHAPE)
+    base_dir = write_hf_checkpoint(base, root / "base")
+    save_drafter(tiny_drafter(base, seed=4, exit_dim=48), root / "drafter")
+    return root, base_dir, root / "drafter"
+
+
+@pytest.fixture(scope="session")
+def torch_reference(tiny_checkpoints: tuple[Path, Path, Path]):
+    """The fp32 torch runtime over the checkpoints, loaded back from disk: the reference that
+    every exported runtime's tokens and tensors are held to."""
+    from redrafter.models.checkpoints import load_base, load_drafter
+    from redrafter.runtimes.torch import TorchRuntime
+
+    _, base_dir, drafter_dir = tiny_checkpoints
+    return TorchRuntime(load_base(base_dir), load_drafter(drafter_dir))
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tiny_checkpoints: tuple[Path, Path, Path]):
+    """An ONNX-only float32 bundle of the checkpoints, beam BUNDLE_BEAM."""
+    from redrafter.build import ExportOptions, export_bundle
+
+    root, base_dir, drafter_dir = tiny_checkpoints
+    options = ExportOptions(beam=BUNDLE_BEAM)
+    return export_bundle(base_dir, root / "onnx-bundle", drafter_path=drafter_dir, options=options)
+
+
+@pytest.fixture(scope="session")
+def coreml_bundle32(tiny_checkpoints: tuple[Path, Path, Path]):
+    """A Core ML-only bundle of the checkpoints computing in float32 (each cache as hi + lo fp16
+    states), beam BUNDLE_BEAM. Skips without coremltools."""
+    pytest.importorskip("coremltools", reason="Core ML export needs coremltools (macOS or Linux)")
+    from redrafter.build import ExportOptions, export_bundle
+
+    root, base_dir, drafter_dir = tiny_checkpoints
+    options = ExportOptions(targets=("coreml",), beam=BUNDLE_BEAM, coreml_dtype="float32")
+    return export_bundle(
+        base_dir, root / "coreml-bundle32", drafter_path=drafter_dir, options=options
+    )

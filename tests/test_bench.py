@@ -12,12 +12,13 @@ from click.testing import CliRunner
 
 from redrafter.bench.beams import select_beams
 from redrafter.bench.harness import run_configs, runs_in, speculative_grid
-from redrafter.bench.report import bench_payload, bench_title
+from redrafter.bench.report import bench_payload, bench_title, speedup_figure
 from redrafter.build import ExportOptions, export_bundle
 from redrafter.cli import main
 from redrafter.config import BeamShape
-from redrafter.errors import ConfigError
+from redrafter.errors import ConfigError, RuntimeUnavailableError
 from redrafter.models.checkpoints import save_drafter
+from redrafter.runtimes.onnxruntime import OnnxRuntime
 from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
@@ -261,6 +262,7 @@ def test_bench_title_and_payload() -> None:
         "runtime": "onnxruntime",
         "implementation": "native",
         "device": "cuda",
+        "threads": None,  # the runtime's default (ONNX Runtime: one per physical core)
         "dtype": "float16",
         "prompts": 4,
         "max_new_tokens": 8,
@@ -269,6 +271,8 @@ def test_bench_title_and_payload() -> None:
     }
     eager = SimpleNamespace(name="torch")  # a runtime that does not name its implementation
     assert bench_payload(bundle, eager, {}, **run, repeats=1)["implementation"] == "eager"
+    one = SimpleNamespace(name="torch", threads=1)
+    assert bench_payload(bundle, one, {}, **run, repeats=1)["threads"] == 1
 
 
 def test_validate_reads_prompts_as_bench_does(grid_bundle, tmp_path) -> None:
@@ -281,3 +285,125 @@ def test_validate_reads_prompts_as_bench_does(grid_bundle, tmp_path) -> None:
     assert json.loads(report.read_text())["token_parity"] == "2/2"
     missing = CliRunner().invoke(main, [*args, "--prompts", str(tmp_path / "none.txt")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+# -- issue #17: token-id prompts, threads, writable outputs, every drafter graph validated --------
+def test_bench_takes_token_id_prompts_and_records_threads(grid_bundle, tmp_path) -> None:
+    """bench --prompt-ids (repeatable, or @FILE): no tokenizer needed; --threads lands in JSON."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("3,4,5\n\n6, 7\n")
+    out = tmp_path / "b.json"
+    result = _bench(
+        grid_bundle,
+        *("--prompt-ids", "1,2,3", "--prompt-ids", f"@{ids}", "--threads", "1"),
+        *("--max-new-tokens", "4", "--repeats", "1", "--beam-width", "1", "--json", str(out)),
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["prompts"] == 3 and data["threads"] == 1
+    assert data["results"]["autoregressive"]["tokens"] == 3 * (4 - 1)
+    for args, message in [
+        (["--prompt-ids", "1,x"], "comma-separated"),
+        (["--prompt-ids", f"@{tmp_path / 'none.txt'}"], "cannot read"),
+        (["--prompt-ids", "1", "--chat"], "--prompt-ids excludes"),
+        (["--threads", "0"], "threads"),
+    ]:
+        bad = _bench(grid_bundle, *args)
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert "Traceback" not in bad.output
+
+
+def test_bench_without_tokenizer_names_the_real_flag() -> None:
+    """The no-tokenizer error names --prompt-ids, which bench now has."""
+    from redrafter.errors import TokenizerError
+    from redrafter.pipeline import Pipeline, encode_prompts
+
+    bare = Pipeline(runtime=None)  # type: ignore[arg-type]
+    with pytest.raises(TokenizerError, match="--prompt-ids"):
+        encode_prompts(bare, ["text"], synthetic_vocab=50)
+    assert "--prompt-ids" in {o for p in main.commands["bench"].params for o in p.opts}
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bench_checks_output_paths_before_running(tmp_path, flag) -> None:
+    """An unwritable --json/--plot path fails at once (exit 2, the path named), not after the
+    run: checked before the bundle is even opened."""
+    missing = tmp_path / "no-such-dir" / "out"
+    result = CliRunner().invoke(
+        main, ["bench", "--bundle", str(tmp_path / "no-bundle"), flag, str(missing)]
+    )
+    assert result.exit_code == 2, result.output
+    assert str(missing) in result.output and flag in result.output
+    assert "Traceback" not in result.output
+    folder = CliRunner().invoke(main, ["validate", "--bundle", "/b", "--json", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a directory" in folder.output
+
+
+def test_validate_compares_every_drafter_graph(grid_bundle, tmp_path) -> None:
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main,
+        [
+            *("validate", "--bundle", str(grid_bundle.root), "--max-new-tokens", "3"),
+            *("--prompt-ids", "3,4,5", "--json", str(report), "--threads", "1"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["drafter_graphs"] == ["1x3", "2x3", "2x4"]
+    checked = {(c["beam"], c["output"]) for c in data["tensors"] if c["graph"] == "drafter"}
+    assert checked == {(b, o) for b in ("1x3", "2x3", "2x4") for o in ("beams", "log_probs")}
+    assert "drafter 2x4" in result.output and "drafter graphs compared: 1x3, 2x3, 2x4" in (
+        result.output
+    )
+
+
+def test_generate_refuses_a_missing_beam_shape_before_any_output(grid_bundle) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["generate", "--bundle", str(grid_bundle.root), "--prompt", "w1 w2", "--beam-width", "3"],
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""  # nothing decoded, not even the prefill token
+    assert "beam 3x3" in result.output and "1x3, 2x3, 2x4" in result.output
+
+
+def test_onnxruntime_cuda_without_cuda_is_an_error_unless_allowed(grid_bundle) -> None:
+    probe = OnnxRuntime(grid_bundle, device="cuda", allow_fallback=True)
+    if probe.device == "cuda":
+        pytest.skip("CUDA is active here: no fallback to test")
+    assert probe.device == "cpu"
+    with pytest.raises(RuntimeUnavailableError, match="--allow-cpu-fallback"):
+        OnnxRuntime(grid_bundle, device="cuda")
+    args = ["generate", "--bundle", str(grid_bundle.root), "--prompt-ids", "1,2"]
+    args += ["--max-new-tokens", "2", "--device", "cuda"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "--allow-cpu-fallback" in refused.output
+    allowed = CliRunner().invoke(main, [*args, "--allow-cpu-fallback"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "warning: CUDA requested" in allowed.stderr
+
+
+def test_plot_shares_one_colour_scale_and_fits_its_title(tmp_path) -> None:
+    import matplotlib.pyplot as plt
+
+    def row(w: int, n: int, lookup: bool, speedup: float) -> dict:
+        return {"beam_width": w, "beam_length": n, "prompt_lookup": lookup, "speedup": speedup}
+
+    results = {
+        "autoregressive": {"speedup": 1.0},
+        "a": row(1, 3, False, 1.2),
+        "b": row(1, 3, True, 2.5),
+        "c": row(2, 3, True, 0.7),
+    }
+    title = "a-rather-long-bundle-name: onnxruntime (native, cpu), 8 prompts x 128 tokens"
+    for res in (results, {"autoregressive": {"speedup": 1.0}, "a": row(1, 3, False, 1.2)}):
+        fig = speedup_figure(res, title=title)
+        images = [im for ax in fig.axes for im in ax.get_images()]
+        assert len({(im.norm.vmin, im.norm.vmax) for im in images}) == 1  # one scale
+        assert images[0].norm.vmin <= min(r["speedup"] for r in res.values())
+        assert images[0].norm.vmax >= max(r["speedup"] for r in res.values())
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1  # the title is not clipped
+        plt.close(fig)

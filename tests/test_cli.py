@@ -161,7 +161,6 @@ def test_generate_sampling_is_seeded(checkpoints) -> None:
         (["--base", "/nonexistent", "--autoregressive", "--prompt-ids", "1"], "not found"),
         (["--prompt-ids", "1,x", "--autoregressive"], "comma-separated"),
         (["--prompt-ids", "1", "--greedy", "--temperature", "1", "--autoregressive"], "exclude"),
-        (["--prompt-ids", "1"], "needs --drafter"),
         (["--prompt-ids", "1", "--prompt", "w1", "--autoregressive"], "exactly one"),
         (["--prompt-ids", "1,2,500", "--autoregressive"], "outside the vocab"),
         (
@@ -252,7 +251,7 @@ def test_each_shared_option_serves_several_commands() -> None:
         ({"bundle": "/b", "runtime": "torch", "native": True}, "--native/--portable apply"),
         ({"base": "/m", "runtime": "onnxruntime"}, "--runtime onnxruntime needs --bundle DIR"),
         ({"base": "/m", "native": False}, "--native/--portable apply"),
-        ({"base": "/m"}, "speculative decoding needs --drafter (or pass --autoregressive)"),
+        ({"base": "/m", "allow_fallback": True}, "--allow-cpu-fallback applies to"),
     ],
 )
 def test_open_pipeline_rejects_bad_combinations(kwargs, message) -> None:
@@ -268,11 +267,12 @@ def test_open_pipeline_on_a_bundle(monkeypatch) -> None:
         return Pipeline(runtime=None, defaults=AUTOREGRESSIVE)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pipeline, "load", fake_load)
-    pipe = open_pipeline(bundle="/b", native=False, autoregressive=True)
+    pipe = open_pipeline(bundle="/b", native=False, autoregressive=True, threads=2)
     assert pipe.defaults is AUTOREGRESSIVE
-    assert calls == [("/b", {"runtime": "onnxruntime", "device": "cpu", "native": False})]
-    with pytest.raises(ConfigError, match="this bundle has no drafter; pass --autoregressive"):
-        open_pipeline(bundle="/b", runtime="coreml-mil")
+    expected = {"runtime": "onnxruntime", "device": "cpu", "native": False}
+    assert calls == [("/b", {**expected, "threads": 2, "allow_fallback": False})]
+    # A bundle without a drafter decodes autoregressively, with or without the flag.
+    assert not open_pipeline(bundle="/b", runtime="coreml-mil").defaults.speculative
 
 
 def test_open_pipeline_on_checkpoints(checkpoints) -> None:
@@ -350,3 +350,81 @@ def test_encode_prompts() -> None:
         encode_prompts(bare, ["a"], synthetic_vocab=50)
     with pytest.raises(TokenizerError, match="no tokenizer"):
         encode_prompts(bare, None, defaults=["a"])
+
+
+# -- issue #17 / #16 ------------------------------------------------------------------------------
+def test_no_drafter_decodes_autoregressively_in_cli_and_library(checkpoints) -> None:
+    """A model without a drafter: the library defaults to autoregressive decoding, and the CLI
+    does the same, saying so on stderr (it used to demand --autoregressive)."""
+    base_dir, _ = checkpoints
+    pipe = pipeline.from_checkpoints(base_dir)
+    assert not pipe.defaults.speculative
+    lib = pipe.generate([[3, 4, 5]], pipe.defaults.replace(max_new_tokens=5))
+    args = ["generate", "--base", str(base_dir), "--prompt-ids", "3,4,5", "--max-new-tokens", "5"]
+    result = _run([*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert "no drafter; decoding autoregressively" in result.stderr
+    assert json.loads(result.stdout)["token_ids"] == lib.token_ids[0]
+    with pytest.raises(ConfigError, match="no drafter"):
+        pipe.generate([[3, 4]], DecodeOptions(max_new_tokens=2))  # explicitly speculative
+
+
+def test_non_utf8_prompt_is_one_line_exit_2(checkpoints) -> None:
+    base_dir, drafter_dir = checkpoints
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of latin-1 argv
+    result = _run(
+        ["generate", "--base", str(base_dir), "--drafter", str(drafter_dir), "--prompt", bad]
+    )
+    assert result.exit_code == 2, result.output
+    assert "not valid UTF-8" in result.output and "--prompt" in result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_threads_option_sets_the_torch_runtime_threads(checkpoints) -> None:
+    import torch
+
+    from redrafter.runtimes.torch import default_threads, torch_threads
+
+    base_dir, drafter_dir = checkpoints
+    assert default_threads() >= 1
+    pipe = open_pipeline(base=base_dir, drafter=drafter_dir, threads=1)
+    assert pipe.runtime.threads == 1
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    seen = []
+    inner = pipe.runtime.base.hidden_states
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return inner(*args, **kwargs)
+
+    pipe.runtime.base.hidden_states = spy
+    pipe.generate([[3, 4]], DecodeOptions(max_new_tokens=2, beam=BeamShape(2, 3)))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    args = ["generate", "--base", str(base_dir), "--drafter", str(drafter_dir)]
+    ok = _run([*args, "--prompt-ids", "3,4", "--max-new-tokens", "3", "--threads", "1"])
+    assert ok.exit_code == 0, ok.output
+    bad = _run([*args, "--prompt-ids", "3,4", "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads" in bad.output
+
+
+def test_export_progress_is_quiet_off_a_terminal(checkpoints, tmp_path, monkeypatch) -> None:
+    """Not a TTY (CliRunner): no progress lines, only the result. On a terminal each finished
+    stage is printed under a spinner."""
+    from rich.console import Console
+
+    from redrafter import cli
+
+    base_dir, drafter_dir = checkpoints
+    args = ["export", "--base", str(base_dir), "--drafter", str(drafter_dir)]
+    result = _run([*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and result.stdout.startswith("wrote bundle")
+    printed = []
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    monkeypatch.setattr(Console, "print", lambda self, *a, **k: printed.append(str(a[0])))
+    with cli._stage_progress("exporting") as report:
+        report("exported base.onnx in 1.0 s")
+    assert printed and "exported base.onnx" in printed[0]

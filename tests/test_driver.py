@@ -1,5 +1,6 @@
-"""The decode loop (DESIGN.md §3): fp32 greedy speculative decoding emits exactly the greedy
-autoregressive tokens, and exact sampling preserves the target distribution."""
+"""The decode loop (docs/design.md §3) on the torch runtime: pruned drafts, eos, prompt errors,
+the bf16 runtime, and exact sampling preserving the target distribution. Greedy speculative ==
+greedy autoregressive and long accepts are pinned for every runtime in test_conformance.py."""
 
 from __future__ import annotations
 
@@ -10,44 +11,22 @@ import pytest
 import torch
 
 from redrafter.config import BeamShape, SamplingParams
+from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
 from redrafter.decoding.accept import target_probs
-from redrafter.decoding.autoregressive import autoregressive_decode
-from redrafter.decoding.driver import speculative_decode
 from redrafter.errors import PromptError, RuntimeUnavailableError
 from redrafter.runtimes.torch import TorchRuntime
 
-from conftest import OracleDrafts, tiny_base, tiny_drafter
+from conftest import collect, tiny_base, tiny_drafter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS_1 = [[1, 2, 3, 4, 5]]
 PROMPTS_3 = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
 
-def _collect(steps, batch: int) -> list[list[int]]:
-    steps = list(steps)
-    return [sum((s.new_tokens[b] for s in steps), []) for b in range(batch)]
-
-
-@pytest.mark.parametrize("lookup", [False, True], ids=["drafter", "drafter+lookup"])
-@pytest.mark.parametrize("packing", ["dedup", "full"])
-@pytest.mark.parametrize("W,L", [(1, 2), (1, 5), (4, 4), (3, 5)])
-@pytest.mark.parametrize("prompts", [PROMPTS_1, PROMPTS_3], ids=["batch1", "batch3"])
-def test_greedy_speculative_equals_autoregressive(prompts, W, L, packing, lookup) -> None:
-    base = tiny_base()
-    runtime = TorchRuntime(base, tiny_drafter(base))
-    ar = _collect(autoregressive_decode(runtime, prompts, max_new_tokens=24), len(prompts))
-    spec = _collect(
-        speculative_decode(
-            runtime,
-            prompts,
-            beam=BeamShape(W, L),
-            max_new_tokens=24,
-            packing=packing,
-            prompt_lookup=lookup,
-        ),
-        len(prompts),
-    )
-    assert spec == ar
-    assert all(len(row) == 24 for row in ar)
+def _ar(max_new_tokens: int) -> DecodeOptions:
+    """Greedy autoregressive decoding of `max_new_tokens` tokens."""
+    return AUTOREGRESSIVE.replace(max_new_tokens=max_new_tokens)
 
 
 @pytest.mark.parametrize("lookup", [False, True], ids=["drafter", "drafter+lookup"])
@@ -57,18 +36,15 @@ def test_greedy_parity_with_pruned_drafts(W, L, min_draft_prob, lookup) -> None:
     """Pruned (ragged) beams change how many tokens a step takes, never which."""
     base = tiny_base(seed=6)  # settles into a loop, so the lookup beam is long and accepted
     runtime = TorchRuntime(base, tiny_drafter(base))
-    ar = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=48), 3)
-    steps = list(
-        speculative_decode(
-            runtime,
-            PROMPTS_3,
-            beam=BeamShape(W, L),
-            max_new_tokens=48,
-            prompt_lookup=lookup,
-            min_draft_prob=min_draft_prob,
-        )
+    ar = collect(decode(runtime, PROMPTS_3, _ar(48)), 3)
+    options = DecodeOptions(
+        max_new_tokens=48,
+        beam=BeamShape(W, L),
+        prompt_lookup=lookup,
+        min_draft_prob=min_draft_prob,
     )
-    assert _collect(steps, 3) == ar
+    steps = list(decode(runtime, PROMPTS_3, options))
+    assert collect(steps, 3) == ar
     if lookup:  # long lookup drafts were accepted: more than L-1 in one step
         assert max(int(s.accepted.max()) for s in steps[1:]) > L - 1
 
@@ -86,15 +62,10 @@ def test_pruning_verifies_fewer_tokens() -> None:
             return inner(tokens, *args)
 
         runtime.verify = spy  # type: ignore[method-assign]
-        steps = list(
-            speculative_decode(
-                runtime,
-                PROMPTS_1,
-                beam=BeamShape(1, 5),
-                max_new_tokens=16,
-                min_draft_prob=min_draft_prob,
-            )
+        options = DecodeOptions(
+            max_new_tokens=16, beam=BeamShape(1, 5), min_draft_prob=min_draft_prob
         )
+        steps = list(decode(runtime, PROMPTS_1, options))
         runtime.verify = inner  # type: ignore[method-assign]
         verified[min_draft_prob] = sizes
         # Each step reports what the LLM ran (B = 1: the packed width is the row's tree).
@@ -104,35 +75,13 @@ def test_pruning_verifies_fewer_tokens() -> None:
     assert np.mean(verified[0.5]) < np.mean(verified[0.01]) < 5 and min(verified[0.5]) == 1
 
 
-@pytest.mark.parametrize("packing", ["dedup", "full"])
-@pytest.mark.parametrize("W,L", [(1, 5), (4, 4), (5, 3)])
-def test_greedy_parity_with_long_accepts(W, L, packing) -> None:
-    base = tiny_base(seed=3, model_type="qwen2")
-    runtime = TorchRuntime(base, tiny_drafter(base))
-    ar = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=40), 3)
-    oracle = OracleDrafts(runtime, PROMPTS_3, ar, seed=W * 10 + L)
-    steps = list(
-        speculative_decode(
-            oracle, PROMPTS_3, beam=BeamShape(W, L), max_new_tokens=40, packing=packing
-        )
-    )
-    assert _collect(steps, 3) == ar
-    accepted = np.concatenate([s.accepted for s in steps[1:]])
-    assert accepted.max() == L - 1  # whole beams were accepted, so commits moved real rows
-    assert len(steps) - 1 < 40  # fewer verify calls than tokens
-
-
 def test_eos_stops_each_row_and_is_kept() -> None:
     base = tiny_base()
     runtime = TorchRuntime(base, tiny_drafter(base))
-    ar = _collect(autoregressive_decode(runtime, PROMPTS_3, max_new_tokens=20), 3)
+    ar = collect(decode(runtime, PROMPTS_3, _ar(20)), 3)
     eos = ar[1][6]  # stop row 1 at its 7th token; other rows stop at their first eos, if any
-    spec = _collect(
-        speculative_decode(
-            runtime, PROMPTS_3, beam=BeamShape(3, 4), max_new_tokens=20, eos_token_ids=[eos]
-        ),
-        3,
-    )
+    options = DecodeOptions(max_new_tokens=20, beam=BeamShape(3, 4))
+    spec = collect(decode(runtime, PROMPTS_3, options, eos_token_ids=[eos]), 3)
     for row_ar, row_spec in zip(ar, spec, strict=True):
         cut = row_ar.index(eos) + 1 if eos in row_ar else 20
         assert row_spec == row_ar[:cut]
@@ -142,11 +91,12 @@ def test_prompt_errors_are_named() -> None:
     base = tiny_base()
     runtime = TorchRuntime(base, tiny_drafter(base))
     with pytest.raises(PromptError, match="outside the vocab"):
-        list(autoregressive_decode(runtime, [[1, 999]]))
+        list(decode(runtime, [[1, 999]], AUTOREGRESSIVE))
     with pytest.raises(PromptError, match="context"):
-        list(speculative_decode(runtime, [[1] * 250], beam=BeamShape(2, 3), max_new_tokens=10))
+        options = DecodeOptions(max_new_tokens=10, beam=BeamShape(2, 3))
+        list(decode(runtime, [[1] * 250], options))
     with pytest.raises(PromptError, match="empty"):
-        list(autoregressive_decode(runtime, [[]]))
+        list(decode(runtime, [[]], AUTOREGRESSIVE))
 
 
 def _chi_square_pvalue_ok(observed: np.ndarray, expected: np.ndarray) -> bool:
@@ -202,12 +152,9 @@ def test_exact_sampling_preserves_the_target_distribution(W) -> None:
     prompt = [1, 2, 3]
     rows = 3000
     runtime = TorchRuntime(base, drafter)
-    steps = list(
-        speculative_decode(
-            runtime, [prompt] * rows, beam=BeamShape(W, 3), sampling=sampling, max_new_tokens=2
-        )
-    )
-    firsts = _collect(steps, rows)
+    options = DecodeOptions(max_new_tokens=2, beam=BeamShape(W, 3), sampling=sampling)
+    steps = list(decode(runtime, [prompt] * rows, options))
+    firsts = collect(steps, rows)
     observed = np.zeros((6, 6))
     for row in firsts:
         observed[row[0], row[1]] += 1
@@ -235,9 +182,9 @@ def test_half_precision_torch_runtime_keeps_the_driver_contract() -> None:
     reference.reset(batch=1, capacity=64)
     ref_logits, _ = reference.prefill(np.array(PROMPTS_1), np.array([5]))
     assert 0 < np.abs(logits - ref_logits).max() < 0.1  # rounded, but the same model
-    ar = _collect(autoregressive_decode(runtime, PROMPTS_1, max_new_tokens=12), 1)
-    spec = _collect(
-        speculative_decode(runtime, PROMPTS_1, beam=BeamShape(2, 4), max_new_tokens=12), 1
+    ar = collect(decode(runtime, PROMPTS_1, _ar(12)), 1)
+    spec = collect(
+        decode(runtime, PROMPTS_1, DecodeOptions(max_new_tokens=12, beam=BeamShape(2, 4))), 1
     )
     assert len(spec[0]) == len(ar[0]) == 12 and spec[0][0] == ar[0][0]  # same prefill
 

@@ -1,7 +1,8 @@
 """Prompt lookup (decoding/lookup.py): hand-checked continuations, the extra beam's shape and
 point-mass draft distribution, and the driver contract with the lookup beam on: exact sampling
 still exact, lookup drafts really accepted on repetitive text (greedy output unchanged:
-tests/test_driver.py runs its parity test with and without the lookup beam)."""
+tests/test_conformance.py runs its parity test with and without the lookup beam, on every
+runtime)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 from redrafter.config import LOG_0, NO_TOKEN, BeamShape, SamplingParams
-from redrafter.decoding.autoregressive import autoregressive_decode
-from redrafter.decoding.driver import speculative_decode
+from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
 from redrafter.decoding.lookup import (
     SPAN_PER_NGRAM,
     add_lookup_beam,
@@ -22,11 +22,13 @@ from redrafter.decoding.lookup import (
 )
 from redrafter.decoding.output import Step
 from redrafter.decoding.stats import summarize
-from redrafter.pipeline import GenerationOptions, Pipeline
+from redrafter.pipeline import Pipeline
 from redrafter.runtimes.torch import TorchRuntime
 
-from conftest import tiny_base, tiny_drafter
-from test_driver import PROMPTS_3, _chi_square_pvalue_ok, _collect, _target_joint
+from conftest import collect, tiny_base, tiny_drafter
+from test_driver import PROMPTS_3, _chi_square_pvalue_ok, _target_joint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(*tokens: int) -> np.ndarray:
@@ -130,16 +132,13 @@ def test_lookup_drafts_are_accepted_on_repetitive_text() -> None:
     base = tiny_base(seed=6)
     runtime = TorchRuntime(base, tiny_drafter(base))
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
-    ar = _collect(autoregressive_decode(runtime, prompt, max_new_tokens=64), 1)[0]
+    ar = collect(decode(runtime, prompt, AUTOREGRESSIVE.replace(max_new_tokens=64)), 1)[0]
     assert len(set(ar[32:])) <= 4, "the tiny base is expected to repeat itself"
     steps, accepted = {}, {}
     for lookup in (False, True):
-        run = list(
-            speculative_decode(
-                runtime, prompt, beam=BeamShape(1, 5), max_new_tokens=64, prompt_lookup=lookup
-            )
-        )
-        assert _collect(run, 1)[0] == ar
+        options = DecodeOptions(max_new_tokens=64, beam=BeamShape(1, 5), prompt_lookup=lookup)
+        run = list(decode(runtime, prompt, options))
+        assert collect(run, 1)[0] == ar
         steps[lookup] = len(run) - 1
         accepted[lookup] = sum(int(s.accepted.sum()) for s in run[1:])
     assert accepted[False] <= 2 and accepted[True] >= 20
@@ -156,19 +155,16 @@ def test_exact_sampling_with_lookup_preserves_the_target_distribution(W, min_dra
     prompt = [1, 2, 1, 2, 1]  # repeats, so the lookup beam drafts `2 1 ...`
     rows = 3000
     runtime = TorchRuntime(base, tiny_drafter(base, seed=6))
-    steps = list(
-        speculative_decode(
-            runtime,
-            [prompt] * rows,
-            beam=BeamShape(W, 3),
-            sampling=sampling,
-            max_new_tokens=2,
-            prompt_lookup=True,
-            min_draft_prob=min_draft_prob,  # ragged drafter beams next to the lookup beam
-        )
+    options = DecodeOptions(
+        max_new_tokens=2,
+        beam=BeamShape(W, 3),
+        sampling=sampling,
+        prompt_lookup=True,
+        min_draft_prob=min_draft_prob,  # ragged drafter beams next to the lookup beam
     )
+    steps = list(decode(runtime, [prompt] * rows, options))
     observed = np.zeros((6, 6))
-    for row in _collect(steps, rows):
+    for row in collect(steps, rows):
         observed[row[0], row[1]] += 1
     expected = _target_joint(base, prompt, sampling) * rows
     assert _chi_square_pvalue_ok(observed.ravel(), expected.ravel())
@@ -178,17 +174,10 @@ def test_apple_rule_with_lookup_runs_and_emits_valid_tokens() -> None:
     base = tiny_base(seed=2)
     runtime = TorchRuntime(base, tiny_drafter(base))
     sampling = SamplingParams(temperature=0.8, seed=1, acceptance="apple")
-    steps = list(
-        speculative_decode(
-            runtime,
-            PROMPTS_3,
-            beam=BeamShape(2, 4),
-            sampling=sampling,
-            max_new_tokens=20,
-            prompt_lookup=True,
-        )
+    options = DecodeOptions(
+        max_new_tokens=20, beam=BeamShape(2, 4), sampling=sampling, prompt_lookup=True
     )
-    rows = _collect(steps, 3)
+    rows = collect(decode(runtime, PROMPTS_3, options), 3)
     assert all(len(r) == 20 for r in rows)
     assert all(0 <= t < base.config.vocab_size for r in rows for t in r)
 
@@ -198,7 +187,7 @@ def test_stats_count_lookup_accepts_longer_than_the_drafters_beam() -> None:
     acceptance histogram grows to hold them (it once indexed past its end: make demo crashed)."""
     base = tiny_base(seed=6)  # settles into a loop: long lookup drafts are accepted
     pipe = Pipeline(TorchRuntime(base, tiny_drafter(base)), None, ())
-    options = GenerationOptions(max_new_tokens=64, beam=BeamShape(1, 3), prompt_lookup=True)
+    options = DecodeOptions(max_new_tokens=64, beam=BeamShape(1, 3), prompt_lookup=True)
     stats = pipe.generate([[3, 1, 4, 1, 5, 9, 2, 6]], options).stats
     histogram = stats["acceptance_histogram"]
     assert len(histogram) > 3 and sum(histogram[3:]) > 0  # accepts beyond L-1 = 2

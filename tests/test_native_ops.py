@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from redrafter import ops
+from redrafter.bundle.names import KV_COMMIT, OP_DOMAIN, OP_VERSION, TREE_ATTENTION
 from redrafter.decoding.kv_cache import apply_commit
 from redrafter.errors import RuntimeUnavailableError
 
@@ -123,10 +124,10 @@ def assert_close(out, ref, dtype):
 def test_op_identity_matches_header():
     text = OPS_HEADER.read_text()
     defines = dict(re.findall(r"#define (REDRAFTER_\w+) (\S+)", text))
-    assert defines["REDRAFTER_OP_DOMAIN"] == f'"{ops.DOMAIN}"'
-    assert defines["REDRAFTER_TREE_ATTENTION_OP"] == f'"{ops.TREE_ATTENTION}"'
-    assert defines["REDRAFTER_KV_COMMIT_OP"] == f'"{ops.KV_COMMIT}"'
-    assert int(defines["REDRAFTER_OP_VERSION"]) == ops.VERSION
+    assert defines["REDRAFTER_OP_DOMAIN"] == f'"{OP_DOMAIN}"'
+    assert defines["REDRAFTER_TREE_ATTENTION_OP"] == f'"{TREE_ATTENTION}"'
+    assert defines["REDRAFTER_KV_COMMIT_OP"] == f'"{KV_COMMIT}"'
+    assert int(defines["REDRAFTER_OP_VERSION"]) == OP_VERSION
 
 
 def test_library_path_env_override(monkeypatch, tmp_path, lib):
@@ -288,7 +289,7 @@ def tree_attention_model(dtype, scale=None, version=1) -> bytes:
         helper.make_tensor_value_info("value_cache_out", t, ["B", "Hkv", "S", "D"]),
     ]
     attrs = {} if scale is None else {"scale": float(scale)}
-    node = helper.make_node(ops.TREE_ATTENTION, names, TREE_OUTPUTS, domain=ops.DOMAIN, **attrs)
+    node = helper.make_node(TREE_ATTENTION, names, TREE_OUTPUTS, domain=OP_DOMAIN, **attrs)
     return _model(node, inputs, outputs, version)
 
 
@@ -303,7 +304,7 @@ def kv_commit_model(dtype, rank) -> bytes:
     ]
     outputs = [helper.make_tensor_value_info("cache_out", t, cache_dims)]
     node = helper.make_node(
-        ops.KV_COMMIT, ["cache", "past_len", "source", "count"], ["cache_out"], domain=ops.DOMAIN
+        KV_COMMIT, ["cache", "past_len", "source", "count"], ["cache_out"], domain=OP_DOMAIN
     )
     return _model(node, inputs, outputs)
 
@@ -312,7 +313,7 @@ def _model(node, inputs, outputs, version=1) -> bytes:
     graph = helper.make_graph([node], "redrafter_op", inputs, outputs)
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, version)],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(OP_DOMAIN, version)],
     )
     model.ir_version = 8
     onnx.checker.check_model(model)

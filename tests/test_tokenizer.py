@@ -208,3 +208,32 @@ def test_missing_tokenizer_errors(tmp_path: Path) -> None:
     broken.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(TokenizerError, match="bad.gguf"):
         load_tokenizer(broken)
+
+
+def test_pipeline_stream_text_keeps_multibyte_characters(gguf_tokenizer: Tokenizer) -> None:
+    """`Pipeline.stream_text`: one step per byte token splits every multi-byte character across
+    steps; decoding each step alone garbles them, the streamed pieces concatenate to the full
+    decode."""
+    import numpy as np
+
+    from redrafter.decoding.output import Step
+    from redrafter.errors import ConfigError
+    from redrafter.pipeline import Pipeline
+
+    text = "café, 日本語 😀 done"
+    byte_id = {b: gguf_tokenizer.token_to_id(byte_char(b)) for b in range(256)}
+    ids = [byte_id[b] for b in text.encode()]
+    pipe = Pipeline(runtime=None, tokenizer=gguf_tokenizer)  # type: ignore[arg-type]
+
+    def fake_stream(prompts, options=None, *, chat=False):
+        for t in ids:
+            yield Step([[t]], np.zeros(1, np.int64), {}, "autoregressive")
+
+    pipe.stream = fake_stream  # type: ignore[method-assign]
+    naive = "".join(gguf_tokenizer.decode([t]) for t in ids)
+    assert naive != text  # what the README's old example printed
+    pieces = list(pipe.stream_text(["hi"]))
+    assert "".join(pieces) == gguf_tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 1
+    with pytest.raises(ConfigError, match="one prompt"):
+        pipe.stream_text(["a", "b"])

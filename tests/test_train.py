@@ -88,7 +88,7 @@ def test_examples_follow_apples_indexing() -> None:
 
 def test_generated_answers_match_greedy_decoding() -> None:
     """The distillation targets are exactly the driver's greedy autoregressive tokens."""
-    from redrafter.decoding.autoregressive import autoregressive_decode
+    from redrafter.decoding import AUTOREGRESSIVE, decode
     from redrafter.runtimes.torch import TorchRuntime
 
     base = tiny_base()
@@ -97,7 +97,7 @@ def test_generated_answers_match_greedy_decoding() -> None:
         base, prompts, predict_tokens=2, max_new_tokens=12, eos_token_ids=()
     )
     for p, answer in zip(prompts, answers, strict=True):
-        steps = autoregressive_decode(TorchRuntime(base), [p], max_new_tokens=12)
+        steps = decode(TorchRuntime(base), [p], AUTOREGRESSIVE.replace(max_new_tokens=12))
         assert sum((s.new_tokens[0] for s in steps), []) == answer
 
 
@@ -328,3 +328,49 @@ def test_bad_data_files_give_one_line_errors(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "d").exists()
+
+
+# -- issue #17: one data format (a prompt per line), zero usable prompts is one line, exit 2 ------
+def test_text_data_is_one_record_per_line(tmp_path: Path) -> None:
+    from redrafter.train.data import DataError, read_records
+
+    three = tmp_path / "three.txt"
+    three.write_text("w1 w2\nw3 w4\n\nw5 w6\\nw7\n")
+    assert read_records(three) == ["w1 w2", "w3 w4", "w5 w6\nw7"]  # as --prompts reads it
+    assert read_records(three, data_format="paragraphs") == ["w1 w2\nw3 w4", "w5 w6\\nw7"]
+    from redrafter.validate.prompts import read_prompts
+
+    assert read_prompts(three) == read_records(three)
+    with pytest.raises(DataError, match="'csv' is not one of auto, lines, paragraphs, jsonl"):
+        read_records(three, data_format="csv")
+
+
+def test_cli_distills_a_plain_text_file_line_by_line(base_dir: Path, tmp_path: Path) -> None:
+    """80 lines, no blank line: 80 prompts (it used to be one over-long record, every prompt
+    skipped, and a torch.cat traceback)."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(" ".join(WORDS[i % 50 : i % 50 + 5]) for i in range(80)) + "\n")
+    args = ["train-drafter", "--base", str(base_dir), "--data", str(data), "--out",
+            str(tmp_path / "d"), "--steps", "2", "--batch-size", "16", "--seq-len", "8",
+            "--predict-tokens", "2", "--draft-vocab", "32",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "skipped_long_prompts 0" in result.output
+    held = min(8, 80 // 20)
+    assert f"train_prompts {80 - held}" in result.output
+
+
+def test_cli_no_usable_prompt_is_one_line_exit_2(base_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "long.txt"
+    data.write_text(" ".join(WORDS * 6) + "\n")  # one prompt of 354 tokens > the limit
+    args = ["train-drafter", "--base", str(base_dir), "--data", str(data), "--out",
+            str(tmp_path / "d"), "--steps", "2", "--seq-len", "8",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: no usable training prompts: 1 read") and (
+        "248-token prompt limit" in lines[-1]
+    )
+    assert "Traceback" not in result.output and not (tmp_path / "d").exists()
