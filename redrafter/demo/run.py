@@ -34,13 +34,16 @@ VALIDATE_PROMPTS = 3
 VALIDATE_TOKENS = 24
 
 
-def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
-    """The ONNX bundle of base + drafter (beam `BEAM`), exported once and cached."""
+def ensure_bundle(gguf: Path, drafter: Path, cache: Path, *, quantize: str | None = None) -> Any:
+    """The ONNX bundle of base + drafter (beam `BEAM`), exported once and cached; with
+    `quantize` ('int4'), its weight-only quantized twin (block 32, symmetric, int8 compute)."""
     from redrafter.build import ExportOptions, export_bundle
     from redrafter.bundle import exporter_fingerprint, load_bundle
     from redrafter.errors import RedrafterError as Error
+    from redrafter.export.quantize import quantization
 
-    folder = cache / "bundles" / f"{drafter.name}-w{BEAM.width}l{BEAM.length}"
+    suffix = f"-{quantize}" if quantize else ""
+    folder = cache / "bundles" / f"{drafter.name}-w{BEAM.width}l{BEAM.length}{suffix}"
     if (folder / "manifest.json").is_file():
         try:
             bundle = load_bundle(folder)
@@ -52,11 +55,13 @@ def ensure_bundle(gguf: Path, drafter: Path, cache: Path) -> Any:
             pass  # damaged: export again (as after a change to the exporter or the drafter)
     say(f"exporting the ONNX bundle to {folder} (first run only)")
     start = time.perf_counter()
+    q = quantization(quantize) if quantize else None
+    extra = () if quantize else OTHER_BEAMS  # the int4 twin runs the headline shape only
     bundle = export_bundle(
         gguf,
         folder,
         drafter_path=drafter,
-        options=ExportOptions(beam=BEAM, extra_beams=OTHER_BEAMS),
+        options=ExportOptions(beam=BEAM, extra_beams=extra, quantization=q),
         overwrite=True,
         progress=lambda m: say(f"  {m}"),
     )
@@ -157,7 +162,60 @@ def main() -> None:
         f"{ar_step:.0f} ms for one autoregressive step, so speculation pays above "
         f"{spec_step / ar_step:.2f} tokens/step (benchmarks/RESULTS.md, 'Drafter training')."
     )
+    show_int4(gguf, drafter, cache, bundle, reference, pipe)
     click.echo(f"(demo took {time.perf_counter() - start:.0f} s)")
+
+
+def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any, pipe: Any) -> None:
+    """The int4 twin of the bundle next to fp32: size on disk, drift against the fp32 reference
+    (teacher-forced over the demo prompts and their fp32 answers), and autoregressive vs
+    speculative speed on the same prompts; speculation must stay lossless on int4 too."""
+    from redrafter.decoding import DecodeOptions
+    from redrafter.pipeline import load
+    from redrafter.validate.drift import measure_drift
+
+    int4 = ensure_bundle(gguf, drafter, cache, quantize="int4")
+    q_pipe = load(int4.root, runtime="onnxruntime")
+    ar = DecodeOptions(speculative=False, max_new_tokens=MAX_NEW_TOKENS)
+    spec = DecodeOptions(
+        max_new_tokens=MAX_NEW_TOKENS,
+        beam=BEAM,
+        prompt_lookup=LOOKUP,
+        min_draft_prob=MIN_DRAFT_PROB,
+    )
+    texts, rows = [], []
+    for p, bundle in ((pipe, fp32), (q_pipe, int4)):
+        runs: dict[str, list[Any]] = {"ar": [], "spec": []}
+        for prompt in DEMO_PROMPTS:
+            runs["ar"].append(p.generate([prompt], ar, chat=True))
+            runs["spec"].append(p.generate([prompt], spec, chat=True))
+            if p is pipe:  # the fp32 answers: the drift texts
+                texts.append(p.encode(prompt, chat=True) + runs["ar"][-1].token_ids[0])
+        pairs = zip(runs["ar"], runs["spec"], strict=True)
+        same = all(a.token_ids == s.token_ids for a, s in pairs)
+        steps = sum(r.stats["steps"] for r in runs["spec"])
+        per_step = sum(r.stats["tokens_per_step"] * r.stats["steps"] for r in runs["spec"]) / steps
+        rows.append((bundle, _rate(runs["ar"]), _rate(runs["spec"]), per_step, same))
+    drift = measure_drift(q_pipe.runtime, reference, texts, precision="int4")
+    click.echo(
+        f"\nint4 weights (export --quantize int4), {MAX_NEW_TOKENS} new tokens at most, greedy, "
+        f"ReDrafter {_label(BEAM, LOOKUP)}:"
+    )
+    click.echo(
+        f"{'bundle':>8} {'size MB':>8} {'AR tok/s':>9} {'spec tok/s':>10} {'tokens/step':>11} "
+        f"{'speed-up':>8}  speculative tokens"
+    )
+    for bundle, ar_rate, spec_rate, per_step, same in rows:
+        click.echo(
+            f"{bundle.precision:>8} {bundle.manifest.total_bytes / 1e6:>8.1f} {ar_rate:>9.1f} "
+            f"{spec_rate:>10.1f} {per_step:>11.2f} {spec_rate / max(ar_rate, 1e-9):>7.2f}x  "
+            f"{'identical to' if same else 'DIFFERENT from'} its autoregressive"
+        )
+    click.echo(
+        f"int4 drift against the fp32 reference over {drift.positions} positions (the prompts "
+        f"and their fp32 answers, teacher-forced): top-1 agreement {drift.top1:.3f}, mean KL "
+        f"{drift.mean_kl:.3f} nats"
+    )
 
 
 def _label(beam: BeamShape | None, lookup: bool) -> str:
