@@ -36,6 +36,7 @@ from redrafter.bundle.names import (
     WEIGHTS_DATA,
     drafter_graph_file,
 )
+from redrafter.bundle.store import OutputPathError, check_replaceable
 from redrafter.config import BeamShape
 from redrafter.decoding.tree import Packing
 from redrafter.errors import ConfigError
@@ -86,6 +87,22 @@ def _source(path: Path) -> Source:
     return Source(str(path), sum(p.stat().st_size for p in files))
 
 
+def check_output_path(out: Path, inputs: list[Path], *, overwrite: bool) -> None:
+    """Refuse an `--out` that is, or contains, an input checkpoint (replacing it would delete
+    the model being exported), and, for an existing `--out`, anything but a replaceable bundle
+    (`check_replaceable`; without `overwrite` an existing path is refused by the writer)."""
+    target = out.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if source == target or source.is_relative_to(target):
+            raise OutputPathError(
+                f"--out {out} is or contains the input checkpoint {path}; choose an --out "
+                "outside the checkpoint folders"
+            )
+    if overwrite and (out.exists() or out.is_symlink()):
+        check_replaceable(out)
+
+
 def export_bundle(
     base_path: str | Path,
     out: str | Path,
@@ -97,6 +114,8 @@ def export_bundle(
 ) -> Bundle:
     """Load the checkpoints, export every target graph, copy the tokenizer, check export-time
     parity on random inputs, checksum everything, and rename the bundle into place."""
+    inputs = [Path(p) for p in (base_path, drafter_path) if p is not None]
+    check_output_path(Path(out), inputs, overwrite=overwrite)
     start = time.perf_counter()
     base, drafter = load_pair(base_path, drafter_path)
     tokenizer = find_tokenizer(base_path)

@@ -7,10 +7,13 @@ default or type through `_option`); what the commands do lives in the library
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -77,6 +80,89 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _check_utf8(text: str, flag: str) -> None:
+    """A usage error (exit 2) when command-line text is not valid UTF-8: Python hands such
+    bytes over as lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("utf-8", "surrogateescape")
+        raise click.BadParameter(
+            f"not valid UTF-8 text (byte {bad[:1].hex()} at character {e.start}); pass UTF-8 "
+            "text, or the token ids with --prompt-ids",
+            param_hint=flag,
+        ) from None
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    """A usage error (exit 2) naming `path` unless a file can be written there: checked before
+    a long run, not after it."""
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        problem = "is a directory"
+    elif not parent.is_dir():
+        problem = f"its folder {parent} does not exist"
+    elif target.exists() and not os.access(target, os.W_OK):
+        problem = "is not writable"
+    elif not target.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        problem = f"its folder {parent} is not writable"
+    else:
+        return
+    raise click.BadParameter(
+        f"cannot write {path}: {problem}; pass a file path in a writable folder", param_hint=flag
+    )
+
+
+def _read_id_prompts(values: tuple[str, ...]) -> list[list[int]]:
+    """Repeated --prompt-ids values as id prompts: each '1,2,3' is one prompt; '@FILE' reads
+    FILE, one comma-separated id list per non-blank line."""
+    prompts: list[list[int]] = []
+    for value in values:
+        if not value.startswith("@"):
+            prompts.append(_parse_ids(value))
+            continue
+        path = Path(value[1:])
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(
+                f"cannot read {path} ({e}); pass a UTF-8 text file with one comma-separated id "
+                "list per line",
+                param_hint="--prompt-ids",
+            ) from None
+        found = [_parse_ids(line) for line in lines if line.strip()]
+        if not found:
+            raise click.BadParameter(
+                f"{path} has no id prompts; put one comma-separated id list per line",
+                param_hint="--prompt-ids",
+            )
+        prompts += found
+    return prompts
+
+
+@contextlib.contextmanager
+def _stage_progress(what: str) -> Iterator[Callable[[str], None]]:
+    """A progress callback for a long job reporting finished stages: on a terminal, a rich
+    spinner with the elapsed time above the finished stages; quiet when stderr is not a TTY."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda message: None
+        return
+    start = time.perf_counter()
+    with console.status(f"{what}...") as status:
+
+        def report(message: str) -> None:
+            console.print(f"[dim]{time.perf_counter() - start:6.1f} s[/dim]  {message}")
+            status.update(f"{what} (last: {message})...")
+
+        yield report
+
+
 def _ints(minimum: int) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback: a comma list (str) -> list[int], each >= minimum; None stays None."""
 
@@ -109,7 +195,28 @@ _SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         ("--prompts", "prompts_file"),
         {
             "type": _PATH,
-            "help": "Prompts: a text file (one per line) or JSONL with a 'prompt' field.",
+            "help": "Prompts file: text, one prompt per line (write a newline inside a prompt "
+            "as \\n), or .jsonl with a 'prompt' or 'text' field per line.",
+        },
+    ),
+    "prompt-ids": (
+        ("--prompt-ids",),
+        {"help": "Prompt as comma-separated token ids, e.g. 1,2,3."},
+    ),
+    "threads": (
+        ("--threads",),
+        {
+            "type": click.IntRange(min=1),
+            "help": "Intra-op threads of the runtime [torch: half the usable cores, at most 8; "
+            "onnxruntime: its default, one per physical core]. 1 is fastest on busy shared cores.",
+        },
+    ),
+    "allow-cpu-fallback": (
+        ("--allow-cpu-fallback",),
+        {
+            "is_flag": True,
+            "help": "With --device cuda: run ONNX Runtime on the CPU (with a warning) when its "
+            "CUDA provider is unavailable, instead of exiting with an error.",
         },
     ),
     "chat": (("--chat",), {"is_flag": True, "help": "Wrap each prompt in the chat template."}),
@@ -156,7 +263,7 @@ def _option(
     required=False,
 )
 @click.option("--prompt", help="Prompt text.")
-@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@_option("prompt-ids")
 @_option("chat", "Wrap the prompt in the model's chat template.")
 @_option("max-new-tokens", default=64)
 @_option(
@@ -200,7 +307,11 @@ def _option(
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.0,
 )
-@click.option("--autoregressive", is_flag=True, help="Run the plain autoregressive baseline.")
+@click.option(
+    "--autoregressive",
+    is_flag=True,
+    help="Run the plain autoregressive baseline (the default for a model without a drafter).",
+)
 @_option(
     "runtime",
     "Runtime [torch for --base, onnxruntime for --bundle]. coreml: Apple's runtime "
@@ -209,6 +320,8 @@ def _option(
     choices=["torch", "onnxruntime", "coreml", "coreml-mil"],
 )
 @_option("device", "Device for the runtime (cuda: ORT CUDA provider, or torch on CUDA).")
+@_option("allow-cpu-fallback")
+@_option("threads")
 @_option(
     "dtype",
     "With --base: the torch runtime's weights and KV cache [float32] (half: for CUDA). "
@@ -237,12 +350,15 @@ def generate(
     autoregressive: bool,
     runtime: str | None,
     device: str,
+    allow_cpu_fallback: bool,
+    threads: int | None,
     dtype: str | None,
     stats: bool,
     as_json: bool,
 ) -> None:
-    """Generate text with speculative decoding (or the autoregressive baseline)."""
-    from redrafter.pipeline import decode_options, open_pipeline
+    """Generate text with speculative decoding (or the autoregressive baseline; a model
+    without a drafter decodes autoregressively, saying so on stderr)."""
+    from redrafter.pipeline import check_options, decode_options, open_pipeline
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -250,6 +366,9 @@ def generate(
         raise click.UsageError("--greedy and --temperature exclude each other")
     if chat and prompt_ids is not None:
         raise click.UsageError("--chat applies to --prompt text, not --prompt-ids")
+    if prompt is not None:
+        _check_utf8(prompt, "--prompt")
+    the_prompt = prompt if prompt is not None else _parse_ids(prompt_ids or "")
     pipe = open_pipeline(
         base=base_path,
         drafter=drafter_path,
@@ -258,7 +377,16 @@ def generate(
         device=device,
         dtype=dtype,
         autoregressive=autoregressive,
+        threads=threads,
+        allow_fallback=allow_cpu_fallback,
     )
+    if not autoregressive and not pipe.defaults.speculative:
+        autoregressive = True
+        click.echo(
+            "note: this model has no drafter; decoding autoregressively (pass --drafter, or "
+            "export the bundle with --drafter, for speculative decoding)",
+            err=True,
+        )
     options = decode_options(
         pipe.defaults,
         max_new_tokens=max_new_tokens,
@@ -272,7 +400,7 @@ def generate(
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
     )
-    the_prompt = prompt if prompt is not None else _parse_ids(prompt_ids or "")
+    check_options(pipe.runtime, options)  # e.g. a beam shape the bundle lacks: before any output
     _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json)
 
 
@@ -405,14 +533,15 @@ def export(
         packing=packing,  # type: ignore[arg-type]
         quantization=q,
     )
-    bundle = export_bundle(
-        base_path,
-        out_dir,
-        drafter_path=drafter_path,
-        options=options,
-        overwrite=overwrite,
-        progress=lambda m: click.echo(m, err=True),
-    )
+    with _stage_progress(f"exporting {out_dir}") as progress:
+        bundle = export_bundle(
+            base_path,
+            out_dir,
+            drafter_path=drafter_path,
+            options=options,
+            overwrite=overwrite,
+            progress=progress,
+        )
     m = bundle.manifest
     parity = "ok" if m.parity is not None and m.parity.passed else "FAILED"
     click.echo(
@@ -422,14 +551,23 @@ def export(
 
 
 def _prompt_ids(
-    pipe: Any, prompts_file: str | None, chat: bool, *, synthetic_vocab: int | None = None
+    pipe: Any,
+    prompts_file: str | None,
+    chat: bool,
+    *,
+    synthetic_vocab: int | None = None,
+    id_prompts: tuple[str, ...] = (),
 ) -> list[list[int]]:
-    """--prompts (or the default prompts) as token ids, for validate and bench; see
-    `redrafter.pipeline.encode_prompts`."""
+    """--prompt-ids (token ids, no tokenizer needed), else --prompts (or the default prompts)
+    as token ids, for validate and bench; see `redrafter.pipeline.encode_prompts`."""
     from redrafter.pipeline import encode_prompts
     from redrafter.validate.prompts import read_prompts
     from redrafter.validate.report import DEFAULT_PROMPTS
 
+    if id_prompts:
+        if prompts_file or chat:
+            raise click.UsageError("--prompt-ids excludes --prompts and --chat")
+        return [pipe.encode(ids) for ids in _read_id_prompts(id_prompts)]
     texts = read_prompts(prompts_file) if prompts_file else None
     return encode_prompts(
         pipe, texts, defaults=DEFAULT_PROMPTS, chat=chat, synthetic_vocab=synthetic_vocab
@@ -447,9 +585,17 @@ def _prompt_ids(
     default="onnxruntime",
 )
 @_option("device")
+@_option("allow-cpu-fallback")
+@_option("threads")
 @_option("base", "Reference base checkpoint [the one recorded in the manifest].")
 @_option("drafter", "Reference drafter [the one recorded in the manifest].")
 @_option("prompts")
+@_option(
+    "prompt-ids",
+    "A prompt as token ids, e.g. 1,2,3, or @FILE (one id list per line); repeatable. "
+    "Instead of --prompts, e.g. for a bundle without a tokenizer.",
+    multiple=True,
+)
 @_option("chat")
 @_option("max-new-tokens", default=32)
 @_option("json", "Write the JSON report here.")
@@ -457,22 +603,38 @@ def validate(
     bundle_path: str,
     runtime: str,
     device: str,
+    allow_cpu_fallback: bool,
+    threads: int | None,
     base_path: str | None,
     drafter_path: str | None,
     prompts_file: str | None,
+    prompt_ids: tuple[str, ...],
     chat: bool,
     max_new_tokens: int,
     json_out: str | None,
 ) -> None:
-    """Prove parity of a bundle against the PyTorch reference: tensors per graph and greedy
-    tokens per prompt. Exit 0 pass, 1 parity failure, 2 bad input."""
+    """Prove parity of a bundle against the PyTorch reference: tensors for the base graph and
+    every drafter graph, greedy tokens per prompt. Exit 0 pass, 1 parity failure, 2 bad input."""
     from redrafter.pipeline import load, reference_runtime
     from redrafter.validate.report import validate_bundle
 
-    pipe = load(bundle_path, runtime=runtime, device=device)
+    _check_writable(json_out, "--json")
+    pipe = load(
+        bundle_path,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+        allow_fallback=allow_cpu_fallback,
+    )
     bundle = pipe.runtime.bundle  # type: ignore[attr-defined]
-    reference = reference_runtime(bundle, base=base_path, drafter=drafter_path)
-    prompts = _prompt_ids(pipe, prompts_file, chat, synthetic_vocab=bundle.base_config.vocab_size)
+    reference = reference_runtime(bundle, base=base_path, drafter=drafter_path, threads=threads)
+    prompts = _prompt_ids(
+        pipe,
+        prompts_file,
+        chat,
+        synthetic_vocab=bundle.base_config.vocab_size,
+        id_prompts=prompt_ids,
+    )
     report = validate_bundle(
         bundle,
         candidate=pipe.runtime,
@@ -496,6 +658,8 @@ def validate(
     default="onnxruntime",
 )
 @_option("device")
+@_option("allow-cpu-fallback")
+@_option("threads")
 @click.option(
     "--native/--portable",
     "native",
@@ -503,6 +667,12 @@ def validate(
     help="ONNX Runtime TreeAttention: the native library or the portable body [native when built].",
 )
 @_option("prompts")
+@_option(
+    "prompt-ids",
+    "A prompt as token ids, e.g. 1,2,3, or @FILE (one id list per line); repeatable. "
+    "Instead of --prompts, e.g. for a bundle without a tokenizer.",
+    multiple=True,
+)
 @_option("chat")
 @_option("max-new-tokens", default=64)
 @_option("beam-width", "Comma list, e.g. 1,2,4 [the bundle's graphs].")
@@ -527,8 +697,11 @@ def bench(
     bundle_path: str,
     runtime: str,
     device: str,
+    allow_cpu_fallback: bool,
+    threads: int | None,
     native: bool | None,
     prompts_file: str | None,
+    prompt_ids: tuple[str, ...],
     chat: bool,
     max_new_tokens: int,
     beam_width: list[int] | None,
@@ -561,13 +734,22 @@ def bench(
 
     if runtime == "torch" and native is not None:
         raise click.UsageError("--native/--portable apply to --runtime onnxruntime")
-    pipe = load(bundle_path, runtime="onnxruntime", device=device, native=native)
+    _check_writable(json_out, "--json")
+    _check_writable(plot_out, "--plot")
+    pipe = load(
+        bundle_path,
+        runtime="onnxruntime",
+        device=device,
+        native=native,
+        threads=threads,
+        allow_fallback=allow_cpu_fallback,
+    )
     bundle = pipe.runtime.bundle  # type: ignore[attr-defined]
-    rt = pipe.runtime if runtime == "onnxruntime" else reference_runtime(bundle)
+    rt = pipe.runtime if runtime == "onnxruntime" else reference_runtime(bundle, threads=threads)
     beams = select_beams(
         bundle.drafter_graphs, beam_width, beam_length, any_shape=runtime == "torch"
     )
-    prompts = _prompt_ids(pipe, prompts_file, chat)
+    prompts = _prompt_ids(pipe, prompts_file, chat, id_prompts=prompt_ids)
     spec = speculative_grid(
         beams,
         max_new_tokens=max_new_tokens,
@@ -612,7 +794,17 @@ def bench(
     required=True,
     multiple=True,
     type=click.Path(),
-    help="Text or JSONL(.gz) file; repeat for more. JSONL text from --text-field.",
+    help="Text file (one record per line, \\n for a newline inside one) or JSONL(.gz) (one "
+    "record per line, text from --text-field); repeat for more. The format --prompts reads.",
+)
+@click.option(
+    "--format",
+    "data_format",
+    type=click.Choice(["auto", "lines", "paragraphs", "jsonl"]),
+    default="auto",
+    show_default=True,
+    help="How --data files split into records. auto: JSONL by the file name (.jsonl, .json, "
+    "optionally .gz), else lines; paragraphs: blank-line-separated (prose corpora for --mode ce).",
 )
 @_option("out", "Drafter folder.")
 @click.option(
@@ -683,6 +875,7 @@ def train_drafter_cmd(**kw: Any) -> None:
         options,
         chat=kw["chat"],
         field=kw["text_field"],
+        data_format=kw["data_format"],
         max_records=kw["max_records"],
         resume=kw["resume"],
         cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,

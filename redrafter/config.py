@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,35 @@ LOG_0 = -50000.0  # Apple's stand-in for log(0): masked logits and the initial b
 # A beam slot past the end of a shorter draft (a pruned drafter beam, a lookup beam that ends
 # early): packing gives it no tree token and acceptance never accepts it.
 NO_TOKEN = -1
+
+# Upper bounds on sizes read from untrusted configs (config.json, GGUF metadata, llama2.c
+# headers, drafter configs, CLI flags), each far above any released model's, so a hostile or
+# corrupt value is refused with one line instead of an allocator failure. The tensors in the
+# file are still checked against the config before any module is built (checkpoints.py).
+MAX_SIZES = {
+    "vocab_size": 1 << 21,  # 2.1M (the largest released vocabularies are ~260k)
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 24,  # 16M positions
+    "exit_dim": 1 << 17,
+    "num_draft_layers": 256,
+    "draft_vocab_size": 1 << 21,
+}
+MAX_SEED = 2**63 - 1  # numpy's Generator takes any non-negative int; keep it to 64 bits
+
+
+def _check_caps(obj: Any, *fields: str) -> None:
+    for name in fields:
+        value, cap = getattr(obj, name), MAX_SIZES[name]
+        if isinstance(value, int) and value > cap:
+            raise ConfigError(
+                f"config field {name}={value!r} exceeds the limit {cap}; the config is corrupt "
+                "or not meant for this tool (fix the value)"
+            )
 
 
 def _from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -112,6 +143,17 @@ class BaseModelConfig:
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         _check_positive_int(self, "head_dim")
+        _check_caps(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
         if self.head_dim % 2:
             raise ConfigError(f"config field head_dim={self.head_dim} must be even for RoPE")
         if self.hidden_act != "silu":
@@ -237,12 +279,14 @@ class DrafterConfig:
                 f"drafter config field num_draft_layers={self.num_draft_layers!r} "
                 "must be an integer >= 0"
             )
+        _check_caps(self, "vocab_size", "hidden_size", "exit_dim", "num_draft_layers")
         if not self.rnn:
             raise UnsupportedModelError(
                 "drafter config rnn=false is not supported; ReDrafter drafters are recurrent"
             )
         if self.draft_vocab_size is not None:
             _check_positive_int(self, "draft_vocab_size")
+            _check_caps(self, "draft_vocab_size")
             if self.draft_vocab_size > self.vocab_size:
                 raise ConfigError(
                     f"drafter config field draft_vocab_size={self.draft_vocab_size} exceeds "
@@ -312,8 +356,22 @@ class SamplingParams:
     top_k: int = TOP_K
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ConfigError(f"temperature {self.temperature!r} must be >= 0 (0 means greedy)")
+        if (
+            not isinstance(self.temperature, numbers.Real)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            raise ConfigError(
+                f"temperature {self.temperature!r} must be a finite number >= 0 (0 means greedy)"
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, numbers.Integral)
+            or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise ConfigError(
+                f"seed {self.seed!r} must be an integer in [0, 2**63 - 1] (or None: random)"
+            )
         if self.acceptance not in ("exact", "apple"):
             raise ConfigError(f"acceptance {self.acceptance!r} must be 'exact' or 'apple'")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:

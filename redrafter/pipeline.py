@@ -9,6 +9,7 @@ print(out.texts[0], out.stats["tokens_per_step"])
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,11 @@ from redrafter.errors import (
     TokenizerError,
 )
 from redrafter.models.checkpoints import load_pair
-from redrafter.models.tokenizer import find_tokenizer, load_tokenizer
+from redrafter.models.tokenizer import StreamDecoder, find_tokenizer, load_tokenizer
 from redrafter.runtimes.coreml import CoreMLRuntime
 from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
 from redrafter.runtimes.onnxruntime import OnnxRuntime
-from redrafter.runtimes.torch import TorchRuntime
+from redrafter.runtimes.torch import TorchRuntime, default_threads
 
 
 @dataclasses.dataclass
@@ -49,7 +50,15 @@ Prompt = str | Sequence[int]
 
 
 class Pipeline:
-    """A runtime, a tokenizer (optional: id prompts work without one) and the stop tokens."""
+    """A runtime, a tokenizer (optional: id prompts work without one) and the stop tokens.
+
+    Thread safety: a runtime holds one KV cache, so a pipeline runs one decode at a time.
+    Concurrent callers are serialised by a lock held for a whole decode: `generate` holds it
+    until it returns; a `stream` iterator takes it at its first step and holds it for its whole
+    life, releasing it when exhausted, closed (`close()`, garbage collection) or on an
+    exception. Other threads wait meanwhile, so each caller gets exactly the tokens of a
+    sequential call. A thread that starts a decode while its own stream is still open gets a
+    `ConfigError` instead of a deadlock (finish or close that stream first)."""
 
     def __init__(
         self,
@@ -63,6 +72,22 @@ class Pipeline:
         self.tokenizer = tokenizer
         eos = set(eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = tuple(sorted(eos))
+        self._lock = threading.Lock()  # one decode at a time (see the class docstring)
+        self._owner: int | None = None  # the thread whose decode holds _lock
+
+    def _locked_decode(self, ids: list[list[int]], options: DecodeOptions) -> Iterator[Step]:
+        """`decode` under the pipeline's lock, held from the first step to the last."""
+        if self._owner == threading.get_ident():
+            raise ConfigError(
+                "this thread already runs a decode on this pipeline (an open stream); "
+                "finish or close() that stream before starting another"
+            )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield from decode(self.runtime, ids, options, eos_token_ids=self.eos_token_ids)
+            finally:
+                self._owner = None
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
         """Text (optionally wrapped in the chat template) or ids -> ids."""
@@ -80,10 +105,36 @@ class Pipeline:
         *,
         chat: bool = False,
     ) -> Iterator[Step]:
-        """Yield one `Step` per runtime round trip; `step.new_tokens[b]` is what row b emitted."""
+        """Yield one `Step` per runtime round trip; `step.new_tokens[b]` is what row b emitted.
+        The options are checked against the runtime (`check_options`) before anything runs.
+        The iterator holds the pipeline's lock from its first step until it is exhausted or
+        closed (see the class docstring)."""
         options = options or self.defaults
+        check_options(self.runtime, options)
         ids = [self.encode(p, chat=chat) for p in prompts]
-        return decode(self.runtime, ids, options, eos_token_ids=self.eos_token_ids)
+        return self._locked_decode(ids, options)  # holds the lock (see the class docstring)
+
+    def stream_text(
+        self,
+        prompts: Sequence[Prompt],
+        options: DecodeOptions | None = None,
+        *,
+        chat: bool = False,
+    ) -> Iterator[str]:
+        """Stream the text of one prompt's generation as it is accepted: the pieces concatenate
+        to the full decode (multi-byte characters split across steps are held back until
+        complete, `StreamDecoder`). One prompt only; needs a tokenizer."""
+        if len(prompts) != 1:
+            raise ConfigError(
+                f"stream_text streams one prompt, got {len(prompts)}; call it per prompt "
+                "(or use stream() for token ids per row)"
+            )
+        if self.tokenizer is None:
+            raise TokenizerError("this model has no tokenizer; use stream() for token ids")
+        return _text_pieces(
+            self.stream(prompts, options, chat=chat),
+            StreamDecoder(self.tokenizer, skip_special_tokens=True),
+        )
 
     def generate(
         self,
@@ -112,19 +163,25 @@ def from_checkpoints(
     runtime: str = "torch",
     device: str = "cpu",
     dtype: str = "float32",
+    threads: int | None = None,
 ) -> Pipeline:
     """Load a base checkpoint (HF folder, .gguf or llama2.c .bin) and optionally a drafter
     (Apple's layout) into a pipeline on the eager torch runtime (`dtype`: float32, float16 or
-    bfloat16 weights and cache)."""
+    bfloat16 weights and cache; `threads`: torch intra-op threads around each runtime call,
+    None = `redrafter.runtimes.torch.default_threads()`). Without a drafter the pipeline
+    decodes autoregressively by default (as a drafter-less bundle does)."""
     if runtime != "torch":
         raise RuntimeUnavailableError(
             f"runtime {runtime!r} needs an exported bundle; checkpoints run on 'torch'"
         )
     model, draft = load_pair(base, drafter)
     return Pipeline(
-        TorchRuntime(model, draft, device=device, dtype=dtype),
+        TorchRuntime(
+            model, draft, device=device, dtype=dtype, threads=threads or default_threads()
+        ),
         find_tokenizer(base),  # None: id prompts still work; text prompts raise a clear error
         model.config.eos_token_ids,
+        DecodeOptions(speculative=draft is not None),
     )
 
 
@@ -134,18 +191,26 @@ def load(
     runtime: str = "onnxruntime",
     device: str = "cpu",
     native: bool | None = None,
+    threads: int | None = None,
+    allow_fallback: bool = False,
 ) -> Pipeline:
     """Load an exported bundle onto a runtime. `runtime`: 'onnxruntime' (the bundle's graphs;
     `device` 'cpu' or 'cuda'; `native` None = use the native TreeAttention library when built)
     or 'torch' (the PyTorch reference rebuilt from the checkpoints the bundle was exported from),
     'coreml' (the Core ML programs on Apple's runtime, macOS 15+) or 'coreml-mil' (the converted
     Core ML programs evaluated op by op in numpy: checks the conversion, not Apple's runtime).
-    Defaults for `generate` come from the bundle (its beam shape and packing)."""
+    Defaults for `generate` come from the bundle (its beam shape and packing; a bundle without
+    a drafter decodes autoregressively). `threads`: intra-op threads of the onnxruntime and
+    torch runtimes (None: their default, `runtimes.torch.default_threads` for torch);
+    `allow_fallback`: let ONNX Runtime run on the CPU when `device='cuda'` is unavailable
+    (otherwise `RuntimeUnavailableError`)."""
     b = load_bundle(bundle)
     if runtime == "onnxruntime":
-        rt: Runtime = OnnxRuntime(b, device=device, native=native)
+        rt: Runtime = OnnxRuntime(
+            b, device=device, native=native, threads=threads, allow_fallback=allow_fallback
+        )
     elif runtime == "torch":
-        rt = reference_runtime(b)
+        rt = reference_runtime(b, threads=threads)
     elif runtime == "coreml":
         rt = CoreMLRuntime(b)
     elif runtime == "coreml-mil":
@@ -164,10 +229,14 @@ def load(
 
 
 def reference_runtime(
-    bundle: Bundle, *, base: str | Path | None = None, drafter: str | Path | None = None
+    bundle: Bundle,
+    *,
+    base: str | Path | None = None,
+    drafter: str | Path | None = None,
+    threads: int | None = None,
 ) -> Runtime:
     """The torch reference for a bundle, from the checkpoints recorded in its manifest (or
-    the paths given)."""
+    the paths given), on `threads` torch threads (None: `runtimes.torch.default_threads`)."""
 
     def source(kind: str, given: str | Path | None) -> Path | None:
         if given is not None:
@@ -185,7 +254,7 @@ def reference_runtime(
 
     base_path, drafter_path = source("base", base), source("drafter", drafter)
     assert base_path is not None
-    return TorchRuntime(*load_pair(base_path, drafter_path))
+    return TorchRuntime(*load_pair(base_path, drafter_path), threads=threads or default_threads())
 
 
 def open_pipeline(
@@ -198,13 +267,17 @@ def open_pipeline(
     dtype: str | None = None,
     native: bool | None = None,
     autoregressive: bool = False,
+    threads: int | None = None,
+    allow_fallback: bool = False,
 ) -> Pipeline:
     """A pipeline from either checkpoints (`base`, optionally `drafter`, on the torch runtime)
     or an exported `bundle` (on `runtime`, default 'onnxruntime'), checking that the
     combination makes sense before anything is loaded: exactly one of `base` and `bundle`;
     `drafter` and `dtype` (default float32) only with `base`; 'onnxruntime' and `native` only
-    with a bundle; a drafter unless `autoregressive`. Raises `ConfigError` (the CLI's
-    `generate` prints it as one line, exit code 2)."""
+    with a bundle. Without a drafter (none given, or a bundle exported without one) the
+    pipeline decodes autoregressively by default, as `from_checkpoints` and `load` do: its
+    `defaults.speculative` is False. `threads` and `allow_fallback`: see `load`. Raises
+    `ConfigError` (the CLI's `generate` prints it as one line, exit code 2)."""
     if (base is None) == (bundle is None):
         raise ConfigError("give exactly one of --base PATH (checkpoints) or --bundle DIR")
     if bundle is not None:
@@ -218,18 +291,22 @@ def open_pipeline(
         runtime = runtime or "onnxruntime"
         if native is not None and runtime != "onnxruntime":
             raise ConfigError("--native/--portable apply to --runtime onnxruntime")
-        pipe = load(bundle, runtime=runtime, device=device, native=native)
-        if not autoregressive and not pipe.defaults.speculative:
-            raise ConfigError("this bundle has no drafter; pass --autoregressive")
-        return pipe
+        return load(
+            bundle,
+            runtime=runtime,
+            device=device,
+            native=native,
+            threads=threads,
+            allow_fallback=allow_fallback,
+        )
     if runtime == "onnxruntime":
         raise ConfigError(
             "--runtime onnxruntime needs --bundle DIR (make one with `redrafter export`)"
         )
     if native is not None:
         raise ConfigError("--native/--portable apply to --runtime onnxruntime")
-    if not autoregressive and drafter is None:
-        raise ConfigError("speculative decoding needs --drafter (or pass --autoregressive)")
+    if allow_fallback:
+        raise ConfigError("--allow-cpu-fallback applies to --runtime onnxruntime (a --bundle)")
     assert base is not None
     return from_checkpoints(
         base,
@@ -237,6 +314,7 @@ def open_pipeline(
         runtime=runtime or "torch",
         device=device,
         dtype=dtype or "float32",
+        threads=threads,
     )
 
 
@@ -331,6 +409,43 @@ def encode_prompts(
     defaults; otherwise a `TokenizerError`."""
     if pipe.tokenizer is None and synthetic_vocab is not None:
         if texts is not None:
-            raise TokenizerError("this bundle has no tokenizer, so text prompts cannot be used")
+            raise TokenizerError(
+                "this bundle has no tokenizer, so text prompts cannot be used; pass token ids "
+                "(--prompt-ids 1,2,3, or --prompt-ids @FILE with one comma list per line)"
+            )
         return [[(7 * i + j) % synthetic_vocab for j in range(1, 9)] for i in range(4)]
     return [pipe.encode(t, chat=chat) for t in (defaults if texts is None else texts)]
+
+
+def check_options(runtime: Runtime, options: DecodeOptions) -> None:
+    """Refuse options the runtime cannot decode, before anything runs (so nothing is emitted
+    first): speculative decoding on a runtime without a drafter, or a beam shape the runtime
+    has no drafter graph for (`runtime.beams`, where the runtime lists them)."""
+    if not options.speculative:
+        return
+    beams = getattr(runtime, "beams", None)
+    if getattr(runtime, "drafter", True) is None or (beams is not None and not beams):
+        raise ConfigError(
+            "this model has no drafter, so it cannot decode speculatively; decode "
+            "autoregressively (--autoregressive, DecodeOptions(speculative=False)) or export "
+            "with --drafter"
+        )
+    if beams is not None and options.beam not in beams:
+        ordered = sorted(beams, key=lambda b: (b.width, b.length))
+        shapes = ", ".join(f"{b.width}x{b.length}" for b in ordered)
+        raise ConfigError(
+            f"beam {options.beam.width}x{options.beam.length} (width x length) has no drafter "
+            f"graph in this bundle, which has {shapes}; pass one of those to --beam-width/"
+            "--beam-length, or re-export with it"
+        )
+
+
+def _text_pieces(steps: Iterator[Step], decoder: StreamDecoder) -> Iterator[str]:
+    """Row 0's new text per step (empty pieces skipped), then what the decoder held back."""
+    for step in steps:
+        piece = decoder.push(step.new_tokens[0])
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail

@@ -383,12 +383,16 @@ def test_non_utf8_prompt_is_one_line_exit_2(checkpoints) -> None:
 def test_threads_option_sets_the_torch_runtime_threads(checkpoints) -> None:
     import torch
 
-    from redrafter.runtimes.torch import default_threads, torch_threads
+    from redrafter.runtimes.torch import TorchRuntime, default_threads, torch_threads
 
     base_dir, drafter_dir = checkpoints
     assert default_threads() >= 1
     pipe = open_pipeline(base=base_dir, drafter=drafter_dir, threads=1)
     assert pipe.runtime.threads == 1
+    # The library's entry points default to default_threads(); the bare runtime leaves torch's
+    # process-wide count alone (callers that set it themselves keep it).
+    assert open_pipeline(base=base_dir, drafter=drafter_dir).runtime.threads == default_threads()
+    assert TorchRuntime(pipe.runtime.base).threads is None
     before = torch.get_num_threads()
     with torch_threads(before + 1):
         assert torch.get_num_threads() == before + 1

@@ -224,14 +224,15 @@ def test_huge_vocab_in_config_is_refused_before_allocating(tmp_path: Path) -> No
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 2_000_000}))
     code = (
-        "import resource, sys\n"
         "from redrafter.errors import CheckpointError\n"
         "from redrafter.models.checkpoints import load_base\n"
         "try:\n"
         f"    load_base({str(folder)!r})\n"
         "except CheckpointError as e:\n"
         "    print('refused:', e)\n"
-        "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM: this process image's peak RSS (ru_maxrss would carry the parent's across exec)
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print('peak_kb', int(hwm.split()[1]))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
@@ -446,3 +447,28 @@ def test_stream_releases_the_lock_on_close_and_refuses_reentry(torch_reference) 
     unstarted = pipe.stream([PROMPTS[0]], options)  # never started: holds nothing
     assert pipe.generate([PROMPTS[1]], options).token_ids[0]
     del unstarted
+
+
+@pytest.mark.parametrize(
+    "field,value,error",
+    [
+        ("vocab_size", 1_500_000, CheckpointError),  # under the cap: the shape check refuses
+        ("vocab_size", 4_000_000_000, ConfigError),
+        ("intermediate_size", 4_000_000_000, ConfigError),
+        ("max_position_embeddings", 4_000_000_000, ConfigError),
+    ],
+)
+def test_gguf_metadata_sizes(tmp_path: Path, field: str, value: int, error: type) -> None:
+    """GGUF metadata that disagrees with the file's tensors, or is absurd, is one line."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from test_checkpoints import write_gguf
+
+    model = tiny_base()
+    fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)}
+    config = SimpleNamespace(**{**fields, field: value}, kv_heads=model.config.kv_heads)
+    write_gguf(SimpleNamespace(config=config, state_dict=model.state_dict), tmp_path / "m.gguf")
+    with pytest.raises(error) as info:
+        load_base(tmp_path / "m.gguf")
+    one_line(info.value)

@@ -55,13 +55,14 @@ def bench_payload(
     repeats: int,
 ) -> dict[str, Any]:
     """The JSON document `redrafter bench --json` writes: what ran (bundle path, runtime,
-    implementation, device, the bundle's dtype, prompt count, max_new_tokens, repeats) and
-    `results` (from `redrafter.bench.harness.run_configs`)."""
+    implementation, device, intra-op `threads` (see `threads_of`), the bundle's dtype, prompt
+    count, max_new_tokens, repeats) and `results` (from `redrafter.bench.harness.run_configs`)."""
     return {
         "bundle": str(bundle.root),
         "runtime": runtime.name,
         "implementation": implementation_of(runtime),
         "device": device,
+        "threads": threads_of(runtime),
         "dtype": bundle.dtype,
         "prompts": prompts,
         "max_new_tokens": max_new_tokens,
@@ -70,14 +71,35 @@ def bench_payload(
     }
 
 
+def threads_of(runtime: Runtime) -> int | None:
+    """The runtime's intra-op thread count (`runtime.threads`); None where the runtime does not
+    set one (ONNX Runtime without --threads: its default, one per physical core)."""
+    threads = getattr(runtime, "threads", None)
+    return None if threads is None else int(threads)
+
+
 def save_json(payload: dict[str, Any], path: str | Path) -> None:
     """Write `payload` as indented JSON (with a final newline)."""
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> None:
-    """Heat map of speed-up over beam width x beam length (annotated), saved as PNG; one panel
-    per (prompt-lookup, draft-probability floor) setting present in the results."""
+    """`speedup_figure` saved as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = speedup_figure(results, title=title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def speedup_figure(results: dict[str, Any], *, title: str) -> Any:
+    """Heat map of speed-up over beam width x beam length (annotated); one panel
+    per (prompt-lookup, draft-probability floor) setting present in the results, all on one
+    colour scale (centred on 1x) with one colour bar; the figure is at least as wide as the
+    title. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,18 +114,28 @@ def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> No
         return bool(r.get("prompt_lookup", False)), float(r.get("min_draft_prob", 0.0))
 
     panels = sorted({setting(r) for r in spec})
+    speedups = [float(r["speedup"]) for r in spec]
+    # One colour scale for every panel (the same quantity), centred on 1x so that slower than
+    # autoregressive and faster read alike across panels.
+    spread = max([abs(v - 1.0) for v in speedups] + [0.05])
+    norm = matplotlib.colors.Normalize(vmin=1.0 - spread, vmax=1.0 + spread)
+    panel_width = 1.4 + 1.1 * len(lengths)
+    # Wide enough for the title (~0.075 in per 9 pt character), however few panels there are.
+    width = max(len(panels) * panel_width + 1.2, 0.075 * len(title) + 0.6)
     fig, axes = plt.subplots(
         1,
         len(panels),
-        figsize=(len(panels) * (1.6 + 1.3 * len(lengths)), 1.6 + 0.9 * len(widths)),
+        figsize=(width, 2.0 + 0.9 * len(widths)),
         squeeze=False,
+        layout="constrained",
     )
+    image = None
     for ax, panel in zip(axes[0], panels, strict=True):
         grid = np.full((len(widths), len(lengths)), np.nan)
         for r in spec:
             if setting(r) == panel:
                 grid[widths.index(r["beam_width"]), lengths.index(r["beam_length"])] = r["speedup"]
-        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        image = ax.imshow(grid, cmap="RdYlGn", norm=norm, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(widths)), [str(w) for w in widths])
         ax.set_xlabel("beam length L")
@@ -111,12 +143,11 @@ def plot_speedup(results: dict[str, Any], path: str | Path, *, title: str) -> No
         for i in range(len(widths)):
             for j in range(len(lengths)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", color="white")
+                    ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", color="black")
         lookup, floor = panel
         label = "with prompt lookup" if lookup else "drafter only"
         ax.set_title(label + (f", drafts p >= {floor:g}" if floor > 0 else ""), fontsize=9)
-        fig.colorbar(image, ax=ax, label="speed-up vs autoregressive")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), label="speed-up vs autoregressive")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

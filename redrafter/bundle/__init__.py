@@ -20,6 +20,7 @@ from redrafter.bundle.manifest import (
 )
 from redrafter.bundle.store import (
     Bundle,
+    OutputPathError,
     atomic_directory,
     exporter_fingerprint,
     load_bundle,
@@ -36,6 +37,7 @@ __all__ = [
     "Manifest",
     "OnnxRecord",
     "OpRecord",
+    "OutputPathError",
     "Parity",
     "Quantization",
     "Source",

@@ -206,14 +206,28 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> Manifest:
-        """Parse and check the JSON object; every problem is a one-line `BundleError`."""
+        """Parse and check the JSON object; every problem is a one-line `BundleError`. Total:
+        any JSON value (a list, wrong types, missing or unknown values at any depth) gives a
+        `RedrafterError` (a `BundleError`, or the config's own `ConfigError`), never a
+        TypeError, KeyError, AttributeError or ValueError."""
+        try:
+            return cls._parse(raw, where)
+        except RedrafterError:
+            raise
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError, OverflowError) as e:
+            raise BundleError(
+                f"{where}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle"
+            ) from None
+
+    @classmethod
+    def _parse(cls, raw: Any, where: str) -> Manifest:
         version = raw.get("format_version") if isinstance(raw, dict) else None
         if version != FORMAT_VERSION:
             raise BundleError(
                 f"{where}: bundle format version {version!r} is not supported (this "
                 f"redrafter reads version {FORMAT_VERSION}); re-export the bundle"
             )
-        op = raw.get("custom_op") or {}
+        op = _get(raw, "custom_op", dict, where)
         if op.get("domain") != OP_DOMAIN or op.get("version") not in OP_VERSIONS:
             raise BundleError(
                 f"{where}: unknown custom-op domain {op.get('domain')!r} version "
@@ -236,6 +250,11 @@ class Manifest:
             files[check_relative_path(rel, where)] = FileRecord(
                 _get(meta, "sha256", str, where), _get(meta, "bytes", int, where)
             )
+        packing, dtype = _get(raw, "packing", str, where), _get(raw, "dtype", str, where)
+        if packing not in ("dedup", "full"):
+            raise BundleError(f"{where}: manifest packing {packing!r} is not dedup or full")
+        if dtype not in ("float32", "float16"):
+            raise BundleError(f"{where}: manifest dtype {dtype!r} is not float32 or float16")
         return cls(
             base_config=BaseModelConfig.from_dict(_get(base, "config", dict, where), where=where),
             base_source=_source(base.get("source"), where),
@@ -245,8 +264,8 @@ class Manifest:
             drafter_source=None if drafter is None else _source(drafter.get("source"), where),
             beam=_beam(beam, where),
             drafters=tuple(drafters),
-            packing=_get(raw, "packing", str, where),
-            dtype=_get(raw, "dtype", str, where),
+            packing=packing,
+            dtype=dtype,
             targets=targets,
             onnx=None
             if onnx is None

@@ -5,6 +5,11 @@ A loaded `Bundle` promises: the manifest parses into a typed `Manifest` of a kno
 op version; every path it names is relative, normalised and inside the bundle; no file in the
 bundle is a symlink; every graph a runtime opens is listed in `files`; and every listed file has
 the recorded size and sha256.
+
+The writer (`atomic_directory`) promises: `out` is, at every instant, absent, the previous
+bundle, or the new complete one; `--overwrite` replaces only an existing bundle; new bundles get
+the umask's mode; a full or read-only disk is a one-line `BundleError`; temp folders of killed
+writers are cleaned by the next write to the same place.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from redrafter.bundle.manifest import BundleError, FileRecord, Manifest
 from redrafter.bundle.names import BASE_ONNX, MANIFEST
 from redrafter.config import BaseModelConfig, BeamShape, DrafterConfig
+from redrafter.errors import RedrafterError
 from redrafter.version import __version__
 
 
@@ -33,27 +39,109 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class OutputPathError(BundleError):
+    """An export's output path holds something that is not a bundle (or holds its inputs)."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting (briefly process-wide), then restore
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def stale_writes(out: Path) -> list[Path]:
+    """Hidden `.NAME.tmp-PID-*` / `.NAME.old-PID-*` siblings of `out` left by an export that
+    was killed (its PID is gone): safe to remove. Live writers' folders are never listed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    stale = []
+    for p in out.parent.iterdir():
+        for kind in ("tmp", "old"):
+            prefix = f".{out.name}.{kind}-"
+            if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+                continue
+            pid, sep, _ = p.name[len(prefix) :].partition("-")
+            if sep and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                stale.append(p)
+    return sorted(stale)
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise OutputPathError unless `out` may be replaced by an export: it must be an existing
+    bundle (a real directory whose manifest.json parses as a bundle manifest), never a file,
+    a symlink or any other directory (a model folder, a home directory)."""
+    out = Path(out)
+    fix = "choose a new --out path (--overwrite only replaces an existing bundle)"
+    if out.is_symlink() or not out.is_dir():
+        raise OutputPathError(f"{out} exists and is not a bundle directory; {fix}")
+    try:
+        Manifest.from_dict(json.loads((out / MANIFEST).read_text()), str(out))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, BundleError, RedrafterError):
+        raise OutputPathError(
+            f"{out} exists and is not a bundle this redrafter can replace (no readable "
+            f"{MANIFEST}); {fix}, or delete it yourself"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success rename it into place, on any failure remove it.
-    An existing `out` is replaced only with `overwrite`, and only after the new one is complete."""
+    """Yield a temp dir `.NAME.tmp-PID-*` beside `out`; on success rename it into place, on any
+    failure remove it. An existing `out` is replaced only with `overwrite`, only if it is a
+    bundle (`check_replaceable`), and only after the new one is complete. The new bundle gets
+    the mode the umask gives a new folder. Temp folders of killed exports to the same `out`
+    (`stale_writes`) are removed after a successful write. A read-only or full disk is a
+    one-line BundleError."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out)
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)  # put the previous bundle back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = None
+        for stale in stale_writes(out):
+            shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        raise BundleError(
+            f"{out}: cannot write the bundle ({e.strerror or e}: {e.filename or out}); free disk "
+            "space or choose a writable --out"
+        ) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def exporter_fingerprint() -> str:

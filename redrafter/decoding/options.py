@@ -4,6 +4,8 @@ the library (`Pipeline.generate`), the CLI, `bench`, `validate` and the benchmar
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.lookup import SPAN_PER_NGRAM
@@ -30,14 +32,22 @@ class DecodeOptions:
     lookup_span: int = SPAN_PER_NGRAM
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens {self.max_new_tokens!r} must be >= 1")
+        if not isinstance(self.max_new_tokens, numbers.Integral) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens {self.max_new_tokens!r} must be an integer >= 1")
         if self.packing not in ("dedup", "full"):
             raise ConfigError(f"packing {self.packing!r} must be 'dedup' or 'full'")
-        if not 0.0 <= self.min_draft_prob < 1.0:
-            raise ConfigError(f"min_draft_prob {self.min_draft_prob!r} must be in [0, 1)")
-        if self.lookup_span < 1:
-            raise ConfigError(f"lookup_span {self.lookup_span!r} must be >= 1")
+        if (
+            not isinstance(self.min_draft_prob, numbers.Real)
+            or not math.isfinite(self.min_draft_prob)
+            or not 0.0 <= self.min_draft_prob < 1.0
+        ):
+            raise ConfigError(
+                f"min_draft_prob {self.min_draft_prob!r} must be a finite number in [0, 1)"
+            )
+        if not isinstance(self.sampling, SamplingParams) or not isinstance(self.beam, BeamShape):
+            raise ConfigError("sampling must be a SamplingParams and beam a BeamShape")
+        if not isinstance(self.lookup_span, numbers.Integral) or self.lookup_span < 1:
+            raise ConfigError(f"lookup_span {self.lookup_span!r} must be an integer >= 1")
 
     @property
     def beam_length(self) -> int | None:

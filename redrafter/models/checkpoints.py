@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,9 +52,31 @@ def _few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def load_checked(module: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Load `weights` into `module` after an exact key-set and per-tensor shape check (fp32)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+M = TypeVar("M", bound=nn.Module)
+
+
+def expected_shapes(cls: type[nn.Module], config: Any) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of `cls(config)`, built on the meta device: nothing is allocated,
+    so a config that promises huge tensors costs nothing until the file's tensors match it."""
+    with torch.device("meta"):
+        module = cls(config)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def build_checked(cls: type[M], config: Any, weights: dict[str, torch.Tensor], where: str) -> M:
+    """`cls(config)` holding `weights`: the names and shapes in the file are checked against the
+    config *before* the module is allocated (a config.json with `vocab_size: 8000000` next to a
+    tiny file is refused without allocating gigabytes), then loaded as fp32."""
+    check_weights(expected_shapes(cls, config), weights, where)
+    module = cls(config)
+    load_checked(module, weights, where)
+    return module
+
+
+def check_weights(
+    expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], where: str
+) -> None:
+    """Raise CheckpointError unless `weights` has exactly the names and shapes `expected`."""
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     if missing or unexpected:
@@ -68,6 +93,11 @@ def load_checked(module: nn.Module, weights: dict[str, torch.Tensor], where: str
         raise CheckpointError(
             f"{where}: tensor shapes do not match the config: {_few(bad)}; {_FIX_CONFIG}"
         )
+
+
+def load_checked(module: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Load `weights` into `module` after an exact key-set and per-tensor shape check (fp32)."""
+    check_weights({k: tuple(v.shape) for k, v in module.state_dict().items()}, weights, where)
     # Integer tensors (a drafter's `draft_token_ids`) keep their dtype; weights become fp32.
     module.load_state_dict(
         {k: w.to(torch.float32) if w.is_floating_point() else w for k, w in weights.items()},
@@ -125,8 +155,7 @@ def load_base(path: str | Path) -> Transformer:
         weights = gguf_weights(reader, config)
     else:
         config, weights = llama2c_read(path)
-    model = Transformer(config)
-    load_checked(model, weights, str(path))
+    model = build_checked(Transformer, config, weights, str(path))
     return model.eval()
 
 
@@ -176,7 +205,7 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             f"{index}: not a valid index (needs a 'weight_map' object); re-export the checkpoint"
         ) from None
     weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in sorted({_shard_name(folder, index, v) for v in weight_map.values()}):
         for name, tensor in read_safetensors(folder / shard).items():
             if name in weights:
                 raise CheckpointError(f"{folder}: tensor {name} appears in two shards; re-export")
@@ -190,6 +219,26 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if absent:
         raise CheckpointError(f"{index}: maps {_few(absent)} to shards that lack them; re-export")
     return weights
+
+
+def _shard_name(folder: Path, index: Path, shard: Any) -> str:
+    """A shard named by the index: a string, relative, normalised, a file inside the checkpoint
+    folder (no '..', no subfolder escape, no symlink pointing out of it)."""
+    fix = "the index must name shard files inside the checkpoint folder; re-export the checkpoint"
+    if (
+        not isinstance(shard, str)
+        or not shard
+        or "\\" in shard
+        or "\x00" in shard
+        or posixpath.isabs(shard)
+        or posixpath.normpath(shard) != shard
+        or shard.split("/")[0] in ("..", ".")
+    ):
+        raise CheckpointError(f"{index}: shard name {shard!r} is not a relative file name; {fix}")
+    target = (folder / shard).resolve()  # follows symlinks, of the shard or a folder on the way
+    if not target.is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{index}: shard {shard!r} resolves to {target}, outside; {fix}")
+    return shard
 
 
 def _sanitize_hf(
@@ -233,8 +282,7 @@ def load_drafter(path: str | Path) -> Drafter:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json; pass a ReDrafter drafter folder")
     config = DrafterConfig.from_json(folder / "config.json")
-    drafter = Drafter(config)
-    load_checked(drafter, read_safetensors(folder / SAFETENSORS), str(folder))
+    drafter = build_checked(Drafter, config, read_safetensors(folder / SAFETENSORS), str(folder))
     ids = drafter.draft_token_ids
     if ids is not None and (
         ids.min() < 0 or ids.max() >= config.vocab_size or len(ids.unique()) != len(ids)
@@ -267,41 +315,134 @@ def _is_drafter_dir(folder: Path) -> bool:
     return isinstance(raw, dict) and raw.get("model_type") == DRAFTER_MODEL_TYPE
 
 
-def save_drafter(drafter: Drafter, out_dir: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` atomically (temp folder, then rename).
-
-    An existing `out_dir` is replaced only if it is empty or already a drafter checkpoint."""
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_drafter_dir(out))):
-        raise CheckpointError(
-            f"{out}: exists and is not a drafter checkpoint; refusing to overwrite it, "
-            "choose another output path"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
     try:
-        os.chmod(tmp, 0o755)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting (briefly process-wide), then restore
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def sibling_copies(out: Path) -> list[Path]:
+    """The hidden siblings an interrupted writer of `out` may leave: `.NAME.tmp-PID-*` (a copy
+    being written) and `.NAME.old-PID-*` (the previous copy, moved aside during a swap)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    return sorted(
+        p
+        for p in out.parent.iterdir()
+        if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")) and not p.is_symlink()
+    )
+
+
+def stale_copies(out: Path) -> list[Path]:
+    """`sibling_copies` whose writer (the PID in the name) is dead: safe to remove."""
+    stale = []
+    for p in sibling_copies(out):
+        rest = p.name[len(f".{out.name}.tmp-") :]  # same length for ".old-"
+        pid, sep, _ = rest.partition("-")
+        if sep and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            stale.append(p)
+    return stale
+
+
+def make_temp_dir(out: Path, kind: str = "tmp") -> Path:
+    """A new hidden folder `.NAME.KIND-PID-RANDOM` beside `out`, with the mode the umask gives
+    a new folder (mkdtemp's 0700 would hide the result from the user's group)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete folder `tmp` to `out`. An existing `out` is first renamed to a
+    hidden `.NAME.old-PID-*` sibling, then removed: at every instant a complete copy (old or new)
+    sits at `out` or at that sibling, where `recover_copy` finds it after a crash."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)  # put the previous copy back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def save_drafter(
+    drafter: Drafter,
+    out_dir: str | Path,
+    *,
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `config.json` + `model.safetensors` atomically (temp folder, then rename); with
+    `extra_files`, that callback writes more files (a training checkpoint's) into the temp
+    folder first, so they are swapped in together.
+
+    An existing `out_dir` is replaced only if it is empty or already a drafter checkpoint.
+    A full or read-only disk is a one-line CheckpointError; nothing is left behind."""
+    out = Path(out_dir)
+    tmp: Path | None = None
+    try:
+        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_drafter_dir(out))):
+            raise CheckpointError(
+                f"{out}: exists and is not a drafter checkpoint; refusing to overwrite it, "
+                "choose another output path"
+            )
+        tmp = make_temp_dir(out)
         tensors = {k: v.detach().cpu().contiguous() for k, v in drafter.state_dict().items()}
         weights = (t for t in tensors.values() if t.is_floating_point())  # not draft_token_ids
         dtype = str(next(weights).dtype).removeprefix("torch.")
         config = {"architectures": ["Drafter"], **drafter.config.to_dict(), "torch_dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)  # put the previous drafter back
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if extra_files is not None:
+            extra_files(tmp)
+        _fsync_tree(tmp)
+        swap_into_place(tmp, out)
+        tmp = None
+        for stale in stale_copies(out):
+            shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"{out}: cannot write the drafter ({e.strerror or e}); free disk space or choose a "
+            "writable output folder"
+        ) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files of `folder` to disk before it is renamed into place."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def init_drafter(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,21 @@ def gguf_config(reader: Any, path: Path) -> BaseModelConfig:
             if "token_embd.weight" in tensors
             else len(_gguf_meta(reader, "tokenizer.ggml.tokens", []))
         )
+    try:
+        raw = _gguf_raw_config(reader, arch, need, tensors, vocab)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise CheckpointError(
+            f"{path}: GGUF metadata has a malformed size ({type(e).__name__}: {e}); re-convert "
+            "the model with llama.cpp's convert_hf_to_gguf.py"
+        ) from None
+    return BaseModelConfig.from_dict(raw, where=f"{path} (GGUF metadata)")
+
+
+def _gguf_raw_config(
+    reader: Any, arch: str, need: Callable[[str], Any], tensors: dict[str, Any], vocab: Any
+) -> dict[str, Any]:
+    """The HF-style config dict from GGUF metadata (sizes are checked and capped by
+    `BaseModelConfig`, which the caller builds from it)."""
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
     raw = {
         "model_type": arch,
@@ -111,7 +127,7 @@ def gguf_config(reader: Any, path: Path) -> BaseModelConfig:
         "eos_token_id": _gguf_meta(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _gguf_meta(reader, "tokenizer.ggml.padding_token_id"),
     }
-    return BaseModelConfig.from_dict(raw, where=f"{path} (GGUF metadata)")
+    return raw
 
 
 def gguf_weights(reader: Any, config: BaseModelConfig) -> dict[str, torch.Tensor]:

@@ -24,6 +24,15 @@ from redrafter.errors import TokenizerError
 
 log = logging.getLogger(__name__)
 
+# The most characters a chat template may render beyond the messages themselves: a template
+# from an untrusted checkpoint that loops to build a huge prompt is stopped here.
+MAX_TEMPLATE_OVERHEAD = 1 << 20
+
+
+class NoTokenizerError(TokenizerError):
+    """The checkpoint has no tokenizer (as opposed to a corrupt one)."""
+
+
 REPLACEMENT_CHAR = "\ufffd"
 GGUF_CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: special tokens
 GGUF_USER_DEFINED_TOKEN = 4  # LLAMA_TOKEN_TYPE_USER_DEFINED: added, never split
@@ -130,10 +139,21 @@ def _render_template(
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    limit = MAX_TEMPLATE_OVERHEAD + 2 * sum(len(m["content"]) for m in messages)
     try:
-        return env.from_string(template).render(
+        pieces, size = [], 0
+        stream = env.from_string(template).generate(
             messages=messages, add_generation_prompt=True, **specials
         )
+        for piece in stream:
+            size += len(piece)
+            if size > limit:
+                raise TokenizerError(
+                    f"chat template rendered more than {limit} characters; the checkpoint's "
+                    "chat_template is broken or hostile (fix it, or prompt without --chat)"
+                )
+            pieces.append(piece)
+        return "".join(pieces)
     except TemplateError as e:
         raise TokenizerError(
             f"chat template failed to render ({e}); fix the checkpoint's chat_template"
@@ -184,7 +204,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise TokenizerError(
+            raise NoTokenizerError(
                 f"{path}: no tokenizer.json; save the tokenizer there "
                 "(AutoTokenizer.save_pretrained) or pass --prompt-ids"
             )
@@ -196,23 +216,25 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.suffix == ".bin" and path.is_file():
         if (path.parent / "tokenizer.json").is_file():
             return _load_hf(path.parent)
-        raise TokenizerError(
+        raise NoTokenizerError(
             f"{path}: a llama2.c checkpoint has no tokenizer; put a tokenizer.json next to it "
             "or pass --prompt-ids"
         )
     if not path.exists():
-        raise TokenizerError(f"{path}: not found; pass a checkpoint folder, .gguf or .bin")
-    raise TokenizerError(
+        raise NoTokenizerError(f"{path}: not found; pass a checkpoint folder, .gguf or .bin")
+    raise NoTokenizerError(
         f"{path}: cannot find a tokenizer here; pass a folder with tokenizer.json, a .gguf, "
         "or a llama2.c .bin with tokenizer.json beside it"
     )
 
 
 def find_tokenizer(path: str | Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None when it has none (token-id prompts still work)."""
+    """The checkpoint's tokenizer, or None when it has none (token-id prompts still work).
+    A tokenizer that is there but corrupt (unreadable tokenizer.json, bad tokenizer_config.json)
+    is a `TokenizerError`, not None."""
     try:
         return load_tokenizer(path)
-    except TokenizerError:
+    except NoTokenizerError:
         return None
 
 
@@ -294,7 +316,7 @@ def _load_gguf(path: Path) -> Tokenizer:
     if kind != "gpt2":
         if (path.parent / "tokenizer.json").is_file():
             return _load_hf(path.parent)
-        raise TokenizerError(
+        raise NoTokenizerError(
             f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2'); "
             "put the model's tokenizer.json next to the .gguf"
         )

@@ -23,7 +23,7 @@ from redrafter import ops
 from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle import names as n
 from redrafter.config import BeamShape
-from redrafter.errors import RuntimeUnavailableError
+from redrafter.errors import ConfigError, RuntimeUnavailableError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -44,7 +44,11 @@ def session_options(threads: int | None, library: Path | None, *, spin: bool) ->
 
 class OnnxRuntime:
     """Runs a bundle with ONNX Runtime. `implementation` says which TreeAttention ran:
-    'native' (the C++/CUDA library) or 'portable' (the ONNX function body)."""
+    'native' (the C++/CUDA library) or 'portable' (the ONNX function body).
+
+    `threads`: intra-op threads per session (None: ONNX Runtime's default, one per physical
+    core). `device='cuda'` raises `RuntimeUnavailableError` when the CUDA execution provider
+    does not become active, unless `allow_fallback` (then it runs on the CPU with a warning)."""
 
     name = "onnxruntime"
 
@@ -55,7 +59,11 @@ class OnnxRuntime:
         device: str = "cpu",
         native: bool | None = None,
         threads: int | None = None,
+        allow_fallback: bool = False,
     ) -> None:
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ConfigError(f"threads {threads!r} must be an integer >= 1 (e.g. --threads 1)")
+        self.threads = threads
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if device not in PROVIDERS:
             raise RuntimeUnavailableError(f"device {device!r} must be 'cpu' or 'cuda'")
@@ -93,7 +101,13 @@ class OnnxRuntime:
         active = self.base.get_providers()[0]
         self.device = "cuda" if active == PROVIDERS["cuda"] else "cpu"
         if device == "cuda" and self.device != "cuda":
-            # ORT falls back silently when CUDA libraries are missing; say so once.
+            # ORT falls back silently when CUDA libraries are missing: an error unless allowed.
+            if not allow_fallback:
+                raise RuntimeUnavailableError(
+                    f"device 'cuda' requested but ONNX Runtime runs on {active} (available: "
+                    f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                    "with its CUDA libraries, use --device cpu, or pass --allow-cpu-fallback"
+                )
             print(
                 f"warning: CUDA requested but ONNX Runtime is running on {active} "
                 f"(available: {', '.join(ort.get_available_providers())})",
@@ -108,6 +122,11 @@ class OnnxRuntime:
         # One IO binding per live buffer, its 2 x layers cache bindings made once: binding them
         # from Python costs ~1.8 ms per call (8 % of a SmolLM2-135M step on 2 cores).
         self._bindings: dict[int, tuple[ort.IOBinding, int]] = {}
+
+    @property
+    def beams(self) -> frozenset[BeamShape]:
+        """The beam shapes this bundle has drafter graphs for (empty without a drafter)."""
+        return frozenset(self.bundle.drafter_graphs)
 
     # -- caches -----------------------------------------------------------------------------
     def reset(self, *, batch: int, capacity: int) -> None:

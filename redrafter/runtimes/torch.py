@@ -6,15 +6,64 @@ W beam width, L beam length, E hidden, V vocab, P committed length per row.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
 import numpy as np
 import torch
 
 from redrafter.config import BeamShape
-from redrafter.errors import RuntimeUnavailableError
+from redrafter.errors import ConfigError, RuntimeUnavailableError
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Torch intra-op threads the library's entry points use when none are asked for
+    (`redrafter.pipeline`): half the usable cores, at least 1, at most 8. torch's own default
+    (one per core) collapses when another process shares the cores: its OpenMP threads wait on
+    each other (1.9 tok/s against 265 with one thread on 2 busy cores)."""
+    return max(1, min(8, usable_cores() // 2))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block on `threads` torch intra-op threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if before != threads:
+            torch.set_num_threads(before)
+
+
+def _threaded(method: F) -> F:
+    """A runtime call run on the runtime's own thread count (`TorchRuntime.threads`)."""
+
+    @functools.wraps(method)
+    def call(self: TorchRuntime, *args: Any, **kwargs: Any) -> Any:
+        if self.threads is None:
+            return method(self, *args, **kwargs)
+        with torch_threads(self.threads):
+            return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 class TorchRuntime:
@@ -22,7 +71,10 @@ class TorchRuntime:
     `device` ('cpu', or 'cuda' where torch has CUDA; the driver still talks numpy).
 
     `dtype` casts the models and the KV cache ('float16'/'bfloat16' are for CUDA: CPU half
-    matmuls are slow); float inputs are cast on the way in and outputs come back as fp32."""
+    matmuls are slow); float inputs are cast on the way in and outputs come back as fp32.
+    `threads`: torch intra-op threads for each call (set around the call and restored, since
+    torch's count is process-wide); None leaves torch's process-wide count as it is (the
+    pipeline's entry points pass `default_threads()` instead)."""
 
     name = "torch"
 
@@ -33,7 +85,11 @@ class TorchRuntime:
         *,
         device: str = "cpu",
         dtype: str = "float32",
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ConfigError(f"threads {threads!r} must be an integer >= 1 (e.g. --threads 1)")
+        self.threads = None if threads is None else int(threads)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailableError(
                 "device 'cuda' requested but this torch has no CUDA device; use --device cpu"
@@ -67,6 +123,7 @@ class TorchRuntime:
             self.cache = self.base.new_cache(batch, capacity, dtype=self.dtype).to(self.device)
         # Stale slots past P are never read (the mask hides them), so no zeroing is needed.
 
+    @_threaded
     @torch.inference_mode()
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.cache is not None, "call reset() first"
@@ -80,6 +137,7 @@ class TorchRuntime:
         last = hidden[torch.arange(B, device=self.device), self._tensor(lengths) - 1]  # (B, E)
         return self._numpy(self.base.logits(last)), self._numpy(last)
 
+    @_threaded
     @torch.inference_mode()
     def draft(
         self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
@@ -93,6 +151,7 @@ class TorchRuntime:
         )  # (B, W, L), (B, W, L-1, V)
         return self._numpy(beams), self._numpy(log_probs)
 
+    @_threaded
     @torch.inference_mode()
     def verify(
         self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
@@ -107,6 +166,7 @@ class TorchRuntime:
         )  # (B, N, V), (B, N, E); the caches are updated in place
         return self._numpy(logits), self._numpy(hidden)
 
+    @_threaded
     @torch.inference_mode()
     def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
         assert self.cache is not None, "call reset() first"

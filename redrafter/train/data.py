@@ -2,10 +2,13 @@
 
 Dimensions: N chunks, T sequence length (`--seq-len`).
 
-A text file (`.txt`, anything not JSONL) is one record per blank-line-separated paragraph; a
-JSONL file (`.jsonl`, `.jsonl.gz`) is one record per line, its text taken from the first present
-field of `TEXT_FIELDS` (or the field named by the caller). Gzipped files are read transparently.
-Every problem with a file is one `DataError` naming the file and the fix.
+One data format for every command (`train-drafter --data`, `validate`/`bench --prompts`): a text
+file (`.txt`, anything not JSONL) is one record per non-blank line, a literal `\n` in a line
+standing for a newline; a JSONL file (`.jsonl`, `.jsonl.gz`) is one record per line, its text
+taken from the first present field of `TEXT_FIELDS` (or the field named by the caller).
+`--format paragraphs` reads a text file as blank-line-separated paragraphs instead (prose
+corpora for `--mode ce`). Gzipped files are read transparently. Every problem with a file is
+one `DataError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from redrafter.errors import RedrafterError
 
 TEXT_FIELDS = ("text", "prompt", "content")
+FORMATS = ("auto", "lines", "paragraphs", "jsonl")  # auto: jsonl by the file name, else lines
 
 
 class DataError(RedrafterError):
@@ -55,11 +59,21 @@ def is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
 
 
-def read_records(path: str | Path, *, field: str | None = None) -> list[str]:
-    """The text records of one file (paragraphs of a text file, a field of each JSONL line)."""
+def read_records(
+    path: str | Path, *, field: str | None = None, data_format: str = "auto"
+) -> list[str]:
+    """The text records of one file: by `data_format` (see `FORMATS`), the lines of a text file
+    (`\\n` read as a newline), its blank-line-separated paragraphs, or a field of each JSONL
+    line."""
+    if data_format not in FORMATS:
+        raise DataError(f"data format {data_format!r} is not one of {', '.join(FORMATS)}")
     path = Path(path)
     text = _read_text(path)
-    if not is_jsonl(path):
+    if data_format == "auto":
+        data_format = "jsonl" if is_jsonl(path) else "lines"
+    if data_format == "lines":
+        return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    if data_format == "paragraphs":
         records = [p.strip() for p in text.split("\n\n")]
         return [p for p in records if p]
     records = []
@@ -105,6 +119,7 @@ def load_chunks(
     seq_len: int,
     separator: int | None = None,
     field: str | None = None,
+    data_format: str = "auto",
 ) -> torch.Tensor:
     """Tokenize each file's records into one stream and cut it into non-overlapping windows of
     `seq_len` tokens (the tail shorter than a window is dropped). Returns (N, T) int64.
@@ -114,7 +129,8 @@ def load_chunks(
         raise DataError("no data files given; pass one or more --data FILE")
     chunks = []
     for path in paths:
-        ids = token_stream(read_records(path, field=field), tokenizer, separator=separator)
+        records = read_records(path, field=field, data_format=data_format)
+        ids = token_stream(records, tokenizer, separator=separator)
         if len(ids) < seq_len:
             raise DataError(
                 f"{path}: {len(ids)} tokens, fewer than --seq-len {seq_len}; "
@@ -125,8 +141,10 @@ def load_chunks(
     return torch.cat(chunks)
 
 
-def load_prompts(paths: Sequence[str | Path], *, field: str | None = None) -> list[str]:
-    """Every record of every file, for distillation prompts."""
+def load_prompts(
+    paths: Sequence[str | Path], *, field: str | None = None, data_format: str = "auto"
+) -> list[str]:
+    """Every record of every file, for distillation prompts (one per line of a text file)."""
     if not paths:
         raise DataError("no data files given; pass one or more --data FILE")
-    return [r for path in paths for r in read_records(path, field=field)]
+    return [r for path in paths for r in read_records(path, field=field, data_format=data_format)]

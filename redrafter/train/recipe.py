@@ -121,6 +121,13 @@ def prepare_distill(
     limit = min(PROMPT_LIMIT, base.config.context_length - options.seq_len)
     encode = [encode_prompt(tokenizer, p) for p in train_prompts]
     ids = [p for p in encode if len(p) <= limit]
+    if not ids:
+        longest = max((len(p) for p in encode), default=0)
+        raise DataError(
+            f"no usable training prompts: {len(encode)} read, all longer than the {limit}-token "
+            f"prompt limit (the longest has {longest} tokens); a text file holds one prompt per "
+            "line (JSONL: one record per line), so split the data into shorter prompts"
+        )
     held = [p for p in (encode_prompt(tokenizer, q) for q in heldout_prompts) if len(p) <= limit]
     top_c = options.top_c if options.kl_weight else 0
     with progress_bar(progress) as bar:
@@ -217,6 +224,7 @@ def train_from_files(
     *,
     chat: bool = False,
     field: str | None = None,
+    data_format: str = "auto",
     max_records: int | None = None,
     resume: bool = False,
     cache_dir: Path | None = None,
@@ -224,7 +232,8 @@ def train_from_files(
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[TrainResult, Prepared]:
     """`redrafter train-drafter`: load the base, build (or load cached) examples from the data
-    files for the chosen mode, train, save to `out`."""
+    files for the chosen mode, train, save to `out`. `data_format`: how text files split into
+    records (`redrafter.train.data.FORMATS`; auto: one per line, JSONL one per line)."""
     from redrafter.models.checkpoints import load_base
     from redrafter.models.tokenizer import load_tokenizer
 
@@ -241,11 +250,12 @@ def train_from_files(
             seq_len=options.seq_len,
             separator=eos[0] if eos else None,
             field=field,
+            data_format=data_format,
         )  # (N, T)
         if options.steps is not None:  # teacher-force only the chunks the steps will use
             max_chunks = -(-options.steps * options.batch_size // max(options.seq_len - 1, 1))
     else:
-        records = load_prompts(data_paths, field=field)[:max_records]
+        records = load_prompts(data_paths, field=field, data_format=data_format)[:max_records]
         prompts = [Prompt(r, chat=chat) for r in records]
     key = cache_key(
         base=fingerprint(base_path),
@@ -256,6 +266,7 @@ def train_from_files(
         top_c=options.top_c if options.kl_weight else 0,
         chat=chat,
         field=field,
+        data_format=data_format,
         max_records=max_records,
         seed=options.seed,
         max_chunks=max_chunks,

@@ -1,4 +1,6 @@
-"""Reading prompt files: plain text (one prompt per line) or JSONL (a `prompt` or `text` field)."""
+"""Reading prompt files in the project's one data format (the one `train-drafter --data` reads,
+`redrafter.train.data`): plain text, one prompt per line with a literal `\\n` for a newline, or
+JSONL (a `prompt`, `text` or `content` field)."""
 
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ def read_prompts(path: str | Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PromptError(f"{path}:{n} is not valid JSON ({e})") from None
-            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise PromptError(f"{path}:{n} has no string 'prompt' or 'text' field")
+            fields = ("prompt", "text", "content")
+            found = [record.get(k) for k in fields] if isinstance(record, dict) else []
+            text = next((t for t in found if isinstance(t, str)), None)
+            if text is None:
+                raise PromptError(f"{path}:{n} has no string 'prompt', 'text' or 'content' field")
             prompts.append(text)
         else:
             prompts.append(line.replace("\\n", "\n"))

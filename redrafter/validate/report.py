@@ -39,6 +39,11 @@ class ValidationReport:
         drift_ok = self.drift is None or self.drift.passed
         return self.tensors.passed and all(t.passed for t in self.tokens) and drift_ok
 
+    @property
+    def drafter_graphs(self) -> list[str]:
+        """The drafter graphs' beam shapes ("WxL") whose tensors were compared, in order."""
+        return list(dict.fromkeys(c.beam for c in self.tensors.checks if c.beam is not None))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "bundle": self.bundle,
@@ -47,6 +52,7 @@ class ValidationReport:
             "device": self.device,
             "dtype": self.dtype,
             "passed": self.passed,
+            "drafter_graphs": self.drafter_graphs,
             "tensors": [dataclasses.asdict(c) for c in self.tensors.checks],
             "tokens": [{**dataclasses.asdict(t), "passed": t.passed} for t in self.tokens],
             "token_parity": f"{sum(t.passed for t in self.tokens)}/{len(self.tokens)}",
@@ -61,16 +67,18 @@ class ValidationReport:
             f"bundle {self.bundle}: {self.runtime} ({self.implementation} TreeAttention, "
             f"{self.device}, {self.dtype})",
             "",
-            f"{'graph':8} {'output':16} {'max abs':>10} {'max rel':>10} {'argmax':>7} "
+            f"{'graph':12} {'output':16} {'max abs':>10} {'max rel':>10} {'argmax':>7} "
             f"{'KL':>9} {'tol':>8}  result",
         ]
         for c in self.tensors.checks:
             agree = "" if c.agreement is None else f"{c.agreement:.3f}"
             kl = "" if c.kl is None else f"{c.kl:.2e}"
             lines.append(
-                f"{c.graph:8} {c.output:16} {c.max_abs:10.2e} {c.max_rel:10.2e} "
+                f"{c.label:12} {c.output:16} {c.max_abs:10.2e} {c.max_rel:10.2e} "
                 f"{agree:>7} {kl:>9} {c.tolerance:8.0e}  {'ok' if c.passed else 'FAIL'}"
             )
+        if self.drafter_graphs:
+            lines.append(f"drafter graphs compared: {', '.join(self.drafter_graphs)}")
         lines += [
             "",
             f"token parity against {self.token_reference}:",
@@ -113,8 +121,10 @@ def validate_bundle(
     eos_token_ids: Sequence[int] = (),
     drift_texts: Sequence[Sequence[int]] | None = None,
 ) -> ValidationReport:
-    """Tensor parity on random inputs, greedy token parity on `prompts`, and drift (top-1 and
-    mean KL against the fp32 reference, teacher-forced over `drift_texts`, default `prompts`).
+    """Tensor parity on random inputs (the base graph and every drafter graph the candidate
+    runs: all of an ONNX bundle's beam shapes), greedy token parity on `prompts` (the default
+    beam), and drift (top-1 and mean KL against the fp32 reference, teacher-forced over
+    `drift_texts`, default `prompts`).
 
     fp32 bundles must emit exactly the torch reference's autoregressive tokens. fp16 rounding
     and int4/int8 weights change some argmaxes, so such a bundle's speculative tokens are held
@@ -123,7 +133,9 @@ def validate_bundle(
     beam = bundle.beam if bundle.drafter_config is not None else None
     # A runtime with its own precision (Core ML: float16 by default) is held to that dtype.
     dtype = getattr(candidate, "precision", None) or bundle.precision
-    tensors = compare_runtimes(candidate, reference, dtype=dtype, beam=beam)
+    others = getattr(candidate, "beams", None) or () if beam is not None else ()
+    extra = sorted(others, key=lambda b: (b.width, b.length))
+    tensors = compare_runtimes(candidate, reference, dtype=dtype, beam=beam, extra_beams=extra)
     token_reference = reference if dtype == "float32" else candidate
     tokens = check_token_parity(
         candidate,

@@ -7,6 +7,7 @@ Dimensions: B batch, T prompt, W beam width, L beam length, N packed tokens, E h
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,12 @@ class TensorCheck:
     tolerance: float
     passed: bool
     kl: float | None = None  # logits: mean KL(reference || candidate) of softmax, nats
+    beam: str | None = None  # drafter checks: the graph's beam shape, "WxL"
+
+    @property
+    def label(self) -> str:
+        """The graph as reports name it: 'base', or 'drafter WxL'."""
+        return self.graph if self.beam is None else f"{self.graph} {self.beam}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +97,43 @@ def mean_kl(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> float
     return float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()) if log_p.size else 0.0
 
 
+def _compare_drafter(
+    candidate: Runtime,
+    reference: Runtime,
+    context: np.ndarray,
+    g0: np.ndarray,
+    beam: Any,
+    tol: dict[str, float],
+) -> tuple[list[TensorCheck], np.ndarray]:
+    """One drafter graph (beam shape `beam`) on identical inputs: identical beams, log-probs.
+    Returns the checks and the reference's beams (B, W, L)."""
+    shape = f"{beam.width}x{beam.length}"
+    beams, log_probs = reference.draft(context, g0, beam)
+    c_beams, c_log_probs = candidate.draft(context, g0, beam)
+    same = float((c_beams == beams).all(axis=-1).mean())
+    checks = [
+        TensorCheck(
+            "drafter", "beams", 0.0, 0.0, same, tol["beams"], same >= tol["beams"], beam=shape
+        )
+    ]
+    live = (log_probs > LOG_0 / 2) & (c_log_probs > LOG_0 / 2)  # the top-50 both kept
+    check = _compare("drafter", "log_probs", c_log_probs[live], log_probs[live], tol, "log_probs")
+    checks.append(dataclasses.replace(check, beam=shape))
+    return checks, beams
+
+
 def compare_runtimes(
-    candidate: Runtime, reference: Runtime, *, dtype: str, beam: Any | None, seed: int = 0
+    candidate: Runtime,
+    reference: Runtime,
+    *,
+    dtype: str,
+    beam: Any | None,
+    seed: int = 0,
+    extra_beams: Sequence[Any] = (),
 ) -> TensorReport:
     """Prefill two ragged prompts, draft from the reference's context, verify the packed tree,
-    on both runtimes with identical inputs; compare every output."""
+    on both runtimes with identical inputs; compare every output. Each of `extra_beams` (other
+    exported drafter graphs) is drafted from the same context and compared too."""
     tol = TOLERANCES[dtype]
     rng = np.random.default_rng(seed)
     V = reference.vocab_size
@@ -108,16 +147,11 @@ def compare_runtimes(
     checks.append(_compare("base", "prefill hidden", got[1], want[1], tol, "hidden"))
     context, g0 = want[1], want[0].argmax(-1)
     if beam is not None:
-        beams, log_probs = reference.draft(context, g0, beam)
-        c_beams, c_log_probs = candidate.draft(context, g0, beam)
-        same = float((c_beams == beams).all(axis=-1).mean())
-        checks.append(
-            TensorCheck("drafter", "beams", 0.0, 0.0, same, tol["beams"], same >= tol["beams"])
-        )
-        live = (log_probs > LOG_0 / 2) & (c_log_probs > LOG_0 / 2)  # the top-50 both kept
-        checks.append(
-            _compare("drafter", "log_probs", c_log_probs[live], log_probs[live], tol, "log_probs")
-        )
+        drafted, beams = _compare_drafter(candidate, reference, context, g0, beam, tol)
+        checks += drafted
+        for other in extra_beams:
+            if other != beam:
+                checks += _compare_drafter(candidate, reference, context, g0, other, tol)[0]
     else:
         beams = np.stack([g0, rng.integers(0, V, size=2), rng.integers(0, V, size=2)], axis=-1)
         beams = beams[:, None, :]  # (B, 1, 3) an arbitrary chain to verify
