@@ -28,7 +28,8 @@ from redrafter.runtimes.torch import TorchRuntime
 # the mean KL divergence of the next-token distribution from the reference's. fp32 runs the same
 # math in another order; fp16 rounds weights and activations; int4/int8 weights change the model
 # a little everywhere, so their max-abs bounds only catch gross breakage and the distribution
-# bounds (KL, top-1) decide (see docs/parity.md for the figures behind them).
+# bounds decide: mean KL on these random-token inputs, which are harsher than text (a sound int4
+# SmolLM2-135M gives 0.6-1.6 nats here, 0.4 on prose; see docs/parity.md for the figures).
 INF = float("inf")
 TOLERANCES = {
     "float32": {"logits": 1e-3, "hidden": 1e-3, "log_probs": 1e-3, "argmax": 1.0, "beams": 1.0},
@@ -36,7 +37,7 @@ TOLERANCES = {
     "int8": {"logits": INF, "hidden": INF, "log_probs": INF, "argmax": 0.0, "beams": 0.0,
              "kl": 0.1},
     "int4": {"logits": INF, "hidden": INF, "log_probs": INF, "argmax": 0.0, "beams": 0.0,
-             "kl": 1.0},
+             "kl": 2.0},
 }  # fmt: skip
 
 
