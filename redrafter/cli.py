@@ -492,9 +492,11 @@ def _run(
 @click.option(
     "--accuracy-level",
     type=int,
-    default=4,
+    default=1,
     show_default=True,
-    help="--quantize: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8).",
+    help="--quantize: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8). 4 "
+    "decodes ~30 % faster per token on CPUs but rounds one-token and multi-token calls "
+    "differently, so speculative tokens are no longer identical to autoregressive ones.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(

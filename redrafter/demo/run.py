@@ -36,7 +36,7 @@ VALIDATE_TOKENS = 24
 
 def ensure_bundle(gguf: Path, drafter: Path, cache: Path, *, quantize: str | None = None) -> Any:
     """The ONNX bundle of base + drafter (beam `BEAM`), exported once and cached; with
-    `quantize` ('int4'), its weight-only quantized twin (block 32, symmetric, int8 compute)."""
+    `quantize` ('int4'), its weight-only quantized twin (block 32, symmetric, fp32 compute)."""
     from redrafter.build import ExportOptions, export_bundle
     from redrafter.bundle import exporter_fingerprint, load_bundle
     from redrafter.errors import RedrafterError as Error
