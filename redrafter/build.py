@@ -78,6 +78,12 @@ class ExportOptions:
             raise ConfigError(f"coreml_dtype {self.coreml_dtype!r} must be float32 or float16")
         if self.packing not in ("dedup", "full"):
             raise ConfigError(f"packing {self.packing!r} must be dedup or full")
+        q = self.quantization
+        if q is not None and q.method != "rtn" and "coreml" in self.targets:
+            raise ConfigError(
+                f"quantization method {q.method!r} applies to ONNX graphs; Core ML programs are "
+                "quantized by coremltools' linear quantizer (use --quantize-method rtn)"
+            )
 
 
 def _source(path: Path) -> Source:

@@ -477,6 +477,14 @@ def _run(
     "activations, KV cache and attention stay --dtype.",
 )
 @click.option(
+    "--quantize-method",
+    type=click.Choice(["rtn", "hqq"]),
+    default="rtn",
+    show_default=True,
+    help="--quantize int4 algorithm (ONNX): rtn (round to nearest per block) or hqq (fitted "
+    "float zero points: less drift, but ORT's CPU kernel runs it far slower; docs/parity.md).",
+)
+@click.option(
     "--block-size",
     type=int,
     default=32,
@@ -510,6 +518,7 @@ def export(
     beam_length: list[int],
     packing: str,
     quantize: str,
+    quantize_method: str,
     block_size: int,
     symmetric: bool,
     accuracy_level: int,
@@ -524,7 +533,11 @@ def export(
     q = None
     if quantize != "none":
         q = quantization(
-            quantize, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level
+            quantize,
+            block_size=block_size,
+            symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            method=quantize_method,
         )
     options = ExportOptions(
         targets=tuple(t.strip() for t in target.split(",") if t.strip()),

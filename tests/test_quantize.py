@@ -192,3 +192,26 @@ def test_coreml_int4_programs_run_in_the_mil_evaluator(tiny_checkpoints) -> None
     ar = collect(decode(runtime, prompts, DecodeOptions(speculative=False, max_new_tokens=8)), 2)
     spec = DecodeOptions(max_new_tokens=8, beam=BUNDLE_BEAM)
     assert collect(decode(runtime, prompts, spec), 2) == ar
+
+
+def test_hqq_method_fits_float_zero_points_and_stays_lossless(tiny_checkpoints) -> None:
+    root, base_dir, drafter_dir = tiny_checkpoints
+    q = quantization("int4", block_size=16, method="hqq")
+    options = ExportOptions(beam=BUNDLE_BEAM, quantization=q)
+    bundle = export_bundle(base_dir, root / "hqq-bundle", drafter_path=drafter_dir, options=options)
+    assert bundle.manifest.quantization is not None
+    assert bundle.manifest.quantization.method == "hqq"
+    model = onnx.load(str(bundle.path(n.BASE_ONNX)), load_external_data=False)
+    nbits = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    inits = {t.name: t for t in model.graph.initializer}
+    zero_points = [inits[node.input[3]] for node in nbits if len(node.input) > 3 and node.input[3]]
+    assert zero_points and all(z.data_type == onnx.TensorProto.FLOAT for z in zero_points)
+    runtime = OnnxRuntime(bundle, native=False)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    ar = collect(decode(runtime, prompts, DecodeOptions(speculative=False, max_new_tokens=12)), 2)
+    spec = DecodeOptions(max_new_tokens=12, beam=BUNDLE_BEAM)
+    assert collect(decode(runtime, prompts, spec), 2) == ar
+    with pytest.raises(ConfigError, match="int4 only"):
+        quantization("int8", method="hqq")
+    with pytest.raises(ConfigError, match="Core ML programs"):
+        ExportOptions(targets=("coreml",), quantization=q)

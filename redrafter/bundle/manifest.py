@@ -163,6 +163,7 @@ class Quantization:
     block_size: int
     symmetric: bool
     accuracy_level: int
+    method: str = "rtn"  # rtn (round to nearest) | hqq (half-quadratic, float zero points)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> Quantization:
@@ -172,6 +173,7 @@ class Quantization:
             block_size=_get(raw, "block_size", int, w),
             symmetric=_get(raw, "symmetric", bool, w),
             accuracy_level=_get(raw, "accuracy_level", int, w),
+            method=_get(raw, "method", str, w) if "method" in raw else "rtn",
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 
 import onnx
@@ -26,8 +27,16 @@ WEIGHT_TYPES = {"int4": 4, "int8": 8}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
+METHODS = ("rtn", "hqq")
+
+
 def quantization(
-    weights: str, *, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 1
+    weights: str,
+    *,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int = 1,
+    method: str = "rtn",
 ) -> Quantization:
     """A checked quantization record; each bad value is a one-line `ConfigError`.
 
@@ -48,7 +57,11 @@ def quantization(
             f"accuracy level {accuracy_level} must be one of {', '.join(map(str, ACCURACY_LEVELS))}"
             " (4: int8 compute on CPUs)"
         )
-    return Quantization(weights, block_size, symmetric, accuracy_level)
+    if method not in METHODS:
+        raise ConfigError(f"quantization method {method!r} is not supported; choose rtn or hqq")
+    if method == "hqq" and weights != "int4":
+        raise ConfigError(f"the hqq method quantizes to int4 only, not {weights}; use rtn")
+    return Quantization(weights, block_size, symmetric, accuracy_level, method)
 
 
 @contextlib.contextmanager
@@ -67,7 +80,9 @@ def _quiet_quantizer() -> Iterator[None]:
         root.setLevel(level)
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():  # HQQ hands torch a read-only numpy view (harmless)
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            yield
     finally:
         logger.setLevel(own_level)
 
@@ -108,11 +123,19 @@ def quantize_graph(model: onnx.ModelProto, q: Quantization) -> onnx.ModelProto:
     with _quiet_quantizer():
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
+            HQQWeightOnlyQuantConfig,
             MatMulNBitsQuantizer,
         )
         from onnxruntime.quantization.quant_utils import QuantFormat
 
         bits = WEIGHT_TYPES[q.weights]
+        functions = list(model.functions)
+        model = fold_weight_transposes(model)
+        if q.method == "hqq":  # MatMuls by HQQ (float zero points), then the table by RTN
+            hqq = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=bits)
+            quantizer = MatMulNBitsQuantizer(model, algo_config=hqq)
+            quantizer.process()
+            model = quantizer.model.model
         # GatherBlockQuantized takes 4-bit tables only: int8 bundles keep a float embedding.
         ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
         config = DefaultWeightOnlyQuantConfig(
@@ -124,8 +147,7 @@ def quantize_graph(model: onnx.ModelProto, q: Quantization) -> onnx.ModelProto:
             quant_axes=(("MatMul", 0), ("Gather", 1)),
             bits=bits,
         )
-        functions = list(model.functions)
-        quantizer = MatMulNBitsQuantizer(fold_weight_transposes(model), algo_config=config)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
         quantizer.process()
     out: onnx.ModelProto = quantizer.model.model
     if [f.name for f in out.functions] != [f.name for f in functions]:
