@@ -176,10 +176,12 @@ def demo_bundle(
     dtype: str = "float32",
     base: Path | None = None,
     log: Any = print,
+    quantization: Any = None,
 ) -> Path:
     """An exported bundle of the demo GGUF (or `base`), with `drafter` (None: autoregressive
-    only) and a drafter graph per beam shape, cached under peers_dir()/bundles and re-exported
-    only when the drafter folder or the exporter's code changes."""
+    only) and a drafter graph per beam shape, its weights quantized as `quantization` says
+    (a `redrafter.bundle.Quantization`; None: float), cached under peers_dir()/bundles and
+    re-exported only when the drafter folder, the quantization or the exporter's code change."""
     from redrafter.build import ExportOptions, export_bundle
     from redrafter.bundle import exporter_fingerprint
     from redrafter.config import BeamShape
@@ -193,6 +195,10 @@ def demo_bundle(
         if drafter is None
         else f"{drafter.resolve().name}-{int(drafter.stat().st_mtime)}-{shapes}"
     )
+    q = quantization
+    if q is not None:
+        sym = "sym" if q.symmetric else "asym"
+        key += f"-{q.weights}-{q.method}-b{q.block_size}-{sym}-acc{q.accuracy_level}"
     stem = f"{base.stem}-{dtype}-{key}-"
     out = peers_dir() / "bundles" / (stem + exporter_fingerprint()[:8])
     for old in out.parent.glob(stem + "?" * 8):  # ~600 MB each: drop older exporters' ones
@@ -200,7 +206,9 @@ def demo_bundle(
             shutil.rmtree(old, ignore_errors=True)
     if not (out / "manifest.json").is_file():
         log(f"exporting {base.name} ({dtype}, drafter {drafter}) to {out}")
-        options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]), dtype=dtype)
+        options = ExportOptions(
+            beam=beams[0], extra_beams=tuple(beams[1:]), dtype=dtype, quantization=quantization
+        )
         export_bundle(
             base, out, drafter_path=drafter, options=options, overwrite=True, progress=log
         )

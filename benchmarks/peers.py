@@ -575,7 +575,13 @@ def ensure_bundle(args: argparse.Namespace, beams: list[Any]) -> tuple[Path, str
         if drafter
         else "NO trained drafter found: autoregressive only for ours (pass --drafter DIR)"
     )
-    return demo_bundle(drafter, beams, log=log), note
+    quantization = None
+    if args.quantize != "none":
+        from redrafter.export.quantize import quantization as make
+
+        quantization = make(args.quantize, accuracy_level=args.accuracy_level)
+        note += f", weights {args.quantize} (accuracy level {args.accuracy_level})"
+    return demo_bundle(drafter, beams, log=log, quantization=quantization), note
 
 
 def run_ours(
@@ -714,6 +720,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--ignore-eos", action="store_true", help="decode exactly --max-new-tokens on every engine"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int4", "int8"],
+        default="none",
+        help="export ours with quantized weights (export --quantize) [none]",
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=1,
+        help="with --quantize: MatMulNBits compute type (1 fp32, 4 int8) [1]",
     )
     parser.add_argument(
         "--portable",

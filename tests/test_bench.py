@@ -250,7 +250,15 @@ def test_runs_in_counts_the_runs_run_configs_reports() -> None:
 
 
 def test_bench_title_and_payload() -> None:
-    bundle = SimpleNamespace(root=Path("/b/tiny"), dtype="float16")
+    from redrafter.export.quantize import quantization
+
+    q = quantization("int4")
+    bundle = SimpleNamespace(
+        root=Path("/b/tiny"),
+        dtype="float16",
+        precision="int4",
+        manifest=SimpleNamespace(quantization=q),
+    )
     runtime = SimpleNamespace(name="onnxruntime", implementation="native")
     results = {"autoregressive": {"speedup": 1.0}}
     run = dict(device="cuda", prompts=4, max_new_tokens=8)
@@ -264,6 +272,14 @@ def test_bench_title_and_payload() -> None:
         "device": "cuda",
         "threads": None,  # the runtime's default (ONNX Runtime: one per physical core)
         "dtype": "float16",
+        "precision": "int4",
+        "quantization": {
+            "weights": "int4",
+            "block_size": 32,
+            "symmetric": True,
+            "accuracy_level": 1,
+            "method": "rtn",
+        },
         "prompts": 4,
         "max_new_tokens": 8,
         "repeats": 2,

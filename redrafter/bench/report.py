@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ def bench_payload(
         "device": device,
         "threads": threads_of(runtime),
         "dtype": bundle.dtype,
+        "precision": bundle.precision,  # int4/int8 for quantized weights, else the dtype
+        "quantization": None
+        if bundle.manifest.quantization is None
+        else dataclasses.asdict(bundle.manifest.quantization),
         "prompts": prompts,
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
