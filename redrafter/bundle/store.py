@@ -28,6 +28,7 @@ from redrafter.bundle.manifest import BundleError, FileRecord, Manifest
 from redrafter.bundle.names import BASE_ONNX, MANIFEST
 from redrafter.config import BaseModelConfig, BeamShape, DrafterConfig
 from redrafter.errors import RedrafterError
+from redrafter.files import current_umask, pid_alive
 from redrafter.version import __version__
 
 
@@ -43,29 +44,6 @@ class OutputPathError(BundleError):
     """An export's output path holds something that is not a bundle (or holds its inputs)."""
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: read by setting (briefly process-wide), then restore
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
-
-
 def stale_writes(out: Path) -> list[Path]:
     """Hidden `.NAME.tmp-PID-*` / `.NAME.old-PID-*` siblings of `out` left by an export that
     was killed (its PID is gone): safe to remove. Live writers' folders are never listed."""
@@ -79,7 +57,7 @@ def stale_writes(out: Path) -> list[Path]:
             if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
                 continue
             pid, sep, _ = p.name[len(prefix) :].partition("-")
-            if sep and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if sep and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 stale.append(p)
     return sorted(stale)
 
@@ -118,7 +96,7 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")

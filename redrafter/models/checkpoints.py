@@ -37,6 +37,7 @@ from redrafter.errors import (
     CheckpointError,
     DrafterMismatchError,
 )
+from redrafter.files import current_umask, pid_alive
 from redrafter.models.drafter import Drafter
 from redrafter.models.gguf import GGUF_MAGIC, gguf_config, gguf_reader, gguf_weights
 from redrafter.models.llama import Transformer
@@ -313,30 +314,6 @@ def _is_drafter_dir(folder: Path) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(raw, dict) and raw.get("model_type") == DRAFTER_MODEL_TYPE
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: read by setting (briefly process-wide), then restore
-    os.umask(mask)
-    return mask
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def sibling_copies(out: Path) -> list[Path]:

@@ -33,10 +33,10 @@ from safetensors.torch import load_file, save_file
 
 from redrafter.config import BeamShape, DrafterConfig
 from redrafter.errors import CheckpointError, ConfigError
+from redrafter.files import pid_alive
 from redrafter.models.checkpoints import (
     SAFETENSORS,
     load_drafter,
-    pid_alive,
     save_drafter,
     sibling_copies,
     stale_copies,
