@@ -180,6 +180,10 @@ def _probs(ctx: click.Context, param: click.Parameter, value: str) -> list[float
 # -- options several commands take, each declared once -------------------------------------------
 # name -> (flag and parameter name, click attributes); `_option` adds a command's own.
 _PATH = click.Path()
+_PROMPT_IDS_LIST = (  # validate and bench: several prompts
+    "A prompt as token ids, e.g. 1,2,3, or @FILE (one id list per line); repeatable. "
+    "Instead of --prompts, e.g. for a bundle without a tokenizer."
+)
 _SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "base": (("--base", "base_path"), {"type": _PATH}),
     "drafter": (("--drafter", "drafter_path"), {"type": _PATH}),
@@ -605,12 +609,7 @@ def _prompt_ids(
 @_option("base", "Reference base checkpoint [the one recorded in the manifest].")
 @_option("drafter", "Reference drafter [the one recorded in the manifest].")
 @_option("prompts")
-@_option(
-    "prompt-ids",
-    "A prompt as token ids, e.g. 1,2,3, or @FILE (one id list per line); repeatable. "
-    "Instead of --prompts, e.g. for a bundle without a tokenizer.",
-    multiple=True,
-)
+@_option("prompt-ids", _PROMPT_IDS_LIST, multiple=True)
 @_option("chat")
 @_option("max-new-tokens", default=32)
 @_option("json", "Write the JSON report here.")
@@ -682,12 +681,7 @@ def validate(
     help="ONNX Runtime TreeAttention: the native library or the portable body [native when built].",
 )
 @_option("prompts")
-@_option(
-    "prompt-ids",
-    "A prompt as token ids, e.g. 1,2,3, or @FILE (one id list per line); repeatable. "
-    "Instead of --prompts, e.g. for a bundle without a tokenizer.",
-    multiple=True,
-)
+@_option("prompt-ids", _PROMPT_IDS_LIST, multiple=True)
 @_option("chat")
 @_option("max-new-tokens", default=64)
 @_option("beam-width", "Comma list, e.g. 1,2,4 [the bundle's graphs].")
