@@ -1,4 +1,4 @@
-"""Peers on the same machine, in one run (issue 8, DESIGN.md §8): the demo model
+"""Peers on the same machine, in one run (issue 8, docs/design.md §8): the demo model
 (SmolLM2-135M-Instruct) decoded greedily on the same prompts, the same max new tokens and the
 same thread count by
 

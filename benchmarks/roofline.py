@@ -1,4 +1,4 @@
-"""The memory roofline of autoregressive decoding for the demo model (issue 8, DESIGN.md §8).
+"""The memory roofline of autoregressive decoding for the demo model (issue 8, docs/design.md §8).
 
 Decoding one token reads every weight once plus the KV cache of the context, so
 tokens/s <= memory bandwidth / bytes read per token. This script measures

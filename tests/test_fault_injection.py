@@ -45,8 +45,7 @@ TESTS = Path(__file__).resolve().parent
 CHILD = r"""
 import os, signal, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-mode, out, what, nth = sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+mode, out, what, nth = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 calls = 0
 
 def killing(original):
@@ -67,7 +66,7 @@ elif mode == "export":
     import redrafter.build as build
     build.export_drafter = killing(build.export_drafter)
     from redrafter.build import export_bundle
-    export_bundle(Path(sys.argv[6]), out, drafter_path=Path(sys.argv[7]), overwrite=True)
+    export_bundle(Path(sys.argv[5]), out, drafter_path=Path(sys.argv[6]), overwrite=True)
 else:
     import redrafter.train.trainer as trainer
     if what == "save_file":  # the optimizer moments, written into the temp folder
@@ -80,8 +79,8 @@ print("finished")
 def run_child(*args: str) -> int:
     """Run the child with `args`; its return code (-9 when it killed itself)."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(TESTS), *args], capture_output=True, text=True,
-        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)},  # conftest
     )  # fmt: skip
     assert done.returncode in (0, -signal.SIGKILL), done.stderr[-2000:]
     return done.returncode

@@ -1,5 +1,5 @@
 """Run autoregressive and speculative decoding on the same runtime and prompts, interleaved,
-after a warm-up, for `repeats` rounds; aggregate per configuration (DESIGN.md §8).
+after a warm-up, for `repeats` rounds; aggregate per configuration (docs/design.md §8).
 
 A configuration is a `DecodeOptions` (its `name` labels the results; the autoregressive
 baseline always runs too). Timings come from the driver's per-phase clocks plus the wall time
