@@ -192,3 +192,31 @@ def test_half_precision_torch_runtime_keeps_the_driver_contract() -> None:
 def test_unknown_torch_dtype_is_refused() -> None:
     with pytest.raises(RuntimeUnavailableError, match="float32"):
         TorchRuntime(tiny_base(), dtype="int8")
+
+
+def test_decode_options_name_the_configuration_and_check_their_values() -> None:
+    """One options object for every caller: its `name` labels bench rows, `beam_length` sizes
+    the acceptance histogram, and bad values are one-line ConfigErrors."""
+    from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions
+    from redrafter.errors import ConfigError
+
+    assert AUTOREGRESSIVE.name == "autoregressive" and AUTOREGRESSIVE.beam_length is None
+    options = DecodeOptions(beam=BeamShape(1, 5), prompt_lookup=True, min_draft_prob=0.25)
+    assert options.name == "W1 L5 +lookup p>=0.25" and options.beam_length == 5
+    assert options.replace(lookup_span=2).name == "W1 L5 +lookup span2 p>=0.25"
+    for bad in (dict(max_new_tokens=0), dict(packing="tree"), dict(min_draft_prob=1.0)):
+        with pytest.raises(ConfigError):
+            DecodeOptions(**bad)
+    with pytest.raises(ConfigError):
+        options.replace(lookup_span=0)
+
+
+def test_phase_clock_charges_each_lap_to_its_phase() -> None:
+    from redrafter.decoding.prefill import PhaseClock
+
+    clock = PhaseClock()
+    clock.lap("draft")
+    clock.lap("verify")
+    clock.lap("draft")
+    assert set(clock.seconds) == {"draft", "verify"}
+    assert all(v >= 0.0 for v in clock.seconds.values())
