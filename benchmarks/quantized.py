@@ -78,6 +78,13 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=5, help="timing rounds")
     parser.add_argument("--block", type=int, default=20, help="calls per timing block")
+    parser.add_argument(
+        "--verify-tokens", default="1,6", help="comma list of chained tokens per timed verify"
+    )
+    parser.add_argument(
+        "--timing-only", action="store_true", help="skip drift and chain-vs-step (fast)"
+    )
+    parser.add_argument("--name", default="quantized", help="results file name [quantized]")
     args = parser.parse_args()
     from redrafter.bundle import load_bundle
     from redrafter.demo import find_demo_gguf
@@ -96,11 +103,13 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     runtimes = {n: OnnxRuntime(b) for n, b in bundles.items()}
     for n, rt in runtimes.items():
+        results[n] = {"size_mb": round(bundles[n].manifest.total_bytes / 1e6, 1)}
+        if args.timing_only:
+            continue
         drift = measure_drift(rt, reference, texts, precision=bundles[n].precision)
         chain = next_token_logits(rt, texts[0][:61])  # (61, V)
         steps = step_logits(rt, texts[0][:61])  # (61, V)
-        results[n] = {
-            "size_mb": round(bundles[n].manifest.total_bytes / 1e6, 1),
+        results[n] |= {
             "drift_top1": round(drift.top1, 4),
             "drift_mean_kl": round(drift.mean_kl, 4),
             "drift_positions": drift.positions,
@@ -109,14 +118,24 @@ def main() -> None:
         }
         print(n, results[n], flush=True)
     idle = idle_report(3.0)
-    calls = {f"{n} N={k}": verify_call(rt, k, 300) for n, rt in runtimes.items() for k in (1, 6)}
+    sizes = [int(t) for t in args.verify_tokens.split(",") if t.strip()]
+    calls = {f"{n} N={k}": verify_call(rt, k, 300) for n, rt in runtimes.items() for k in sizes}
     ms = time_alternating(calls, args.blocks, args.block)
     for n in runtimes:
-        for k in (1, 6):
+        for k in sizes:
             results[n][f"verify_ms_n{k}"] = round(statistics.median(ms[f"{n} N={k}"]), 2)
-        results[n]["verify6_over_verify1"] = round(
-            results[n]["verify_ms_n6"] / results[n]["verify_ms_n1"], 2
+        for k in sizes[1:]:  # each size against one token: what a tree of k tokens costs
+            results[n][f"verify{k}_over_verify1"] = round(
+                results[n][f"verify_ms_n{k}"] / results[n]["verify_ms_n1"], 2
+            )
+    if args.timing_only:
+        for n, r in results.items():
+            print(n, {k: v for k, v in r.items() if k.startswith("verify")})
+        save(
+            args.name,
+            {"machine": machine(), "idle_before_timing": idle, **vars(args), "results": results},
         )
+        return
     print(
         "\n| variant | size MB | top-1 | mean KL | chain vs step argmax | verify 1 tok ms | "
         "verify 6 tok ms | 6/1 |\n|---|---|---|---|---|---|---|---|"
@@ -125,7 +144,7 @@ def main() -> None:
         print(
             f"| {n} | {r['size_mb']} | {r['drift_top1']:.3f} | {r['drift_mean_kl']:.3f} | "
             f"{r['chain_vs_step_argmax']:.3f} | {r['verify_ms_n1']} | {r['verify_ms_n6']} | "
-            f"{r['verify6_over_verify1']} |"
+            f"{r.get('verify6_over_verify1')} |"
         )
     save(
         "quantized",
