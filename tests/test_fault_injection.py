@@ -35,7 +35,7 @@ from redrafter.bundle.names import (
 )
 from redrafter.bundle.store import load_bundle
 from redrafter.config import BeamShape
-from redrafter.models.checkpoints import sibling_copies, stale_copies
+from redrafter.files import sibling_copies, stale_copies
 from redrafter.train.trainer import TrainOptions, find_checkpoint, train_drafter
 
 from conftest import tiny_base, tiny_base_config
@@ -121,12 +121,12 @@ def marker_of(out: Path) -> str:
 
 @pytest.mark.parametrize("nth", [1, 2], ids=["before-swap", "mid-swap"])
 def test_killed_bundle_write_leaves_old_or_nothing_and_is_cleaned(tmp_path: Path, nth) -> None:
-    """os.replace #1 moves the old bundle aside, #2 moves the new one in: killed before either,
+    """os.rename #1 moves the old bundle aside, #2 moves the new one in: killed before either,
     `out` is the old bundle; killed between them, `out` is absent (the old one sits in a hidden
     sibling). Either way the next write succeeds and removes what the dead writer left."""
     out = tmp_path / "b"
     write_tiny_bundle(out, "old")
-    assert run_child("store", str(out), "replace", str(nth)) == -signal.SIGKILL
+    assert run_child("store", str(out), "rename", str(nth)) == -signal.SIGKILL
     if out.exists():
         assert marker_of(out) == "old"
     else:

@@ -31,10 +31,11 @@ from redrafter.bundle.names import (
     OPSET,
     TREE_ATTENTION,
 )
-from redrafter.bundle.store import OutputPathError, load_bundle, stale_writes
+from redrafter.bundle.store import OutputPathError, load_bundle
 from redrafter.config import BaseModelConfig, BeamShape, SamplingParams
 from redrafter.decoding.options import DecodeOptions
 from redrafter.errors import CheckpointError, ConfigError, RedrafterError, TokenizerError
+from redrafter.files import stale_copies
 from redrafter.models import checkpoints
 from redrafter.models.checkpoints import init_drafter, load_base, save_drafter
 from redrafter.models.tokenizer import find_tokenizer, load_tokenizer
@@ -366,7 +367,7 @@ def test_atomic_directory_respects_the_umask_and_cleans_stale_writers(tmp_path: 
     assert (out.stat().st_mode & 0o777) == 0o750
     assert load_bundle(out).has(BASE_ONNX)
     assert not stale.exists() and live.exists() and foreign.exists()
-    assert stale_writes(out) == []
+    assert stale_copies(out) == []
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from redrafter.bundle.manifest import BundleError, FileRecord, Manifest
 from redrafter.bundle.names import BASE_ONNX, MANIFEST
 from redrafter.config import BaseModelConfig, BeamShape, DrafterConfig
 from redrafter.errors import RedrafterError
-from redrafter.files import current_umask, pid_alive
+from redrafter.files import make_temp_dir, stale_copies, swap_into_place
 from redrafter.version import __version__
 
 
@@ -42,24 +41,6 @@ def sha256(path: Path) -> str:
 
 class OutputPathError(BundleError):
     """An export's output path holds something that is not a bundle (or holds its inputs)."""
-
-
-def stale_writes(out: Path) -> list[Path]:
-    """Hidden `.NAME.tmp-PID-*` / `.NAME.old-PID-*` siblings of `out` left by an export that
-    was killed (its PID is gone): safe to remove. Live writers' folders are never listed."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return []
-    stale = []
-    for p in out.parent.iterdir():
-        for kind in ("tmp", "old"):
-            prefix = f".{out.name}.{kind}-"
-            if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
-                continue
-            pid, sep, _ = p.name[len(prefix) :].partition("-")
-            if sep and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                stale.append(p)
-    return sorted(stale)
 
 
 def check_replaceable(out: Path) -> None:
@@ -85,8 +66,8 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
     failure remove it. An existing `out` is replaced only with `overwrite`, only if it is a
     bundle (`check_replaceable`), and only after the new one is complete. The new bundle gets
     the mode the umask gives a new folder. Temp folders of killed exports to the same `out`
-    (`stale_writes`) are removed after a successful write. A read-only or full disk is a
-    one-line BundleError."""
+    (`redrafter.files.stale_copies`) are removed after a successful write. A read-only or full
+    disk is a one-line BundleError."""
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not overwrite:
@@ -94,23 +75,11 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
         check_replaceable(out)
     tmp: Path | None = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())
+        tmp = make_temp_dir(out)
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)  # put the previous bundle back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
         tmp = None
-        for stale in stale_writes(out):
+        for stale in stale_copies(out):
             shutil.rmtree(stale, ignore_errors=True)
     except OSError as e:
         raise BundleError(

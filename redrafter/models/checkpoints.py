@@ -21,8 +21,6 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +35,7 @@ from redrafter.errors import (
     CheckpointError,
     DrafterMismatchError,
 )
-from redrafter.files import current_umask, pid_alive
+from redrafter.files import make_temp_dir, stale_copies, swap_into_place
 from redrafter.models.drafter import Drafter
 from redrafter.models.gguf import GGUF_MAGIC, gguf_config, gguf_reader, gguf_weights
 from redrafter.models.llama import Transformer
@@ -314,56 +312,6 @@ def _is_drafter_dir(folder: Path) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(raw, dict) and raw.get("model_type") == DRAFTER_MODEL_TYPE
-
-
-def sibling_copies(out: Path) -> list[Path]:
-    """The hidden siblings an interrupted writer of `out` may leave: `.NAME.tmp-PID-*` (a copy
-    being written) and `.NAME.old-PID-*` (the previous copy, moved aside during a swap)."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return []
-    return sorted(
-        p
-        for p in out.parent.iterdir()
-        if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")) and not p.is_symlink()
-    )
-
-
-def stale_copies(out: Path) -> list[Path]:
-    """`sibling_copies` whose writer (the PID in the name) is dead: safe to remove."""
-    stale = []
-    for p in sibling_copies(out):
-        rest = p.name[len(f".{out.name}.tmp-") :]  # same length for ".old-"
-        pid, sep, _ = rest.partition("-")
-        if sep and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            stale.append(p)
-    return stale
-
-
-def make_temp_dir(out: Path, kind: str = "tmp") -> Path:
-    """A new hidden folder `.NAME.KIND-PID-RANDOM` beside `out`, with the mode the umask gives
-    a new folder (mkdtemp's 0700 would hide the result from the user's group)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    return tmp
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the complete folder `tmp` to `out`. An existing `out` is first renamed to a
-    hidden `.NAME.old-PID-*` sibling, then removed: at every instant a complete copy (old or new)
-    sits at `out` or at that sibling, where `recover_copy` finds it after a crash."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old, out)  # put the previous copy back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def save_drafter(

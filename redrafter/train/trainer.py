@@ -33,13 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from redrafter.config import BeamShape, DrafterConfig
 from redrafter.errors import CheckpointError, ConfigError
-from redrafter.files import pid_alive
+from redrafter.files import pid_alive, sibling_copies, stale_copies
 from redrafter.models.checkpoints import (
     SAFETENSORS,
     load_drafter,
     save_drafter,
-    sibling_copies,
-    stale_copies,
 )
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
