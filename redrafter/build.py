@@ -50,7 +50,8 @@ from redrafter.validate.tensors import coreml_export_parity, onnx_export_parity
 
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
-    """What to export: targets, weight dtype, the drafter graph's static beam shape, packing."""
+    """What to export: targets, weight dtype, the drafter graphs' beam shapes, packing, and
+    weight-only quantization."""
 
     targets: tuple[str, ...] = ("onnx",)
     dtype: str = "float32"
