@@ -286,7 +286,31 @@ def _option(
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
-    help="Sample at this temperature (top-50 warped).",
+    help="Sample at this temperature (top-50 warped unless --top-k says otherwise).",
+)
+# Plain floats and ints, not click ranges: SamplingParams checks them, so a bad value is one
+# `error:` line (exit 2) before any model loads, like every other library-checked value.
+@click.option(
+    "--top-k",
+    type=int,
+    help="With --temperature: sample from the LLM's k most probable tokens [50, Apple's].",
+)
+@click.option(
+    "--top-p",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="With --temperature: nucleus sampling, the most probable tokens up to this "
+    "cumulative probability, in (0, 1] (after the temperature and --top-k).",
+)
+@click.option(
+    "--min-p",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="With --temperature: drop tokens less probable than this times the most probable "
+    "one, in [0, 1) (after --top-p). Speculative decoding with --acceptance exact keeps "
+    "every control exact.",
 )
 @_option("seed", "Random seed for sampling.")
 @click.option(
@@ -346,6 +370,9 @@ def generate(
     beam_length: int | None,
     greedy: bool,
     temperature: float | None,
+    top_k: int | None,
+    top_p: float,
+    min_p: float,
     seed: int | None,
     acceptance: str,
     packing: str | None,
@@ -362,8 +389,17 @@ def generate(
 ) -> None:
     """Generate text with speculative decoding (or the autoregressive baseline; a model
     without a drafter decodes autoregressively, saying so on stderr)."""
-    from redrafter.pipeline import check_options, decode_options, open_pipeline
+    from redrafter.pipeline import check_options, decode_options, open_pipeline, sampling_params
 
+    # Checked before anything else, so a bad --top-p is reported without loading a model.
+    sampling_params(
+        temperature=temperature,
+        seed=seed,
+        acceptance=acceptance,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+    )
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if greedy and temperature is not None:
@@ -403,6 +439,9 @@ def generate(
         speculative=not autoregressive,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
     )
     check_options(pipe.runtime, options)  # e.g. a beam shape the bundle lacks: before any output
     _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json)

@@ -44,6 +44,11 @@ MAX_SIZES = {
 MAX_SEED = 2**63 - 1  # numpy's Generator takes any non-negative int; keep it to 64 bits
 
 
+def _finite_real(value: Any) -> bool:
+    """A finite real number, not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_caps(obj: Any, *fields: str) -> None:
     for name in fields:
         value, cap = getattr(obj, name), MAX_SIZES[name]
@@ -348,12 +353,20 @@ Acceptance = Literal["exact", "apple"]
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """`temperature == 0` means greedy. `acceptance` picks the sampling rule:
-    `exact` (tree walk that preserves the target distribution) or `apple` (Apple's rule)."""
+    `exact` (tree walk that preserves the target distribution) or `apple` (Apple's rule).
+
+    `top_k`, `top_p` (nucleus) and `min_p` shape the LLM's sampling distribution P, in that order
+    after the temperature (`decoding.accept.target_probs`); every acceptance rule samples from
+    that P, so `exact` stays exact with them. Greedy ignores them (each keeps the argmax). The
+    defaults are Apple's top-50 warp alone: top_p 1 and min_p 0 cut nothing. The drafter keeps
+    its own top-50 warp whatever these are."""
 
     temperature: float = 0.0
     seed: int | None = None
     acceptance: Acceptance = "exact"
     top_k: int = TOP_K
+    top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if (
@@ -374,8 +387,22 @@ class SamplingParams:
             )
         if self.acceptance not in ("exact", "apple"):
             raise ConfigError(f"acceptance {self.acceptance!r} must be 'exact' or 'apple'")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ConfigError(f"top_k {self.top_k!r} must be an integer >= 1")
+        if (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, numbers.Integral)
+            or self.top_k < 1
+        ):
+            raise ConfigError(
+                f"top_k {self.top_k!r} must be an integer >= 1 (the default {TOP_K} is Apple's)"
+            )
+        if not _finite_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                f"top_p {self.top_p!r} must be a finite number in (0, 1] (1 keeps every token)"
+            )
+        if not _finite_real(self.min_p) or not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(
+                f"min_p {self.min_p!r} must be a finite number in [0, 1) (0 keeps every token)"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle.names import TOKENIZER_DIR
-from redrafter.config import BeamShape, SamplingParams
+from redrafter.config import TOP_K, BeamShape, SamplingParams
 from redrafter.decoding.driver import decode
 from redrafter.decoding.options import DecodeOptions
 from redrafter.decoding.output import Step
@@ -318,6 +318,27 @@ def open_pipeline(
     )
 
 
+def sampling_params(
+    *,
+    temperature: float | None = None,
+    seed: int | None = None,
+    acceptance: str = "exact",
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> SamplingParams:
+    """`SamplingParams` from per-run choices, checked (a bad value is a one-line ConfigError):
+    `temperature` None or 0 is greedy, `top_k` None is Apple's top-50 warp."""
+    return SamplingParams(
+        temperature=temperature or 0.0,
+        seed=seed,
+        acceptance=acceptance,  # type: ignore[arg-type]
+        top_k=TOP_K if top_k is None else top_k,
+        top_p=top_p,
+        min_p=min_p,
+    )
+
+
 def decode_options(
     defaults: DecodeOptions,
     *,
@@ -331,13 +352,24 @@ def decode_options(
     speculative: bool = True,
     prompt_lookup: bool = False,
     min_draft_prob: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> DecodeOptions:
     """`DecodeOptions` from per-run choices, the beam shape and packing left as None taken from
-    `defaults` (a pipeline's: e.g. a bundle's exported beam). `temperature` None or 0 is greedy."""
+    `defaults` (a pipeline's: e.g. a bundle's exported beam). `temperature` None or 0 is greedy;
+    the sampling controls are `sampling_params`'."""
     return DecodeOptions(
         max_new_tokens=max_new_tokens,
         beam=BeamShape(beam_width or defaults.beam.width, beam_length or defaults.beam.length),
-        sampling=SamplingParams(temperature=temperature or 0.0, seed=seed, acceptance=acceptance),  # type: ignore[arg-type]
+        sampling=sampling_params(
+            temperature=temperature,
+            seed=seed,
+            acceptance=acceptance,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+        ),
         packing=packing or defaults.packing,  # type: ignore[arg-type]
         speculative=speculative,
         prompt_lookup=prompt_lookup,

@@ -40,10 +40,69 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+# A prefix of the sorted probabilities whose float64 sum falls short of top_p by rounding
+# alone already reaches it (so P = [.5, .3, ...] with top_p .8 keeps two tokens, not three).
+_TOP_P_SLACK = 1e-12
+
+
+def top_p_filter(probs: np.ndarray, top_p: float, head: int | None = None) -> np.ndarray:
+    """Nucleus warp: keep the most probable tokens up to the first whose cumulative probability
+    reaches `top_p`, plus every token tied with the last one kept (as the top-k warp keeps ties,
+    so P does not depend on token order); zero the rest, renormalise. At least the most probable
+    token stays. probs (..., V) normalised -> (..., V).
+
+    `head`: look for the nucleus among the `head` most probable tokens first (after a top-k
+    warp it lies there), sorting the whole vocabulary only when they do not reach `top_p`; the
+    result is the same, a full sort of a 150k vocabulary per tree node is what it saves."""
+    V = probs.shape[-1]
+    if head is not None and head < V:
+        top = np.partition(probs, V - head, axis=-1)[..., V - head :]  # the head largest
+        cutoff, reached = _nucleus_cutoff(-np.sort(-top, axis=-1), top_p)
+        if reached.all():
+            return _renormalise(np.where(probs >= cutoff, probs, 0.0))
+    cutoff, _ = _nucleus_cutoff(-np.sort(-probs, axis=-1), top_p)
+    return _renormalise(np.where(probs >= cutoff, probs, 0.0))
+
+
+def _nucleus_cutoff(ordered: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """For descending `ordered` (..., n): the last probability the nucleus keeps (..., 1), and
+    whether the kept prefix reaches `top_p` within these n (..., 1)."""
+    cumulative = np.cumsum(ordered, axis=-1)
+    before = np.concatenate(  # the mass strictly above each sorted position
+        [np.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1
+    )
+    kept = np.maximum((before < top_p - _TOP_P_SLACK).sum(axis=-1, keepdims=True), 1)
+    reached = np.take_along_axis(cumulative, kept - 1, axis=-1) >= top_p - _TOP_P_SLACK
+    return np.take_along_axis(ordered, kept - 1, axis=-1), reached
+
+
+def min_p_filter(probs: np.ndarray, min_p: float) -> np.ndarray:
+    """Min-p warp: zero the tokens less probable than `min_p` times the most probable one,
+    renormalise. probs (..., V) normalised -> (..., V)."""
+    floor = min_p * probs.max(axis=-1, keepdims=True)
+    return _renormalise(np.where(probs >= floor, probs, 0.0))
+
+
+def _renormalise(probs: np.ndarray) -> np.ndarray:
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
 def target_probs(logits: np.ndarray, sampling: SamplingParams) -> np.ndarray:
-    """The LLM's sampling distribution P: top-k warp, then temperature. (..., V) -> (..., V)."""
+    """The LLM's sampling distribution P, (..., V) -> (..., V) float64: temperature, then the
+    top-k warp, then top-p (nucleus), then min-p, each renormalising. Every acceptance rule
+    and the autoregressive baseline sample from this P, so the controls hold for all of them.
+
+    The top-k cut is taken on the raw logits: dividing by a temperature > 0 keeps their order,
+    so it keeps the same tokens as cutting after it, and the default (top-50, top_p 1, min_p 0)
+    stays bit-identical to the P that has always been used. Top-p and min-p do depend on the
+    order, so they see the tempered, top-k warped distribution."""
     scaled = warp_logits(logits.astype(np.float64), sampling.top_k) / sampling.temperature
-    return np.exp(log_softmax(scaled))
+    probs = np.exp(log_softmax(scaled))
+    if sampling.top_p < 1.0:  # 1 keeps every token: skipped, so the default P is unchanged
+        probs = top_p_filter(probs, sampling.top_p, head=sampling.top_k)
+    if sampling.min_p > 0.0:  # likewise 0
+        probs = min_p_filter(probs, sampling.min_p)
+    return probs
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -55,7 +114,8 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
 def choose_token(
     logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator
 ) -> np.ndarray:
-    """The LLM's own next token per row: argmax (first max) or a sample from P. (B, V) -> (B,)."""
+    """The LLM's own next token per row: argmax (first max) or a sample from P. (B, V) -> (B,).
+    Greedy ignores top-k, top-p and min-p: each of them keeps the argmax."""
     if sampling.greedy:
         return logits.argmax(axis=-1).astype(np.int64)
     probs = target_probs(logits, sampling)
