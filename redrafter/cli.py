@@ -356,6 +356,19 @@ def _option(
     "A bundle has the dtype it was exported in.",
     choices=["float32", "float16", "bfloat16"],
 )
+@click.option(
+    "--stop",
+    multiple=True,
+    help="Stop as soon as the text contains TEXT (repeatable); the output ends before it.",
+)
+@click.option(
+    "--stop-id",
+    "stop_ids",
+    type=int,
+    multiple=True,
+    help="Stop at this token id, kept (repeatable).",
+)
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS (--stop-id still stops).")
 @click.option("--stats", is_flag=True, help="Print tokens/step, tokens/s and acceptance to stderr.")
 @_option("json", "Print one JSON object instead of text.", dest="as_json", is_flag=True)
 def generate(
@@ -384,12 +397,26 @@ def generate(
     allow_cpu_fallback: bool,
     threads: int | None,
     dtype: str | None,
+    stop: tuple[str, ...],
+    stop_ids: tuple[int, ...],
+    ignore_eos: bool,
     stats: bool,
     as_json: bool,
 ) -> None:
     """Generate text with speculative decoding (or the autoregressive baseline; a model
     without a drafter decodes autoregressively, saying so on stderr)."""
-    from redrafter.pipeline import check_options, decode_options, open_pipeline, sampling_params
+    from redrafter.decoding.options import DecodeOptions
+    from redrafter.pipeline import (
+        check_options,
+        check_stops,
+        decode_options,
+        open_pipeline,
+        sampling_params,
+    )
+
+    # Checked before any model loads, so a bad value is one `error:` line at once.
+    check_stops(stop)
+    DecodeOptions(stop_token_ids=stop_ids, ignore_eos=ignore_eos)
 
     # Checked before anything else, so a bad --top-p is reported without loading a model.
     sampling_params(
@@ -442,38 +469,70 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
+        stop_token_ids=stop_ids,
+        ignore_eos=ignore_eos,
     )
     check_options(pipe.runtime, options)  # e.g. a beam shape the bundle lacks: before any output
-    _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json)
+    _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json, stop=stop)
 
 
 def _run(
-    pipe: Any, prompt: Any, options: Any, *, chat: bool, show_stats: bool, as_json: bool
+    pipe: Any,
+    prompt: Any,
+    options: Any,
+    *,
+    chat: bool,
+    show_stats: bool,
+    as_json: bool,
+    stop: tuple[str, ...] = (),
 ) -> None:
     """Stream one prompt's generation to stdout (text, or ids without a tokenizer), then the
-    JSON object (--json) or the stats (--stats, to stderr)."""
+    JSON object (--json) or the stats (--stats, to stderr). `stop`: stop strings, ending the
+    decode at the first one (`Pipeline.generate`'s rule for the text and ids)."""
+    from redrafter.errors import TokenizerError
     from redrafter.models.tokenizer import StreamDecoder
-    from redrafter.pipeline import generation_record, run_stats, stats_text
+    from redrafter.pipeline import StopScan, generation_record, run_stats, stats_text
 
+    if stop and pipe.tokenizer is None:
+        raise TokenizerError("--stop needs a tokenizer; use --stop-id for token ids")
+    scan = StopScan(pipe.tokenizer, stop) if stop else None
     stream = (
         None
-        if as_json or pipe.tokenizer is None
+        if as_json or pipe.tokenizer is None or scan is not None
         else StreamDecoder(pipe.tokenizer, skip_special_tokens=True)
     )
-    steps, ids = [], []
+    steps, ids, sent = [], [], 0
     start = time.perf_counter()
-    for step in pipe.stream([prompt], options, chat=chat):
-        steps.append(step)
-        ids.extend(step.new_tokens[0])
-        if stream is not None:
-            click.echo(stream.push(step.new_tokens[0]), nl=False)
-            sys.stdout.flush()  # stream as tokens are accepted
-        elif not as_json:
-            click.echo(" ".join(map(str, step.new_tokens[0])) + " ", nl=False)
+    decoding = pipe.stream([prompt], options, chat=chat)
+    try:
+        for step in decoding:
+            steps.append(step)
+            ids.extend(step.new_tokens[0])
+            if scan is not None:
+                scan.push(step.new_tokens[0])
+                if not as_json:  # only text that can no longer turn into a stop
+                    click.echo(scan.text[sent : scan.safe_length()], nl=False)
+                    sent = max(sent, scan.safe_length())
+                    sys.stdout.flush()
+                if scan.stopped:
+                    break  # closing the stream below ends the decode here
+            elif stream is not None:
+                click.echo(stream.push(step.new_tokens[0]), nl=False)
+                sys.stdout.flush()  # stream as tokens are accepted
+            elif not as_json:
+                click.echo(" ".join(map(str, step.new_tokens[0])) + " ", nl=False)
+    finally:
+        decoding.close()
     summary = run_stats(pipe, steps, options, wall_seconds=time.perf_counter() - start)
+    if scan is not None:
+        scan.finish()
+        ids = scan.kept_ids()
     if as_json:
-        click.echo(json.dumps(generation_record(pipe, ids, summary)))
+        text = None if scan is None else scan.text
+        click.echo(json.dumps(generation_record(pipe, ids, summary, text=text)))
         return
+    if scan is not None:
+        click.echo(scan.text[sent:], nl=False)
     if stream is not None:
         click.echo(stream.flush(), nl=False)
     click.echo()

@@ -120,10 +120,13 @@ class Pipeline:
         options: DecodeOptions | None = None,
         *,
         chat: bool = False,
+        stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Stream the text of one prompt's generation as it is accepted: the pieces concatenate
         to the full decode (multi-byte characters split across steps are held back until
-        complete, `StreamDecoder`). One prompt only; needs a tokenizer."""
+        complete, `StreamDecoder`). One prompt only; needs a tokenizer. `stop`: decoding ends
+        as soon as the text contains one of these strings; the text streamed ends just before
+        it (text that could be the start of a stop is held back until it is known not to be)."""
         if len(prompts) != 1:
             raise ConfigError(
                 f"stream_text streams one prompt, got {len(prompts)}; call it per prompt "
@@ -131,10 +134,11 @@ class Pipeline:
             )
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer; use stream() for token ids")
-        return _text_pieces(
-            self.stream(prompts, options, chat=chat),
-            StreamDecoder(self.tokenizer, skip_special_tokens=True),
-        )
+        stops = check_stops(stop)
+        steps = self.stream(prompts, options, chat=chat)
+        if stops:
+            return _stopped_pieces(steps, StopScan(self.tokenizer, stops))
+        return _text_pieces(steps, StreamDecoder(self.tokenizer, skip_special_tokens=True))
 
     def generate(
         self,
@@ -142,16 +146,44 @@ class Pipeline:
         options: DecodeOptions | None = None,
         *,
         chat: bool = False,
+        stop: Sequence[str] = (),
     ) -> Generation:
-        """Run to completion; returns ids, texts and stats."""
+        """Run to completion; returns ids, texts and stats. `stop`: a row ends as soon as its
+        decoded text contains one of these strings (matched across token boundaries); its
+        text is cut just before the stop, and its token_ids keep the tokens whose text ends
+        at or before the stop's start (a token straddling the stop's start is dropped, though
+        its text before the stop stays in `texts`). Decoding ends once every row has stopped
+        (by stop string, stop id or max_new_tokens); stats count the steps actually run."""
         options = options or self.defaults
-        steps = list(self.stream(prompts, options, chat=chat))
+        stops = check_stops(stop)
+        if stops and self.tokenizer is None:
+            raise TokenizerError("stop strings need a tokenizer; use stop_token_ids instead")
+        stream = self.stream(prompts, options, chat=chat)
+        scans = [StopScan(self.tokenizer, stops) for _ in prompts] if stops else []
+        steps: list[Step] = []
+        try:
+            for step in stream:
+                steps.append(step)
+                for scan, new in zip(scans, step.new_tokens, strict=bool(scans)):
+                    scan.push(new)
+                # Rows that hit a stop string are done; the runtime decodes the batch until
+                # all are (or the driver's own stops end it), then the stream is closed.
+                if scans and all(scan.stopped for scan in scans):
+                    break
+        finally:
+            stream.close()  # type: ignore[attr-defined]  # releases the lock at once
         token_ids = [sum((s.new_tokens[b] for s in steps), []) for b in range(len(prompts))]
-        texts = (
-            None
-            if self.tokenizer is None
-            else [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
-        )
+        if scans:
+            for scan in scans:
+                scan.finish()
+            token_ids = [scan.kept_ids() for scan in scans]
+            texts: list[str] | None = [scan.text for scan in scans]
+        else:
+            texts = (
+                None
+                if self.tokenizer is None
+                else [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+            )
         stats = summarize(steps, beam_length=options.beam_length)
         return Generation(token_ids, texts, stats)
 
@@ -355,10 +387,13 @@ def decode_options(
     top_k: int | None = None,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
 ) -> DecodeOptions:
     """`DecodeOptions` from per-run choices, the beam shape and packing left as None taken from
     `defaults` (a pipeline's: e.g. a bundle's exported beam). `temperature` None or 0 is greedy;
-    the sampling controls are `sampling_params`'."""
+    the sampling controls are `sampling_params`'; `stop_token_ids` and `ignore_eos` are
+    `DecodeOptions`'."""
     return DecodeOptions(
         max_new_tokens=max_new_tokens,
         beam=BeamShape(beam_width or defaults.beam.width, beam_length or defaults.beam.length),
@@ -374,6 +409,8 @@ def decode_options(
         speculative=speculative,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=ignore_eos,
     )
 
 
@@ -396,12 +433,14 @@ def run_stats(
 
 
 def generation_record(
-    pipe: Pipeline, token_ids: Sequence[int], stats: dict[str, Any]
+    pipe: Pipeline, token_ids: Sequence[int], stats: dict[str, Any], *, text: str | None = None
 ) -> dict[str, Any]:
     """The JSON object `redrafter generate --json` prints for one prompt: `token_ids`, `text`
-    (None without a tokenizer) and `stats` (see `run_stats`)."""
+    (given, e.g. cut at a stop string, or decoded from the ids; None without a tokenizer) and
+    `stats` (see `run_stats`)."""
     ids = [int(t) for t in token_ids]
-    text = None if pipe.tokenizer is None else pipe.tokenizer.decode(ids, skip_special_tokens=True)
+    if text is None and pipe.tokenizer is not None:
+        text = pipe.tokenizer.decode(ids, skip_special_tokens=True)
     return {"token_ids": ids, "text": text, "stats": stats}
 
 
@@ -470,6 +509,88 @@ def check_options(runtime: Runtime, options: DecodeOptions) -> None:
             f"graph in this bundle, which has {shapes}; pass one of those to --beam-width/"
             "--beam-length, or re-export with it"
         )
+
+
+def check_stops(stop: Sequence[str]) -> tuple[str, ...]:
+    """Stop strings, checked: a sequence of non-empty strings (a bare string is refused, since
+    it would be read as its characters)."""
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"stop {stop!r} must be a list of non-empty strings")
+    return tuple(stop)
+
+
+class StopScan:
+    """One row's decoded text, checked for stop strings as tokens arrive.
+
+    Text comes from a `StreamDecoder`, so the check sees exactly the text a full decode gives,
+    and each push searches only the new text plus the few characters before it where a stop
+    could have begun (a stop split across tokens or steps is still found)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._longest = max(len(s) for s in stops)
+
+    def push(self, ids: Sequence[int]) -> None:
+        """Add a step's tokens (ignored once stopped); cuts the text at a stop found."""
+        if self.stopped or not ids:
+            return
+        self.ids.extend(int(t) for t in ids)
+        self._scan(self.decoder.push(list(ids)))
+
+    def finish(self) -> None:
+        """Take in the text the decoder held back (an incomplete character at the end)."""
+        if not self.stopped:
+            self._scan(self.decoder.flush())
+
+    def _scan(self, piece: str) -> None:
+        start = max(0, len(self.text) - self._longest + 1)
+        self.text += piece
+        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+
+    def safe_length(self) -> int:
+        """How much of the text is final: all of it once stopped, else all but the tail that
+        could still grow into a stop."""
+        return len(self.text) if self.stopped else max(0, len(self.text) - self._longest + 1)
+
+    def kept_ids(self) -> list[int]:
+        """The tokens whose text ends at or before the cut (all of them without a stop)."""
+        if not self.stopped:
+            return list(self.ids)
+        k = len(self.ids)
+        # Text grows with the prefix, so the longest prefix that fits is found walking back.
+        while k > 0 and len(self._decode(self.ids[:k])) > len(self.text):
+            k -= 1
+        return self.ids[:k]
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _stopped_pieces(steps: Iterator[Step], scan: StopScan) -> Iterator[str]:
+    """Row 0's text per step up to its first stop string, then the stream is closed (decoding
+    ends there); text that may begin a stop is held back until it is known not to."""
+    sent = 0
+    try:
+        for step in steps:
+            scan.push(step.new_tokens[0])
+            end = scan.safe_length()
+            if end > sent:
+                yield scan.text[sent:end]
+                sent = end
+            if scan.stopped:
+                return
+        scan.finish()
+        if len(scan.text) > sent:
+            yield scan.text[sent:]
+    finally:
+        steps.close()  # type: ignore[attr-defined]  # ends the decode and frees the lock
 
 
 def _text_pieces(steps: Iterator[Step], decoder: StreamDecoder) -> Iterator[str]:

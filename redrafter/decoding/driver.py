@@ -35,8 +35,11 @@ def decode(
     eos_token_ids: Sequence[int] = (),
 ) -> Iterator[Step]:
     """Decode token-id prompts (a batch; ragged lengths are fine) on `runtime` as `options`
-    say, yielding one `Step` per runtime round trip; a row stops at any of `eos_token_ids` or
-    after `options.max_new_tokens` tokens."""
+    say, yielding one `Step` per runtime round trip; a row stops at any of `eos_token_ids`
+    (unless `options.ignore_eos`) or `options.stop_token_ids` (the stop id kept), or after
+    `options.max_new_tokens` tokens."""
+    # Resolved once here so both loops' OutputStream apply the very same stops.
+    eos_token_ids = options.stop_ids(eos_token_ids)
     if options.speculative:
         return speculative_decode(runtime, prompts, options, eos_token_ids=eos_token_ids)
     return autoregressive_decode(runtime, prompts, options, eos_token_ids=eos_token_ids)

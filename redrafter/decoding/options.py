@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding.lookup import SPAN_PER_NGRAM
@@ -20,7 +21,9 @@ class DecodeOptions:
     `beam`, `packing`, `prompt_lookup`, `min_draft_prob` and `lookup_span` apply to speculative
     decoding only: `prompt_lookup` adds an n-gram draft of the row's own text as one more beam,
     `lookup_span` tokens per matched n-gram token (lookup.py); `min_draft_prob` > 0 cuts each
-    drafter beam where its cumulative draft probability falls below it (prune.py)."""
+    drafter beam where its cumulative draft probability falls below it (prune.py).
+    `stop_token_ids` end a row as EOS does and `ignore_eos` stops EOS from ending one, the same
+    way in both modes (`stop_ids`)."""
 
     max_new_tokens: int = 64
     speculative: bool = True
@@ -30,8 +33,25 @@ class DecodeOptions:
     prompt_lookup: bool = False
     min_draft_prob: float = 0.0
     lookup_span: int = SPAN_PER_NGRAM
+    stop_token_ids: tuple[int, ...] = ()  # stop a row like EOS does (the id is kept)
+    ignore_eos: bool = False  # EOS ids no longer stop a row; stop_token_ids still do
+
+    def stop_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
+        """The ids that end a row: the model's EOS ids (unless `ignore_eos`) plus
+        `stop_token_ids`."""
+        eos = () if self.ignore_eos else tuple(int(t) for t in eos_token_ids)
+        return tuple(sorted({*eos, *self.stop_token_ids}))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ignore_eos, bool):
+            raise ConfigError(f"ignore_eos {self.ignore_eos!r} must be True or False")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
+            for t in self.stop_token_ids
+        ):
+            raise ConfigError(
+                f"stop_token_ids {self.stop_token_ids!r} must be a tuple of integers >= 0"
+            )
         if not isinstance(self.max_new_tokens, numbers.Integral) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens {self.max_new_tokens!r} must be an integer >= 1")
         if self.packing not in ("dedup", "full"):
