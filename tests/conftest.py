@@ -214,3 +214,29 @@ def coreml_bundle32(tiny_checkpoints: tuple[Path, Path, Path]):
     return export_bundle(
         base_dir, root / "coreml-bundle32", drafter_path=drafter_dir, options=options
     )
+
+
+def tiny_manifest(**changes: Any):  # type: ignore[no-untyped-def]
+    """A valid `Manifest` of the tiny base config (ONNX target, no drafter, no files) that
+    tests change field by field (`files=...`, `beam=...`) to build bundles by hand."""
+    import dataclasses
+
+    from redrafter.bundle import Manifest, OnnxRecord, OpRecord
+    from redrafter.bundle import names as n
+
+    manifest = Manifest(
+        base_config=tiny_base_config(),
+        base_source=None,
+        drafter_config=None,
+        drafter_source=None,
+        beam=BeamShape(),
+        drafters=(),
+        packing="dedup",
+        dtype="float32",
+        targets=("onnx",),
+        onnx=OnnxRecord(n.OPSET, n.IR_VERSION),
+        coreml=None,
+        custom_op=OpRecord(n.OP_DOMAIN, n.TREE_ATTENTION, n.OP_VERSION),
+        files={},
+    )
+    return dataclasses.replace(manifest, **changes)

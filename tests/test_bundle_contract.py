@@ -14,15 +14,13 @@ from redrafter.bundle import (
     BundleError,
     DrafterGraph,
     Manifest,
-    OnnxRecord,
-    OpRecord,
     load_bundle,
     write_manifest,
 )
 from redrafter.bundle import names as n
 from redrafter.config import BeamShape
 
-from conftest import tiny_base_config
+from conftest import tiny_manifest
 
 BEAM = BeamShape(2, 3)
 
@@ -32,21 +30,7 @@ def make_bundle(root: Path) -> Manifest:
     (root / n.ONNX_DIR).mkdir(parents=True)
     for rel in (n.BASE_ONNX, n.drafter_graph_file(BEAM), n.WEIGHTS_DATA):
         (root / rel).write_bytes(rel.encode())
-    manifest = Manifest(
-        base_config=tiny_base_config(),
-        base_source=None,
-        drafter_config=None,
-        drafter_source=None,
-        beam=BEAM,
-        drafters=(DrafterGraph(BEAM, n.drafter_graph_file(BEAM)),),
-        packing="dedup",
-        dtype="float32",
-        targets=("onnx",),
-        onnx=OnnxRecord(n.OPSET, n.IR_VERSION),
-        coreml=None,
-        custom_op=OpRecord(n.OP_DOMAIN, n.TREE_ATTENTION, n.OP_VERSION),
-        files={},
-    )
+    manifest = tiny_manifest(beam=BEAM, drafters=(DrafterGraph(BEAM, n.drafter_graph_file(BEAM)),))
     return write_manifest(root, manifest)
 
 

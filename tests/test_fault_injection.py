@@ -24,21 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from redrafter.bundle import Manifest, OnnxRecord, OpRecord, atomic_directory, write_manifest
+from redrafter.bundle import atomic_directory, write_manifest
 from redrafter.bundle.names import (
     BASE_ONNX,
-    IR_VERSION,
-    OP_DOMAIN,
-    OP_VERSION,
-    OPSET,
-    TREE_ATTENTION,
 )
 from redrafter.bundle.store import load_bundle
 from redrafter.config import BeamShape
 from redrafter.files import sibling_copies, stale_copies
 from redrafter.train.trainer import TrainOptions, find_checkpoint, train_drafter
 
-from conftest import tiny_base, tiny_base_config
+from conftest import tiny_base, tiny_manifest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -87,24 +82,6 @@ def run_child(*args: str) -> int:
 
 
 # --------------------------------------------------------------------------- bundles
-
-
-def tiny_manifest() -> Manifest:
-    return Manifest(
-        base_config=tiny_base_config(),
-        base_source=None,
-        drafter_config=None,
-        drafter_source=None,
-        beam=BeamShape(),
-        drafters=(),
-        packing="dedup",
-        dtype="float32",
-        targets=("onnx",),
-        onnx=OnnxRecord(OPSET, IR_VERSION),
-        coreml=None,
-        custom_op=OpRecord(OP_DOMAIN, TREE_ATTENTION, OP_VERSION),
-        files={},
-    )
 
 
 def write_tiny_bundle(out: Path, marker: str) -> None:

@@ -21,15 +21,10 @@ import pytest
 import torch
 
 from redrafter.build import export_bundle
-from redrafter.bundle import Manifest, OnnxRecord, OpRecord, atomic_directory, write_manifest
+from redrafter.bundle import Manifest, atomic_directory, write_manifest
 from redrafter.bundle.manifest import BundleError
 from redrafter.bundle.names import (
     BASE_ONNX,
-    IR_VERSION,
-    OP_DOMAIN,
-    OP_VERSION,
-    OPSET,
-    TREE_ATTENTION,
 )
 from redrafter.bundle.store import OutputPathError, load_bundle
 from redrafter.config import BaseModelConfig, BeamShape, SamplingParams
@@ -41,7 +36,7 @@ from redrafter.models.checkpoints import init_drafter, load_base, save_drafter
 from redrafter.models.tokenizer import find_tokenizer, load_tokenizer
 from redrafter.pipeline import Pipeline
 
-from conftest import tiny_base, tiny_base_config, write_hf_checkpoint
+from conftest import tiny_base, tiny_base_config, tiny_manifest, write_hf_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -92,26 +87,11 @@ def test_good_option_values_pass() -> None:
 # --------------------------------------------------------------------------- manifests
 
 
-def tiny_manifest() -> dict[str, Any]:
+def manifest_dict() -> dict[str, Any]:
     """A well-formed manifest dict (one listed file) to break in the cases below."""
     from redrafter.bundle import FileRecord
 
-    manifest = Manifest(
-        base_config=tiny_base_config(),
-        base_source=None,
-        drafter_config=None,
-        drafter_source=None,
-        beam=BeamShape(),
-        drafters=(),
-        packing="dedup",
-        dtype="float32",
-        targets=("onnx",),
-        onnx=OnnxRecord(OPSET, IR_VERSION),
-        coreml=None,
-        custom_op=OpRecord(OP_DOMAIN, TREE_ATTENTION, OP_VERSION),
-        files={BASE_ONNX: FileRecord("0" * 64, 1)},
-    )
-    return manifest.to_dict()
+    return tiny_manifest(files={BASE_ONNX: FileRecord("0" * 64, 1)}).to_dict()
 
 
 def _set(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -158,7 +138,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("path,value", MALFORMED, ids=[f"{p}={v!r}"[:40] for p, v in MALFORMED])
 def test_malformed_manifest_is_one_bundle_error(path: str, value: Any) -> None:
-    raw = _set(tiny_manifest(), path, value)
+    raw = _set(manifest_dict(), path, value)
     with pytest.raises(RedrafterError) as info:
         Manifest.from_dict(raw, "m")
     one_line(info.value)
@@ -172,7 +152,7 @@ def test_any_json_value_as_manifest_is_a_bundle_error(raw: Any) -> None:
 
 
 def test_tiny_manifest_parses() -> None:
-    assert Manifest.from_dict(tiny_manifest(), "m").dtype == "float32"
+    assert Manifest.from_dict(manifest_dict(), "m").dtype == "float32"
 
 
 # --------------------------------------------------------------------------- sharded index
@@ -345,7 +325,7 @@ def test_overwrite_refuses_anything_but_a_bundle(tmp_path: Path, checkpoint: Pat
 def _write_tiny_bundle(tmp: Path, marker: str) -> None:
     (tmp / BASE_ONNX).parent.mkdir(parents=True)
     (tmp / BASE_ONNX).write_text(marker)
-    write_manifest(tmp, Manifest.from_dict({**tiny_manifest(), "files": {}}, "m"))
+    write_manifest(tmp, Manifest.from_dict({**manifest_dict(), "files": {}}, "m"))
 
 
 def test_atomic_directory_respects_the_umask_and_cleans_stale_writers(tmp_path: Path) -> None:
