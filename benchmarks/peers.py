@@ -630,7 +630,8 @@ def run_ours(
     )
     for impl in impls:
         rt = OnnxRuntime(bundle, native=impl == "native", threads=threads)
-        log(f"ours: onnxruntime {rt.implementation}, {len(usable)} beam shape(s)")
+        log(f"ours: onnxruntime {rt.implementation}, {len(usable)} beam shape(s), int4 {rt.int4}")
+        out["int4_kernel"] = rt.int4  # 'redrafter' (MatMulInt4), 'onnxruntime' or None
         before = cpu_seconds()
         results = run_configs(
             rt,

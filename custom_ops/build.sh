@@ -10,6 +10,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 src="$root/custom_ops/tree_attention"
+int4="$root/custom_ops/matmul_int4"
 out="$(mkdir -p "${1:-$root/build/ops}" && cd "${1:-$root/build/ops}" && pwd)"
 obj="$out/obj"
 mkdir -p "$obj"
@@ -27,7 +28,7 @@ arch_flags=()
 # that their calling convention differs between the clones, which never call each other.
 cxxflags=(-std=c++17 -O3 "${arch_flags[@]}" -fPIC -pthread -fvisibility=hidden
           -fopenmp-simd -fno-trapping-math -Wall -Wextra -Wno-unused-parameter -Wno-psabi
-          -I"$src" -I"$ort_include")
+          -I"$src" -I"$int4" -I"$ort_include")
 
 nvcc=""
 if [[ "${REDRAFTER_OPS_NO_CUDA:-0}" != "1" ]]; then
@@ -40,9 +41,12 @@ fi
 start=$SECONDS
 pids=()
 objects=()
-compile_cxx() {  # source file name in $src
-  local name="${1%.cc}"
-  "$CXX" "${cxxflags[@]}" -c "$src/$1" -o "$obj/$name.o" &
+compile_cxx() {  # source file name in $src (or a path under custom_ops/)
+  local name path
+  name="$(basename "${1%.cc}")"
+  path="$src/$1"
+  [[ -f "$path" ]] || path="$root/custom_ops/$1"
+  "$CXX" "${cxxflags[@]}" -c "$path" -o "$obj/$name.o" &
   pids+=($!)
   objects+=("$obj/$name.o")
 }
@@ -58,7 +62,7 @@ if [[ -n "$nvcc" ]]; then
   objects+=("$obj/tree_attention_cuda.o")
 fi
 for file in tree_attention_cpu.cc tree_attention_rotary_cpu.cc kv_commit_cpu.cc tree_attention_emulation.cc \
-    c_api.cc register_ops.cc; do
+    c_api.cc register_ops.cc matmul_int4/matmul_int4_cpu.cc; do
   compile_cxx "$file"
 done
 

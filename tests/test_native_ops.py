@@ -625,3 +625,103 @@ def test_cuda_kv_commit_matches_reference(lib):
     )
     assert rc == 0, lib.rd_last_error().decode()
     np.testing.assert_array_equal(dev.cpu().numpy(), want)
+
+
+# ---- batch invariance: what lossless speculation on int8-quantized activations needs ---------
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2", "base"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("past", [60, 1020])  # one key split; a chain across the 1024 boundary
+def test_cpu_kernel_gives_a_row_the_same_bits_in_a_chain_and_alone(
+    lib, dtype, isa, past, monkeypatch
+):
+    """N chained queries verified in one call give bit-for-bit what each gives when run alone
+    after the previous ones were written to the cache (tiles and key splits sit at absolute key
+    positions, never chosen from N)."""
+    if isa != "best":
+        monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
+    rng = np.random.default_rng(3)
+    B, Hq, Hkv, D, N = 1, 6, 2, 32, 9
+    S = past + N + 4
+    q = rng.standard_normal((B, Hq, N, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, N, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, N, D)).astype(dtype)
+    caches = [rng.standard_normal((B, Hkv, S, D)).astype(dtype) for _ in range(2)]
+    kc, vc = caches[0].copy(), caches[1].copy()
+    mask = np.tril(np.ones((B, N, N), bool))
+    chain = ops.tree_attention_host(lib, q, k, v, kc, vc, np.array([past]), mask)
+    kc, vc = caches[0].copy(), caches[1].copy()
+    alone = [
+        ops.tree_attention_host(
+            lib,
+            *(np.ascontiguousarray(x[:, :, i : i + 1]) for x in (q, k, v)),
+            kc,
+            vc,
+            np.array([past + i]),
+            np.ones((B, 1, 1), bool),
+        )
+        for i in range(N)
+    ]
+    np.testing.assert_array_equal(chain, np.concatenate(alone, axis=2))
+
+
+def _matmul_nbits_model(tmp_path: Path, K: int, N: int, *, symmetric: bool, block: int) -> Path:
+    """One MatMul of a random (K, N) weight, quantized by ONNX Runtime's own quantizer."""
+    from onnx import numpy_helper
+
+    from redrafter.export.quantize import quantization, quantize_graph
+
+    w = np.random.default_rng(K + N).standard_normal((K, N)).astype(np.float32) * 0.05
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"])],
+        "matmul",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    q = quantization("int4", block_size=block, symmetric=symmetric)
+    path = tmp_path / f"matmul-{K}-{N}-{symmetric}-{block}.onnx"
+    onnx.save(quantize_graph(model, q), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "K, N, symmetric, block",
+    [(64, 48, True, 32), (100, 200, False, 32), (96, 130, True, 64), (128, 40, False, 128)],
+)
+def test_matmul_int4_matches_matmul_nbits_bit_for_bit_across_rows(
+    lib, tmp_path, monkeypatch, K, N, symmetric, block
+) -> None:
+    """redrafter::MatMulInt4 (swapped in for MatMulNBits by the runtime) agrees with ONNX
+    Runtime's kernel to the rounding of int8 activations, and every row's bits are the same
+    whether it runs alone or with others, on the AVX-512 VNNI path and the portable loop."""
+    from redrafter.runtimes.onnxruntime import EXTERNAL_DATA_FOLDER, with_int4_kernel
+
+    path = _matmul_nbits_model(tmp_path, K, N, symmetric=symmetric, block=block)
+    swapped = with_int4_kernel(path)
+    assert swapped is not None
+    assert [node.op_type for node in onnx.load_from_string(swapped).graph.node] == ["MatMulInt4"]
+
+    def session(model) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        ops.register(options, required=True)
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(tmp_path))
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    a = np.random.default_rng(7).standard_normal((7, K)).astype(np.float32)
+    a[3, :32] = 0.0  # an all-zero activation block
+    reference = session(str(path)).run(None, {"A": a})[0]
+    outputs = {}
+    for isa in ("best", "base"):
+        if isa == "base":
+            monkeypatch.setenv("REDRAFTER_CPU_ISA", "base")
+        ours = session(swapped)
+        together = ours.run(None, {"A": a})[0]
+        alone = np.concatenate([ours.run(None, {"A": a[i : i + 1]})[0] for i in range(len(a))])
+        np.testing.assert_array_equal(together, alone)
+        outputs[isa] = together
+    np.testing.assert_array_equal(outputs["best"], outputs["base"])
+    assert np.abs(outputs["best"] - reference).max() < 0.02 * np.abs(reference).max()

@@ -10,6 +10,7 @@
 #define REDRAFTER_OP_DOMAIN "redrafter"
 #define REDRAFTER_TREE_ATTENTION_OP "TreeAttention"
 #define REDRAFTER_KV_COMMIT_OP "KVCommit"
+#define REDRAFTER_MATMUL_INT4_OP "MatMulInt4"  // MatMulNBits (bits 4) swapped in on the CPU
 #define REDRAFTER_OP_VERSION 2  // the newest TreeAttention version implemented (1 and 2 are)
 
 // Element types, numbered as ONNX's TensorProto.DataType.

@@ -1,4 +1,5 @@
-// Registers redrafter::TreeAttention and redrafter::KVCommit (tree_attention.h) with ONNX Runtime:
+// Registers redrafter::TreeAttention, redrafter::KVCommit (tree_attention.h) and redrafter::MatMulInt4
+// (matmul_int4.h, CPU and float32 only) with ONNX Runtime:
 // float32 and float16 kernels for the CPU execution provider and, when built with nvcc, for the
 // CUDA execution provider. ORT picks the kernel by the node's element type and provider.
 //
@@ -8,12 +9,15 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <functional>
 #include <mutex>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "matmul_int4.h"
 #include "tree_attention.h"
 
 namespace redrafter {
@@ -318,6 +322,112 @@ struct KVCommitOp
   ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 };
 
+// ---- MatMulInt4 ------------------------------------------------------------------------------
+
+// MatMulNBits' inputs and attributes (matmul_int4.h). The weight is constant (an initializer):
+// it is re-laid once, on the first call, and again only if ORT hands a different buffer.
+struct MatMulInt4Kernel {
+  MatMulInt4Kernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo k(info);
+    K_ = k.GetAttribute<int64_t>("K");
+    N_ = k.GetAttribute<int64_t>("N");
+    block_size_ = k.GetAttribute<int64_t>("block_size");
+    bits_ = k.GetAttribute<int64_t>("bits");
+  }
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded([&]() -> OrtStatus* {
+      constexpr const char* op = "MatMulInt4";
+      Ort::KernelContext ctx(context);
+      std::string err = check_matmul_int4(K_, N_, block_size_, bits_);
+      if (!err.empty()) return error_status(err);
+      const Input a = get_input(ctx, 0), b = get_input(ctx, 1), s = get_input(ctx, 2);
+      const int64_t KB = (K_ + block_size_ - 1) / block_size_;
+      if (a.shape.empty() || a.shape.back() != K_)
+        return error_status(std::string(op) + ": A has shape " + shape_string(a.shape) +
+                            ", expected [..., K=" + std::to_string(K_) + "]");
+      err = expect_shape(op, "B", b, {N_, KB, block_size_ / 2});
+      if (err.empty()) {
+        int64_t count = 1;
+        for (int64_t d : s.shape) count *= d;
+        if (count != N_ * KB)
+          err = std::string(op) + ": scales has shape " + shape_string(s.shape) + ", expected " +
+                std::to_string(N_ * KB) + " values";
+      }
+      const uint8_t* zero_points = nullptr;
+      const float* bias = nullptr;
+      if (ctx.GetInputCount() > 3 && ctx.GetInput(3)) {
+        const Input z = get_input(ctx, 3);
+        int64_t count = 1;
+        for (int64_t d : z.shape) count *= d;
+        if (err.empty() && count != N_ * ((KB + 1) / 2))
+          err = std::string(op) + ": zero_points has shape " + shape_string(z.shape) +
+                ", expected " + std::to_string(N_ * ((KB + 1) / 2)) + " packed 4-bit values";
+        zero_points = static_cast<const uint8_t*>(z.data);
+      }
+      if (ctx.GetInputCount() > 4 && ctx.GetInput(4) && err.empty())
+        err = std::string(op) + ": g_idx is not supported (act-order GPTQ)";
+      if (ctx.GetInputCount() > 5 && ctx.GetInput(5)) {
+        const Input bi = get_input(ctx, 5);
+        if (err.empty()) err = expect_shape(op, "bias", bi, {N_});
+        bias = static_cast<const float*>(bi.data);
+      }
+      if (!err.empty()) return error_status(err);
+      const PackedInt4& w = packed(b.data, static_cast<const float*>(s.data), zero_points, bias);
+      std::vector<int64_t> out_shape = a.shape;
+      out_shape.back() = N_;
+      const int64_t M = a.shape.size() == 1
+                            ? 1
+                            : std::accumulate(a.shape.begin(), a.shape.end() - 1, int64_t{1},
+                                              std::multiplies<int64_t>());
+      float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+      matmul_int4_cpu(w, static_cast<const float*>(a.data), M, y, OrtRunner(ctx));
+      return nullptr;
+    });
+  }
+
+ private:
+  const PackedInt4& packed(const void* B, const float* scales, const uint8_t* zero_points,
+                           const float* bias) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (source_ != B) {
+      packed_ = pack_int4(K_, N_, block_size_, static_cast<const uint8_t*>(B), scales,
+                          zero_points, bias);
+      source_ = B;
+    }
+    return packed_;
+  }
+
+  int64_t K_ = 0, N_ = 0, block_size_ = 0, bits_ = 0;
+  std::mutex mu_;
+  const void* source_ = nullptr;
+  PackedInt4 packed_;
+};
+
+struct MatMulInt4Op
+    : Ort::CustomOpBase<MatMulInt4Op, MatMulInt4Kernel, /*WithStatus=*/true> {
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&]() -> OrtStatus* {
+      *kernel = new MatMulInt4Kernel(api, info);
+      return nullptr;
+    });
+  }
+  const char* GetName() const { return REDRAFTER_MATMUL_INT4_OP; }
+  const char* GetExecutionProviderType() const { return kCpuProvider; }
+  // A, B, scales, zero_points, g_idx, bias: MatMulNBits' inputs, in its order
+  size_t GetInputTypeCount() const { return 6; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 1 || i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (i == 4) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 
@@ -333,8 +443,9 @@ OrtStatus* shared_domain(const OrtApi* api, OrtCustomOpDomain** out) {
     static TreeAttentionOp<kF16, false> attention_f16_cpu;
     static KVCommitOp<kF32, false> commit_f32_cpu;
     static KVCommitOp<kF16, false> commit_f16_cpu;
+    static MatMulInt4Op matmul_int4_cpu;
     std::vector<OrtCustomOp*> ops = {&attention_f32_cpu, &attention_f16_cpu, &commit_f32_cpu,
-                                     &commit_f16_cpu};
+                                     &commit_f16_cpu, &matmul_int4_cpu};
 #if defined(REDRAFTER_WITH_CUDA)
     static TreeAttentionOp<kF32, true> attention_f32_cuda;
     static TreeAttentionOp<kF16, true> attention_f16_cuda;

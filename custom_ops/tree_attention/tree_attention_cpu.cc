@@ -97,20 +97,19 @@ Isa cpu_isa() {
 
 constexpr int64_t kItemRows = cpu_base::kItemRows;
 constexpr int64_t kKeyTile = cpu_base::kKeyTile;
-constexpr int64_t kMinKeysPerSplit = 512;
+constexpr int64_t kKeysPerSplit = 512;  // a multiple of kKeyTile
 
-CpuPlan plan_cpu(const TreeAttentionArgs& a, int threads) {
+// Key splits sit at fixed absolute positions (every kKeysPerSplit keys), never chosen from N, B
+// or the thread count: a row's partial sums, and so its bits, must not depend on how many other
+// rows share the call (batch invariance, see run_item). A split holding none of a row's keys
+// merges in with weight 0 (exactly nothing), and one split alone merges to its own bits.
+CpuPlan plan_cpu(const TreeAttentionArgs& a, int) {
   int64_t max_keys = 0;
   for (int64_t b = 0; b < a.B; ++b) max_keys = std::max(max_keys, a.past_len[b] + a.N);
   CpuPlan p;
   p.row_chunks = (a.group() * a.N + kItemRows - 1) / kItemRows;
-  const int64_t base = a.B * a.Hkv * p.row_chunks;
-  const int64_t want = 2 * static_cast<int64_t>(std::max(threads, 1));
-  int64_t splits = base >= want ? 1 : (want + base - 1) / base;
-  splits = std::max<int64_t>(1, std::min(splits, max_keys / kMinKeysPerSplit));
-  int64_t per = (max_keys + splits - 1) / splits;
-  p.keys_per_split = (per + kKeyTile - 1) / kKeyTile * kKeyTile;
-  p.splits = (max_keys + p.keys_per_split - 1) / p.keys_per_split;
+  p.keys_per_split = kKeysPerSplit;
+  p.splits = std::max<int64_t>(1, (max_keys + kKeysPerSplit - 1) / kKeysPerSplit);
   return p;
 }
 

@@ -28,6 +28,45 @@ from redrafter.errors import ConfigError, RuntimeUnavailableError
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 PREFILL_CHUNK = 128  # prompt tokens per base call: bounds the (B, T, V) logits of a prefill
+# redrafter::MatMulInt4 (custom_ops/matmul_int4): the native library's int4 kernel, which takes
+# com.microsoft::MatMulNBits' inputs. ORT's own kernel is not batch-invariant at int8 compute and
+# expands the blocks to fp32 from two rows on at fp32 compute; ours is neither (matmul_int4.h).
+MATMUL_INT4 = "MatMulInt4"
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+def with_int4_kernel(path: Path) -> bytes | None:
+    """The graph at `path` with every 4-bit `MatMulNBits` the native kernel takes (blocks of a
+    multiple of 32, integer zero points or none, no act-order `g_idx`) turned into
+    `redrafter::MatMulInt4`, serialized with its weights still external; None when it has none.
+    The bundle on disk is never changed: the swap is this runtime's choice of kernel."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    float_inits = {t.name for t in model.graph.initializer if t.data_type != onnx.TensorProto.UINT8}
+    swapped = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        if (
+            attrs.get("bits", 4) != 4
+            or attrs.get("block_size", 0) % 32
+            or inputs[4]
+            or inputs[3] in float_inits
+        ):
+            continue
+        node.domain, node.op_type = n.OP_DOMAIN, MATMUL_INT4
+        kept = [a for a in node.attribute if a.name in ("K", "N", "block_size", "bits")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        swapped += 1
+    if not swapped:
+        return None
+    if not any(o.domain == n.OP_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(n.OP_DOMAIN, 1))
+    return model.SerializeToString()
 
 
 def session_options(threads: int | None, library: Path | None, *, spin: bool) -> ort.SessionOptions:
@@ -48,7 +87,11 @@ class OnnxRuntime:
 
     `threads`: intra-op threads per session (None: ONNX Runtime's default, one per physical
     core). `device='cuda'` raises `RuntimeUnavailableError` when the CUDA execution provider
-    does not become active, unless `allow_fallback` (then it runs on the CPU with a warning)."""
+    does not become active, unless `allow_fallback` (then it runs on the CPU with a warning).
+
+    `int4_kernel`: run a float32 int4 bundle's MatMulNBits nodes with the native library's
+    `redrafter::MatMulInt4` on the CPU (None: whenever the library is loaded; False: ONNX
+    Runtime's own kernel). `self.int4` says which ran: 'redrafter', 'onnxruntime' or None."""
 
     name = "onnxruntime"
 
@@ -60,6 +103,7 @@ class OnnxRuntime:
         native: bool | None = None,
         threads: int | None = None,
         allow_fallback: bool = False,
+        int4_kernel: bool | None = None,
     ) -> None:
         if threads is not None and (isinstance(threads, bool) or threads < 1):
             raise ConfigError(f"threads {threads!r} must be an integer >= 1 (e.g. --threads 1)")
@@ -93,9 +137,15 @@ class OnnxRuntime:
         providers = (
             [PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [PROVIDERS["cpu"]]
         )
-        self.base = ort.InferenceSession(
-            str(self.bundle.path(n.BASE_ONNX)), options, providers=providers
-        )
+        if int4_kernel and (library is None or device != "cpu" or self.bundle.dtype != "float32"):
+            raise RuntimeUnavailableError(
+                "the native int4 kernel runs float32 bundles on the CPU with the native library "
+                "built (`make ops`); drop --int4-kernel to use ONNX Runtime's MatMulNBits"
+            )
+        self._int4 = int4_kernel is not False and library is not None and device == "cpu"
+        self._int4 = self._int4 and self.bundle.dtype == "float32"
+        self.int4: str | None = None
+        self.base = self._session(self.bundle.path(n.BASE_ONNX), options, providers)
         self._drafter_options, self._providers = drafter_options, providers
         self._drafters: dict[BeamShape, ort.InferenceSession] = {}  # opened on first use
         active = self.base.get_providers()[0]
@@ -234,12 +284,25 @@ class OnnxRuntime:
                 f"{beam.width}x{beam.length}; re-export with --beam-width/--beam-length"
             )
         if beam not in self._drafters:
-            self._drafters[beam] = ort.InferenceSession(
-                str(self.bundle.path(graphs[beam])),
-                self._drafter_options,
-                providers=self._providers,
+            self._drafters[beam] = self._session(
+                self.bundle.path(graphs[beam]), self._drafter_options, self._providers
             )
         return self._drafters[beam]
+
+    def _session(
+        self, path: Path, options: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession:
+        """A session for one graph of the bundle, with the native int4 kernel swapped in when
+        this runtime uses it and the graph has 4-bit MatMulNBits nodes."""
+        graph = with_int4_kernel(path) if self._int4 else None
+        if graph is None:
+            if self.int4 is None and self.bundle.precision == "int4":
+                self.int4 = "onnxruntime"
+            return ort.InferenceSession(str(path), options, providers=providers)
+        self.int4 = "redrafter"
+        # The serialized graph keeps its weights external: tell ORT where they lie.
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.parent))
+        return ort.InferenceSession(graph, options, providers=providers)
 
     def verify(
         self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray

@@ -1,0 +1,68 @@
+// redrafter::MatMulInt4: a float activation times a 4-bit block-quantized weight, with the same
+// inputs and attributes as com.microsoft::MatMulNBits (bits = 4), so the ONNX Runtime runtime can
+// swap it in for the CPU provider without touching the bundle (redrafter/runtimes/onnxruntime.py).
+//
+// Why a kernel of our own: ORT 1.31's MatMulNBits either expands the blocks to fp32 from two rows
+// on (accuracy level 1: a tree verification costs what the fp32 model costs) or rounds a one-row
+// call and a many-row call differently (level 4: speculation stops being lossless). This kernel
+// unpacks each block once per call for all rows AND gives every output element the very same
+// arithmetic whatever the number of rows, so a tree of N tokens costs little more than one token
+// and greedy speculation stays token-identical to greedy autoregressive decoding.
+//
+// Semantics (M rows, K reduction, N outputs, bs = block_size, KB = ceil(K / bs) blocks):
+//   w[n, k]   = B[n, k / bs, (k % bs) / 2] >> (4 * (k % 2)) & 15         (4-bit code)
+//   zp[n, kb] = zero_points ? nibble kb of row n : 8                       (zero point)
+//   s[n, kb]  = scales[n * KB + kb]
+// The activation is quantized per row in sub-blocks of 32 (j = k / 32), symmetric int8:
+//   amax = max |A[m, 32j : 32j + 32]|,  as[m, j] = amax / 127,  aq[m, k] = round(A[m, k] * 127 / amax)
+// and every output element is accumulated in the same order, sub-block by sub-block:
+//   Y[m, n] = bias[n] + sum_j  float(sum_{k in j} (w[n, k] - zp[n, kb(k)]) * aq[m, k]) * (s[n, kb] * as[m, j])
+// where each step of the outer sum is one fused multiply-add into an fp32 accumulator. The inner
+// sums are exact integers, so the result depends neither on the number of rows, nor on the
+// instruction set (AVX-512 VNNI or the portable loop), nor on the thread count.
+//
+// Shapes: A [..., K] float32 (M = product of the leading dims), B uint8 [N, KB, bs / 2],
+// scales float32 [N * KB] (or [N, KB]), zero_points uint8 [N * ceil(KB / 2)] (optional),
+// g_idx (must be absent), bias float32 [N] (optional); Y [..., N] float32.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tree_attention.h"  // ParallelRunner
+
+namespace redrafter {
+
+// The weight re-laid for the kernel, built once per node from B, scales and zero_points.
+// Columns are grouped by 16 (a "tile", one AVX-512 register of outputs) and tiles by up to 8 (a
+// "group", one unit of parallel work); within a group, for each 32-wide sub-block of K, the tiles'
+// codes follow each other, 256 bytes per tile: chunk c (0..3) holds, for column j of the tile,
+// byte 4j + u = w[k0 + 8c + u] | w[k0 + 8c + 4 + u] << 4, so one load and two masks give the
+// 4-code groups that a dot-product instruction multiplies with 4 activation bytes.
+struct PackedInt4 {
+  int64_t K = 0, N = 0, block_size = 0, KB = 0, KS = 0, tiles = 0, groups = 0;
+  bool symmetric = true;  // every zero point is 8
+  std::vector<uint8_t> codes;    // [groups][KS][tiles in group][4][64]
+  std::vector<float> scales;     // [groups][KB][tiles in group][16]
+  std::vector<uint8_t> zeros;    // [groups][KB][tiles in group][16], empty when symmetric
+  std::vector<float> bias;       // [N] or empty
+};
+
+constexpr int64_t kTile = 16;      // outputs per tile
+constexpr int64_t kGroup = 8;      // tiles per group
+constexpr int64_t kSubBlock = 32;  // activation quantization block
+
+// "" or what is wrong with the attributes/shapes (checked before packing).
+std::string check_matmul_int4(int64_t K, int64_t N, int64_t block_size, int64_t bits);
+
+// Builds the packed weight. zero_points and bias may be null.
+PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
+                     const float* scales, const uint8_t* zero_points, const float* bias);
+
+// Y[M, N] = A[M, K] x W, as stated above. Scratch is allocated per call. The AVX-512 VNNI path
+// runs where the CPU has it, unless allow_simd is false or REDRAFTER_CPU_ISA=base.
+void matmul_int4_cpu(const PackedInt4& w, const float* A, int64_t M, float* Y,
+                     const ParallelRunner& runner, bool allow_simd = true);
+
+}  // namespace redrafter
