@@ -37,6 +37,9 @@ def _shared_data(folder):
 
 def test_ensure_drafter_caches_per_recipe_and_shares_answers(tmp_path, monkeypatch):
     gguf_like = write_hf_checkpoint(tiny_base(), tmp_path / "base")  # any base format loads
+    # The demo's prompts are chats: the tiny tokenizer needs a template (a plain one will do).
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (gguf_like / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     data = _shared_data(tmp_path / "data")
     monkeypatch.setattr(demo_data, "find_shared_data", lambda *a, **k: data)
     cache = tmp_path / "cache"

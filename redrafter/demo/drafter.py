@@ -1,5 +1,6 @@
-"""The demo drafter: its recipe, training it once (`ensure_drafter`, cached and resumable) and
-finding a trained one without training (`find_trained_drafter`, what the benchmarks use)."""
+"""The demo drafter: its recipe, the trained copy shipped in the package (`shipped.py`), training
+it again on request (`ensure_drafter(..., retrain=True)`, cached and resumable) and finding a
+trained one without training (`find_trained_drafter`, what the benchmarks use)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from redrafter.demo import data as demo_data
 from redrafter.errors import RedrafterError
 
 # The demo drafter's recipe (benchmarks/RESULTS.md, "Drafter training", has the measurements
-# behind each choice). Changing a value trains a new drafter under a new cache name; the base's
-# answers are cached by the fields that shape them (DATA_FIELDS) and reused.
+# behind each choice). The drafter it trains ships in the package (`shipped.py`): changing a value
+# means retraining (`--retrain-drafter`, which trains under a new cache name; the base's answers
+# are cached by the fields that shape them, DATA_FIELDS, and reused) and shipping the result.
 RECIPE: dict[str, Any] = {
     "version": 1,
     "train_prompts": 400,  # ~37k contexts, ~5 min of base answers on 2 cores: the data is
@@ -71,23 +73,58 @@ def finished_drafter(folder: Path, *, require_state: bool = False) -> bool:
     return bool(st.get("step") == st.get("total_steps"))
 
 
-def ensure_drafter(gguf: Path, cache: Path, recipe: dict[str, Any] | None = None) -> Path:
-    """The demo drafter (or one trained with another `recipe`, same keys as RECIPE), trained
-    on first use (a progress bar per phase), then cached. An interrupted training resumes
-    from its last checkpoint; the base's answers are cached apart and reused."""
+# Seconds per unit on an idle 2-core CPU (benchmarks/RESULTS.md, "The demo drafter and `make
+# demo`" and "A drafter on 5x the data"): the base answers a prompt in 0.72-1.05 s (fp32, batch
+# 32); a training step (batch 256, 1 ResBlock) takes ~0.065 s. The upper figure: an estimate
+# that a busy machine still exceeds is better than one every run exceeds.
+ANSWER_SECONDS = 1.05
+STEP_SECONDS = 0.065
+CONTEXTS_PER_PROMPT = 92.5  # training contexts per prompt (37,008 from the demo's 400)
+
+
+def training_estimate(recipe: dict[str, Any]) -> tuple[float, float]:
+    """(base-answer seconds, training seconds) that `recipe` needs on an idle 2-core CPU."""
+    answers = (recipe["train_prompts"] + recipe["heldout_prompts"]) * ANSWER_SECONDS
+    contexts = recipe["train_prompts"] * CONTEXTS_PER_PROMPT
+    steps = recipe["epochs"] * -(-contexts // recipe["batch_size"])
+    return answers, steps * STEP_SECONDS
+
+
+def ensure_drafter(
+    gguf: Path, cache: Path, recipe: dict[str, Any] | None = None, *, retrain: bool = False
+) -> Path:
+    """The demo drafter. For RECIPE without `retrain`: the trained copy shipped in the package,
+    checked (its checksum, and that `gguf` is the GGUF it was trained for; `ShippedDrafterError`
+    otherwise, never a silent training). With `retrain`, or another `recipe` (same keys as
+    RECIPE): trained into the cache (a progress bar per phase, after an estimate of the time),
+    then reused. An interrupted training resumes from its last checkpoint; the base's answers
+    are cached apart and reused."""
     recipe = RECIPE if recipe is None else recipe
+    if recipe == RECIPE and not retrain:
+        from redrafter.demo.shipped import shipped_drafter
+
+        return shipped_drafter(gguf, recipe=recipe)
     from redrafter.train.recipe import Prepared, cache_key, fingerprint, prepare_distill
     from redrafter.train.trainer import Heldout, TrainOptions, train_drafter
 
     data_key = cache_key(base=fingerprint(gguf), data={k: recipe[k] for k in DATA_FIELDS})
     folder = drafter_folder(gguf, cache, recipe)
     if finished_drafter(folder, require_state=True):
+        say(f"using the drafter trained earlier in {folder} (delete it to train again)")
         return folder
     data = demo_data.find_shared_data()
     from redrafter.models.checkpoints import load_base
     from redrafter.models.tokenizer import load_tokenizer
 
-    say(f"training a drafter for {gguf.name} (first run only; cached in {folder})")
+    examples = cache / "examples" / data_key
+    answers_s, train_s = training_estimate(recipe)
+    answers_s = 0.0 if (examples / "meta.json").is_file() else answers_s
+    say(
+        f"training a drafter for {gguf.name} into {folder}: ~{(answers_s + train_s) / 60:.0f} "
+        f"min on an idle 2-core CPU (1/2 base answers to {recipe['train_prompts']} prompts "
+        f"~{answers_s / 60:.0f} min{', cached' if not answers_s else ''}; 2/2 training "
+        f"~{train_s / 60:.0f} min); each phase shows a bar with its time left"
+    )
     base, tokenizer = load_base(gguf), load_tokenizer(gguf)
     options = TrainOptions(
         mode="distill",
@@ -100,10 +137,10 @@ def ensure_drafter(gguf: Path, cache: Path, recipe: dict[str, Any] | None = None
         num_layers=recipe["num_layers"],
         save_every=50,  # an interrupted first run resumes instead of starting over
     )
-    examples = cache / "examples" / data_key
     prepared = Prepared.load(examples)
     if prepared is None:
         start = time.perf_counter()
+        say(f"1/2 base answers: {recipe['train_prompts']} + {recipe['heldout_prompts']} prompts")
         held = demo_data.heldout_prompts(data, count=recipe["heldout_prompts"])
         prepared = prepare_distill(
             base,
@@ -117,6 +154,7 @@ def ensure_drafter(gguf: Path, cache: Path, recipe: dict[str, Any] | None = None
         prepared.summary["seconds"] = round(time.perf_counter() - start, 1)
         prepared.save(examples)
         say(f"base answers: {prepared.summary}")
+    say(f"2/2 training: ~{train_s:.0f} s")
     resume = (folder / "trainer_state.json").is_file()
     result = train_drafter(
         base,
@@ -129,24 +167,26 @@ def ensure_drafter(gguf: Path, cache: Path, recipe: dict[str, Any] | None = None
         log=say,
     )
     say(f"trained in {result.seconds:.0f} s ({result.steps} steps)")
+    if recipe == RECIPE:  # how the retrained drafter replaces the shipped one
+        say(f"to ship it in the package: python -m redrafter.demo.shipped --from {folder}")
     return folder
 
 
 def find_trained_drafter() -> Path | None:
-    """The trained demo drafter, if there is one: $REDRAFTER_DRAFTER, else the folder
-    `make demo` trains into (`drafter_folder` of the demo GGUF and RECIPE), else the newest
-    finished drafter under <cache>/drafters. Never trains; None when nothing is found."""
+    """The trained demo drafter, if there is one: $REDRAFTER_DRAFTER, else the drafter shipped
+    in the package (what `make demo` runs) when the demo GGUF is installed and is the one it
+    was trained for, else the newest finished drafter under <cache>/drafters. Never trains;
+    None when nothing is found."""
     from redrafter.demo.model import find_demo_gguf
+    from redrafter.demo.shipped import shipped_drafter
     from redrafter.train.recipe import default_cache_dir
 
     if os.environ.get(DRAFTER_ENV):
         return Path(os.environ[DRAFTER_ENV])
-    cache = default_cache_dir()
     try:
-        folder = drafter_folder(find_demo_gguf(), cache)
-        if finished_drafter(folder):
-            return folder
-    except RedrafterError:  # no demo model installed: any finished drafter will do
+        return shipped_drafter(find_demo_gguf(), recipe=RECIPE)
+    except RedrafterError:  # no demo model, or another one: any finished drafter will do
         pass
+    cache = default_cache_dir()
     found = [p for p in (cache / "drafters").glob("*") if p.is_dir() and finished_drafter(p)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None

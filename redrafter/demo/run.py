@@ -1,6 +1,7 @@
-"""`make demo` (`python -m redrafter.demo`): the demo drafter trained once, the ONNX bundle
-exported once, validated against the PyTorch reference, then a few prompts never trained on,
-speculative vs autoregressive, on ONNX Runtime (CPU) and the torch runtime."""
+"""`make demo` (`python -m redrafter.demo`): the demo drafter shipped in the package (or retrained
+on request), the ONNX bundle exported once, validated against the PyTorch reference, then a few
+prompts never trained on, speculative vs autoregressive, on ONNX Runtime (CPU) and the torch
+runtime."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def ensure_bundle(gguf: Path, drafter: Path, cache: Path, *, quantize: str | Non
     from redrafter.export.quantize import quantization
 
     suffix = f"-{quantize}" if quantize else ""
-    folder = cache / "bundles" / f"{drafter.name}-w{BEAM.width}l{BEAM.length}{suffix}"
+    folder = cache / "bundles" / f"{bundle_prefix(drafter)}-w{BEAM.width}l{BEAM.length}{suffix}"
     if (folder / "manifest.json").is_file():
         try:
             bundle = load_bundle(folder)
@@ -69,8 +70,34 @@ def ensure_bundle(gguf: Path, drafter: Path, cache: Path, *, quantize: str | Non
     return bundle
 
 
-def main() -> None:
-    """Train (once), export (once), validate, then generate speculatively vs autoregressively."""
+def bundle_prefix(drafter: Path) -> str:
+    """The bundle cache name for `drafter`: a trained folder's own name (it holds the recipe's
+    key); for the shipped drafter, whose path never changes, its weights' digest, so a new
+    version of the package exports a new bundle."""
+    from redrafter.demo.shipped import SHIPPED_DIR, ShippedMetadata
+
+    if drafter.resolve() == SHIPPED_DIR:
+        return f"smollm2-135m-instruct-shipped-{ShippedMetadata.read().weights_sha256[:12]}"
+    return drafter.name
+
+
+def describe(drafter: Path) -> str:
+    """How `drafter` came about, from its trainer state (trained here) or the shipped metadata."""
+    from redrafter.demo.shipped import SHIPPED_DIR, ShippedMetadata
+
+    if drafter.resolve() == SHIPPED_DIR:
+        training = ShippedMetadata.read().training
+        return (
+            f"shipped in the package (fp16; retrain with --retrain-drafter), trained "
+            f"{training['train_seconds']:.0f} s on {training['contexts']} contexts"
+        )
+    state = json.loads((drafter / "trainer_state.json").read_text())
+    return f"trained {state.get('train_seconds', 0):.0f} s on {state['examples']} contexts"
+
+
+def main(*, retrain_drafter: bool = False) -> None:
+    """Take the shipped drafter (or train it again: `retrain_drafter`), export (once), validate,
+    then generate speculatively vs autoregressively."""
     from redrafter.decoding import DecodeOptions
     from redrafter.pipeline import Pipeline, load, reference_runtime
     from redrafter.train.recipe import default_cache_dir
@@ -79,15 +106,13 @@ def main() -> None:
     start = time.perf_counter()
     gguf = find_demo_gguf()
     cache = default_cache_dir()
-    drafter = ensure_drafter(gguf, cache)
+    drafter = ensure_drafter(gguf, cache, retrain=retrain_drafter)
     bundle = ensure_bundle(gguf, drafter, cache)
-    state = json.loads((drafter / "trainer_state.json").read_text())
     config = bundle.drafter_config
     size = (drafter / "model.safetensors").stat().st_size
     say(
         f"drafter {drafter.name}: exit_dim {config.exit_dim}, {config.num_draft_layers} layer(s), "
-        f"draft vocab {config.draft_vocab_size}, {size / 1e6:.1f} MB; trained "
-        f"{state.get('train_seconds', 0):.0f} s on {state['examples']} contexts"
+        f"draft vocab {config.draft_vocab_size}, {size / 1e6:.1f} MB; {describe(drafter)}"
     )
 
     pipe = load(bundle.root, runtime="onnxruntime")
