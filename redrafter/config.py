@@ -16,7 +16,11 @@ from typing import Any, Literal
 
 from redrafter.errors import ConfigError, UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ROPE_TYPES = ("llama3", "longrope")  # rope_scaling types we implement (besides none/default)
+# Phi3Config's default for its top-level original_max_position_embeddings, which transformers
+# gives priority over the value inside rope_scaling (LongRoPE's switch-over length).
+PHI3_ORIGINAL_CONTEXT = 4096
 DRAFTER_MODEL_TYPE = "recurrent_drafting_drafter"
 TOP_K = 50  # Apple's warp: both the drafter's and the LLM's logits are cut to their top 50.
 LOG_0 = -50000.0  # Apple's stand-in for log(0): masked logits and the initial beam scores.
@@ -37,6 +41,7 @@ MAX_SIZES = {
     "num_key_value_heads": 1024,
     "head_dim": 4096,
     "max_position_embeddings": 1 << 24,  # 16M positions
+    "original_max_position_embeddings": 1 << 24,
     "exit_dim": 1 << 17,
     "num_draft_layers": 256,
     "draft_vocab_size": 1 << 21,
@@ -85,6 +90,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _longrope_attention_factor(rs: dict[str, Any], max_position_embeddings: int) -> float:
+    """LongRoPE's cos/sin multiplier (transformers' `attention_factor`): the config's value,
+    else sqrt(1 + ln(s) / ln(original)) with s = `factor`, or max_position_embeddings /
+    original when the config has no `factor` (Phi-3's way), and 1 when s <= 1."""
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+    original = rs["original_max_position_embeddings"]
+    factor = rs.get("factor") or max_position_embeddings / original
+    if factor <= 1.0:
+        return 1.0
+    if original <= 1:
+        return math.inf  # ln(1) = 0: the caller refuses it
+    return math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def _check_positive_int(obj: Any, *fields: str) -> None:
     for name in fields:
         value = getattr(obj, name)
@@ -94,7 +114,13 @@ def _check_positive_int(obj: Any, *fields: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in HF `config.json` terms."""
+    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM) in HF
+    `config.json` terms.
+
+    Family differences the model and loader read from here: Qwen2's q/k/v biases
+    (`qkv_bias`), Qwen3's per-head q/k RMSNorm (`qk_norm`), Phi-3's fused `qkv_proj` and
+    `gate_up_proj` tensors (split by the loader, checkpoints.py) and its LongRoPE scaling
+    (`rope_scaling` of type `longrope`, old name `su`; see `rope_long_from`)."""
 
     vocab_size: int
     hidden_size: int
@@ -116,6 +142,9 @@ class BaseModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Phi-3's pretraining context: LongRoPE's long factors apply from this position on.
+    original_max_position_embeddings: int | None = None
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -169,23 +198,83 @@ class BaseModelConfig:
             raise ConfigError(f"config field rms_norm_eps={self.rms_norm_eps!r} must be > 0")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ConfigError(f"config field rope_theta={self.rope_theta!r} must be > 0")
+        if self.partial_rotary_factor is None:  # written as null: transformers' default
+            object.__setattr__(self, "partial_rotary_factor", 1.0)
+        if self.partial_rotary_factor != 1.0:
+            raise UnsupportedModelError(
+                f"config field partial_rotary_factor={self.partial_rotary_factor!r} is not "
+                "supported; only rotary over the whole head (1.0) is"
+            )
+        if self.original_max_position_embeddings is None and self.model_type == "phi3":
+            object.__setattr__(self, "original_max_position_embeddings", PHI3_ORIGINAL_CONTEXT)
+        if self.original_max_position_embeddings is not None:
+            _check_positive_int(self, "original_max_position_embeddings")
+            _check_caps(self, "original_max_position_embeddings")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind == "default":
-                object.__setattr__(self, "rope_scaling", None)
-            elif kind != "llama3":
-                raise UnsupportedModelError(
-                    f"unsupported rope_scaling type {kind!r}; supported: llama3 (or none)"
+            object.__setattr__(self, "rope_scaling", self._checked_rope_scaling(self.rope_scaling))
+
+    def _checked_rope_scaling(self, rs: Any) -> dict[str, Any] | None:
+        """`rope_scaling` validated and normalised: None for `default`, `rope_type` always set,
+        Phi-3's old names (`su`, and `yarn`, which transformers' Phi3Config also reads as
+        LongRoPE) renamed `longrope`, LongRoPE's switch-over length resolved."""
+        if not isinstance(rs, dict):
+            raise ConfigError(f"config field rope_scaling={rs!r} must be an object (or null)")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind in (None, "default"):
+            return None
+        if self.model_type == "phi3" and kind in ("su", "yarn"):
+            kind = "longrope"
+        if kind not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)} "
+                "(or none)"
+            )
+        rs = {**rs, "rope_type": kind}
+        rs.pop("type", None)
+        # transformers takes the pretraining length from the top-level field when the config
+        # has one (Phi-3 always does), over the value inside rope_scaling.
+        if self.original_max_position_embeddings is not None:
+            rs["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if kind == "llama3":
+            for key in (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ):
+                if key not in rs:
+                    raise ConfigError(f"config rope_scaling is missing {key!r} for llama3")
+            return rs
+        rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        original = rs["original_max_position_embeddings"]
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ConfigError(
+                f"config rope_scaling original_max_position_embeddings={original!r} must be a "
+                "positive integer"
+            )
+        half = self.dim_per_head // 2
+        for key in ("short_factor", "long_factor"):
+            factors = rs.get(key)
+            if not (
+                isinstance(factors, list)
+                and len(factors) == half
+                and all(_finite_real(f) and f > 0 for f in factors)
+            ):
+                shown = f"{len(factors)} values" if isinstance(factors, list) else repr(factors)
+                raise ConfigError(
+                    f"config rope_scaling {key} ({shown}) must be a list of head_dim/2 = {half} "
+                    "positive numbers for longrope"
                 )
-            else:
-                for key in (
-                    "factor",
-                    "low_freq_factor",
-                    "high_freq_factor",
-                    "original_max_position_embeddings",
-                ):
-                    if key not in self.rope_scaling:
-                        raise ConfigError(f"config rope_scaling is missing {key!r} for llama3")
+        for key in ("factor", "attention_factor"):
+            value = rs.get(key)
+            if value is not None and not (_finite_real(value) and value > 0):
+                raise ConfigError(f"config rope_scaling {key}={value!r} must be a number > 0")
+        if not math.isfinite(_longrope_attention_factor(rs, self.max_position_embeddings)):
+            raise ConfigError(
+                f"config rope_scaling original_max_position_embeddings={original} gives no finite "
+                "attention factor; set rope_scaling attention_factor explicitly"
+            )
+        return rs
 
     @property
     def kv_heads(self) -> int:
@@ -207,6 +296,33 @@ class BaseModelConfig:
         return self.attention_bias and self.model_type != "qwen2"
 
     @property
+    def qk_norm(self) -> bool:
+        """Qwen3 RMS-normalises each head of q and k (over D) before the rotary."""
+        return self.model_type == "qwen3"
+
+    @property
+    def rope_type(self) -> str | None:
+        """None (plain RoPE), "llama3" or "longrope"."""
+        return None if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def rope_long_from(self) -> int | None:
+        """LongRoPE only: the first position rotated with the long factors (positions before
+        it use the short ones); None for other rotaries. See `models/llama.py`."""
+        if self.rope_type != "longrope":
+            return None
+        assert self.rope_scaling is not None
+        return int(self.rope_scaling["original_max_position_embeddings"])
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by: LongRoPE's attention factor, else 1."""
+        if self.rope_type != "longrope":
+            return 1.0
+        assert self.rope_scaling is not None
+        return _longrope_attention_factor(self.rope_scaling, self.max_position_embeddings)
+
+    @property
     def context_length(self) -> int:
         """Longest sequence the model attends over in full (Mistral's window caps it)."""
         if self.sliding_window:
@@ -225,7 +341,9 @@ class BaseModelConfig:
     def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> BaseModelConfig:
         raw = dict(raw)
         if "model_type" not in raw:
-            raise ConfigError(f"{where}: missing 'model_type'; expected one of llama/mistral/qwen2")
+            raise ConfigError(
+                f"{where}: missing 'model_type'; expected one of " + "/".join(SUPPORTED_MODEL_TYPES)
+            )
         if raw.get("model_type") == DRAFTER_MODEL_TYPE:
             raise UnsupportedModelError(
                 f"{where} is a ReDrafter drafter, not a base model; pass it as --drafter"
@@ -237,6 +355,12 @@ class BaseModelConfig:
                 raw.setdefault("rope_theta", rope["rope_theta"])
             if rope.get("rope_type", rope.get("type", "default")) != "default":
                 raw.setdefault("rope_scaling", rope)
+            if "partial_rotary_factor" in rope:
+                raw.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+        # Qwen2/Qwen3 keep `sliding_window` in config.json but use it only when
+        # `use_sliding_window` is true (transformers drops it otherwise).
+        if raw.get("model_type") in ("qwen2", "qwen3") and raw.get("use_sliding_window") is False:
+            raw["sliding_window"] = None
         # Wrong-type values must fail by name, not deep inside torch.
         try:
             return _from_dict(cls, raw, where)
@@ -359,7 +483,13 @@ class SamplingParams:
     after the temperature (`decoding.accept.target_probs`); every acceptance rule samples from
     that P, so `exact` stays exact with them. Greedy ignores them (each keeps the argmax). The
     defaults are Apple's top-50 warp alone: top_p 1 and min_p 0 cut nothing. The drafter keeps
-    its own top-50 warp whatever these are."""
+    its own top-50 warp whatever these are.
+
+    `repetition_penalty` (transformers': a seen token's logit divided by it when positive,
+    multiplied when negative; the history is prompt + generated), `presence_penalty` and
+    `frequency_penalty` (OpenAI's: minus presence * [count > 0] + frequency * count, counted
+    over the generated tokens only) change the logits before all of that, at every tree node
+    with that node's own history (`decoding.penalties`); greedy takes the penalised argmax."""
 
     temperature: float = 0.0
     seed: int | None = None
@@ -367,6 +497,9 @@ class SamplingParams:
     top_k: int = TOP_K
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if (
@@ -403,7 +536,27 @@ class SamplingParams:
             raise ConfigError(
                 f"min_p {self.min_p!r} must be a finite number in [0, 1) (0 keeps every token)"
             )
+        if not _finite_real(self.repetition_penalty) or self.repetition_penalty <= 0.0:
+            raise ConfigError(
+                f"repetition_penalty {self.repetition_penalty!r} must be a finite number > 0 "
+                "(1 is none, above 1 discourages repeats)"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite_real(value) or not -2.0 <= value <= 2.0:
+                raise ConfigError(
+                    f"{name} {value!r} must be a finite number in [-2, 2] (0 is none)"
+                )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes the logits (each depends on the token history)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )

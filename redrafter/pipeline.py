@@ -4,6 +4,8 @@ import redrafter
 pipe = redrafter.from_checkpoints("path/to/base", drafter="path/to/drafter")
 out = pipe.generate(["What is the capital of France?"], chat=True)
 print(out.texts[0], out.stats["tokens_per_step"])
+chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+out = pipe.generate([chat, "Plain text", [1, 2, 3]])  # a chat, text and ids: one batch
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from redrafter.errors import (
     RuntimeUnavailableError,
     TokenizerError,
 )
+from redrafter.models.chat import Chat, is_chat
 from redrafter.models.checkpoints import load_pair
 from redrafter.models.tokenizer import StreamDecoder, find_tokenizer, load_tokenizer
 from redrafter.runtimes.coreml import CoreMLRuntime
@@ -46,7 +49,8 @@ class Generation:
     stats: dict[str, Any]
 
 
-Prompt = str | Sequence[int]
+# Text, token ids, or a chat: `Message`s or {"role", "content"} dicts (`models.chat`).
+Prompt = str | Sequence[int] | Chat
 
 
 class Pipeline:
@@ -90,13 +94,15 @@ class Pipeline:
                 self._owner = None
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
-        """Text (optionally wrapped in the chat template) or ids -> ids."""
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
+        """A prompt's ids: token ids as given; text as transformers' `tokenizer(text)` encodes
+        it (with the BOS the tokenizer adds, if any), or with `chat` as one user turn in the
+        chat template; a message list in the chat template (`Tokenizer.encode_prompt`). A
+        chat needs a tokenizer with a chat template (else a one-line `TokenizerError`)."""
+        if not isinstance(prompt, str) and not is_chat(prompt):
+            return [int(t) for t in prompt]  # type: ignore[arg-type]
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer; pass token ids (--prompt-ids)")
-        text = self.tokenizer.chat_prompt(prompt) if chat else prompt
-        return self.tokenizer.encode(text)
+        return list(self.tokenizer.encode_prompt(prompt, chat=chat))
 
     def stream(
         self,
@@ -358,6 +364,9 @@ def sampling_params(
     top_k: int | None = None,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> SamplingParams:
     """`SamplingParams` from per-run choices, checked (a bad value is a one-line ConfigError):
     `temperature` None or 0 is greedy, `top_k` None is Apple's top-50 warp."""
@@ -368,6 +377,9 @@ def sampling_params(
         top_k=TOP_K if top_k is None else top_k,
         top_p=top_p,
         min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )
 
 
@@ -389,11 +401,15 @@ def decode_options(
     min_p: float = 0.0,
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logprobs: bool = False,
 ) -> DecodeOptions:
     """`DecodeOptions` from per-run choices, the beam shape and packing left as None taken from
     `defaults` (a pipeline's: e.g. a bundle's exported beam). `temperature` None or 0 is greedy;
-    the sampling controls are `sampling_params`'; `stop_token_ids` and `ignore_eos` are
-    `DecodeOptions`'."""
+    the sampling controls and penalties are `sampling_params`'; `stop_token_ids`, `ignore_eos`
+    and `logprobs` are `DecodeOptions`'."""
     return DecodeOptions(
         max_new_tokens=max_new_tokens,
         beam=BeamShape(beam_width or defaults.beam.width, beam_length or defaults.beam.length),
@@ -404,6 +420,9 @@ def decode_options(
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         ),
         packing=packing or defaults.packing,  # type: ignore[arg-type]
         speculative=speculative,
@@ -411,6 +430,7 @@ def decode_options(
         min_draft_prob=min_draft_prob,
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
     )
 
 

@@ -1,5 +1,7 @@
-"""Our Transformer vs transformers' Llama/Mistral/Qwen2 on tiny random configs, loaded through
-`load_base` from folders written by `save_pretrained` (single file and sharded)."""
+"""Our Transformer vs transformers' Llama/Mistral/Qwen2/Qwen3/Phi-3 on tiny random configs, loaded
+through `load_base` from folders written by `save_pretrained` (single file and sharded).
+tests/test_families.py takes Qwen3 and Phi-3 further: greedy `generate`, LongRoPE past its
+switch-over, ONNX and Core ML."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from redrafter.config import BaseModelConfig
@@ -36,6 +42,22 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
+# Phi3Config's token ids default to 32000 (its real vocab): a pad id past the tiny vocab would
+# break its embedding, and no test wants an EOS.
+PHI3_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def longrope(original: int, head_dim: int = 16) -> dict:
+    """A LongRoPE rope_scaling whose short and long factors differ per frequency and from 1."""
+    half = head_dim // 2
+    return {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * j for j in range(half)],
+        "long_factor": [1.5 + 0.9 * j for j in range(half)],
+        "original_max_position_embeddings": original,
+    }
+
+
 CASES = {
     "llama": (LlamaForCausalLM, LlamaConfig(**SIZES)),
     "llama-bias": (LlamaForCausalLM, LlamaConfig(**SIZES, attention_bias=True, mlp_bias=True)),
@@ -47,14 +69,33 @@ CASES = {
     "mistral": (MistralForCausalLM, MistralConfig(**SIZES, sliding_window=None)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SIZES, rope_theta=1000000.0)),
     "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**SIZES, tie_word_embeddings=True)),
+    # head_dim 24: Hq*D = 96 is not the hidden size, as in Qwen3-0.6B (16 x 128 vs 1024)
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SIZES, head_dim=24, rope_theta=1000000.0)),
+    "qwen3-tied-bias": (
+        Qwen3ForCausalLM,
+        Qwen3Config(**SIZES, head_dim=24, tie_word_embeddings=True, attention_bias=True),
+    ),
+    "phi3": (Phi3ForCausalLM, Phi3Config(**SIZES, **PHI3_IDS)),
+    # Switch-over at 64, past this module's 40-token sequences: short factors and the attention
+    # factor only (test_families.py crosses the switch-over).
+    "phi3-longrope": (
+        Phi3ForCausalLM,
+        Phi3Config(
+            **SIZES, **PHI3_IDS, original_max_position_embeddings=64, rope_scaling=longrope(64)
+        ),
+    ),
 }
 
 
 def random_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """HF's own init (std 0.02) makes every logit ~0; use weights that make a real difference."""
     cls, config = CASES[name]
+    return randomized(cls(config), seed)
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """HF's own init (std 0.02) makes every logit ~0; use weights that make a real difference."""
     torch.manual_seed(seed)
-    model = cls(config).eval()
+    model = model.eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
@@ -123,7 +164,7 @@ def test_sharded_checkpoint_loads(name: str, tmp_path: Path) -> None:
     assert err < 2e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama3-rope"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama3-rope", "qwen3", "phi3-longrope"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cached_decoding_equals_full_forward(name: str, batch: int, tmp_path: Path) -> None:
     """Prefill T0 tokens, then feed one token at a time with past_len; same logits as uncached."""

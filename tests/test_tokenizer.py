@@ -10,10 +10,15 @@ from pathlib import Path
 import gguf
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from redrafter.errors import TokenizerError
-from redrafter.models.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from redrafter.models.tokenizer import (
+    NoChatTemplateError,
+    StreamDecoder,
+    Tokenizer,
+    load_tokenizer,
+)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -71,7 +76,13 @@ def source() -> HFTokenizer:
 
 
 def write_gguf_tokenizer(
-    source: HFTokenizer, path: Path, *, pre: str = "smollm", template: str | None = None
+    source: HFTokenizer,
+    path: Path,
+    *,
+    pre: str = "smollm",
+    template: str | None = None,
+    add_bos: bool | None = None,
+    add_eos: bool | None = None,
 ) -> None:
     vocab = source.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -88,6 +99,10 @@ def write_gguf_tokenizer(
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_eos is not None:
+        w.add_add_eos_token(add_eos)
     if template is not None:
         w.add_chat_template(template)
     w.write_header_to_file()
@@ -149,13 +164,20 @@ def test_stream_decoder_reassembles_every_text(gguf_tokenizer: Tokenizer) -> Non
         assert out == text
 
 
-def test_chat_prompt_chatml_fallback(source: HFTokenizer) -> None:
-    tok = Tokenizer(source)
-    assert tok.chat_prompt("Hi?") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.chat_prompt("Hi?", system="Be brief.") == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
-    )
+def test_chat_without_a_template_is_an_error_not_chatml(
+    source: HFTokenizer, tmp_path: Path
+) -> None:
+    """No chat template: asking for a chat is one line naming the checkpoint and the fix (it
+    used to fall back to ChatML, silently wrong for most models); plain text still works."""
+    source.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    for chat in ("Hi?", [{"role": "user", "content": "Hi?"}]):
+        with pytest.raises(NoChatTemplateError) as info:
+            tok.encode_prompt(chat, chat=True)
+        message = str(info.value)
+        assert "\n" not in message and str(tmp_path) in message
+        assert "no chat template" in message and "chat_template" in message
+    assert tok.encode_prompt("Hi?") == source.encode("Hi?").ids
 
 
 def test_chat_prompt_uses_the_checkpoint_template(gguf_tokenizer: Tokenizer) -> None:
@@ -168,8 +190,8 @@ def test_chat_prompt_uses_the_checkpoint_template(gguf_tokenizer: Tokenizer) -> 
 
 def test_chat_prompt_without_jinja2(gguf_tokenizer: Tokenizer, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "jinja2.sandbox", None)  # makes the import fail
-    expected = "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
-    assert gguf_tokenizer.chat_prompt("x") == expected
+    with pytest.raises(TokenizerError, match="need jinja2.*pip install jinja2"):
+        gguf_tokenizer.chat_prompt("x")
 
 
 def test_hf_folder_tokenizer(source: HFTokenizer, tmp_path: Path) -> None:
@@ -237,3 +259,92 @@ def test_pipeline_stream_text_keeps_multibyte_characters(gguf_tokenizer: Tokeniz
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 1
     with pytest.raises(ConfigError, match="one prompt"):
         pipe.stream_text(["a", "b"])
+
+
+# ------------------------------------------------------------ prompts as transformers encodes them
+
+
+# A Llama-3-style template: the template writes the BOS itself, so a chat must not get a second.
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "the lazy fox?"},
+    {"role": "assistant", "content": "hello world"},
+    {"role": "user", "content": "café, naïve 12 + 34"},  # no "20" (see the GGUF test)
+]
+BOS, EOS = "<|endoftext|>", "<|im_end|>"  # ids 0 and 2 in `source`
+POST_PROCESSORS = {
+    "none": None,
+    "byte-level": processors.ByteLevel(trim_offsets=False),  # SmolLM2's: adds nothing
+    "bos": processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]
+    ),
+    "bos+eos": processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        pair=f"{BOS} $A {EOS} $B {EOS}",
+        special_tokens=[(BOS, 0), (EOS, 2)],
+    ),
+}
+
+
+def _ids(encoded) -> list[int]:  # type: ignore[no-untyped-def]
+    """transformers 5 returns a BatchEncoding from apply_chat_template, 4 a list."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": True}, {"add_bos_token": False}])
+@pytest.mark.parametrize("post", list(POST_PROCESSORS))
+def test_prompts_encode_as_transformers_does(
+    source: HFTokenizer, tmp_path: Path, post: str, flags: dict
+) -> None:
+    """Plain text gets exactly the special tokens `tokenizer(text)` adds (tokenizer.json's
+    post-processor: transformers ignores tokenizer_config's add_bos_token beside a
+    tokenizer.json), a chat exactly `apply_chat_template`'s ids (no BOS on top of the
+    template's)."""
+    from transformers import AutoTokenizer
+
+    inner = HFTokenizer.from_str(source.to_str())
+    inner.post_processor = POST_PROCESSORS[post]
+    inner.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS}
+    config |= {"chat_template": BOS_TEMPLATE, **flags}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = load_tokenizer(tmp_path)
+    for text in TEXTS:
+        assert ours.encode_prompt(text) == theirs(text)["input_ids"], text
+    expected = {"none": [], "byte-level": [], "bos": [0], "bos+eos": [0, 2]}[post]
+    assert [t for t in ours.encode_prompt("the fox") if t in (0, 2)] == expected
+    chat = ours.encode_prompt(CHAT)
+    assert chat == _ids(theirs.apply_chat_template(CHAT, add_generation_prompt=True))
+    assert chat.count(0) == 1 and chat[0] == 0  # the template's BOS, once
+    user_turn = ours.encode_prompt("the lazy fox?", chat=True, system="Be brief.")
+    assert user_turn == _ids(theirs.apply_chat_template(CHAT[:2], add_generation_prompt=True))
+
+
+@pytest.mark.parametrize(
+    "add_bos, add_eos", [(None, None), (True, False), (False, True), (True, True)]
+)
+def test_gguf_prompts_encode_as_transformers_does(
+    source: HFTokenizer, tmp_path: Path, add_bos: bool | None, add_eos: bool | None
+) -> None:
+    """A GGUF's tokenizer.ggml.add_bos_token/add_eos_token decide what a plain prompt gets,
+    as in transformers' own GGUF loader (and llama.cpp); a chat gets only the template's.
+    (No text here has the digits "20": transformers' GGUF loader does not split digits for
+    `tokenizer.ggml.pre == "smollm"`, llama.cpp and SmolLM2's tokenizer.json, like us, do.)"""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "tok.gguf"
+    write_gguf_tokenizer(source, path, template=BOS_TEMPLATE, add_bos=add_bos, add_eos=add_eos)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours = load_tokenizer(path)
+    for text in TEXTS:
+        assert ours.encode_prompt(text) == theirs(text)["input_ids"], text
+    ids = ours.encode_prompt("the fox")
+    assert (ids[0] == 1, ids[-1] == 2) == (bool(add_bos), bool(add_eos))  # BOS 1, EOS 2 here
+    chat = ours.encode_prompt(CHAT)
+    assert chat == _ids(theirs.apply_chat_template(CHAT, add_generation_prompt=True))
+    assert chat[-1] != 2  # no EOS after the generation prompt

@@ -11,21 +11,25 @@ Index convention: `beams[b, w, 0]` is g0 (the LLM's token from the previous step
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
 from redrafter.config import LOG_0, NO_TOKEN, SamplingParams
+from redrafter.decoding.penalties import penalise, penalise_tree
 from redrafter.decoding.tree import unpack
 
 
 @dataclasses.dataclass(frozen=True)
 class Acceptance:
     """beam (B,) the chosen beam; n (B,) drafts accepted (0..L-1); next_token (B,) the LLM's own
-    token after them (the next step's g0)."""
+    token after them (the next step's g0); logprobs[b], when asked for, the n[b] + 1 emitted
+    tokens' log-probabilities (`token_logprobs`)."""
 
     beam: np.ndarray
     n: np.ndarray
     next_token: np.ndarray
+    logprobs: list[list[float]] | None = None
 
 
 def warp_logits(logits: np.ndarray, top_k: int) -> np.ndarray:
@@ -112,14 +116,51 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def choose_token(
-    logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator
+    logits: np.ndarray,
+    sampling: SamplingParams,
+    rng: np.random.Generator,
+    *,
+    prompts: Sequence[Sequence[int]] = (),
+    generated: Sequence[Sequence[int]] = (),
 ) -> np.ndarray:
     """The LLM's own next token per row: argmax (first max) or a sample from P. (B, V) -> (B,).
-    Greedy ignores top-k, top-p and min-p: each of them keeps the argmax."""
+    Greedy ignores top-k, top-p and min-p (each keeps the argmax), not the penalties, which
+    need row b's `prompts[b]` and `generated[b]` (read only when `sampling.penalised`)."""
+    if sampling.penalised:
+        logits = penalised_rows(logits, sampling, prompts=prompts, generated=generated)
     if sampling.greedy:
         return logits.argmax(axis=-1).astype(np.int64)
     probs = target_probs(logits, sampling)
     return np.array([sample(p, rng) for p in probs], dtype=np.int64)
+
+
+def penalised_rows(
+    logits: np.ndarray,
+    sampling: SamplingParams,
+    *,
+    prompts: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+) -> np.ndarray:
+    """Each row's next-token logits penalised with its own history: (B, V) -> (B, V) float64."""
+    return np.stack(
+        [
+            penalise(row, sampling, prompt=prompts[b], generated=generated[b])
+            for b, row in enumerate(logits)
+        ]
+    )
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, sampling: SamplingParams) -> list[float]:
+    """log P(tokens[k]) at consecutive positions: logits (K, V), already penalised; tokens (K,).
+    P is `target_probs` (temperature, top-k, top-p, min-p) when sampling; greedy's P is a point
+    mass, so it reports the penalised softmax at temperature 1, what a sampler would see."""
+    tokens = np.asarray(tokens, dtype=np.int64)[:, None]  # (K, 1)
+    if sampling.greedy:
+        logp = log_softmax(logits.astype(np.float64))  # (K, V)
+    else:
+        with np.errstate(divide="ignore"):  # a token a warp cut cannot be emitted: -inf if so
+            logp = np.log(target_probs(logits, sampling))  # (K, V)
+    return [float(x) for x in np.take_along_axis(logp, tokens, axis=-1)[:, 0]]
 
 
 def accept(
@@ -129,15 +170,44 @@ def accept(
     draft_log_probs: np.ndarray,
     sampling: SamplingParams,
     rng: np.random.Generator,
+    *,
+    prompts: Sequence[Sequence[int]] = (),
+    generated: Sequence[Sequence[int]] = (),
+    logprobs: bool = False,
 ) -> Acceptance:
     """The acceptance rule `sampling` names: greedy (temperature 0), Apple's rule, or the exact
     tree walk. beams (B, W, L); logits (B, N, V) as verified, over the packed tree; unpacker
-    (B, W, L) from `tree.pack`; draft_log_probs (B, W, L-1, V), read by Apple's rule only."""
-    if sampling.greedy:  # argmax before unpacking: (B, N) ids, not (B, W, L, V) floats
-        return accept_greedy(beams, unpack(logits.argmax(-1), unpacker))
-    if sampling.acceptance == "apple":
-        return accept_apple(beams, unpack(logits, unpacker), draft_log_probs, sampling, rng)
-    return accept_exact(beams, unpack(logits, unpacker), sampling, rng)
+    (B, W, L) from `tree.pack`; draft_log_probs (B, W, L-1, V), read by Apple's rule only.
+
+    With penalties every node's logits are first penalised with its own path (`prompts[b]`,
+    `generated[b]` ending in g0, then the beam's drafts: `penalise_tree`). `logprobs` adds the
+    emitted tokens' log-probabilities under the same per-node distribution."""
+    if sampling.penalised:
+        llm = penalise_tree(
+            unpack(logits, unpacker), beams, sampling, prompts=prompts, generated=generated
+        )  # (B, W, L, V)
+        if sampling.greedy:
+            acc = accept_greedy(beams, llm.argmax(-1))
+        elif sampling.acceptance == "apple":
+            acc = accept_apple(beams, llm, draft_log_probs, sampling, rng)
+        else:
+            acc = accept_exact(beams, llm, sampling, rng)
+    elif sampling.greedy:  # argmax before unpacking: (B, N) ids, not (B, W, L, V) floats
+        acc = accept_greedy(beams, unpack(logits.argmax(-1), unpacker))
+    elif sampling.acceptance == "apple":
+        acc = accept_apple(beams, unpack(logits, unpacker), draft_log_probs, sampling, rng)
+    else:
+        acc = accept_exact(beams, unpack(logits, unpacker), sampling, rng)
+    if not logprobs:
+        return acc
+    rows = []
+    for b in range(beams.shape[0]):
+        w, n = acc.beam[b], acc.n[b]
+        tokens = np.array([*beams[b, w, 1 : n + 1], acc.next_token[b]])  # (n + 1,)
+        # The accepted path's nodes: llm[b, w, :n+1], or gathered unpenalised from the packing.
+        path = llm[b, w, : n + 1] if sampling.penalised else logits[b, unpacker[b, w, : n + 1]]
+        rows.append(token_logprobs(path, tokens, sampling))
+    return dataclasses.replace(acc, logprobs=rows)
 
 
 def accept_greedy(beams: np.ndarray, llm_tokens: np.ndarray) -> Acceptance:

@@ -10,8 +10,8 @@ import numpy as np
 
 from redrafter.decoding.accept import choose_token
 from redrafter.decoding.options import DecodeOptions
-from redrafter.decoding.output import OutputStream, Step
-from redrafter.decoding.prefill import PhaseClock, prefill
+from redrafter.decoding.output import OutputStream, Step, trim
+from redrafter.decoding.prefill import PhaseClock, next_logprobs, prefill
 from redrafter.decoding.runtime import Runtime
 
 
@@ -24,25 +24,30 @@ def autoregressive_decode(
 ) -> Iterator[Step]:
     """Generate one token per step, yielding a `Step` each time."""
     sampling, rng = options.sampling, np.random.default_rng(options.sampling.seed)
-    token, _, past_len, seconds = prefill(
+    token, lp, _, past_len, seconds = prefill(
         runtime,
         prompts,
         extra_slots=1,
         max_new_tokens=options.max_new_tokens,
         sampling=sampling,
         rng=rng,
+        logprobs=options.logprobs,
     )
     B = len(prompts)
     out = OutputStream(B, max_new_tokens=options.max_new_tokens, eos_token_ids=eos_token_ids)
     no_drafts, one_each = np.zeros(B, np.int64), np.ones(B, np.int64)
     self_only = np.ones((B, 1, 1), dtype=bool)  # (B, 1, 1)
-    yield Step(out.emit(token[:, None]), no_drafts, seconds, "prefill")
+    new = out.emit(token[:, None])
+    yield Step(new, no_drafts, seconds, "prefill", logprobs=trim(lp, new))
     while not out.done:
         clock = PhaseClock()
         logits, _ = runtime.verify(token[:, None], past_len[:, None], self_only, past_len)
         clock.lap("verify")
         # The token was written at slot P, where it belongs: commit is bookkeeping only.
         past_len = past_len + ~out.finished
-        token = choose_token(logits[:, 0], sampling, rng)  # (B,)
+        token = choose_token(logits[:, 0], sampling, rng, prompts=prompts, generated=out.tokens)
+        if options.logprobs:
+            lp = next_logprobs(logits[:, 0], token, sampling, prompts=prompts, generated=out.tokens)
         clock.lap("accept")
-        yield Step(out.emit(token[:, None]), no_drafts, clock.seconds, "autoregressive", one_each)
+        new = out.emit(token[:, None])
+        yield Step(new, no_drafts, clock.seconds, "autoregressive", one_each, trim(lp, new))

@@ -20,7 +20,7 @@ from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.kv_cache import commit_plan
 from redrafter.decoding.lookup import add_lookup_beam, padded_length
 from redrafter.decoding.options import DecodeOptions
-from redrafter.decoding.output import OutputStream, Step
+from redrafter.decoding.output import OutputStream, Step, trim
 from redrafter.decoding.prefill import PhaseClock, prefill
 from redrafter.decoding.prune import prune
 from redrafter.decoding.runtime import Runtime
@@ -57,17 +57,19 @@ def speculative_decode(
     K = o.beam.length  # the beams' length, once the lookup beam (if any) is added
     if o.prompt_lookup:  # capped where the runtime's commit takes only so many rows (Core ML)
         K = padded_length(K, max_length=runtime.max_beam_length, span_per_ngram=o.lookup_span)
-    g0, context, past_len, seconds = prefill(
+    g0, lp, context, past_len, seconds = prefill(
         runtime,
         prompts,
         extra_slots=(o.beam.width + o.prompt_lookup) * K,
         max_new_tokens=o.max_new_tokens,
         sampling=sampling,
         rng=rng,
+        logprobs=o.logprobs,
     )
     B, rows = len(prompts), np.arange(len(prompts))
     out = OutputStream(B, max_new_tokens=o.max_new_tokens, eos_token_ids=eos_token_ids)
-    yield Step(out.emit(g0[:, None]), np.zeros(B, np.int64), seconds, "prefill")
+    new = out.emit(g0[:, None])
+    yield Step(new, np.zeros(B, np.int64), seconds, "prefill", logprobs=trim(lp, new))
     apple = not sampling.greedy and sampling.acceptance == "apple"  # reads the drafts' Q
     while not out.done:
         clock = PhaseClock()
@@ -89,7 +91,17 @@ def speculative_decode(
             tree.tokens, past_len[:, None] + tree.depth, tree.tree_mask, past_len
         )  # (B, N, V), (B, N, E)
         clock.lap("verify")
-        acc = accept(beams, logits, tree.unpacker, draft_log_probs, sampling, rng)
+        acc = accept(
+            beams,
+            logits,
+            tree.unpacker,
+            draft_log_probs,
+            sampling,
+            rng,
+            prompts=prompts,
+            generated=out.tokens,
+            logprobs=o.logprobs,
+        )  # penalties read each node's history: prompt, tokens so far (ending in g0), path
         clock.lap("accept")
         source, count = commit_plan(tree.unpacker, acc.beam, acc.n, ~out.finished)
         runtime.commit(past_len, source, count)
@@ -98,4 +110,6 @@ def speculative_decode(
         g0 = acc.next_token
         emitted = [[*beams[b, acc.beam[b], 1 : acc.n[b] + 1], g0[b]] for b in range(B)]
         clock.lap("commit")
-        yield Step(out.emit(emitted), acc.n.copy(), clock.seconds, "speculative", tree.sizes.copy())
+        new = out.emit(emitted)
+        lp = trim(acc.logprobs, new)
+        yield Step(new, acc.n.copy(), clock.seconds, "speculative", tree.sizes.copy(), lp)

@@ -23,7 +23,8 @@ class DecodeOptions:
     `lookup_span` tokens per matched n-gram token (lookup.py); `min_draft_prob` > 0 cuts each
     drafter beam where its cumulative draft probability falls below it (prune.py).
     `stop_token_ids` end a row as EOS does and `ignore_eos` stops EOS from ending one, the same
-    way in both modes (`stop_ids`)."""
+    way in both modes (`stop_ids`). `logprobs` makes every `Step` carry its tokens'
+    log-probabilities under the controlled target distribution (computed only when asked)."""
 
     max_new_tokens: int = 64
     speculative: bool = True
@@ -35,6 +36,7 @@ class DecodeOptions:
     lookup_span: int = SPAN_PER_NGRAM
     stop_token_ids: tuple[int, ...] = ()  # stop a row like EOS does (the id is kept)
     ignore_eos: bool = False  # EOS ids no longer stop a row; stop_token_ids still do
+    logprobs: bool = False  # Step.logprobs: each emitted token's log-probability (costs a pass)
 
     def stop_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
         """The ids that end a row: the model's EOS ids (unless `ignore_eos`) plus
@@ -45,6 +47,8 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.ignore_eos, bool):
             raise ConfigError(f"ignore_eos {self.ignore_eos!r} must be True or False")
+        if not isinstance(self.logprobs, bool):
+            raise ConfigError(f"logprobs {self.logprobs!r} must be True or False")
         if not isinstance(self.stop_token_ids, tuple) or not all(
             isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
             for t in self.stop_token_ids

@@ -24,6 +24,16 @@ class Step:
     seconds: dict[str, float]
     kind: str  # "prefill" | "speculative" | "autoregressive"
     verified: np.ndarray | None = None
+    # logprobs[b][i]: new_tokens[b][i]'s log-probability under the controlled target
+    # distribution at its position; None unless DecodeOptions(logprobs=True).
+    logprobs: list[list[float]] | None = None
+
+
+def trim(logprobs: list[list[float]] | None, kept: list[list[int]]) -> list[list[float]] | None:
+    """Log-probabilities cut to the tokens `OutputStream.emit` kept (stops drop the rest)."""
+    return (
+        None if logprobs is None else [lp[: len(k)] for lp, k in zip(logprobs, kept, strict=True)]
+    )
 
 
 def pad_prompts(

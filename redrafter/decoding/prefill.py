@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from redrafter.config import SamplingParams
-from redrafter.decoding.accept import choose_token
+from redrafter.decoding.accept import choose_token, penalised_rows, token_logprobs
 from redrafter.decoding.output import pad_prompts
 from redrafter.decoding.runtime import Runtime
 
@@ -39,9 +39,11 @@ def prefill(
     max_new_tokens: int,
     sampling: SamplingParams,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    logprobs: bool = False,
+) -> tuple[np.ndarray, list[list[float]] | None, np.ndarray, np.ndarray, dict[str, float]]:
     """Check and pad prompts, size the cache, run the prompts. Returns the first token g0 (B,),
-    the context hidden state (B, E), the committed lengths P (B,) and {"prefill": seconds}."""
+    its log-probability per row ([[lp]] * B, when `logprobs`; else None), the context hidden
+    state (B, E), the committed lengths P (B,) and {"prefill": seconds}."""
     tokens, lengths = pad_prompts(
         prompts,
         vocab_size=runtime.vocab_size,
@@ -52,4 +54,24 @@ def prefill(
     runtime.reset(batch=len(prompts), capacity=tokens.shape[1] + max_new_tokens + extra_slots)
     logits, context = runtime.prefill(tokens, lengths)  # (B, V), (B, E)
     clock.lap("prefill")
-    return choose_token(logits, sampling, rng), context, lengths, clock.seconds
+    none: list[list[int]] = [[] for _ in prompts]  # nothing generated yet
+    g0 = choose_token(logits, sampling, rng, prompts=prompts, generated=none)  # (B,)
+    lp = next_logprobs(logits, g0, sampling, prompts=prompts, generated=none) if logprobs else None
+    return g0, lp, context, lengths, clock.seconds
+
+
+def next_logprobs(
+    logits: np.ndarray,
+    tokens: np.ndarray,
+    sampling: SamplingParams,
+    *,
+    prompts: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+) -> list[list[float]]:
+    """Each row's chosen next token's log-probability, as a one-token list per row:
+    logits (B, V), tokens (B,)."""
+    if sampling.penalised:
+        logits = penalised_rows(logits, sampling, prompts=prompts, generated=generated)
+    return [
+        token_logprobs(logits[b : b + 1], tokens[b : b + 1], sampling) for b in range(len(tokens))
+    ]

@@ -5,7 +5,9 @@ written here).
 Dimensions: V vocab, E hidden size, F MLP size, Lyr layers, Hq/Hkv heads, D head dim, X exit_dim.
 
 Every loader maps names explicitly, compares the key set with the model's state dict exactly, checks
-every shape and casts to fp32; nothing is unpickled. Rotary layouts: our `Transformer` uses HF's
+every shape and casts to fp32; nothing is unpickled. Phi-3's fused `qkv_proj` / `gate_up_proj`
+tensors are split into Llama's names by `split_phi3`'s map; Qwen3's `q_norm` / `k_norm` keep HF's
+names. Rotary layouts: our `Transformer` uses HF's
 `rotate_half` (a head's rotary pairs are rows (j, j + D/2)). llama.cpp's GGUF (arch `llama`) and
 llama2.c store q/k rows in Meta's interleaved layout (pairs are rows (2j, 2j + 1)), so those rows
 are un-permuted on load. Verified facts: llama.cpp's `convert_hf_to_gguf.py` permutes q/k weights
@@ -243,8 +245,11 @@ def _shard_name(folder: Path, index: Path, shard: Any) -> str:
 def _sanitize_hf(
     weights: dict[str, torch.Tensor], config: BaseModelConfig, where: Path
 ) -> dict[str, torch.Tensor]:
-    """HF quirks: drop old rotary caches; drop a redundant lm_head when embeddings are tied."""
+    """HF quirks: drop old rotary caches; drop a redundant lm_head when embeddings are tied;
+    split Phi-3's fused projections."""
     weights = {k: v for k, v in weights.items() if not _ROTARY_INV_FREQ.fullmatch(k)}
+    if config.model_type == "phi3":
+        weights = split_phi3(weights, config, where)
     if config.tie_word_embeddings and "lm_head.weight" in weights:
         head = weights.pop("lm_head.weight")
         embed = weights.get("model.embed_tokens.weight")
@@ -254,6 +259,59 @@ def _sanitize_hf(
                 f"{tuple(embed.shape)}; set tie_word_embeddings=false in config.json"
             )
     return weights
+
+
+def split_phi3(
+    weights: dict[str, torch.Tensor], config: BaseModelConfig, where: Path | str
+) -> dict[str, torch.Tensor]:
+    """Phi-3's fused tensors under our (Llama) names, by this map, per layer i:
+
+    model.layers.{i}.self_attn.qkv_proj.weight (Hq*D + 2*Hkv*D, E), rows in that order
+        -> self_attn.q_proj.weight (Hq*D, E), k_proj.weight (Hkv*D, E), v_proj.weight (Hkv*D, E)
+    model.layers.{i}.mlp.gate_up_proj.weight (2F, E), gate rows first (transformers'
+    `gate, up = gate_up_proj(x).chunk(2, dim=-1)`)
+        -> mlp.gate_proj.weight (F, E), mlp.up_proj.weight (F, E)
+
+    Every fused tensor must be there with exactly that shape (CheckpointError naming it);
+    the other names pass through to the key-set check."""
+    E, F, D = config.hidden_size, config.intermediate_size, config.dim_per_head
+    q_rows, kv_rows = config.num_attention_heads * D, config.kv_heads * D
+    out = dict(weights)
+    for i in range(config.num_hidden_layers):
+        fused = {
+            f"model.layers.{i}.self_attn.qkv_proj.weight": (
+                (q_rows + 2 * kv_rows, E),
+                {
+                    "self_attn.q_proj": q_rows,
+                    "self_attn.k_proj": kv_rows,
+                    "self_attn.v_proj": kv_rows,
+                },
+            ),
+            f"model.layers.{i}.mlp.gate_up_proj.weight": (
+                (2 * F, E),
+                {"mlp.gate_proj": F, "mlp.up_proj": F},
+            ),
+        }
+        for name, (shape, parts) in fused.items():
+            tensor = out.pop(name, None)
+            if tensor is None:
+                raise CheckpointError(
+                    f"{where}: phi3 checkpoint lacks {name} (Phi-3 stores fused q/k/v and "
+                    f"gate/up projections); {_FIX_CONFIG}"
+                )
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{where}: {name} {tuple(tensor.shape)} != {shape}; {_FIX_CONFIG}"
+                )
+            pieces = torch.split(tensor, list(parts.values()), dim=0)  # rows, in the map's order
+            for part, piece in zip(parts, pieces, strict=True):
+                target = f"model.layers.{i}.{part}.weight"
+                if target in out:
+                    raise CheckpointError(
+                        f"{where}: holds both {name} and {target}; re-export the checkpoint"
+                    )
+                out[target] = piece.contiguous()
+    return out
 
 
 # --------------------------------------------------------------------------- drafter

@@ -1,12 +1,29 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE (with Llama-3
-scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM): RMSNorm, RoPE (with
+Llama-3 or LongRoPE scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings,
+optional q/k/v bias, optional per-head q/k RMSNorm (Qwen3).
 
 Dimensions: B batch, T new tokens, S cache capacity, P committed length, Hq/Hkv heads,
 D head dim, E hidden size, F MLP size, V vocab, Lyr layers.
 
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a HF
 state dict loads after an explicit key-set check (`checkpoints.py`). `forward` has static shapes
-and no data-dependent Python control flow: it is what gets exported.
+and no data-dependent Python control flow: it is what gets exported. Phi-3's fused `qkv_proj`
+and `gate_up_proj` are split into these names by the loader, so one module serves every family.
+
+LongRoPE (Phi-3/3.5 `rope_scaling` type `longrope`, formerly `su`): two frequency tables,
+1 / (short_factor[j] · θ^(2j/D)) and the same with long_factor, and cos/sin multiplied by the
+config's attention factor. We pick the table per token: position p uses the long one iff
+p >= O (`original_max_position_embeddings`). That does not depend on how tokens are grouped
+into calls, so chunked prefill, padded batches and tree verification (whose tokens run ahead
+of the committed length) rotate a position the same way, and speculative decoding keeps
+emitting the autoregressive tokens. transformers' model picks one table per forward call (long
+when the call's largest position + 1 > O) and keeps cached keys as they were rotated: for a
+prompt of at most O tokens, then one token per call, that is exactly our rule. Two places
+differ: a prompt longer than O, which transformers rotates entirely with the long table in
+its one prefill call, keeps the short table for positions < O here; and Phi-3's `generate`
+drops its cache once the sequence exceeds O and recomputes it with the long table, so its
+tokens after that point are not ours. Matching it would take re-rotating (or re-filling) each
+row's cache when it crosses O, which our fixed-cache runtimes do not do.
 """
 
 from __future__ import annotations
@@ -36,8 +53,9 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(config: BaseModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies (D/2,), with Llama-3 scaling when configured.
+def rope_inv_freq(config: BaseModelConfig, *, long: bool = False) -> torch.Tensor:
+    """Rotary inverse frequencies (D/2,), with Llama-3 scaling or LongRoPE's short factors
+    (`long=True`: its long factors) when configured.
 
     Computed in float64 on the host and stored as a constant: no `1/x` in the exported graph
     (Core ML lowers `1/x` with an epsilon that shifts the frequencies).
@@ -45,7 +63,11 @@ def rope_inv_freq(config: BaseModelConfig) -> torch.Tensor:
     D = config.dim_per_head
     inv = torch.exp(-math.log(config.rope_theta) * torch.arange(0, D, 2, dtype=torch.float64) / D)
     rs = config.rope_scaling
-    if rs is not None:  # Llama 3.1: stretch low frequencies, keep high ones, blend between.
+    if config.rope_type == "longrope":  # LongRoPE: each frequency divided by its own factor
+        assert rs is not None
+        factors = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float64)
+        inv = inv / factors
+    elif rs is not None:  # Llama 3.1: stretch low frequencies, keep high ones, blend between.
         factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
         old_ctx = rs["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
@@ -70,6 +92,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=config.o_bias)
+        # Qwen3: each head of q and k is RMS-normalised over D (one weight shared by the heads)
+        # before the rotary, which the attention op applies.
+        self.q_norm = RMSNorm(D, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(D, config.rms_norm_eps) if config.qk_norm else None
         # The tree-attention implementation (op version 2: projections and rotary table in):
         # the eager in-place reference by default; export swaps in a custom op (one node).
         self.op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = tree_attention
@@ -87,6 +113,10 @@ class Attention(nn.Module):
         """Returns the attention output (B, T, E) and the updated caches (B, Hkv, S, D).
         cos, sin: (B, T, D) rotary table of the new tokens' positions."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*D), before rotary
+        if self.q_norm is not None and self.k_norm is not None:
+            D = self.head_dim
+            q = self.q_norm(q.unflatten(-1, (-1, D))).flatten(-2)  # (B, T, Hq*D)
+            k = self.k_norm(k.unflatten(-1, (-1, D))).flatten(-2)  # (B, T, Hkv*D)
         out, key_cache, value_cache = self.op(
             q, k, v, key_cache, value_cache, past_len, tree_mask, cos, sin
         )  # out (B, T, Hq*D)
@@ -144,6 +174,11 @@ class Transformer(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # LongRoPE: the long table, used from position `rope_long_from` on (module docstring).
+        self.rope_long_from = config.rope_long_from
+        self.rope_factor = config.rope_attention_factor
+        long = None if self.rope_long_from is None else rope_inv_freq(config, long=True)
+        self.register_buffer("inv_freq_long", long, persistent=False)
 
     @property
     def embed_weight(self) -> torch.Tensor:
@@ -179,9 +214,7 @@ class Transformer(nn.Module):
         (B, Hkv, S, D) per layer. The eager attention writes them in place and returns them.
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, E)
-        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self.rotary_table(position_ids, x.dtype)  # (B, T, D) each
         new_caches = []
         for layer, (key_cache, value_cache) in zip(self.model.layers, caches, strict=True):
             x, key_cache, value_cache = layer(
@@ -189,6 +222,22 @@ class Transformer(nn.Module):
             )
             new_caches.append((key_cache, value_cache))
         return self.model.norm(x), new_caches
+
+    def rotary_table(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, D) in `dtype` of positions (B, T) int64, computed in fp32."""
+        positions = position_ids[..., None].float()  # (B, T, 1)
+        angles = positions * self.inv_freq  # (B, T, D/2)
+        if self.inv_freq_long is not None:  # LongRoPE: long factors from rope_long_from on
+            assert self.rope_long_from is not None
+            long = position_ids[..., None] >= self.rope_long_from  # (B, T, 1)
+            angles = torch.where(long, positions * self.inv_freq_long, angles)  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
+        cos, sin = angles.cos(), angles.sin()
+        if self.rope_factor != 1.0:
+            cos, sin = cos * self.rope_factor, sin * self.rope_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: (..., E) -> (..., V)."""

@@ -4,6 +4,14 @@
 a `.gguf` file (a byte-level BPE tokenizer is rebuilt from its `tokenizer.ggml.*` metadata), or a
 llama2.c `.bin` (which carries no tokenizer: a `tokenizer.json` must sit next to it).
 
+Prompts are encoded as transformers encodes them (`Tokenizer.encode_prompt`): plain text as
+`tokenizer(text)` does, with the special tokens the tokenizer adds (e.g. Llama's BOS): those of
+tokenizer.json's post-processor (transformers 5 ignores tokenizer_config.json's `add_bos_token`
+when a tokenizer.json exists; checkpoints saved by transformers 4 keep the two in step), or of
+a GGUF's `tokenizer.ggml.add_bos_token`/`add_eos_token`; a chat (`Message`s) as
+`apply_chat_template(messages, add_generation_prompt=True)` does (the checkpoint's template,
+whose text carries any BOS itself). A tokenizer without a chat template refuses chats.
+
 `StreamDecoder` turns token ids arriving one step at a time into text that is safe to print: it
 holds back a piece whose last character is U+FFFD, i.e. a multi-byte UTF-8 character whose bytes
 are split over tokens that have not all arrived yet.
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from redrafter.errors import TokenizerError
+from redrafter.models.chat import Chat, Message, as_messages
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +41,10 @@ MAX_TEMPLATE_OVERHEAD = 1 << 20
 
 class NoTokenizerError(TokenizerError):
     """The checkpoint has no tokenizer (as opposed to a corrupt one)."""
+
+
+class NoChatTemplateError(TokenizerError):
+    """A chat prompt was asked of a tokenizer that has no chat template."""
 
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -74,11 +88,13 @@ class Tokenizer:
         bos_token_id: int | None = None,
         eos_token_ids: Sequence[int] = (),
         chat_template: str | None = None,
+        source: str | None = None,
     ) -> None:
         self.inner = inner
         self.bos_token_id = bos_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in eos_token_ids))
         self.chat_template = chat_template
+        self.source = source  # where it was loaded from, for error messages
 
     @property
     def vocab_size(self) -> int:
@@ -95,25 +111,36 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
 
-    def chat_prompt(self, user_text: str, *, system: str | None = None) -> str:
-        """The prompt text for one user turn, ending where the assistant's reply starts.
+    def encode_prompt(
+        self, prompt: str | Chat, *, chat: bool = False, system: str | None = None
+    ) -> list[int]:
+        """The ids a prompt decodes from, as transformers makes them: text alone as
+        `tokenizer(text)` does (with the special tokens the tokenizer adds, e.g. a BOS); a chat
+        (a message list, or text with `chat` or a `system` text: one user turn) rendered by
+        `chat_prompt` and encoded as `apply_chat_template` does, adding nothing (the template
+        writes any BOS itself)."""
+        if isinstance(prompt, str) and not chat and system is None:
+            return self.encode(prompt, add_special_tokens=True)
+        return self.encode(self.chat_prompt(prompt, system=system))
 
-        With a checkpoint chat template and jinja2 installed, the template is rendered (SmolLM2's
-        adds its default system prompt). Otherwise ChatML:
-        `[<|im_start|>system\\n{system}<|im_end|>\\n]<|im_start|>user\\n{user_text}<|im_end|>\\n
-        <|im_start|>assistant\\n` (the system turn only when `system` is given).
-        """
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": user_text}
-        ]
-        if self.chat_template is not None:
-            rendered = _render_template(self.chat_template, messages, self._special_strings())
-            if rendered is not None:
-                return rendered
-        return (
-            "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            + "<|im_start|>assistant\n"
-        )
+    def chat_prompt(self, chat: str | Chat, *, system: str | None = None) -> str:
+        """The checkpoint's chat template rendered for a conversation, ending where the
+        assistant's reply starts (`add_generation_prompt`). `chat`: a message list
+        (`as_messages`), or the text of one user turn; `system`: a system turn put first.
+        A tokenizer without a chat template raises `NoChatTemplateError` (no format is
+        guessed: a wrong one would silently degrade every answer)."""
+        if isinstance(chat, str):
+            chat = [Message("user", chat)]
+        messages = as_messages(chat, system=system)
+        if self.chat_template is None:
+            where = f"{self.source}: " if self.source else ""
+            raise NoChatTemplateError(
+                f"{where}this tokenizer has no chat template, so it cannot build chat prompts; "
+                "prompt with plain text (no --chat, --system or --messages), or add the "
+                "model's chat_template to its tokenizer_config.json"
+            )
+        records = [{"role": m.role, "content": m.content} for m in messages]
+        return _render_template(self.chat_template, records, self._special_strings())
 
     def _special_strings(self) -> dict[str, str]:
         out = {}
@@ -126,19 +153,32 @@ class Tokenizer:
 
 def _render_template(
     template: str, messages: list[dict[str, str]], specials: dict[str, str]
-) -> str | None:
-    """Render a HF chat template in jinja2's sandbox; None when jinja2 is not installed."""
+) -> str:
+    """Render a HF chat template in jinja2's sandbox, with the environment transformers gives
+    templates (trimmed blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson`
+    that keeps non-ASCII text)."""
     try:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        return None
+        raise TokenizerError(
+            "chat templates need jinja2, which is not installed; pip install jinja2"
+        ) from None
 
     def raise_exception(message: str) -> None:
         raise TokenizerError(f"chat template refused the prompt: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False
+    ) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
     limit = MAX_TEMPLATE_OVERHEAD + 2 * sum(len(m["content"]) for m in messages)
     try:
         pieces, size = [], 0
@@ -297,6 +337,26 @@ def _load_hf(folder: Path, tokenizer_json: Path | None = None) -> Tokenizer:
         bos_token_id=bos[0] if bos else None,
         eos_token_ids=eos,
         chat_template=template if isinstance(template, str) else None,
+        source=str(folder if tokenizer_json == folder / "tokenizer.json" else tokenizer_json),
+    )
+
+
+def _add_special_tokens(
+    inner: tokenizers.Tokenizer, *, bos: tuple[str, int] | None, eos: tuple[str, int] | None
+) -> None:
+    """Make `inner.encode(text, add_special_tokens=True)` put `bos` (token, id) before the
+    text and `eos` after it (None: not that one), as transformers' `update_post_processor`
+    does."""
+    specials = [t for t in (bos, eos) if t is not None]
+
+    def around(seq: str, type_id: int) -> str:  # e.g. "<s>:0 $A:0"
+        parts = ([bos[0]] if bos else []) + [f"${seq}"] + ([eos[0]] if eos else [])
+        return " ".join(f"{p}:{type_id}" for p in parts)
+
+    inner.post_processor = processors.TemplateProcessing(
+        single=around("A", 0),
+        pair=f"{around('A', 0)} {around('B', 1)}",
+        special_tokens=list(dict.fromkeys(specials)),  # type: ignore[arg-type]
     )
 
 
@@ -344,16 +404,23 @@ def _load_gguf(path: Path) -> Tokenizer:
     inner.add_special_tokens([a for a in added if a.special])
     inner.add_tokens([a for a in added if not a.special])
     bos, eos = meta("tokenizer.ggml.bos_token_id"), meta("tokenizer.ggml.eos_token_id")
-    if bos is not None and meta("tokenizer.ggml.add_bos_token", False):
-        name = tokens[int(bos)]
-        inner.post_processor = processors.TemplateProcessing(
-            single=f"{name} $A", pair=f"{name} $A {name} $B", special_tokens=[(name, int(bos))]
+    # llama.cpp and transformers add BOS/EOS to a plain prompt as these flags say; a byte-level
+    # ('gpt2') vocabulary without them adds neither.
+    add_bos = bos is not None and meta("tokenizer.ggml.add_bos_token", False)
+    add_eos = eos is not None and meta("tokenizer.ggml.add_eos_token", False)
+    if add_bos or add_eos:
+        # The metadata's ids, not the token strings' (a GGUF may spell two tokens alike).
+        _add_special_tokens(
+            inner,
+            bos=(tokens[int(bos)], int(bos)) if add_bos else None,
+            eos=(tokens[int(eos)], int(eos)) if add_eos else None,
         )
     return Tokenizer(
         inner,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=[int(t) for t in (eos, meta("tokenizer.ggml.eot_token_id")) if t is not None],
         chat_template=meta("tokenizer.chat_template"),
+        source=str(path),
     )
 
 

@@ -1,0 +1,318 @@
+"""Qwen3 (per-head q/k RMSNorm, a head_dim that is not hidden/heads) and Phi-3/3.5 (fused qkv and
+gate_up tensors, LongRoPE) against transformers' own models, end to end: tiny random models that
+transformers builds and saves, loaded by `load_base`, must emit the tokens of transformers'
+greedy `generate` (autoregressive, speculative, and speculative with whole beams accepted) in
+the torch reference, through an exported ONNX bundle on ONNX Runtime (with `validate`) and
+through the Core ML program's MIL evaluator. The LongRoPE model switches to its long factors at
+position 32, which two of the three prompts cross; its truth is transformers' model decoding
+greedily with its cache kept, which is `generate` up to the switch-over (models/llama.py
+explains the per-position rule and why `generate` departs after it).
+Logits per family and cached-vs-uncached live in test_llama_vs_transformers.py; configs and
+loader errors are at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_llama_vs_transformers import PHI3_IDS, SIZES, full_forward, longrope, randomized
+from transformers import Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from redrafter.config import BaseModelConfig, BeamShape
+from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
+from redrafter.errors import CheckpointError, ConfigError, UnsupportedModelError
+from redrafter.models.checkpoints import load_base, load_base_config, save_drafter
+from redrafter.models.llama import rope_inv_freq
+from redrafter.runtimes.torch import TorchRuntime
+
+from conftest import OracleDrafts, collect, tiny_drafter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SWITCH = 32  # LongRoPE's original_max_position_embeddings here: prompts + tokens cross it
+FAMILIES = {
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=24)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, **PHI3_IDS)),
+    "phi3-longrope": lambda: Phi3ForCausalLM(
+        Phi3Config(
+            **SIZES,
+            **PHI3_IDS,
+            original_max_position_embeddings=SWITCH,
+            rope_scaling=longrope(SWITCH),
+        )
+    ),
+}
+BEAM = BeamShape(3, 4)
+_ids = torch.Generator().manual_seed(7)
+PROMPTS = [
+    torch.randint(0, SIZES["vocab_size"], (n,), generator=_ids).tolist() for n in (6, 21, 13)
+]
+NEW_TOKENS = 20  # the 21- and 13-token prompts run past SWITCH
+
+
+def hf_checkpoint(name: str, folder: Path) -> tuple[torch.nn.Module, Path]:
+    """A random transformers model of family `name`, saved by `save_pretrained` to `folder`."""
+    hf = randomized(FAMILIES[name](), seed=3)
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def hf_generate(hf: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' own greedy, cached `generate`: the tokens after the prompt."""
+    ids = torch.tensor([prompt])  # (1, T)
+    with torch.no_grad():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )  # (1, T + new_tokens)
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_cached_greedy(hf: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding by transformers' model forward with its cache kept: the prompt in one
+    call, then one token per call. This is `generate` except for Phi-3's override that drops
+    the cache and recomputes the whole sequence with the long factors once it passes
+    original_max_position_embeddings (`Phi3ForCausalLM.prepare_inputs_for_generation`), which
+    our fixed-cache runtimes do not do (models/llama.py)."""
+    ids = torch.tensor([prompt])  # (1, T)
+    out, tokens = [], ids
+    with torch.no_grad():
+        result = hf(tokens, use_cache=True)
+        for _ in range(new_tokens):
+            token = result.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            out.append(int(token))
+            result = hf(token, cache=result.past_key_values, use_cache=True)
+    return out
+
+
+def assert_same_tokens(got: list[list[int]], want: list[list[int]], what: str) -> None:
+    for row, (g, w) in enumerate(zip(got, want, strict=True)):
+        first = next((j for j, (a, b) in enumerate(zip(g, w, strict=False)) if a != b), None)
+        assert g == w, f"{what}, row {row}: first diverging token at {first}: {g} != {w}"
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, transformers model, its folder, a drafter folder, the truth: `generate`'s tokens
+    for PROMPTS), one checkpoint per family for the module."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    hf, folder = hf_checkpoint(name, root / "base")
+    save_drafter(tiny_drafter(load_base(folder), seed=5), root / "drafter")
+    # LongRoPE past its switch-over: transformers' model with its cache kept, not `generate`
+    # (hf_cached_greedy; test_phi3_generate_departs_only_past_the_switch shows where).
+    greedy = hf_cached_greedy if name == "phi3-longrope" else hf_generate
+    truth = [greedy(hf, p, NEW_TOKENS) for p in PROMPTS]
+    return name, hf, folder, root / "drafter", truth
+
+
+def test_torch_reference_decodes_transformers_tokens(family) -> None:
+    """Autoregressive, speculative (a random drafter: short accepts) and oracle-drafted
+    speculative decoding (whole beams accepted, so trees and commits straddle the LongRoPE
+    switch-over) of a ragged batch all emit `generate`'s tokens."""
+    name, _, folder, drafter_dir, truth = family
+    from redrafter.models.checkpoints import load_drafter
+
+    base = load_base(folder)
+    runtime = TorchRuntime(base, load_drafter(drafter_dir))
+    ar = collect(decode(runtime, PROMPTS, AUTOREGRESSIVE.replace(max_new_tokens=NEW_TOKENS)), 3)
+    assert_same_tokens(ar, truth, f"{name} autoregressive")
+    options = DecodeOptions(max_new_tokens=NEW_TOKENS, beam=BEAM)
+    spec = collect(decode(runtime, PROMPTS, options), 3)
+    assert_same_tokens(spec, truth, f"{name} speculative")
+    oracle = OracleDrafts(runtime, PROMPTS, truth, seed=1)
+    steps = list(decode(oracle, PROMPTS, options))
+    assert_same_tokens(collect(steps, 3), truth, f"{name} oracle-drafted speculative")
+    assert len(steps) < NEW_TOKENS * 0.7, "the oracle should get multi-token accepts"
+
+
+def test_longrope_switches_tables_per_position(tmp_path: Path) -> None:
+    """Our one uncached pass over 40 tokens equals transformers' cached pass (a prompt of
+    SWITCH - 8 tokens, then one token per call, as `generate` runs), position by position; and
+    the long table matters exactly from SWITCH on."""
+    hf, folder = hf_checkpoint("phi3-longrope", tmp_path / "m")
+    ours = load_base(folder)
+    assert ours.config.rope_long_from == SWITCH
+    assert ours.config.rope_attention_factor == pytest.approx((1 + np.log(4) / np.log(32)) ** 0.5)
+    T, T0 = 40, SWITCH - 8
+    ids = torch.randint(0, SIZES["vocab_size"], (1, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = hf(ids[:, :T0], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for p in range(T0, T):
+            out = hf(ids[:, p : p + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+        expected = torch.cat(steps, dim=1)  # (1, T, V)
+        got = full_forward(ours, ids)  # (1, T, V)
+        err = (got - expected).abs().amax(dim=-1)[0]  # (T,)
+        assert err.max() < 2e-5, f"max |ours - transformers| per position: {err.tolist()}"
+        ours.inv_freq_long = ours.inv_freq.clone()  # short factors everywhere
+        short = full_forward(ours, ids)
+    changed = (short - got).abs().amax(dim=-1)[0] > 1e-3  # (T,)
+    assert not changed[:SWITCH].any() and changed[SWITCH:].all()
+
+
+def test_phi3_generate_departs_only_past_the_switch(tmp_path: Path) -> None:
+    """`generate` and the kept-cache greedy loop agree on every token predicted from at most
+    SWITCH positions (so both rotate the same way until then); Phi-3's `generate` then
+    recomputes the sequence with the long factors, and its later tokens differ here."""
+    hf, _ = hf_checkpoint("phi3-longrope", tmp_path / "m")
+    for prompt in PROMPTS:
+        want, got = hf_generate(hf, prompt, NEW_TOKENS), hf_cached_greedy(hf, prompt, NEW_TOKENS)
+        agree = max(0, SWITCH - len(prompt) + 1)  # tokens predicted from <= SWITCH positions
+        assert got[:agree] == want[:agree]
+        if agree < NEW_TOKENS:
+            assert got[agree:] != want[agree:]
+
+
+# -- exported ------------------------------------------------------------------------------------
+def test_onnx_bundle_decodes_transformers_tokens(family, tmp_path: Path) -> None:
+    """Export (the export-time parity check included), then ONNX Runtime's greedy speculative
+    and oracle-drafted tokens are `generate`'s, and `validate` passes against the reference."""
+    from redrafter.build import ExportOptions, export_bundle
+    from redrafter.models.checkpoints import load_pair
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
+    from redrafter.validate.report import validate_bundle
+
+    name, _, folder, drafter_dir, truth = family
+    bundle = export_bundle(
+        folder, tmp_path / "bundle", drafter_path=drafter_dir, options=ExportOptions(beam=BEAM)
+    )
+    assert bundle.manifest.parity is not None and bundle.manifest.parity.passed
+    assert bundle.base_config == load_base_config(folder)  # the manifest round-trips the config
+    runtime = OnnxRuntime(bundle)
+    options = DecodeOptions(max_new_tokens=NEW_TOKENS, beam=BEAM)
+    assert_same_tokens(collect(decode(runtime, PROMPTS, options), 3), truth, f"{name} on ORT")
+    oracle = OracleDrafts(runtime, PROMPTS, truth, seed=2)
+    got = collect(decode(oracle, PROMPTS, options), 3)
+    assert_same_tokens(got, truth, f"{name} on ORT, oracle-drafted")
+    report = validate_bundle(
+        bundle,
+        candidate=runtime,
+        reference=TorchRuntime(*load_pair(folder, drafter_dir)),
+        prompts=PROMPTS[1:],
+        max_new_tokens=NEW_TOKENS,
+    )
+    assert report.passed, report.to_dict()
+
+
+def test_coreml_program_decodes_transformers_tokens(family, tmp_path: Path) -> None:
+    """The float32 Core ML programs through coremltools' MIL evaluator: tensors match the torch
+    reference, and greedy speculative tokens of the prompt that crosses the switch-over are
+    `generate`'s."""
+    pytest.importorskip("coremltools", reason="Core ML export needs coremltools (macOS or Linux)")
+    from redrafter.build import ExportOptions, export_bundle
+    from redrafter.models.checkpoints import load_pair
+    from redrafter.runtimes.coreml_mil import CoreMLMilRuntime
+    from redrafter.validate.tensors import compare_runtimes
+
+    name, _, folder, drafter_dir, truth = family
+    options = ExportOptions(targets=("coreml",), beam=BEAM, coreml_dtype="float32")
+    bundle = export_bundle(folder, tmp_path / "bundle", drafter_path=drafter_dir, options=options)
+    runtime = CoreMLMilRuntime(bundle)
+    report = compare_runtimes(
+        runtime, TorchRuntime(*load_pair(folder, drafter_dir)), dtype="float32", beam=BEAM
+    )
+    assert report.passed, report.checks
+    assert max(c.max_abs for c in report.checks) < 1e-4
+    n = 12  # the MIL evaluator is slow; 21 + 12 tokens still cross SWITCH
+    got = collect(decode(runtime, PROMPTS[1:2], DecodeOptions(max_new_tokens=n, beam=BEAM)), 1)
+    assert_same_tokens(got, [truth[1][:n]], f"{name} on the Core ML MIL evaluator")
+
+
+# -- configs and loading -------------------------------------------------------------------------
+def _raw(name: str, tmp_path: Path) -> dict:
+    _, folder = hf_checkpoint(name, tmp_path / name)
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_phi3_old_su_config_reads_as_the_new_one(tmp_path: Path) -> None:
+    """A transformers-4 Phi-3 config.json (`rope_scaling` of type `su`, `rope_theta` at the top)
+    gives the same model as the transformers-5 one (`rope_parameters`)."""
+    new = _raw("phi3-longrope", tmp_path)
+    rope = new["rope_parameters"]
+    old = {
+        **{k: v for k, v in new.items() if k != "rope_parameters"},
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {
+            "type": "su",
+            "short_factor": rope["short_factor"],
+            "long_factor": rope["long_factor"],
+        },
+    }
+    a, b = BaseModelConfig.from_dict(new), BaseModelConfig.from_dict(old)
+    assert a.rope_type == b.rope_type == "longrope"
+    assert a.rope_long_from == b.rope_long_from == SWITCH
+    assert a.rope_attention_factor == b.rope_attention_factor
+    for long in (False, True):
+        assert torch.equal(rope_inv_freq(a, long=long), rope_inv_freq(b, long=long))
+    assert BaseModelConfig.from_dict(a.to_dict()) == a  # what a bundle's manifest stores
+
+
+def test_qwen3_window_is_ignored_unless_enabled(tmp_path: Path) -> None:
+    raw = _raw("qwen3", tmp_path)
+    off = {**raw, "sliding_window": 16, "use_sliding_window": False}
+    assert BaseModelConfig.from_dict(off).context_length == SIZES["max_position_embeddings"]
+    on = {**off, "use_sliding_window": True}
+    assert BaseModelConfig.from_dict(on).context_length == 16
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (
+            {"model_type": "gemma3"},
+            UnsupportedModelError,
+            "supported: llama, mistral, qwen2, qwen3, phi3",
+        ),
+        ({"partial_rotary_factor": 0.75}, UnsupportedModelError, "partial_rotary_factor=0.75"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, ConfigError, "short_factor"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, UnsupportedModelError, "'dynamic'"),
+        ({"rope_scaling": longrope(SWITCH, head_dim=8)}, ConfigError, "short_factor (4 values)"),
+        (
+            {"rope_scaling": {**longrope(SWITCH), "long_factor": [1.0] * 7 + [float("nan")]}},
+            ConfigError,
+            "long_factor",
+        ),
+        (
+            {"rope_scaling": {**longrope(SWITCH), "attention_factor": -1}},
+            ConfigError,
+            "attention_factor=-1",
+        ),
+        (
+            {"original_max_position_embeddings": 0},
+            ConfigError,
+            "original_max_position_embeddings=0",
+        ),
+    ],
+)
+def test_bad_family_configs_name_the_field(change, error, message, tmp_path: Path) -> None:
+    raw = {**_raw("phi3", tmp_path), **change}
+    raw.pop("rope_parameters", None)  # the change's rope_scaling is the one read
+    with pytest.raises(error) as info:
+        BaseModelConfig.from_dict(raw)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_phi3_loader_checks_the_fused_tensors(tmp_path: Path) -> None:
+    """The split map's hard checks: a missing or mis-shaped fused tensor is named."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_checkpoint("phi3", tmp_path / "m")
+    weights = load_file(folder / "model.safetensors")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " \\("):
+        load_base(folder)
+    bad = {**weights, name: weights[name][:-16]}  # one KV head's v rows short
+    save_file(bad, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"qkv_proj\.weight \(112, 64\) != \(128, 64\)"):
+        load_base(folder)
