@@ -268,7 +268,24 @@ def _option(
 )
 @click.option("--prompt", help="Prompt text.")
 @_option("prompt-ids")
-@_option("chat", "Wrap the prompt in the model's chat template.")
+@_option(
+    "prompts",
+    "Several prompts, decoded as one batch: a text file, one prompt per line (write a newline "
+    "inside a prompt as \\n), or .jsonl with a 'prompt' or 'text' field per line (the format "
+    "of validate/bench --prompts). Prints each output (--json: a list).",
+)
+@click.option(
+    "--messages",
+    "messages_file",
+    type=_PATH,
+    help='A chat to answer: a JSON list of {"role": ..., "content": ...} messages (roles '
+    "system, user, assistant; ending with a user turn), or JSONL with one message per line.",
+)
+@click.option(
+    "--system",
+    help="A system message put before the prompt(s), which then go into the chat template.",
+)
+@_option("chat", "Wrap the prompt(s) in the model's chat template (as one user turn).")
 @_option("max-new-tokens", default=64)
 @_option(
     "beam-width",
@@ -311,6 +328,33 @@ def _option(
     help="With --temperature: drop tokens less probable than this times the most probable "
     "one, in [0, 1) (after --top-p). Speculative decoding with --acceptance exact keeps "
     "every control exact.",
+)
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Divide the logits of tokens already in the prompt or output by this (multiply when "
+    "negative), > 0; greedy too (transformers' repetition_penalty).",
+)
+@click.option(
+    "--presence-penalty",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Subtract this from the logits of tokens already generated, in [-2, 2]; greedy too.",
+)
+@click.option(
+    "--frequency-penalty",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Subtract this times each token's count in the output so far, in [-2, 2]; greedy too.",
+)
+@click.option(
+    "--logprobs",
+    is_flag=True,
+    help="With --json: each token's log-probability under the controlled distribution.",
 )
 @_option("seed", "Random seed for sampling.")
 @click.option(
@@ -377,6 +421,9 @@ def generate(
     bundle_path: str | None,
     prompt: str | None,
     prompt_ids: str | None,
+    prompts_file: str | None,
+    messages_file: str | None,
+    system: str | None,
     chat: bool,
     max_new_tokens: int,
     beam_width: int | None,
@@ -386,6 +433,10 @@ def generate(
     top_k: int | None,
     top_p: float,
     min_p: float,
+    repetition_penalty: float,
+    presence_penalty: float,
+    frequency_penalty: float,
+    logprobs: bool,
     seed: int | None,
     acceptance: str,
     packing: str | None,
@@ -426,16 +477,18 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )
-    if (prompt is None) == (prompt_ids is None):
-        raise click.UsageError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if logprobs and (not as_json or prompts_file is not None):
+        raise click.UsageError("--logprobs needs --json and one prompt (not --prompts)")
     if greedy and temperature is not None:
         raise click.UsageError("--greedy and --temperature exclude each other")
-    if chat and prompt_ids is not None:
-        raise click.UsageError("--chat applies to --prompt text, not --prompt-ids")
-    if prompt is not None:
-        _check_utf8(prompt, "--prompt")
-    the_prompt = prompt if prompt is not None else _parse_ids(prompt_ids or "")
+    # Read and check the prompts before any model loads: a bad file is one line at once.
+    the_prompts, texts = _generate_prompts(
+        prompt, prompt_ids, prompts_file, messages_file, system, chat
+    )
     pipe = open_pipeline(
         base=base_path,
         drafter=drafter_path,
@@ -447,6 +500,9 @@ def generate(
         threads=threads,
         allow_fallback=allow_cpu_fallback,
     )
+    # Encoded now, so a prompt the tokenizer refuses (a chat without a chat template) is one
+    # line before any note or output.
+    the_prompts = [pipe.encode(p, chat=chat) for p in the_prompts]
     if not autoregressive and not pipe.defaults.speculative:
         autoregressive = True
         click.echo(
@@ -471,9 +527,98 @@ def generate(
         min_p=min_p,
         stop_token_ids=stop_ids,
         ignore_eos=ignore_eos,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logprobs=logprobs,
     )
     check_options(pipe.runtime, options)  # e.g. a beam shape the bundle lacks: before any output
-    _run(pipe, the_prompt, options, chat=chat, show_stats=stats, as_json=as_json, stop=stop)
+    if texts is not None:
+        _run_batch(pipe, the_prompts, texts, options, show_stats=stats, as_json=as_json, stop=stop)
+        return
+    # The prompt is token ids by now (its chat template, if any, already applied).
+    _run(pipe, the_prompts[0], options, chat=False, show_stats=stats, as_json=as_json, stop=stop)
+
+
+def _generate_prompts(
+    prompt: str | None,
+    prompt_ids: str | None,
+    prompts_file: str | None,
+    messages_file: str | None,
+    system: str | None,
+    chat: bool,
+) -> tuple[list[Any], list[str] | None]:
+    """`generate`'s prompts from exactly one of --prompt, --prompt-ids, --prompts and
+    --messages, with --system (if given) put first as a system turn of each: (the prompts, as
+    `Pipeline.encode` takes them; the prompts file's texts, or None when not decoding one)."""
+    from redrafter.models.chat import Message, as_messages, read_messages
+    from redrafter.validate.prompts import read_prompts
+
+    given = [prompt, prompt_ids, prompts_file, messages_file]
+    if sum(v is not None for v in given) != 1:
+        raise click.UsageError(
+            "give exactly one of --prompt TEXT, --prompt-ids 1,2,3, --prompts FILE or "
+            "--messages FILE"
+        )
+    if prompt_ids is not None and (chat or system is not None):
+        raise click.UsageError("--chat and --system apply to text prompts, not --prompt-ids")
+    if system is not None:
+        _check_utf8(system, "--system")
+    if prompt_ids is not None:
+        return [_parse_ids(prompt_ids)], None
+    if messages_file is not None:
+        return [as_messages(read_messages(messages_file), system=system)], None
+    if prompt is not None:
+        _check_utf8(prompt, "--prompt")
+        texts = [prompt]
+    else:
+        texts = read_prompts(prompts_file or "")
+    prompts: list[Any] = list(texts)
+    if system is not None:  # a chat of one user turn after the system one
+        prompts = [as_messages([Message("user", t)], system=system) for t in texts]
+    return prompts, (texts if prompts_file is not None else None)
+
+
+def _run_batch(
+    pipe: Any,
+    prompts: list[list[int]],
+    texts: list[str],
+    options: Any,
+    *,
+    show_stats: bool,
+    as_json: bool,
+    stop: tuple[str, ...] = (),
+) -> None:
+    """Decode several prompts (the token ids of `texts`) as one batch (`Pipeline.generate`,
+    rows of any lengths), then print each output under a `==> prompt N <==` line, or (--json)
+    one JSON list of `generation_record`s, each with its `prompt` text; the stats are the
+    whole batch's."""
+    from redrafter.pipeline import generation_record, implementation_of, stats_text
+
+    start = time.perf_counter()
+    out = pipe.generate(prompts, options, stop=stop)
+    summary = {  # what `run_stats` adds, for a decode run by `generate`
+        **out.stats,
+        "wall_seconds": time.perf_counter() - start,
+        "runtime": pipe.runtime.name,
+        "implementation": implementation_of(pipe.runtime),
+    }
+    outputs = out.texts
+    assert outputs is not None  # text prompts were encoded, so the pipeline has a tokenizer
+    if as_json:
+        records = [
+            {"prompt": text, **generation_record(pipe, ids, summary, text=output)}
+            for text, ids, output in zip(texts, out.token_ids, outputs, strict=True)
+        ]
+        click.echo(json.dumps(records))
+        return
+    for n, output in enumerate(outputs, 1):
+        if n > 1:
+            click.echo()
+        click.echo(f"==> prompt {n} <==")
+        click.echo(output)
+    if show_stats:
+        click.echo(stats_text(summary, options), err=True)
 
 
 def _run(
@@ -529,7 +674,10 @@ def _run(
         ids = scan.kept_ids()
     if as_json:
         text = None if scan is None else scan.text
-        click.echo(json.dumps(generation_record(pipe, ids, summary, text=text)))
+        record = generation_record(pipe, ids, summary, text=text)
+        if options.logprobs:  # cut with the ids where a stop string ended them
+            record["logprobs"] = sum((s.logprobs[0] for s in steps), [])[: len(ids)]
+        click.echo(json.dumps(record))
         return
     if scan is not None:
         click.echo(scan.text[sent:], nl=False)
@@ -1015,6 +1163,84 @@ def init_drafter_cmd(
     save_drafter(drafter, out_dir)
     n = sum(p.numel() for p in drafter.parameters())
     click.echo(f"wrote {out_dir} ({n / 1e6:.2f}M parameters, exit_dim {drafter.config.exit_dim})")
+
+
+@main.command()
+@_option("bundle")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@_option(
+    "runtime",
+    "Runtime [onnxruntime]; torch = the reference rebuilt from the bundle's sources.",
+    choices=["onnxruntime", "torch"],
+)
+@_option("device")
+@_option("threads")
+@_option(
+    "beam-width",
+    "Beams drafted per step [the bundle's].",
+    type=click.IntRange(min=1),
+    callback=None,
+)
+@_option(
+    "beam-length",
+    "Tokens per beam, counting the LLM's own [the bundle's].",
+    type=click.IntRange(min=2),
+    callback=None,
+)
+@_option("prompt-lookup", "Add a prompt-lookup draft as one more beam.", is_flag=True)
+@_option(
+    "min-draft-prob",
+    "Cut each drafter beam before its first draft whose cumulative probability is below this.",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.0,
+)
+@click.option("--autoregressive", is_flag=True, help="Serve the autoregressive baseline.")
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests that may wait for the decoder; more get 503.",
+)
+@click.option("--model-name", help="The model id clients send [the bundle folder's name].")
+def serve(
+    bundle_path: str,
+    host: str,
+    port: int,
+    runtime: str | None,
+    device: str,
+    threads: int | None,
+    beam_width: int | None,
+    beam_length: int | None,
+    prompt_lookup: bool,
+    min_draft_prob: float,
+    autoregressive: bool,
+    max_queue: int,
+    model_name: str | None,
+) -> None:
+    """Serve a bundle over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions),
+    one decode at a time (docs/serve.md). Needs the [serve] extra."""
+    from redrafter.serve import ServeOptions, serve_bundle
+
+    options = ServeOptions(
+        beam_width=beam_width,
+        beam_length=beam_length,
+        prompt_lookup=prompt_lookup,
+        min_draft_prob=min_draft_prob,
+        autoregressive=autoregressive,
+        max_queue=max_queue,
+    )
+    serve_bundle(
+        bundle_path,
+        options,
+        host=host,
+        port=port,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+        model=model_name,
+    )
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_each_shared_option_serves_several_commands() -> None:
     }
     assert defaults == {"generate": 64, "validate": 32, "bench": 64}
     bundle = {c.name: p.required for c in commands for p in c.params if p.name == "bundle_path"}
-    assert bundle == {"generate": False, "validate": True, "bench": True}
+    assert bundle == {"generate": False, "validate": True, "bench": True, "serve": True}
 
 
 # -- the library behind `generate` ----------------------------------------------------------------
@@ -337,6 +337,9 @@ class _Tokenizer:
     def chat_prompt(self, text: str) -> str:
         return "say " + text
 
+    def encode_prompt(self, text: str, *, chat: bool = False) -> list[int]:
+        return self.encode(self.chat_prompt(text) if chat else text)
+
 
 def test_encode_prompts() -> None:
     pipe = Pipeline(runtime=None, tokenizer=_Tokenizer())  # type: ignore[arg-type]
@@ -432,3 +435,41 @@ def test_export_progress_is_quiet_off_a_terminal(checkpoints, tmp_path, monkeypa
     with cli._stage_progress("exporting") as report:
         report("exported base.onnx in 1.0 s")
     assert printed and "exported base.onnx" in printed[0]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--repetition-penalty", "0"], "repetition_penalty 0.0 must be a finite number > 0"),
+        (["--presence-penalty", "3"], "presence_penalty 3.0 must be a finite number in [-2, 2]"),
+        (["--frequency-penalty", "nan"], "frequency_penalty nan must be"),
+    ],
+)
+def test_generate_bad_penalty_is_one_line_exit_2(flags: list[str], message: str) -> None:
+    """Checked before any model loads (no --base here): one `error:` line, exit code 2."""
+    result = _run(["generate", "--prompt-ids", "1", *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith(f"error: {message}")
+
+
+def test_generate_json_logprobs_with_penalties(checkpoints) -> None:
+    """--logprobs adds one log-probability per emitted token to the JSON record; the same
+    penalised greedy run speculative and autoregressive gives the same ids and log-probs."""
+    base_dir, drafter_dir = checkpoints
+    args = ["generate", "--base", str(base_dir), "--drafter", str(drafter_dir), "--json"]
+    args += ["--prompt-ids", "3,4,5,3", "--max-new-tokens", "10"]
+    plain = json.loads(_run(args).stdout)
+    args += ["--logprobs", "--repetition-penalty", "1.3", "--presence-penalty", "0.5"]
+    args += ["--frequency-penalty", "0.5"]
+    spec, ar = _run(args), _run([*args, "--autoregressive"])
+    assert spec.exit_code == 0 and ar.exit_code == 0, spec.output + ar.output
+    first, second = json.loads(spec.stdout), json.loads(ar.stdout)
+    assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) == 10
+    assert len(first["logprobs"]) == 10 and all(lp <= 0 for lp in first["logprobs"])
+    assert first["logprobs"] == pytest.approx(second["logprobs"], abs=1e-4)
+    assert "logprobs" not in plain and plain["token_ids"] != first["token_ids"]
+
+
+def test_generate_logprobs_needs_json_and_one_prompt(checkpoints) -> None:
+    result = _run(["generate", "--prompt-ids", "1", "--logprobs"])
+    assert result.exit_code == 2 and "--logprobs needs --json" in result.output

@@ -1,0 +1,91 @@
+"""`redrafter serve`: an OpenAI-compatible HTTP server over one pipeline (docs/serve.md).
+
+Modules: `requests` (OpenAI bodies checked into `GenerationRequest`s, error bodies), `engine`
+(the scheduler: `SerialEngine` decodes one request at a time from a bounded queue), `metrics`
+(Prometheus text), `app` (the FastAPI routes). FastAPI and uvicorn come with the `[serve]`
+extra; this module imports them only when a server is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from redrafter.decoding.options import DecodeOptions
+from redrafter.errors import ConfigError
+from redrafter.pipeline import Pipeline, check_options, decode_options, open_pipeline
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """How the server decodes (the same for every request) and how many requests may wait."""
+
+    beam_width: int | None = None  # None: the bundle's
+    beam_length: int | None = None
+    prompt_lookup: bool = False
+    min_draft_prob: float = 0.0
+    autoregressive: bool = False
+    max_queue: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ConfigError(f"max_queue {self.max_queue!r} must be >= 1")
+
+
+def server_decode_options(pipe: Pipeline, serve: ServeOptions) -> DecodeOptions:
+    """The decode options every request starts from, checked against the runtime (a beam the
+    bundle has no drafter graph for, or speculation without a drafter, is a `ConfigError`)."""
+    options = decode_options(
+        pipe.defaults,
+        beam_width=serve.beam_width,
+        beam_length=serve.beam_length,
+        speculative=pipe.defaults.speculative and not serve.autoregressive,
+        prompt_lookup=serve.prompt_lookup,
+        min_draft_prob=serve.min_draft_prob,
+    )
+    check_options(pipe.runtime, options)
+    return options
+
+
+def build_app(pipe: Pipeline, serve: ServeOptions, *, model: str) -> FastAPI:
+    """The FastAPI app serving `pipe` under the model id `model`."""
+    from redrafter.serve.app import create_app
+
+    options = server_decode_options(pipe, serve)
+    return create_app(pipe, options=options, model=model, max_queue=serve.max_queue)
+
+
+def require_server_packages() -> None:
+    """Raise a one-line `ConfigError` when the `[serve]` extra is not installed."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"redrafter serve needs {e.name}, which is not installed; "
+            "pip install 'redrafter[serve]'"
+        ) from None
+
+
+def serve_bundle(
+    bundle: str | Path,
+    serve: ServeOptions,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    runtime: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    model: str | None = None,
+) -> None:
+    """Load `bundle` and serve it until interrupted (one process, one runtime: run several
+    behind a load balancer to scale out, docs/serve.md)."""
+    require_server_packages()
+    import uvicorn
+
+    pipe = open_pipeline(bundle=bundle, runtime=runtime, device=device, threads=threads)
+    app = build_app(pipe, serve, model=model or Path(bundle).resolve().name)
+    uvicorn.run(app, host=host, port=port, log_level="info")
