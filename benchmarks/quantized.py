@@ -153,7 +153,7 @@ def main() -> None:
             f"{r.get('verify6_over_verify1')} |"
         )
     save(
-        "quantized",
+        args.name,
         {"machine": machine(), "idle_before_timing": idle, **vars(args), "results": results},
     )
 
