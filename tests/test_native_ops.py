@@ -725,3 +725,36 @@ def test_matmul_int4_matches_matmul_nbits_bit_for_bit_across_rows(
         outputs[isa] = together
     np.testing.assert_array_equal(outputs["best"], outputs["base"])
     assert np.abs(outputs["best"] - reference).max() < 0.02 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("isa", ["best", "base"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("past", [60, 62, 1020])  # within a tile, across a tile, across a split
+def test_cpu_kernel_gives_a_tree_node_the_bits_of_its_path_decoded_alone(
+    lib, dtype, isa, past, monkeypatch
+):
+    """In a branching tree (two beams sharing a root), each node gets bit for bit what it gets
+    as a one-token step once its ancestors are committed: visible new keys are folded at their
+    committed positions, not at their slots."""
+    if isa != "best":
+        monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
+    rng = np.random.default_rng(5)
+    B, Hq, Hkv, D, N = 1, 6, 2, 32, 5
+    S = past + N + 8
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in [(B, Hq, N, D), *[(B, Hkv, N, D)] * 2])
+    caches = [rng.standard_normal((B, Hkv, S, D)).astype(dtype) for _ in range(2)]
+    paths = [[0, 1, 2], [0, 3, 4]]  # slots 3 and 4: the second beam, at depths 1 and 2
+    mask = np.zeros((B, N, N), bool)
+    for path in paths:
+        for depth, slot in enumerate(path):
+            mask[0, slot, path[: depth + 1]] = True
+    kc, vc = caches[0].copy(), caches[1].copy()
+    tree = ops.tree_attention_host(lib, q, k, v, kc, vc, np.array([past]), mask)
+    for path in paths:
+        kc, vc = caches[0].copy(), caches[1].copy()
+        for depth, slot in enumerate(path):
+            one = [np.ascontiguousarray(x[:, :, slot : slot + 1]) for x in (q, k, v)]
+            out = ops.tree_attention_host(
+                lib, *one, kc, vc, np.array([past + depth]), np.ones((B, 1, 1), bool)
+            )
+            np.testing.assert_array_equal(out[:, :, 0], tree[:, :, slot])

@@ -220,29 +220,30 @@ def test_hqq_method_fits_float_zero_points_and_stays_lossless(tiny_checkpoints) 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_native_int4_kernel_keeps_speculation_lossless(tiny_checkpoints, symmetric) -> None:
     """With the native library, blocks of 32 run on redrafter::MatMulInt4 (bit-identical
-    rows whatever the call's row count), and TreeAttention folds a chain's keys as one-token
-    steps do: greedy single-beam speculation is token-identical to greedy autoregressive
-    decoding. (Branching trees are not bit-exact yet: docs/parity.md.)"""
+    rows whatever the call's row count), and TreeAttention folds a tree node's keys as the
+    one-token step of its path does: greedy speculation (branching trees, the lookup beam) is
+    token-identical to greedy autoregressive decoding."""
     from redrafter import ops
 
     if ops.library_path() is None:
         pytest.skip("native op library not built (make ops)")
     root, base_dir, drafter_dir = tiny_checkpoints
     q = quantization("int4", block_size=32, symmetric=symmetric)
-    chain = BeamShape(1, 4)
     bundle = export_bundle(
         base_dir,
         root / f"int4-b32-{symmetric}",
         drafter_path=drafter_dir,
-        options=ExportOptions(beam=chain, quantization=q),
+        options=ExportOptions(beam=BUNDLE_BEAM, quantization=q),
     )
     runtime = OnnxRuntime(bundle)
     assert runtime.int4 == "redrafter"
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
     ar = collect(decode(runtime, prompts, DecodeOptions(speculative=False, max_new_tokens=24)), 3)
     for packing in ("dedup", "full"):
-        options = DecodeOptions(max_new_tokens=24, beam=chain, packing=packing)
+        options = DecodeOptions(max_new_tokens=24, beam=BUNDLE_BEAM, packing=packing)
         assert collect(decode(runtime, prompts, options), 3) == ar
+    lookup = DecodeOptions(max_new_tokens=24, beam=BeamShape(BUNDLE_BEAM.width, 4))
+    assert collect(decode(runtime, prompts, lookup.replace(prompt_lookup=True)), 3) == ar
     # ONNX Runtime's own kernel on the same bundle, on request; the two agree to the rounding
     # of int8 activations (first-token logits of a prompt).
     theirs = OnnxRuntime(bundle, int4_kernel=False)

@@ -202,12 +202,10 @@ def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any,
     int4 = ensure_bundle(gguf, drafter, cache, quantize="int4")
     q_pipe = load(int4.root, runtime="onnxruntime")
     ar = DecodeOptions(speculative=False, max_new_tokens=MAX_NEW_TOKENS)
-    # One beam, no lookup beam: the native int4 kernel keeps a chain bit-exact, not yet a
-    # branching tree (docs/parity.md), and the demo shows lossless speculation only.
     spec = DecodeOptions(
         max_new_tokens=MAX_NEW_TOKENS,
         beam=BEAM,
-        prompt_lookup=False,
+        prompt_lookup=LOOKUP,
         min_draft_prob=MIN_DRAFT_PROB,
     )
     texts, rows = [], []
@@ -226,7 +224,7 @@ def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any,
     drift = measure_drift(q_pipe.runtime, reference, texts, precision="int4")
     click.echo(
         f"\nint4 weights (export --quantize int4), {MAX_NEW_TOKENS} new tokens at most, greedy, "
-        f"ReDrafter {_label(BEAM, False)}:"
+        f"ReDrafter {_label(BEAM, LOOKUP)}:"
     )
     click.echo(
         f"{'bundle':>8} {'size MB':>8} {'AR tok/s':>9} {'spec tok/s':>10} {'tokens/step':>11} "
