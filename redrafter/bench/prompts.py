@@ -40,5 +40,5 @@ def spread(items: Sequence[T], count: int, *, offset: int = 0) -> list[T]:
 
 def encode_prompts(tokenizer: Any, prompts: Iterable[ChatText]) -> list[list[int]]:
     """Token ids per prompt: the chat template around `text` when `chat`, else `text` as is
-    (what `Pipeline.encode` and drafter training do)."""
-    return [tokenizer.encode(tokenizer.chat_prompt(p.text) if p.chat else p.text) for p in prompts]
+    (what `Pipeline.encode` and drafter training do: `Tokenizer.encode_prompt`, BOS included)."""
+    return [tokenizer.encode_prompt(p.text, chat=p.chat) for p in prompts]

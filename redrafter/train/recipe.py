@@ -93,7 +93,7 @@ def cache_key(**parts: Any) -> str:
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Exactly what `Pipeline.encode` does at decode time, so training sees inference's ids."""
-    return tokenizer.encode(tokenizer.chat_prompt(prompt.text) if prompt.chat else prompt.text)
+    return tokenizer.encode_prompt(prompt.text, chat=prompt.chat)
 
 
 def _split(items: list, holdout: int, seed: int) -> tuple[list, list]:
