@@ -72,6 +72,17 @@ def tiny_drafter(
     return drafter
 
 
+def flat_tiny_pair() -> tuple[Transformer, Drafter]:
+    """A 6-token base made flatter (many drafts right, many wrong) and its drafter, for the
+    exactness tests of sampling and penalties: all short outcomes show up in a few thousand
+    samples."""
+    base = tiny_base(seed=5, vocab_size=6)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(0.5)
+    return base, tiny_drafter(base, seed=6)
+
+
 @pytest.fixture
 def base() -> Transformer:
     return tiny_base()

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_llama_vs_transformers import PHI3_IDS, SIZES, full_forward, longrope, randomized
 from transformers import Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from redrafter.config import BaseModelConfig, BeamShape
@@ -29,6 +28,7 @@ from redrafter.models.llama import rope_inv_freq
 from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import OracleDrafts, collect, tiny_drafter
+from test_llama_vs_transformers import PHI3_IDS, SIZES, full_forward, longrope, randomized
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,25 +20,14 @@ from redrafter.decoding.accept import log_softmax, target_probs
 from redrafter.decoding.output import Step
 from redrafter.decoding.penalties import penalise, penalise_tree
 from redrafter.errors import ConfigError
-from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 from redrafter.pipeline import decode_options
 from redrafter.runtimes.torch import TorchRuntime
 
-from conftest import collect, tiny_base, tiny_drafter
+from conftest import collect, flat_tiny_pair, tiny_base, tiny_drafter
 from test_driver import _chi_square_pvalue_ok
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _flat_tiny_pair() -> tuple[Transformer, Drafter]:
-    """A 6-token base made flatter (many drafts right, many wrong) and its drafter, as in
-    test_sampling_controls: the 216 three-token outcomes mostly show up."""
-    base = tiny_base(seed=5, vocab_size=6)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.mul_(0.5)
-    return base, tiny_drafter(base, seed=6)
 
 
 LOGITS4 = np.array([2.0, -1.0, 0.5, 3.0])
@@ -192,7 +181,7 @@ def test_exact_speculative_sampling_keeps_the_penalised_distribution(controls: d
     tree node whenever the root's draft was accepted, so its own path must count. Pearson
     chi-square at the 0.1 % level over 6000 rows each; the counts fail against the joint
     without the penalties."""
-    base, drafter = _flat_tiny_pair()
+    base, drafter = flat_tiny_pair()
     runtime = TorchRuntime(base, drafter)
     prompt, rows = [1, 2, 3], 6000
     sampling = SamplingParams(**{"temperature": 1.0, "seed": 7, **controls})
@@ -218,7 +207,7 @@ def test_exact_speculative_sampling_keeps_the_penalised_distribution(controls: d
 def test_the_path_counts_at_a_deep_node() -> None:
     """The check sees a node penalised with its root's history: with a strong presence
     penalty, the joint that forgets the second token is rejected by the speculative counts."""
-    base, drafter = _flat_tiny_pair()
+    base, drafter = flat_tiny_pair()
     runtime = TorchRuntime(base, drafter)
     prompt, rows = [1, 2, 3], 6000
     sampling = SamplingParams(temperature=1.0, seed=9, presence_penalty=2.0)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from redrafter.cli import main
@@ -29,12 +28,10 @@ from redrafter.decoding.accept import (
 )
 from redrafter.decoding.output import Step
 from redrafter.errors import ConfigError
-from redrafter.models.drafter import Drafter
-from redrafter.models.llama import Transformer
 from redrafter.pipeline import decode_options
 from redrafter.runtimes.torch import TorchRuntime
 
-from conftest import collect, tiny_base, tiny_drafter
+from conftest import collect, flat_tiny_pair, tiny_base, tiny_drafter
 from test_driver import _chi_square_pvalue_ok, _target_joint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -187,16 +184,6 @@ def test_apple_rule_uses_the_controlled_p() -> None:
 
 
 # -- speculative decoding keeps the controls exact -----------------------------------------------
-def _flat_tiny_pair() -> tuple[Transformer, Drafter]:
-    """A 6-token base made flatter (many drafts right, many wrong) and its drafter, as in
-    test_driver's exactness test: the 36 two-token outcomes all show up."""
-    base = tiny_base(seed=5, vocab_size=6)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.mul_(0.5)
-    return base, tiny_drafter(base, seed=6)
-
-
 def _first_two(
     runtime: TorchRuntime, prompt: list[int], rows: int, options: DecodeOptions
 ) -> tuple[np.ndarray, list[Step]]:
@@ -218,7 +205,7 @@ def test_exact_speculative_sampling_matches_autoregressive_with_controls(W, cont
     """Speculative decoding (exact acceptance) and autoregressive sampling with the same
     controls both give the exact first-two-token joint under the controlled P: Pearson
     chi-square at the 0.1 % level over 5000 rows each, and no row ever emits a cut token."""
-    base, drafter = _flat_tiny_pair()
+    base, drafter = flat_tiny_pair()
     runtime = TorchRuntime(base, drafter)
     prompt, rows = [1, 2, 3], 5000
     sampling = SamplingParams(temperature=1.0, seed=123, acceptance="exact", **controls)
