@@ -14,6 +14,7 @@ import torch
 
 from redrafter.config import BaseModelConfig, BeamShape, DrafterConfig
 from redrafter.decoding.output import Step
+from redrafter.decoding.runtime import drafted_log_probs
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
 
@@ -154,8 +155,15 @@ class OracleDrafts:
                     beams[b, w, 1 + good] = (future[good] + 1) % self.vocab_size
         return beams, log_probs
 
+    def draft_tokens(self, context, first_token, beam):
+        beams, log_probs = self.draft(context, first_token, beam)
+        return beams, drafted_log_probs(beams, log_probs)
+
     def verify(self, *args):
         return self.inner.verify(*args)
+
+    def verify_greedy(self, *args):
+        return self.inner.verify_greedy(*args)
 
     def commit(self, past_len, source, count):
         self.inner.commit(past_len, source, count)

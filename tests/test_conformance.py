@@ -93,15 +93,19 @@ def _torch(request: pytest.FixtureRequest) -> Subject:
     )
 
 
-def _onnx(request: pytest.FixtureRequest, *, native: bool) -> Subject:
+def _onnx(request: pytest.FixtureRequest, *, native: bool, device_commit: bool = False) -> Subject:
     """OnnxRuntime on the CPU over the session's ONNX bundle: TreeAttention as the portable ONNX
-    function body, or the native library's kernel writing the cache in place."""
+    function body, or the native library's kernel writing the cache in place. `device_commit`:
+    cache rows move through the commit graph CUDA runs (KVCommit in place, or the portable
+    gather/scatter into the second buffer) instead of numpy."""
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     if native and ops.library_path() is None:
         pytest.skip("the native op library is not built (make ops)")
-    runtime = OnnxRuntime(request.getfixturevalue("onnx_bundle"), native=native)
+    bundle = request.getfixturevalue("onnx_bundle")
+    runtime = OnnxRuntime(bundle, native=native, device_commit=device_commit)
     assert runtime.implementation == ("native" if native else "portable")
+    assert (runtime._commit is not None) == device_commit
     reference = request.getfixturevalue("torch_reference")
     return Subject(runtime, reference, (BUNDLE_BEAM,), RAGGED, 20)
 
@@ -154,16 +158,15 @@ RUNTIMES: dict[str, Callable[[pytest.FixtureRequest], Subject]] = {
     "torch": _torch,
     "ort-portable": lambda request: _onnx(request, native=False),
     "ort-native": lambda request: _onnx(request, native=True),
+    "ort-portable-device-commit": lambda r: _onnx(r, native=False, device_commit=True),
+    "ort-native-device-commit": lambda r: _onnx(r, native=True, device_commit=True),
     "ort-cuda": _onnx_cuda,
     "coreml-mil": _coreml_mil,
     "coreml": _coreml,
 }
 # A runtime that does not conform yet: its tests must fail with this error, and an entry here
 # fails (strict) once the runtime conforms, so the gap cannot close unnoticed.
-KNOWN_GAPS: dict[str, str] = {
-    # docs/design.md §6: the KVCommit kernel exists but is not wired into the runtime.
-    "ort-cuda": "OnnxRuntime.commit on CUDA raises: it needs the native KVCommit kernel",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _param(name: str) -> Any:

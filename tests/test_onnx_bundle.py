@@ -306,3 +306,69 @@ def test_portable_cache_and_native_binding(onnx_bundle) -> None:
         assert len(native.buffers) == 1
         changed = np.any(native.arrays[0] != before, axis=(0, 1, 2, 3, 5))  # (S,)
         assert changed[:4].all() and not changed[4:].any()  # rows [0, 4) written in place
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["portable", "native"])
+def test_narrow_outputs_equal_the_full_ones(onnx_bundle, native: bool) -> None:
+    """`verify_greedy` (the graph's next_tokens, the logits never bound) gives the argmax of
+    `verify`'s logits, and `draft_tokens` (the drafter graph's draft_log_probs) each draft's
+    entry of `draft`'s distributions; graphs exported before those outputs existed get the
+    same from the host."""
+    if native and library_path() is None:
+        pytest.skip("the native op library is not built (make ops)")
+    runtime = OnnxRuntime(onnx_bundle, native=native)
+    assert runtime._next_tokens  # this exporter writes next_tokens
+    tokens = np.array([[3, 4, 5, 6, 7], [9, 8, 7, 6, 5]])  # (2, 5)
+    positions = np.array([[0, 1, 2, 3, 3], [0, 1, 2, 2, 3]])
+    mask = np.tril(np.ones((5, 5), bool))[None].repeat(2, 0)  # (2, 5, 5)
+    mask[0, 4, 3] = mask[1, 3, 2] = mask[1, 4, 3] = False  # two branches per row
+    past = np.zeros(2, np.int64)
+
+    def run(method):
+        runtime.reset(batch=2, capacity=16)
+        return method(tokens, positions, mask, past)
+
+    logits, hidden = run(runtime.verify)  # (2, 5, V), (2, 5, E)
+    for graph_output in (True, False):
+        runtime._next_tokens = graph_output
+        ids, hidden_g = run(runtime.verify_greedy)
+        np.testing.assert_array_equal(ids, logits.argmax(-1))
+        assert ids.dtype == np.int64 and ids.shape == (2, 5)
+        np.testing.assert_array_equal(hidden_g, hidden)
+
+    beam = onnx_bundle.manifest.beam
+    context = np.random.default_rng(0).standard_normal((2, hidden.shape[-1])).astype(np.float32)
+    g0 = np.array([5, 11])
+    beams, log_probs = runtime.draft(context, g0, beam)  # (2, W, L), (2, W, L-1, V)
+    beams_t, drafted = runtime.draft_tokens(context, g0, beam)
+    np.testing.assert_array_equal(beams_t, beams)
+    want = np.take_along_axis(log_probs, beams[:, :, 1:, None], -1)[..., 0]  # (2, W, L-1)
+    np.testing.assert_allclose(drafted, want, rtol=1e-6, atol=1e-6)
+    session = runtime._drafter_session(beam)
+    assert "draft_log_probs" in {o.name for o in session.get_outputs()}
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["portable", "native"])
+def test_device_commit_graph_moves_what_numpy_moves(onnx_bundle, native: bool) -> None:
+    """The commit graph CUDA runs (KVCommit in place / portable gather-scatter into the second
+    buffer), run here on the CPU provider, moves exactly the rows the host commit moves: rows
+    with nothing to move, the identity path, and real moves, in one call."""
+    if native and library_path() is None:
+        pytest.skip("the native op library is not built (make ops)")
+    rng = np.random.default_rng(1)
+    host = OnnxRuntime(onnx_bundle, native=native)
+    device = OnnxRuntime(onnx_bundle, native=native, device_commit=True)
+    for rt in (host, device):
+        rt.reset(batch=3, capacity=24)
+    start = rng.standard_normal(host.arrays[0].shape).astype(np.float32)
+    for rt in (host, device):
+        for a in rt.arrays:
+            a[...] = start
+    past = np.array([4, 9, 2])
+    source = np.array([[0, 2, 5, 6], [0, 1, 2, 0], [0, 3, 4, 7]])  # (3, 4)
+    count = np.array([4, 3, 0])  # row 1: identity, row 2: nothing
+    host.commit(past, source, count)
+    device.commit(past, source, count)
+    np.testing.assert_array_equal(device.arrays[device.live], host.arrays[host.live])
+    moved = host.arrays[host.live][:, :, 0, :, 4:8]  # row 0's slots P..P+3
+    np.testing.assert_array_equal(moved, start[:, :, 0, :, [4, 6, 9, 10]].transpose(1, 2, 3, 0, 4))

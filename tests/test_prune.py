@@ -10,18 +10,22 @@ from hypothesis.extra import numpy as hnp
 
 from redrafter.config import NO_TOKEN
 from redrafter.decoding.prune import prune
+from redrafter.decoding.runtime import drafted_log_probs
 
 X = NO_TOKEN
 
 
 def _log_probs(beams: np.ndarray, probs: np.ndarray, V: int) -> np.ndarray:
-    """Draft log-probs (B, W, L-1, V) that give each drafted token the probability in `probs`
+    """Each draft's own log-prob (B, W, L-1), as `drafted_log_probs` reads it from draft
+    distributions (B, W, L-1, V) that give each drafted token the probability in `probs`
     (B, W, L-1) and spread the rest evenly."""
     B, W, L = beams.shape
     rest = (1.0 - probs) / (V - 1)  # (B, W, L-1)
     q = np.broadcast_to(rest[..., None], (B, W, L - 1, V)).copy()
     np.put_along_axis(q, beams[:, :, 1:, None], probs[..., None], axis=-1)
-    return np.log(q)
+    drafted = drafted_log_probs(beams, np.log(q))  # (B, W, L-1)
+    np.testing.assert_allclose(drafted, np.log(probs), rtol=1e-6)
+    return drafted
 
 
 def test_docstring_example() -> None:

@@ -118,6 +118,27 @@ def test_completion_equals_pipeline_generate(client: Any, pipe: pipeline.Pipelin
     assert got.choices[0].finish_reason == ("length" if len(want.token_ids[0]) == 12 else "stop")
 
 
+def test_penalties_reach_the_decode(client: Any, pipe: pipeline.Pipeline) -> None:
+    """presence/frequency penalties: the reply equals the pipeline's with the same penalties
+    (greedy, applied per tree node), which repeats itself less than the unpenalised one."""
+    base = server_decode_options(pipe, ServeOptions())
+    sampling = dataclasses.replace(base.sampling, presence_penalty=2.0, frequency_penalty=1.5)
+    options = dataclasses.replace(base, max_new_tokens=16, sampling=sampling)
+    want = pipe.generate([PROMPTS[0]], options)
+    got = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=16,
+        temperature=0,
+        presence_penalty=2.0,
+        frequency_penalty=1.5,
+    )
+    assert got.choices[0].text == want.texts[0]
+    plain = _alone(pipe, PROMPTS[0], max_tokens=16).token_ids[0]
+    penalised = want.token_ids[0]
+    assert len(set(penalised)) / len(penalised) > len(set(plain)) / len(plain)
+
+
 def test_completion_stream_equals_pipeline_generate(client: Any, pipe: pipeline.Pipeline) -> None:
     want = _alone(pipe, PROMPTS[1], max_tokens=16)
     chunks = list(
@@ -232,7 +253,17 @@ def _post(server: LiveServer, path: str, body: Any) -> httpx.Response:
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "stop": [""]}, "stop"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "stream": "yes"}, "stream"),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "logprobs": 2}, "logprobs"),
-        ("/v1/chat/completions", {"model": MODEL, "presence_penalty": 1.0}, "presence_penalty"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "w5", "presence_penalty": 2.5},
+            "presence_penalty",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "w5", "frequency_penalty": "1"},
+            "frequency_penalty",
+        ),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "logit_bias": {"5": 1}}, "logit_bias"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
         (

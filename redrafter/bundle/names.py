@@ -38,8 +38,12 @@ TREE_MASK = "tree_mask"  # (B, T, T) bool
 PAST_LEN = "past_len"  # (B,) int64
 LOGITS = "logits"  # (B, T, V) float32
 HIDDEN_STATES = "hidden_states"  # (B, T, E) float32
+NEXT_TOKENS = "next_tokens"  # (B, T) int64: argmax of logits (first max), ONNX graphs only
 BASE_INPUTS = (INPUT_IDS, POSITION_IDS, TREE_MASK, PAST_LEN)
 BASE_OUTPUTS = (LOGITS, HIDDEN_STATES)
+# ONNX base graphs also give each token's argmax, so greedy decoding on a device fetches (B, T)
+# ids instead of (B, T, V) logits; graphs exported before it lack it (runtimes fall back).
+ONNX_BASE_OUTPUTS = (*BASE_OUTPUTS, NEXT_TOKENS)
 COMMIT_FROM = "commit_from"  # Core ML: (L,) the previous step's absolute source slots
 COMMIT_AT = "commit_at"  # Core ML: (1,) where they go
 COREML_BASE_INPUTS = (*BASE_INPUTS, COMMIT_FROM, COMMIT_AT)
@@ -49,8 +53,12 @@ CONTEXT = "context"  # (B, E) float32
 FIRST_TOKEN = "first_token"  # (B,) int64
 BEAMS = "beams"  # (B, W, L) int64
 LOG_PROBS = "log_probs"  # (B, W, L-1, V) float32
+DRAFT_LOG_PROBS = "draft_log_probs"  # (B, W, L-1) float32: each drafted token's own log-prob
 DRAFTER_INPUTS = (CONTEXT, FIRST_TOKEN)
 DRAFTER_OUTPUTS = (BEAMS, LOG_PROBS)
+# ONNX drafter graphs also give the drafted tokens' own log-probs: all that pruning reads, so
+# only Apple's acceptance rule needs the (B, W, L-1, V) distributions off the device.
+ONNX_DRAFTER_OUTPUTS = (*DRAFTER_OUTPUTS, DRAFT_LOG_PROBS)
 
 PAST, PRESENT = "past", "present"
 

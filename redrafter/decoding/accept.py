@@ -167,7 +167,7 @@ def accept(
     beams: np.ndarray,
     logits: np.ndarray,
     unpacker: np.ndarray,
-    draft_log_probs: np.ndarray,
+    draft_log_probs: np.ndarray | None,
     sampling: SamplingParams,
     rng: np.random.Generator,
     *,
@@ -177,7 +177,8 @@ def accept(
 ) -> Acceptance:
     """The acceptance rule `sampling` names: greedy (temperature 0), Apple's rule, or the exact
     tree walk. beams (B, W, L); logits (B, N, V) as verified, over the packed tree; unpacker
-    (B, W, L) from `tree.pack`; draft_log_probs (B, W, L-1, V), read by Apple's rule only.
+    (B, W, L) from `tree.pack`; draft_log_probs (B, W, L-1, V), read by Apple's rule only
+    (None otherwise).
 
     With penalties every node's logits are first penalised with its own path (`prompts[b]`,
     `generated[b]` ending in g0, then the beam's drafts: `penalise_tree`). `logprobs` adds the

@@ -39,13 +39,22 @@ def autoregressive_decode(
     self_only = np.ones((B, 1, 1), dtype=bool)  # (B, 1, 1)
     new = out.emit(token[:, None])
     yield Step(new, no_drafts, seconds, "prefill", logprobs=trim(lp, new))
+    # Plain greedy reads the argmax only: (B, 1) ids from the runtime, not (B, 1, V) logits.
+    argmax_only = sampling.greedy and not sampling.penalised and not options.logprobs
     while not out.done:
         clock = PhaseClock()
-        logits, _ = runtime.verify(token[:, None], past_len[:, None], self_only, past_len)
+        args = (token[:, None], past_len[:, None], self_only, past_len)
+        if argmax_only:
+            ids, _ = runtime.verify_greedy(*args)  # (B, 1)
+        else:
+            logits, _ = runtime.verify(*args)  # (B, 1, V)
         clock.lap("verify")
         # The token was written at slot P, where it belongs: commit is bookkeeping only.
         past_len = past_len + ~out.finished
-        token = choose_token(logits[:, 0], sampling, rng, prompts=prompts, generated=out.tokens)
+        if argmax_only:
+            token = ids[:, 0]
+        else:
+            token = choose_token(logits[:, 0], sampling, rng, prompts=prompts, generated=out.tokens)
         if options.logprobs:
             lp = next_logprobs(logits[:, 0], token, sampling, prompts=prompts, generated=out.tokens)
         clock.lap("accept")

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from redrafter.decoding.accept import accept
+from redrafter.decoding.accept import accept, accept_greedy
 from redrafter.decoding.autoregressive import autoregressive_decode
 from redrafter.decoding.kv_cache import commit_plan
 from redrafter.decoding.lookup import add_lookup_beam, padded_length
@@ -23,8 +23,8 @@ from redrafter.decoding.options import DecodeOptions
 from redrafter.decoding.output import OutputStream, Step, trim
 from redrafter.decoding.prefill import PhaseClock, prefill
 from redrafter.decoding.prune import prune
-from redrafter.decoding.runtime import Runtime
-from redrafter.decoding.tree import pack
+from redrafter.decoding.runtime import Runtime, drafted_log_probs
+from redrafter.decoding.tree import pack, unpack
 
 
 def decode(
@@ -71,37 +71,41 @@ def speculative_decode(
     new = out.emit(g0[:, None])
     yield Step(new, np.zeros(B, np.int64), seconds, "prefill", logprobs=trim(lp, new))
     apple = not sampling.greedy and sampling.acceptance == "apple"  # reads the drafts' Q
+    # Plain greedy reads each node's argmax only: (B, N) ids from the runtime, not (B, N, V)
+    # logits (on a GPU they stay on the device). Penalties and log-probs need the logits.
+    argmax_only = sampling.greedy and not sampling.penalised and not o.logprobs
     while not out.done:
         clock = PhaseClock()
-        beams, draft_log_probs = runtime.draft(context, g0, o.beam)  # (B, W, L), (B, W, L-1, V)
-        beams = prune(beams, draft_log_probs, min_prob=o.min_draft_prob)  # ragged (B, W, L)
+        if apple:
+            beams, q = runtime.draft(context, g0, o.beam)  # (B, W, L), (B, W, L-1, V)
+            log_p = drafted_log_probs(beams, q)  # (B, W, L-1)
+        else:
+            (beams, log_p), q = runtime.draft_tokens(context, g0, o.beam), None
+        beams = prune(beams, log_p, min_prob=o.min_draft_prob)  # ragged (B, W, L)
         if o.prompt_lookup:  # one more beam (B, W+1, K)
             histories = [[*prompts[b], *out.tokens[b]] for b in range(B)]
-            beams, q = add_lookup_beam(
-                beams,
-                draft_log_probs if apple else None,
-                histories,
-                length=K,
-                span_per_ngram=o.lookup_span,
-            )
-            draft_log_probs = draft_log_probs if q is None else q
+            beams, q = add_lookup_beam(beams, q, histories, length=K, span_per_ngram=o.lookup_span)
         clock.lap("draft")
         tree = pack(beams, packing=o.packing)
-        logits, hidden = runtime.verify(
-            tree.tokens, past_len[:, None] + tree.depth, tree.tree_mask, past_len
-        )  # (B, N, V), (B, N, E)
-        clock.lap("verify")
-        acc = accept(
-            beams,
-            logits,
-            tree.unpacker,
-            draft_log_probs,
-            sampling,
-            rng,
-            prompts=prompts,
-            generated=out.tokens,
-            logprobs=o.logprobs,
-        )  # penalties read each node's history: prompt, tokens so far (ending in g0), path
+        args = (tree.tokens, past_len[:, None] + tree.depth, tree.tree_mask, past_len)
+        if argmax_only:
+            ids, hidden = runtime.verify_greedy(*args)  # (B, N), (B, N, E)
+            clock.lap("verify")
+            acc = accept_greedy(beams, unpack(ids, tree.unpacker))
+        else:
+            logits, hidden = runtime.verify(*args)  # (B, N, V), (B, N, E)
+            clock.lap("verify")
+            acc = accept(
+                beams,
+                logits,
+                tree.unpacker,
+                q,
+                sampling,
+                rng,
+                prompts=prompts,
+                generated=out.tokens,
+                logprobs=o.logprobs,
+            )  # penalties read each node's history: prompt, tokens so far (ending in g0), path
         clock.lap("accept")
         source, count = commit_plan(tree.unpacker, acc.beam, acc.n, ~out.finished)
         runtime.commit(past_len, source, count)

@@ -24,16 +24,15 @@ import numpy as np
 from redrafter.config import NO_TOKEN
 
 
-def prune(beams: np.ndarray, draft_log_probs: np.ndarray, *, min_prob: float) -> np.ndarray:
+def prune(beams: np.ndarray, log_p: np.ndarray, *, min_prob: float) -> np.ndarray:
     """Beams (B, W, L) int64 (column 0 = g0) with NO_TOKEN after each beam's last draft whose
-    cumulative draft probability is >= min_prob. draft_log_probs: (B, W, L-1, V) normalised,
-    the distribution each draft was drawn from. min_prob <= 0 keeps every draft."""
+    cumulative draft probability is >= min_prob. log_p: (B, W, L-1) each draft's own log-prob
+    under the distribution it was drawn from (`Runtime.draft_tokens`). min_prob <= 0 keeps
+    every draft."""
     if min_prob <= 0:
         return beams
     drafts = beams[:, :, 1:]  # (B, W, L-1)
     real = drafts != NO_TOKEN  # (B, W, L-1)
-    index = np.where(real, drafts, 0)[..., None]  # (B, W, L-1, 1)
-    log_p = np.take_along_axis(draft_log_probs, index, axis=-1)[..., 0]  # (B, W, L-1)
     confident = np.cumsum(log_p.astype(np.float64), axis=-1) >= np.log(min_prob)  # (B, W, L-1)
     keep = np.cumprod(real & confident, axis=-1).astype(bool)  # (B, W, L-1) a prefix per beam
     out = beams.copy()

@@ -1,6 +1,12 @@
-"""The runtime protocol: the four calls the decode driver makes. Runtimes own tensors and caches
+"""The runtime protocol: the calls the decode driver makes. Runtimes own tensors and caches
 (torch tensors, ORT values, Core ML states); the driver owns the loop and the bookkeeping, and
 talks to every runtime through numpy arrays.
+
+`verify` and `draft` hand back whole distributions; `verify_greedy` and `draft_tokens` hand back
+only what greedy acceptance and draft pruning read (each token's argmax, each draft's own
+log-prob), so a runtime whose tensors live on a GPU moves (B, N) ids per step instead of
+(B, N, V) floats. A runtime without a cheaper way answers them from the full outputs with
+`argmax_tokens` / `drafted_log_probs` below: the results are the same by definition.
 
 Dimensions: B batch, T prompt length, N packed tokens, W beam width, L beam length, E hidden,
 V vocab, P committed length per row.
@@ -40,6 +46,13 @@ class Runtime(Protocol):
         and draft log-probs (B, W, L-1, V)."""
         ...
 
+    def draft_tokens(
+        self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`draft`, returning beams (B, W, L) and each draft's own log-prob (B, W, L-1)
+        (`drafted_log_probs` of draft's output) instead of the whole distributions."""
+        ...
+
     def verify(
         self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -48,6 +61,25 @@ class Runtime(Protocol):
         (B, N, V) and post-norm hidden states (B, N, E)."""
         ...
 
+    def verify_greedy(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`verify`, returning each token's argmax (B, N) int64 (`argmax_tokens` of the logits:
+        the first max) instead of the logits, and the hidden states (B, N, E)."""
+        ...
+
     def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
         """Move cache slots P + source[b, k] to P + k for k < count[b] (see kv_cache.py)."""
         ...
+
+
+def argmax_tokens(logits: np.ndarray) -> np.ndarray:
+    """Each position's most likely token, the first on ties: (..., V) -> (...) int64."""
+    return logits.argmax(axis=-1).astype(np.int64)
+
+
+def drafted_log_probs(beams: np.ndarray, log_probs: np.ndarray) -> np.ndarray:
+    """Each draft's log-prob under the distribution it was drawn from: beams (B, W, L) (column 0
+    is g0, drafts are real tokens) and log_probs (B, W, L-1, V) -> (B, W, L-1) float32."""
+    drafts = beams[:, :, 1:, None]  # (B, W, L-1, 1)
+    return np.take_along_axis(log_probs, drafts, axis=-1)[..., 0].astype(np.float32)

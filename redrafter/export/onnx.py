@@ -30,10 +30,10 @@ from torch import nn
 
 from redrafter.bundle.names import (
     BASE_INPUTS,
-    BASE_OUTPUTS,
     DRAFTER_INPUTS,
-    DRAFTER_OUTPUTS,
     IR_VERSION,
+    ONNX_BASE_OUTPUTS,
+    ONNX_DRAFTER_OUTPUTS,
     OP_DOMAIN,
     OPSET,
     PAST,
@@ -77,7 +77,9 @@ class VerifyGraph(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         pairs = list(zip(caches[0::2], caches[1::2], strict=True))
         logits, hidden, new = self.base(input_ids, position_ids, tree_mask, past_len, pairs)
-        return logits.float(), hidden.float(), *[t for pair in new for t in pair]
+        logits = logits.float()  # (B, T, V)
+        # next_tokens (B, T): ONNX ArgMax keeps the first max, as numpy's argmax does
+        return logits, hidden.float(), logits.argmax(-1), *[t for pair in new for t in pair]
 
 
 class DraftGraph(nn.Module):
@@ -90,12 +92,14 @@ class DraftGraph(nn.Module):
 
     def forward(
         self, context: torch.Tensor, first_token: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = self.embed_weight.dtype
         beams, log_probs = self.drafter.beam_search(
             context.to(dtype), first_token, self.embed_weight, self.beam
-        )
-        return beams, log_probs.float()
+        )  # (B, W, L), (B, W, L-1, V)
+        log_probs = log_probs.float()
+        drafted = log_probs.gather(-1, beams[:, :, 1:, None])[..., 0]  # (B, W, L-1)
+        return beams, log_probs, drafted
 
 
 @contextlib.contextmanager
@@ -203,7 +207,7 @@ def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto
         tuple({0: batch, 2: capacity} for _ in range(2 * c.num_hidden_layers)),
     )
     names_in = [*BASE_INPUTS, *cache_names(c.num_hidden_layers, PAST)]
-    names_out = [*BASE_OUTPUTS, *cache_names(c.num_hidden_layers, PRESENT)]
+    names_out = [*ONNX_BASE_OUTPUTS, *cache_names(c.num_hidden_layers, PRESENT)]
     onnx_model = _export(VerifyGraph(model), args, names_in, names_out, dynamic)
     _fusable_rmsnorm(onnx_model)
     onnx_model.functions.append(ta.function_body(OPSET))
@@ -227,7 +231,7 @@ def export_drafter(
     args = (torch.zeros(B, base.config.hidden_size), torch.zeros(B, dtype=torch.int64))
     batch = torch.export.Dim("batch")
     return _export(
-        graph, args, list(DRAFTER_INPUTS), list(DRAFTER_OUTPUTS), ({0: batch}, {0: batch})
+        graph, args, list(DRAFTER_INPUTS), list(ONNX_DRAFTER_OUTPUTS), ({0: batch}, {0: batch})
     )
 
 

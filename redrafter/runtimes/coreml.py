@@ -24,6 +24,7 @@ from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle import names as n
 from redrafter.config import BeamShape
 from redrafter.coremltools_support import import_coremltools, quiet
+from redrafter.decoding.runtime import argmax_tokens, drafted_log_probs
 from redrafter.errors import RuntimeUnavailableError
 
 
@@ -184,6 +185,19 @@ class CoreMLProgramRuntime:
             for b in range(len(tokens))
         ]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])  # (B,N,V), (B,N,E)
+
+    # The programs give whole distributions on the host already: the narrow calls read them.
+    def draft_tokens(
+        self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
+    ) -> tuple[np.ndarray, np.ndarray]:
+        beams, log_probs = self.draft(context, first_token, beam)
+        return beams, drafted_log_probs(beams, log_probs)
+
+    def verify_greedy(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        logits, hidden = self.verify(tokens, positions, tree_mask, past_len)
+        return argmax_tokens(logits), hidden
 
     def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
         L = self.commit_length

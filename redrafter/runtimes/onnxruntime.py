@@ -23,6 +23,7 @@ from redrafter import ops
 from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle import names as n
 from redrafter.config import BeamShape
+from redrafter.decoding.runtime import argmax_tokens, drafted_log_probs
 from redrafter.errors import ConfigError, RuntimeUnavailableError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -91,7 +92,11 @@ class OnnxRuntime:
 
     `int4_kernel`: run a float32 int4 bundle's MatMulNBits nodes with the native library's
     `redrafter::MatMulInt4` on the CPU (None: whenever the library is loaded; False: ONNX
-    Runtime's own kernel). `self.int4` says which ran: 'redrafter', 'onnxruntime' or None."""
+    Runtime's own kernel). `self.int4` says which ran: 'redrafter', 'onnxruntime' or None.
+
+    `device_commit`: move accepted cache rows with a commit graph run by ONNX Runtime where the
+    caches live (`commit_graph`) instead of numpy on the host (None: on CUDA only, where the
+    host cannot reach the caches; True on the CPU runs the very graphs CUDA runs, for tests)."""
 
     name = "onnxruntime"
 
@@ -104,6 +109,7 @@ class OnnxRuntime:
         threads: int | None = None,
         allow_fallback: bool = False,
         int4_kernel: bool | None = None,
+        device_commit: bool | None = None,
     ) -> None:
         if threads is not None and (isinstance(threads, bool) or threads < 1):
             raise ConfigError(f"threads {threads!r} must be an integer >= 1 (e.g. --threads 1)")
@@ -164,14 +170,21 @@ class OnnxRuntime:
                 file=sys.stderr,
             )
         self.ort_device = "cuda" if self.device == "cuda" else "cpu"
+        # Graphs exported before next_tokens / draft_log_probs existed: argmax / gather on host.
+        self._next_tokens = n.NEXT_TOKENS in {o.name for o in self.base.get_outputs()}
+        self._commit: ort.InferenceSession | None = None
+        if device_commit if device_commit is not None else self.device == "cuda":
+            graph = commit_graph(self.implementation, self.bundle.dtype)
+            self._commit = ort.InferenceSession(graph, options, providers=providers)
         self._past = n.cache_names(self.num_layers, n.PAST)
         self._present = n.cache_names(self.num_layers, n.PRESENT)
         self.buffers: list[ort.OrtValue] = []  # one or two stacked caches
         self.arrays: list[np.ndarray] = []  # their numpy views, on the CPU
         self.live = 0  # which buffer holds the committed cache
-        # One IO binding per live buffer, its 2 x layers cache bindings made once: binding them
-        # from Python costs ~1.8 ms per call (8 % of a SmolLM2-135M step on 2 cores).
-        self._bindings: dict[int, tuple[ort.IOBinding, int]] = {}
+        # One IO binding per live buffer and first output (logits or next_tokens), its 2 x layers
+        # cache bindings made once: binding them from Python costs ~1.8 ms per call (8 % of a
+        # SmolLM2-135M step on 2 cores).
+        self._bindings: dict[tuple[int, str], tuple[ort.IOBinding, int]] = {}
 
     @property
     def beams(self) -> frozenset[BeamShape]:
@@ -217,16 +230,26 @@ class OnnxRuntime:
 
     # -- the four calls -----------------------------------------------------------------------
     def _run_base(
-        self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, past_len: np.ndarray
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        mask: np.ndarray,
+        past_len: np.ndarray,
+        *,
+        greedy: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self.live not in self._bindings:
+        """One base call: logits (B, T, V), or with `greedy` each token's argmax (B, T), and the
+        hidden states (B, T, E), on the host. With `greedy` the logits stay where ORT made them
+        (unbound: never copied off a GPU) and only next_tokens comes back."""
+        first = n.NEXT_TOKENS if greedy and self._next_tokens else n.LOGITS
+        if (self.live, first) not in self._bindings:
             io = self.base.io_binding()
-            io.bind_output(n.LOGITS, "cpu")  # bound first: get_outputs() follows binding order
+            io.bind_output(first, "cpu")  # bound first: get_outputs() follows binding order
             io.bind_output(n.HIDDEN_STATES, "cpu")
-            self._bindings[self.live] = io, self._bind_caches(io)
-        io, new_live = self._bindings[self.live]
+            self._bindings[self.live, first] = io, self._bind_caches(io)
+        io, new_live = self._bindings[self.live, first]
         # Rebound (in place) on every call: after a run they hold last run's shapes.
-        io.bind_output(n.LOGITS, "cpu")
+        io.bind_output(first, "cpu")
         io.bind_output(n.HIDDEN_STATES, "cpu")
         io.bind_cpu_input(n.INPUT_IDS, np.ascontiguousarray(tokens, dtype=np.int64))
         io.bind_cpu_input(n.POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
@@ -235,7 +258,10 @@ class OnnxRuntime:
         self.base.run_with_iobinding(io)
         outputs = io.get_outputs()
         self.live = new_live
-        return outputs[0].numpy(), outputs[1].numpy()  # (B, T, V), (B, T, E)
+        scores = outputs[0].numpy()  # (B, T, V) or (B, T)
+        if greedy and first == n.LOGITS:
+            scores = argmax_tokens(scores)
+        return scores, outputs[1].numpy()  # ..., (B, T, E)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         B, T = tokens.shape
@@ -263,9 +289,25 @@ class OnnxRuntime:
     def draft(
         self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
     ) -> tuple[np.ndarray, np.ndarray]:
+        beams, log_probs = self._run_drafter(beam, context, first_token, n.LOG_PROBS)
+        return beams, log_probs  # (B, W, L), (B, W, L-1, V)
+
+    def draft_tokens(
+        self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
+    ) -> tuple[np.ndarray, np.ndarray]:
         session = self._drafter_session(beam)
-        beams, log_probs = session.run(
-            None,
+        if n.DRAFT_LOG_PROBS in {o.name for o in session.get_outputs()}:
+            return self._run_drafter(beam, context, first_token, n.DRAFT_LOG_PROBS)
+        beams, log_probs = self._run_drafter(beam, context, first_token, n.LOG_PROBS)
+        return beams, drafted_log_probs(beams, log_probs)  # (B, W, L), (B, W, L-1)
+
+    def _run_drafter(
+        self, beam: BeamShape, context: np.ndarray, first_token: np.ndarray, scores: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Beams and one log-prob output (`scores`) of the drafter graph; only those two leave
+        the device the graph runs on."""
+        beams, log_probs = self._drafter_session(beam).run(
+            [n.BEAMS, scores],
             {n.CONTEXT: context.astype(np.float32), n.FIRST_TOKEN: first_token.astype(np.int64)},
         )
         return beams, log_probs
@@ -309,9 +351,15 @@ class OnnxRuntime:
     ) -> tuple[np.ndarray, np.ndarray]:
         return self._run_base(tokens, positions, tree_mask, past_len)
 
+    def verify_greedy(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._run_base(tokens, positions, tree_mask, past_len, greedy=True)
+
     def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
-        if self.device != "cpu":
-            raise RuntimeUnavailableError("commit on CUDA needs the native KVCommit kernel")
+        if self._commit is not None:
+            self._commit_on_device(past_len, source, count)
+            return
         cache = self.arrays[self.live]  # (Lyr, 2, B, Hkv, S, D), the memory ORT reads
         for b in range(len(past_len)):
             P, c = int(past_len[b]), int(count[b])
@@ -320,3 +368,107 @@ class OnnxRuntime:
             row = cache[:, :, b]  # (Lyr, 2, Hkv, S, D) view; a scalar b next to the fancy
             # index below would move the gathered axis to the front (numpy's rule)
             row[:, :, :, P : P + c] = row[:, :, :, P + source[b, :c]]
+
+    def _commit_on_device(
+        self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray
+    ) -> None:
+        """Run the commit graph on the caches where they live: in place through the native
+        KVCommit op (one buffer), or from the live buffer into the other one (portable)."""
+        assert self._commit is not None
+        B, K = source.shape
+        moved = count > 0
+        if not any(
+            moved[b] and not np.array_equal(source[b, : count[b]], np.arange(count[b]))
+            for b in range(B)
+        ):
+            return  # every accepted path already sits where it belongs
+        src = self.buffers[self.live]
+        dst_index = self.live if len(self.buffers) == 1 else 1 - self.live
+        shape = [src.shape()[0] * 2, *src.shape()[2:]]  # (Lyr*2, B, Hkv, S, D)
+        io = self._commit.io_binding()
+        io.bind_input(COMMIT_CACHE, self.ort_device, 0, self.dtype, shape, src.data_ptr())
+        dst = self.buffers[dst_index]
+        io.bind_output(COMMIT_OUT, self.ort_device, 0, self.dtype, shape, dst.data_ptr())
+        past = np.ascontiguousarray(past_len, dtype=np.int64)
+        if self.implementation == "native":  # KVCommit(cache, past_len, source, count)
+            io.bind_cpu_input(COMMIT_PAST_LEN, past)
+            io.bind_cpu_input(COMMIT_SOURCE, np.ascontiguousarray(source, dtype=np.int64))
+            io.bind_cpu_input(COMMIT_COUNT, np.ascontiguousarray(count, dtype=np.int64))
+        else:  # absolute slots: row b's slot P+k takes slot P+source[b, k] for k < count[b]
+            k = np.arange(K)[None]  # (1, K)
+            to = past[:, None] + k  # (B, K)
+            frm = np.where(k < count[:, None], past[:, None] + source, to)  # (B, K) rest stay
+            io.bind_cpu_input(COMMIT_FROM_SLOTS, np.ascontiguousarray(frm, dtype=np.int64))
+            io.bind_cpu_input(COMMIT_TO_SLOTS, np.ascontiguousarray(to, dtype=np.int64))
+        self._commit.run_with_iobinding(io)
+        self.live = dst_index
+
+
+# The commit graph's names (an in-memory graph of this runtime, not part of the bundle).
+COMMIT_CACHE, COMMIT_OUT = "cache", "cache_out"
+COMMIT_PAST_LEN, COMMIT_SOURCE, COMMIT_COUNT = "past_len", "source", "count"
+COMMIT_FROM_SLOTS, COMMIT_TO_SLOTS = "from_slots", "to_slots"
+
+
+def commit_graph(implementation: str, dtype: str) -> bytes:
+    """The graph that moves accepted cache rows on the device, over a stacked cache
+    (Z, B, Hkv, S, D) with Z = layers x 2 (docs/design.md §6):
+
+    - 'native': one `redrafter::KVCommit` node (cache, past_len, source, count), bound in place;
+    - 'portable': standard ops only, for ONNX Runtime without the native library: gather the
+      rows at `from_slots` (B, K) along S and scatter them to `to_slots` (B, K), writing a new
+      cache (the runtime's second buffer). Unmoved slots pass `from == to`."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    elem = T.FLOAT if dtype == "float32" else T.FLOAT16
+    cache_dims = ["Z", "B", "H", "S", "D"]
+    cache = h.make_tensor_value_info(COMMIT_CACHE, elem, cache_dims)
+    out = h.make_tensor_value_info(COMMIT_OUT, elem, cache_dims)
+    if implementation == "native":
+        inputs = [cache] + [
+            h.make_tensor_value_info(name, T.INT64, dims)
+            for name, dims in (
+                (COMMIT_PAST_LEN, ["B"]),
+                (COMMIT_SOURCE, ["B", "K"]),
+                (COMMIT_COUNT, ["B"]),
+            )
+        ]
+        nodes = [
+            h.make_node(
+                n.KV_COMMIT,
+                [COMMIT_CACHE, COMMIT_PAST_LEN, COMMIT_SOURCE, COMMIT_COUNT],
+                [COMMIT_OUT],
+                domain=n.OP_DOMAIN,
+            )
+        ]
+        opsets = [h.make_opsetid("", n.OPSET), h.make_opsetid(n.OP_DOMAIN, 1)]
+    else:
+        inputs = [cache] + [
+            h.make_tensor_value_info(name, T.INT64, ["B", "K"])
+            for name in (COMMIT_FROM_SLOTS, COMMIT_TO_SLOTS)
+        ]
+        nodes = [
+            h.make_node("Shape", [COMMIT_CACHE], ["shape"]),  # (5,) Z, B, H, S, D
+            h.make_node("Shape", [COMMIT_FROM_SLOTS], ["k_shape"]),  # (2,) B, K
+            h.make_node("Constant", [], ["k_axis"], value=h.make_tensor("", T.INT64, [1], [1])),
+            h.make_node("Gather", ["k_shape", "k_axis"], ["k"]),  # (1,) K
+            h.make_node("Constant", [], ["zbh"], value=h.make_tensor("", T.INT64, [3], [0, 1, 2])),
+            h.make_node("Gather", ["shape", "zbh"], ["zbh_dims"]),  # (3,) Z, B, H
+            h.make_node("Constant", [], ["d"], value=h.make_tensor("", T.INT64, [1], [4])),
+            h.make_node("Gather", ["shape", "d"], ["d_dim"]),  # (1,) D
+            h.make_node("Concat", ["zbh_dims", "k", "d_dim"], ["rows_shape"], axis=0),
+            h.make_node("Constant", [], ["unsq"], value=h.make_tensor("", T.INT64, [3], [0, 2, 4])),
+            # (B, K) -> (1, B, 1, K, 1) -> (Z, B, H, K, D): the slot index per moved element
+            h.make_node("Unsqueeze", [COMMIT_FROM_SLOTS, "unsq"], ["from_5d"]),
+            h.make_node("Unsqueeze", [COMMIT_TO_SLOTS, "unsq"], ["to_5d"]),
+            h.make_node("Expand", ["from_5d", "rows_shape"], ["from_idx"]),
+            h.make_node("Expand", ["to_5d", "rows_shape"], ["to_idx"]),
+            h.make_node("GatherElements", [COMMIT_CACHE, "from_idx"], ["rows"], axis=3),
+            h.make_node("ScatterElements", [COMMIT_CACHE, "to_idx", "rows"], [COMMIT_OUT], axis=3),
+        ]
+        opsets = [h.make_opsetid("", n.OPSET)]
+    graph = h.make_graph(nodes, "kv_commit", inputs, [out])
+    model = h.make_model(graph, opset_imports=opsets)
+    model.ir_version = n.IR_VERSION
+    return model.SerializeToString()

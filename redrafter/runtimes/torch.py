@@ -137,25 +137,39 @@ class TorchRuntime:
         last = hidden[torch.arange(B, device=self.device), self._tensor(lengths) - 1]  # (B, E)
         return self._numpy(self.base.logits(last)), self._numpy(last)
 
+    def _beam_search(
+        self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beams (B, W, L) and draft log-probs (B, W, L-1, V), on this runtime's device."""
+        if self.drafter is None:
+            raise RuntimeUnavailableError(
+                "speculative decoding needs a drafter; pass --drafter (or use --autoregressive)"
+            )
+        return self.drafter.beam_search(
+            self._tensor(context), self._tensor(first_token), self.base.embed_weight, beam
+        )
+
     @_threaded
     @torch.inference_mode()
     def draft(
         self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self.drafter is None:
-            raise RuntimeUnavailableError(
-                "speculative decoding needs a drafter; pass --drafter (or use --autoregressive)"
-            )
-        beams, log_probs = self.drafter.beam_search(
-            self._tensor(context), self._tensor(first_token), self.base.embed_weight, beam
-        )  # (B, W, L), (B, W, L-1, V)
+        beams, log_probs = self._beam_search(context, first_token, beam)
         return self._numpy(beams), self._numpy(log_probs)
 
     @_threaded
     @torch.inference_mode()
-    def verify(
-        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    def draft_tokens(
+        self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape
     ) -> tuple[np.ndarray, np.ndarray]:
+        beams, log_probs = self._beam_search(context, first_token, beam)
+        # each draft's own log-prob, gathered where the distributions live: (B, W, L-1)
+        drafted = log_probs.float().gather(-1, beams[:, :, 1:, None])[..., 0]
+        return self._numpy(beams), self._numpy(drafted)
+
+    def _verify(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.cache is not None, "call reset() first"
         logits, hidden, _ = self.base(
             self._tensor(tokens),
@@ -164,7 +178,24 @@ class TorchRuntime:
             self._tensor(past_len),
             self.base.layer_caches(self.cache),
         )  # (B, N, V), (B, N, E); the caches are updated in place
+        return logits, hidden
+
+    @_threaded
+    @torch.inference_mode()
+    def verify(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        logits, hidden = self._verify(tokens, positions, tree_mask, past_len)
         return self._numpy(logits), self._numpy(hidden)
+
+    @_threaded
+    @torch.inference_mode()
+    def verify_greedy(
+        self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        logits, hidden = self._verify(tokens, positions, tree_mask, past_len)
+        # argmax on the device, in float32 as `verify`'s logits reach the host (first max)
+        return self._numpy(logits.float().argmax(-1)), self._numpy(hidden)
 
     @_threaded
     @torch.inference_mode()

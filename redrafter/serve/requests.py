@@ -20,8 +20,6 @@ MAX_STOPS = 4  # OpenAI's limit on `stop` strings
 UNSUPPORTED = (
     "logprobs",
     "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
     "logit_bias",
     "tools",
     "functions",
@@ -130,11 +128,20 @@ def parse_request(
         )
     temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
+    # OpenAI's penalties, applied at every tree node with that node's own path (penalties.py)
+    presence = _number(body, "presence_penalty", 0.0, low=-2.0, high=2.0)
+    frequency = _number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0)
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise ApiError(f"seed {seed!r} must be an integer >= 0", param="seed")
     try:
-        sampling = sampling_params(temperature=temperature, seed=seed, top_p=top_p)
+        sampling = sampling_params(
+            temperature=temperature,
+            seed=seed,
+            top_p=top_p,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+        )
         options = dataclasses.replace(base, max_new_tokens=int(max_tokens), sampling=sampling)
     except RedrafterError as e:
         raise ApiError(str(e)) from None
