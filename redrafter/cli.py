@@ -481,8 +481,8 @@ def generate(
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
     )
-    if logprobs and (not as_json or prompts_file is not None):
-        raise click.UsageError("--logprobs needs --json and one prompt (not --prompts)")
+    if logprobs and not as_json:
+        raise click.UsageError("--logprobs needs --json (the log-probs go in its records)")
     if greedy and temperature is not None:
         raise click.UsageError("--greedy and --temperature exclude each other")
     # Read and check the prompts before any model loads: a bad file is one line at once.
@@ -610,6 +610,9 @@ def _run_batch(
             {"prompt": text, **generation_record(pipe, ids, summary, text=output)}
             for text, ids, output in zip(texts, out.token_ids, outputs, strict=True)
         ]
+        if out.logprobs is not None:
+            for record, lp in zip(records, out.logprobs, strict=True):
+                record["logprobs"] = lp
         click.echo(json.dumps(records))
         return
     for n, output in enumerate(outputs, 1):

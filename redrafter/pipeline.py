@@ -42,11 +42,13 @@ from redrafter.runtimes.torch import TorchRuntime, default_threads
 @dataclasses.dataclass
 class Generation:
     """token_ids: generated ids per prompt (prompt excluded); texts: their decoded text (None
-    without a tokenizer); stats: see `redrafter.decoding.stats.summarize`."""
+    without a tokenizer); stats: see `redrafter.decoding.stats.summarize`; logprobs[b][i]:
+    token_ids[b][i]'s log-probability, when the options asked for them (else None)."""
 
     token_ids: list[list[int]]
     texts: list[str] | None
     stats: dict[str, Any]
+    logprobs: list[list[float]] | None = None
 
 
 # Text, token ids, or a chat: `Message`s or {"role", "content"} dicts (`models.chat`).
@@ -191,7 +193,13 @@ class Pipeline:
                 else [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
             )
         stats = summarize(steps, beam_length=options.beam_length)
-        return Generation(token_ids, texts, stats)
+        logprobs = None
+        if options.logprobs:  # each row's, cut where a stop string cut its ids
+            logprobs = [
+                sum((s.logprobs[b] for s in steps if s.logprobs is not None), [])[: len(ids)]
+                for b, ids in enumerate(token_ids)
+            ]
+        return Generation(token_ids, texts, stats, logprobs)
 
 
 def from_checkpoints(

@@ -470,6 +470,25 @@ def test_generate_json_logprobs_with_penalties(checkpoints) -> None:
     assert "logprobs" not in plain and plain["token_ids"] != first["token_ids"]
 
 
-def test_generate_logprobs_needs_json_and_one_prompt(checkpoints) -> None:
+def test_generate_logprobs_needs_json(checkpoints) -> None:
     result = _run(["generate", "--prompt-ids", "1", "--logprobs"])
     assert result.exit_code == 2 and "--logprobs needs --json" in result.output
+
+
+def test_generate_logprobs_for_a_prompts_batch(checkpoints, tmp_path) -> None:
+    """--prompts --json --logprobs: each record carries its own row's log-probs, one per
+    token, equal to that prompt decoded alone (the batch is ragged: rows of other lengths)."""
+    base_dir, drafter_dir = checkpoints
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w3 w4 w5 w3\nw7\nw9 w10 w11 w12 w13\n")
+    args = ["generate", "--base", str(base_dir), "--drafter", str(drafter_dir), "--json"]
+    args += ["--max-new-tokens", "8", "--logprobs", "--presence-penalty", "0.5"]
+    batch = _run([*args, "--prompts", str(prompts)])
+    assert batch.exit_code == 0, batch.output
+    records = json.loads(batch.stdout)
+    assert len(records) == 3
+    for record in records:
+        alone = json.loads(_run([*args, "--prompt", record["prompt"]]).stdout)
+        assert record["token_ids"] == alone["token_ids"]
+        assert len(record["logprobs"]) == len(record["token_ids"])
+        assert record["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
