@@ -1207,6 +1207,14 @@ def init_drafter_cmd(
     help="Requests that may wait for the decoder; more get 503.",
 )
 @click.option("--model-name", help="The model id clients send [the bundle folder's name].")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Processes serving the one port, each with its own runtime (uvicorn's workers); "
+    "give each --threads so they do not oversubscribe the cores.",
+)
 def serve(
     bundle_path: str,
     host: str,
@@ -1221,6 +1229,7 @@ def serve(
     autoregressive: bool,
     max_queue: int,
     model_name: str | None,
+    workers: int,
 ) -> None:
     """Serve a bundle over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions),
     one decode at a time (docs/serve.md). Needs the [serve] extra."""
@@ -1243,6 +1252,7 @@ def serve(
         device=device,
         threads=threads,
         model=model_name,
+        workers=workers,
     )
 
 

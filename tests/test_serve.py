@@ -397,27 +397,65 @@ def test_serve_bad_bundle_or_beam_exits_2(onnx_bundle, tmp_path) -> None:  # typ
     assert "no drafter graph" in result.output
 
 
-def test_cli_serves_a_bundle(onnx_bundle) -> None:  # type: ignore[no-untyped-def]
-    """`redrafter serve` itself, as a user starts it: a subprocess answering the client."""
+def _start_cli_server(onnx_bundle, *flags: str) -> tuple[subprocess.Popen, str]:  # type: ignore[no-untyped-def]
+    """`redrafter serve` as a user starts it, in a subprocess on a free port, once /health
+    answers: (the process, its URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "redrafter.cli", "serve", "--bundle", str(onnx_bundle.root)]
-    command += ["--port", str(port), "--threads", "1", "--model-name", MODEL]
+    command += ["--port", str(port), "--threads", "1", "--model-name", MODEL, *flags]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):  # bounded wait for startup (loading the runtime takes a while)
+        if process.poll() is not None:
+            raise AssertionError(process.stderr.read().decode())  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        threading.Event().wait(0.05)
+    process.terminate()
+    raise AssertionError("the server did not answer /health within 60 s")
+
+
+def test_cli_serves_a_bundle(onnx_bundle) -> None:  # type: ignore[no-untyped-def]
+    """`redrafter serve` itself, as a user starts it: a subprocess answering the client."""
+    process, url = _start_cli_server(onnx_bundle)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(1200):  # bounded wait for startup (loading the runtime takes a while)
-            if process.poll() is not None:
-                raise AssertionError(process.stderr.read().decode())  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                threading.Event().wait(0.05)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0)
         assert got.usage.completion_tokens >= 1
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_cli_workers_are_replicas_on_one_port(onnx_bundle) -> None:  # type: ignore[no-untyped-def]
+    """`--workers 2`: uvicorn's process manager runs two processes, each with its own runtime,
+    on one port. Both answer (two pids behind /health), and since the server keeps no state
+    between requests, the same greedy request gets the same reply whichever answers."""
+    process, url = _start_cli_server(onnx_bundle, "--workers", "2")
+    try:
+        pids: set[int] = set()
+        for _ in range(400):  # a new connection each: the kernel picks the process
+            pids.add(httpx.get(f"{url}/health", headers={"Connection": "close"}).json()["pid"])
+            if len(pids) == 2:
+                break
+            threading.Event().wait(0.05)
+        assert len(pids) == 2 and process.pid not in pids
+
+        def ask(_: int) -> str:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            r = client.completions.create(
+                model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0
+            )
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(ask, range(8)))
+        assert len(set(replies)) == 1 and replies[0]
     finally:
         process.terminate()
         process.wait(30)

@@ -8,6 +8,8 @@ extra; this module imports them only when a server is built."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +72,11 @@ def require_server_packages() -> None:
         ) from None
 
 
+# `--workers N`: uvicorn starts N processes that import `worker_app` and call it; each reads
+# what to serve from this variable (JSON) and loads its own runtime.
+WORKER_CONFIG = "REDRAFTER_SERVE_WORKER"
+
+
 def serve_bundle(
     bundle: str | Path,
     serve: ServeOptions,
@@ -80,12 +87,54 @@ def serve_bundle(
     device: str = "cpu",
     threads: int | None = None,
     model: str | None = None,
+    workers: int = 1,
 ) -> None:
-    """Load `bundle` and serve it until interrupted (one process, one runtime: run several
-    behind a load balancer to scale out, docs/serve.md)."""
+    """Load `bundle` and serve it until interrupted. One process owns one runtime; `workers`
+    > 1 has uvicorn's own process manager run that many such processes on one port (the
+    kernel spreads connections over them), each loading the bundle (docs/serve.md)."""
     require_server_packages()
     import uvicorn
 
-    pipe = open_pipeline(bundle=bundle, runtime=runtime, device=device, threads=threads)
-    app = build_app(pipe, serve, model=model or Path(bundle).resolve().name)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if workers < 1:
+        raise ConfigError(f"workers {workers!r} must be >= 1")
+    config = {
+        "bundle": str(Path(bundle).resolve()),
+        "serve": dataclasses.asdict(serve),
+        "runtime": runtime,
+        "device": device,
+        "threads": threads,
+        "model": model or Path(bundle).resolve().name,
+    }
+    if workers > 1:
+        # Checked once here, so a bad bundle or beam is one line, not N crashed workers.
+        _app_from(config)
+        os.environ[WORKER_CONFIG] = json.dumps(config)
+        uvicorn.run(
+            "redrafter.serve:worker_app",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="info",
+        )
+        return
+    uvicorn.run(_app_from(config), host=host, port=port, log_level="info")
+
+
+def _app_from(config: dict) -> FastAPI:
+    """The app a `serve_bundle` config describes (its own pipeline and runtime)."""
+    pipe = open_pipeline(
+        bundle=config["bundle"],
+        runtime=config["runtime"],
+        device=config["device"],
+        threads=config["threads"],
+    )
+    return build_app(pipe, ServeOptions(**config["serve"]), model=config["model"])
+
+
+def worker_app() -> FastAPI:
+    """The app of one `--workers` process (uvicorn's factory), from `WORKER_CONFIG`."""
+    raw = os.environ.get(WORKER_CONFIG)
+    if not raw:
+        raise ConfigError(f"{WORKER_CONFIG} is not set: start workers with `redrafter serve`")
+    return _app_from(json.loads(raw))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -52,7 +53,14 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         waiting, running = engine.load()
-        return {"status": "ok", "model": model, "queue_depth": waiting, "running": running}
+        # pid: which replica answered (one runtime per process: docs/serve.md, Scale-out)
+        return {
+            "status": "ok",
+            "model": model,
+            "queue_depth": waiting,
+            "running": running,
+            "pid": os.getpid(),
+        }
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
