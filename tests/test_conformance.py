@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -29,8 +30,9 @@ import torch
 from redrafter import ops
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
+from redrafter.decoding.output import pad_prompts
 from redrafter.decoding.runtime import Runtime
-from redrafter.errors import RuntimeUnavailableError
+from redrafter.errors import ConfigError, RuntimeUnavailableError
 from redrafter.runtimes.torch import TorchRuntime
 
 from conftest import BUNDLE_BEAM, OracleDrafts, collect, tiny_base, tiny_drafter
@@ -230,3 +232,42 @@ def test_sampling_is_reproducible_per_seed(subject: Subject, acceptance: str) ->
     assert all(len(row) == subject.max_new_tokens for row in first)
     assert run(7) == first
     assert run(8) != first
+
+
+def test_a_row_refilled_mid_batch_decodes_as_if_alone(subject: Subject) -> None:
+    """`prefill_rows` (continuous batching's join): after a few greedy steps of a ragged batch,
+    row 1 takes a new, longer prompt while the other rows go on. Every row then emits exactly
+    what its prompt gives decoded alone: the refill overwrote row 1 only, and its stale slots
+    past the new prompt are never read."""
+    rt, prompts, n = subject.runtime, subject.ragged, subject.max_new_tokens
+    fresh = [11, 3, 5, 8, 13, 2, 9, 4, 6, 1, 7, 12]  # longer than the row it replaces
+    want, want_fresh = subject.truth(prompts), subject.truth([fresh])[0]
+    B, k = len(prompts), 3  # rows, steps before the refill
+    tokens, lengths = pad_prompts(
+        prompts, vocab_size=rt.vocab_size, context_length=rt.context_length, max_new_tokens=n
+    )
+    rt.reset(batch=B, capacity=len(fresh) + n + 4)
+    logits, _ = rt.prefill(tokens, lengths)
+    token, past = logits.argmax(-1), lengths.astype(np.int64)  # (B,), (B,)
+    got: list[list[int]] = [[int(t)] for t in token]
+    one = np.ones((B, 1, 1), bool)
+    for step in range(n - 1):
+        if step == k:
+            row_logits, _ = rt.prefill_rows(np.array([1]), np.array([fresh]), np.array([12]))
+            token[1], past[1] = row_logits[0].argmax(), len(fresh)
+            got[1] = [int(token[1])]
+        ids, _ = rt.verify_greedy(token[:, None], past[:, None], one, past)  # (B, 1)
+        token, past = ids[:, 0], past + 1
+        for b in range(B):
+            got[b].append(int(token[b]))
+    assert got[0] == want[0] and all(got[b] == want[b] for b in range(2, B))
+    assert got[1] == want_fresh[: len(got[1])] and len(got[1]) == n - k
+
+
+@pytest.mark.parametrize(("rows", "count"), [([2], 1), ([-1], 1), ([0, 0], 2), ([0], 2)], ids=str)
+def test_prefill_rows_refuses_bad_rows(subject: Subject, rows: list[int], count: int) -> None:
+    """Rows outside the batch, repeated, or not one per prompt: a one-line ConfigError."""
+    subject.runtime.reset(batch=2, capacity=16)
+    prompts = np.ones((count, 3), np.int64)
+    with pytest.raises(ConfigError, match="distinct row indices"):
+        subject.runtime.prefill_rows(np.array(rows), prompts, np.full(count, 3))

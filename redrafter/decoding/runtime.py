@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from redrafter.config import BeamShape
+from redrafter.errors import ConfigError
 
 
 class Runtime(Protocol):
@@ -37,6 +38,15 @@ class Runtime(Protocol):
         """Run the prompts (B, T) (right-padded; row b is `lengths[b]` long) into the cache at
         [0, T). Returns logits (B, V) and post-norm hidden state (B, E) at each row's last
         prompt token."""
+        ...
+
+    def prefill_rows(
+        self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`prefill` for some rows of the batch `reset` allocated: prompt r (tokens (R, T),
+        right-padded, `lengths[r]` long) goes into row `rows[r]` from slot 0, and every other
+        row's cache stays as it was, so a new request can take a finished row's place while
+        the others go on (continuous batching). Returns logits (R, V) and hidden (R, E)."""
         ...
 
     def draft(
@@ -71,6 +81,17 @@ class Runtime(Protocol):
     def commit(self, past_len: np.ndarray, source: np.ndarray, count: np.ndarray) -> None:
         """Move cache slots P + source[b, k] to P + k for k < count[b] (see kv_cache.py)."""
         ...
+
+
+def check_rows(rows: np.ndarray, *, batch: int, prompts: int) -> None:
+    """`prefill_rows`' rows: one per prompt, distinct, each in [0, batch) (a ConfigError)."""
+    rows = np.asarray(rows)
+    ok = rows.ndim == 1 and len(rows) == prompts and len(set(rows.tolist())) == len(rows)
+    if not ok or (len(rows) and (rows.min() < 0 or rows.max() >= batch)):
+        raise ConfigError(
+            f"rows {rows.tolist()} must be {prompts} distinct row indices in [0, {batch}) "
+            "(one per prompt, in the batch reset() allocated)"
+        )
 
 
 def argmax_tokens(logits: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle import names as n
 from redrafter.config import BeamShape
 from redrafter.coremltools_support import import_coremltools, quiet
-from redrafter.decoding.runtime import argmax_tokens, drafted_log_probs
+from redrafter.decoding.runtime import argmax_tokens, check_rows, drafted_log_probs
 from redrafter.errors import RuntimeUnavailableError
 
 
@@ -128,25 +128,31 @@ class CoreMLProgramRuntime:
         )
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        B = tokens.shape[0]
-        logits = np.zeros((B, self.vocab_size), np.float32)
-        hidden: np.ndarray | None = None
-        for b in range(B):
-            T = int(lengths[b])  # each row runs only its own prompt, in chunks of N_max
-            for start in range(0, T, self.max_tokens):
-                C = min(self.max_tokens, T - start)
-                out_logits, out_hidden = self._run_base(
-                    b,
-                    tokens[b, start : start + C],
-                    np.arange(start, start + C),
-                    np.tril(np.ones((C, C), bool)),
-                    start,
-                )
-            if hidden is None:
-                hidden = np.zeros((B, out_hidden.shape[-1]), np.float32)
-            logits[b], hidden[b] = out_logits[-1], out_hidden[-1]
-        assert hidden is not None
-        return logits, hidden
+        return self.prefill_rows(np.arange(len(tokens)), tokens, lengths)
+
+    def prefill_rows(
+        self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        check_rows(rows, batch=len(self.states), prompts=len(tokens))
+        out = [self._prefill_row(int(b), tokens[r], int(lengths[r])) for r, b in enumerate(rows)]
+        return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])  # (R, V), (R, E)
+
+    def _prefill_row(
+        self, row: int, tokens: np.ndarray, length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt (its first `length` ids) into `row`'s state from slot 0, in chunks of
+        N_max: logits (V,) and hidden (E,) at its last token."""
+        self.pending[row] = self._no_commit()  # a move recorded for the row's last request
+        for start in range(0, length, self.max_tokens):
+            C = min(self.max_tokens, length - start)
+            out_logits, out_hidden = self._run_base(
+                row,
+                tokens[start : start + C],
+                np.arange(start, start + C),
+                np.tril(np.ones((C, C), bool)),
+                start,
+            )
+        return out_logits[-1], out_hidden[-1]
 
     def draft(
         self, context: np.ndarray, first_token: np.ndarray, beam: BeamShape

@@ -23,7 +23,7 @@ from redrafter import ops
 from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle import names as n
 from redrafter.config import BeamShape
-from redrafter.decoding.runtime import argmax_tokens, drafted_log_probs
+from redrafter.decoding.runtime import argmax_tokens, check_rows, drafted_log_probs
 from redrafter.errors import ConfigError, RuntimeUnavailableError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -216,16 +216,24 @@ class OnnxRuntime:
         per = int(np.prod(shape[2:])) * np.dtype(self.dtype).itemsize
         return buffer.data_ptr() + index * per
 
-    def _bind_caches(self, io: ort.IOBinding) -> int:
-        """Bind every layer's past_* to the live buffer and present_* to the output buffer."""
+    def _bind_caches(self, io: ort.IOBinding, row: int | None = None) -> int:
+        """Bind every layer's past_* to the live buffer and present_* to the output buffer;
+        with `row`, only that row of the batch (B = 1 in the graph: a row of one layer's
+        (B, Hkv, S, D) cache is contiguous). Returns the output buffer's index."""
         src = self.buffers[self.live]
         dst_index = self.live if len(self.buffers) == 1 else 1 - self.live
         dst = self.buffers[dst_index]
-        shape = list(src.shape()[2:])
+        shape = list(src.shape()[2:])  # (B, Hkv, S, D)
+        offset = 0
+        if row is not None:
+            offset = row * int(np.prod(shape[1:])) * np.dtype(self.dtype).itemsize
+            shape[0] = 1
         elem = self.dtype
         for i, (past, present) in enumerate(zip(self._past, self._present, strict=True)):
-            io.bind_input(past, self.ort_device, 0, elem, shape, self._layer_address(src, i))
-            io.bind_output(present, self.ort_device, 0, elem, shape, self._layer_address(dst, i))
+            at = self._layer_address(src, i) + offset
+            io.bind_input(past, self.ort_device, 0, elem, shape, at)
+            at = self._layer_address(dst, i) + offset
+            io.bind_output(present, self.ort_device, 0, elem, shape, at)
         return dst_index
 
     # -- the four calls -----------------------------------------------------------------------
@@ -237,17 +245,25 @@ class OnnxRuntime:
         past_len: np.ndarray,
         *,
         greedy: bool = False,
+        row: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One base call: logits (B, T, V), or with `greedy` each token's argmax (B, T), and the
         hidden states (B, T, E), on the host. With `greedy` the logits stay where ORT made them
-        (unbound: never copied off a GPU) and only next_tokens comes back."""
+        (unbound: never copied off a GPU) and only next_tokens comes back. With `row`, the call
+        (B = 1) runs on that row of the caches alone."""
         first = n.NEXT_TOKENS if greedy and self._next_tokens else n.LOGITS
-        if (self.live, first) not in self._bindings:
+        if row is not None:  # one row of the batch: a binding of its own (prefill is rare)
             io = self.base.io_binding()
             io.bind_output(first, "cpu")  # bound first: get_outputs() follows binding order
             io.bind_output(n.HIDDEN_STATES, "cpu")
-            self._bindings[self.live, first] = io, self._bind_caches(io)
-        io, new_live = self._bindings[self.live, first]
+            new_live = self._bind_caches(io, row)
+        else:
+            if (self.live, first) not in self._bindings:
+                io = self.base.io_binding()
+                io.bind_output(first, "cpu")  # bound first: get_outputs() follows binding order
+                io.bind_output(n.HIDDEN_STATES, "cpu")
+                self._bindings[self.live, first] = io, self._bind_caches(io)
+            io, new_live = self._bindings[self.live, first]
         # Rebound (in place) on every call: after a run they hold last run's shapes.
         io.bind_output(first, "cpu")
         io.bind_output(n.HIDDEN_STATES, "cpu")
@@ -257,13 +273,40 @@ class OnnxRuntime:
         io.bind_cpu_input(n.PAST_LEN, np.ascontiguousarray(past_len, dtype=np.int64))
         self.base.run_with_iobinding(io)
         outputs = io.get_outputs()
-        self.live = new_live
+        if row is None:
+            self.live = new_live
+        elif new_live != self.live:  # portable body: bring the row back to the live buffer
+            self.arrays[self.live][:, :, row] = self.arrays[new_live][:, :, row]
         scores = outputs[0].numpy()  # (B, T, V) or (B, T)
         if greedy and first == n.LOGITS:
             scores = argmax_tokens(scores)
         return scores, outputs[1].numpy()  # ..., (B, T, E)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._prefill(tokens, lengths)
+
+    def prefill_rows(
+        self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not self.buffers:
+            raise ConfigError("call reset() before prefill_rows()")
+        check_rows(rows, batch=self.buffers[0].shape()[2], prompts=len(tokens))
+        if len(self.buffers) == 2 and self.device != "cpu":
+            raise RuntimeUnavailableError(
+                "prefilling one row of a running batch on CUDA needs the native op library "
+                "(the portable body writes a second buffer): build it with `make ops`"
+            )
+        out = [
+            self._prefill(tokens[r : r + 1], lengths[r : r + 1], row=int(b))
+            for r, b in enumerate(rows)
+        ]
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    def _prefill(
+        self, tokens: np.ndarray, lengths: np.ndarray, row: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts (B, T) in 128-token chunks into the caches at [0, T) (with `row`: B = 1,
+        into that row alone): logits (B, V) and hidden (B, E) at each row's last token."""
         B, T = tokens.shape
         logits = np.zeros((B, self.vocab_size), np.float32)
         hidden: np.ndarray | None = None
@@ -276,6 +319,7 @@ class OnnxRuntime:
                 np.arange(start, start + C)[None].repeat(B, 0),
                 causal,
                 np.full(B, start, np.int64),
+                row=row,
             )
             if hidden is None:
                 hidden = np.zeros((B, out_hidden.shape[-1]), np.float32)

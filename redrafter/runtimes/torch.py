@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from redrafter.config import BeamShape
+from redrafter.decoding.runtime import check_rows
 from redrafter.errors import ConfigError, RuntimeUnavailableError
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
@@ -127,12 +128,33 @@ class TorchRuntime:
     @torch.inference_mode()
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.cache is not None, "call reset() first"
+        return self._prefill(self.cache, tokens, lengths)
+
+    @_threaded
+    @torch.inference_mode()
+    def prefill_rows(
+        self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert self.cache is not None, "call reset() first"
+        check_rows(rows, batch=self.cache.shape[2], prompts=len(tokens))
+        out = [
+            # a one-row view of the batch's cache: the prompt's K/V land in row b only
+            self._prefill(self.cache[:, :, b : b + 1], tokens[r : r + 1], lengths[r : r + 1])
+            for r, b in enumerate(int(x) for x in rows)
+        ]
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    def _prefill(
+        self, cache: torch.Tensor, tokens: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts (B, T) into `cache` (Lyr, 2, B, Hkv, S, D) at [0, T): logits (B, V) and
+        hidden (B, E) at each row's last prompt token."""
         B, T = tokens.shape
         ids = self._tensor(tokens)  # (B, T)
         positions = torch.arange(T, device=self.device).expand(B, T)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril().expand(B, T, T)
         past_len = torch.zeros(B, dtype=torch.int64, device=self.device)
-        caches = self.base.layer_caches(self.cache)
+        caches = self.base.layer_caches(cache)
         hidden, _ = self.base.hidden_states(ids, positions, causal, past_len, caches)  # (B, T, E)
         last = hidden[torch.arange(B, device=self.device), self._tensor(lengths) - 1]  # (B, E)
         return self._numpy(self.base.logits(last)), self._numpy(last)
