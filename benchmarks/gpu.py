@@ -757,7 +757,8 @@ def stage_large(ctx: Context) -> dict[str, Any]:
 def predictions(payload: dict[str, Any]) -> dict[str, Any]:
     """Predicted speed-ups of the large bases: for each speculative configuration the demo
     bench measured, tokens/step x t(1) / t(mean tree size), at the first large context."""
-    bench = payload.get("stages", {}).get("bench", {}).get("float16", {})
+    measured = payload.get("stages", {}).get("bench", {})
+    bench = measured.get("float16") or measured.get("float32") or {}
     large = payload.get("stages", {}).get("large", {})
     out: dict[str, Any] = {}
     for name, entry in large.items():
