@@ -55,18 +55,18 @@ def test_pruning_verifies_fewer_tokens() -> None:
     verified = {}
     for min_draft_prob in (0.0, 0.01, 0.5):
         sizes = []
-        inner = runtime.verify
+        inner = runtime.verify_greedy  # what plain greedy decoding calls
 
         def spy(tokens, *args, sizes=sizes, inner=inner):
             sizes.append(tokens.shape[1])  # N of the packed tree
             return inner(tokens, *args)
 
-        runtime.verify = spy  # type: ignore[method-assign]
+        runtime.verify_greedy = spy  # type: ignore[method-assign]
         options = DecodeOptions(
             max_new_tokens=16, beam=BeamShape(1, 5), min_draft_prob=min_draft_prob
         )
         steps = list(decode(runtime, PROMPTS_1, options))
-        runtime.verify = inner  # type: ignore[method-assign]
+        runtime.verify_greedy = inner  # type: ignore[method-assign]
         verified[min_draft_prob] = sizes
         # Each step reports what the LLM ran (B = 1: the packed width is the row's tree).
         assert [int(s.verified[0]) for s in steps if s.kind == "speculative"] == sizes

@@ -193,7 +193,8 @@ def test_reduced_vocab_drafter_exports_to_onnx_with_parity(tmp_path: Path) -> No
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     context = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
     g0 = np.array([4, 9])
-    got_beams, got_logp = session.run(None, {"context": context, "first_token": g0})
+    feeds = {"context": context, "first_token": g0}
+    got_beams, got_logp = session.run(["beams", "log_probs"], feeds)
     with torch.no_grad():
         beams, logp = drafter.beam_search(
             torch.from_numpy(context), torch.from_numpy(g0), base.embed_weight, beam
