@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from redrafter.config import BaseModelConfig, BeamShape
 from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
@@ -33,7 +42,23 @@ from test_llama_vs_transformers import PHI3_IDS, SIZES, full_forward, longrope, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SWITCH = 32  # LongRoPE's original_max_position_embeddings here: prompts + tokens cross it
+WINDOW = 8  # sliding window of the windowed families: prompts + tokens run 3-5x past it
+# No special token ids (PHI3_IDS) for the families added since: `generate`'s min_new_tokens
+# suppresses EOS, which a tiny random model may well rank first.
 FAMILIES = {
+    "mistral-window": lambda: MistralForCausalLM(
+        MistralConfig(**SIZES, **PHI3_IDS, sliding_window=WINDOW)
+    ),
+    # max_window_layers=1: layer 0 attends to everything, layer 1 through the window.
+    "qwen2-window": lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            **SIZES,
+            **PHI3_IDS,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+        )
+    ),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=24)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, **PHI3_IDS)),
     "phi3-longrope": lambda: Phi3ForCausalLM(
@@ -201,6 +226,27 @@ def test_onnx_bundle_decodes_transformers_tokens(family, tmp_path: Path) -> None
         max_new_tokens=NEW_TOKENS,
     )
     assert report.passed, report.to_dict()
+    if name.endswith("-window"):  # the portable body's window too (stock ONNX Runtime)
+        portable = OnnxRuntime(bundle, native=False)
+        assert portable.implementation == "portable"
+        got = collect(decode(portable, PROMPTS, options), 3)
+        assert_same_tokens(got, truth, f"{name} on ORT, portable body")
+
+
+def test_the_window_changes_the_tokens(tmp_path: Path) -> None:
+    """The windowed families' truth depends on the window: the same weights attending to every
+    position (the window dropped from every layer) emit other tokens, so the tests above see it."""
+    for name in ("mistral-window", "qwen2-window"):
+        hf, folder = hf_checkpoint(name, tmp_path / name)
+        base = load_base(folder)
+        windows = [layer.self_attn.op_attributes.get("window", 0) for layer in base.model.layers]
+        assert windows == ([WINDOW, WINDOW] if name == "mistral-window" else [0, WINDOW])
+        for layer in base.model.layers:
+            layer.self_attn.op_attributes.pop("window", None)
+        runtime = TorchRuntime(base, tiny_drafter(base, seed=5))
+        options = AUTOREGRESSIVE.replace(max_new_tokens=NEW_TOKENS)
+        unwindowed = collect(decode(runtime, PROMPTS, options), 3)
+        assert unwindowed != [hf_generate(hf, p, NEW_TOKENS) for p in PROMPTS]
 
 
 def test_coreml_program_decodes_transformers_tokens(family, tmp_path: Path) -> None:
@@ -257,11 +303,34 @@ def test_phi3_old_su_config_reads_as_the_new_one(tmp_path: Path) -> None:
 
 
 def test_qwen3_window_is_ignored_unless_enabled(tmp_path: Path) -> None:
+    """Qwen's window applies only with use_sliding_window (false by default), from layer
+    max_window_layers on; it never caps the context."""
     raw = _raw("qwen3", tmp_path)
-    off = {**raw, "sliding_window": 16, "use_sliding_window": False}
-    assert BaseModelConfig.from_dict(off).context_length == SIZES["max_position_embeddings"]
-    on = {**off, "use_sliding_window": True}
-    assert BaseModelConfig.from_dict(on).context_length == 16
+    raw.pop("layer_types", None)  # the family's rule, not transformers' written-out list
+    off = {**raw, "sliding_window": 16, "max_window_layers": 1}
+    for config in (off, {**off, "use_sliding_window": False}):
+        c = BaseModelConfig.from_dict(config)
+        assert [c.layer_window(i) for i in range(2)] == [0, 0]
+    on = BaseModelConfig.from_dict({**off, "use_sliding_window": True})
+    assert [on.layer_window(i) for i in range(2)] == [0, 16]
+    assert on.context_length == SIZES["max_position_embeddings"]
+    assert BaseModelConfig.from_dict(on.to_dict()) == on  # what a bundle's manifest stores
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sliding_window": 0}, "sliding_window=0"),
+        ({"layer_types": ["full_attention"]}, "layer_types="),
+        ({"layer_types": ["sliding_attention", "local"]}, "layer_types="),
+        ({"max_window_layers": -1}, "max_window_layers=-1"),
+    ],
+)
+def test_bad_window_configs_name_the_field(change, message, tmp_path: Path) -> None:
+    raw = {**_raw("mistral-window", tmp_path), **change}
+    with pytest.raises(ConfigError) as info:
+        BaseModelConfig.from_dict(raw)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -61,10 +61,11 @@ class VerifyGraph(nn.Module):
     def __init__(self, base: Transformer) -> None:
         super().__init__()
         self.base = base
-        scale = 1.0 / math.sqrt(base.config.dim_per_head)
+        default_scale = 1.0 / math.sqrt(base.config.dim_per_head)
         for layer in base.model.layers:
-            layer.self_attn.op = lambda *args: torch.ops.redrafter.tree_attention_rotary(
-                *args, scale
+            # The layer passes its own attributes (scale, window, softcap) when it sets them.
+            layer.self_attn.op = lambda *args, scale=default_scale, window=0, softcap=0.0: (
+                torch.ops.redrafter.tree_attention_rotary(*args, scale, window, softcap)
             )
 
     def forward(
@@ -206,7 +207,7 @@ def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto
     names_out = [*BASE_OUTPUTS, *cache_names(c.num_hidden_layers, PRESENT)]
     onnx_model = _export(VerifyGraph(model), args, names_in, names_out, dynamic)
     _fusable_rmsnorm(onnx_model)
-    onnx_model.functions.append(ta.function_body(OPSET))
+    onnx_model.functions.append(ta.function_body(OPSET, **ta.body_features(onnx_model.graph)))
     count = sum(
         n.op_type == TREE_ATTENTION and n.domain == OP_DOMAIN for n in onnx_model.graph.node
     )

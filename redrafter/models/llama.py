@@ -80,7 +80,7 @@ def rope_inv_freq(config: BaseModelConfig, *, long: bool = False) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, config: BaseModelConfig) -> None:
+    def __init__(self, config: BaseModelConfig, layer: int = 0) -> None:
         super().__init__()
         E, D = config.hidden_size, config.dim_per_head
         self.n_heads, self.n_kv_heads, self.head_dim = (
@@ -99,6 +99,12 @@ class Attention(nn.Module):
         # The tree-attention implementation (op version 2: projections and rotary table in):
         # the eager in-place reference by default; export swaps in a custom op (one node).
         self.op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = tree_attention
+        # The op's attributes beyond the default scale 1/sqrt(D): only those this layer sets
+        # are passed, so an op that implements none (e.g. training's one-token attention)
+        # still serves plain layers, and fails loudly on a windowed one.
+        self.op_attributes: dict[str, float | int] = {}
+        if config.layer_window(layer):
+            self.op_attributes["window"] = config.layer_window(layer)
 
     def forward(
         self,
@@ -118,7 +124,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.unflatten(-1, (-1, D))).flatten(-2)  # (B, T, Hq*D)
             k = self.k_norm(k.unflatten(-1, (-1, D))).flatten(-2)  # (B, T, Hkv*D)
         out, key_cache, value_cache = self.op(
-            q, k, v, key_cache, value_cache, past_len, tree_mask, cos, sin
+            q, k, v, key_cache, value_cache, past_len, tree_mask, cos, sin, **self.op_attributes
         )  # out (B, T, Hq*D)
         return self.o_proj(out), key_cache, value_cache
 
@@ -136,9 +142,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: BaseModelConfig) -> None:
+    def __init__(self, config: BaseModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -157,7 +163,9 @@ class Backbone(nn.Module):
     def __init__(self, config: BaseModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
