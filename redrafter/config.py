@@ -20,7 +20,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 # rope_scaling types we implement (besides none/default); `linear` (positions divided by
 # `factor`) is Gemma 3's global layers'.
-ROPE_TYPES = ("llama3", "longrope", "linear")
+# `freq_factors` (one divisor per rotary frequency) is llama.cpp's form of Llama-3 scaling
+# (GGUF's rope_freqs tensor, models/gguf.py).
+ROPE_TYPES = ("llama3", "longrope", "linear", "freq_factors")
 # Phi3Config's default for its top-level original_max_position_embeddings, which transformers
 # gives priority over the value inside rope_scaling (LongRoPE's switch-over length).
 PHI3_ORIGINAL_CONTEXT = 4096
@@ -143,8 +145,8 @@ def _check_positive_int(obj: Any, *fields: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM) in HF
-    `config.json` terms.
+    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM, Gemma 2,
+    Gemma 3 text) in HF `config.json` terms.
 
     Family differences the model and loader read from here: Qwen2's q/k/v biases
     (`qkv_bias`), Qwen3's per-head q/k RMSNorm (`qk_norm`), Phi-3's fused `qkv_proj` and
@@ -319,6 +321,18 @@ class BaseModelConfig:
         # has one (Phi-3 always does), over the value inside rope_scaling.
         if self.original_max_position_embeddings is not None:
             rs["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if kind == "freq_factors":
+            factors, half = rs.get("factors"), self.dim_per_head // 2
+            if not (
+                isinstance(factors, list)
+                and len(factors) == half
+                and all(_finite_real(f) and f > 0 for f in factors)
+            ):
+                shown = f"{len(factors)} values" if isinstance(factors, list) else repr(factors)
+                raise ConfigError(
+                    f"rope_freqs ({shown}) must hold head_dim/2 = {half} positive numbers"
+                )
+            return rs
         if kind == "linear":
             factor = rs.get("factor")
             if not (_finite_real(factor) and factor > 0):
@@ -414,11 +428,10 @@ class BaseModelConfig:
         """Gemma multiplies the embeddings by sqrt(hidden_size) (in the embedding dtype)."""
         return math.sqrt(self.hidden_size) if self.is_gemma else None
 
-    def layer_rope_theta(self, layer: int) -> float:
-        """The rotary base of `layer`: Gemma 3's sliding layers use rope_local_base_freq."""
-        if self.rope_local_base_freq is not None and self.layer_window(layer):
-            return float(self.rope_local_base_freq)
-        return float(self.rope_theta)
+    def layer_local_rope(self, layer: int) -> bool:
+        """Whether `layer` rotates with rope_local_base_freq (Gemma 3's sliding layers) instead
+        of rope_theta and rope_scaling (every other layer)."""
+        return self.rope_local_base_freq is not None and bool(self.layer_window(layer))
 
     @property
     def rope_type(self) -> str | None:

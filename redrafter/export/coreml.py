@@ -81,7 +81,26 @@ def register_converters() -> None:
 
     register_torch_op(_tree_attention_to_mil, torch_alias=["redrafter::tree_attention"])
     register_torch_op(_log_softmax_to_mil, torch_alias=["log_softmax"], override=True)
+    register_torch_op(_gelu_to_mil, torch_alias=["gelu"], override=True)
     _REGISTERED = True
+
+
+def _gelu_to_mil(context: Any, node: Any) -> None:
+    """gelu, honouring `approximate="tanh"` (Gemma's GeGLU). coremltools 9.0 reads it only as a
+    positional input; torch.export passes it as a keyword, so the tanh form silently became the
+    exact erf form (~1e-3 off on a tiny Gemma's logits)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs, _get_kwinputs
+
+    inputs = _get_inputs(context, node, expected=[1, 2])
+    approximate = inputs[1] if len(inputs) == 2 else None
+    if approximate is None:
+        found = _get_kwinputs(context, node, "approximate")
+        approximate = found[0] if found else None
+    # A positional input is a const Var; a keyword one arrives as the plain string.
+    tanh = getattr(approximate, "val", approximate) == "tanh"
+    mode = "TANH_APPROXIMATION" if tanh else "EXACT"
+    context.add(mb.gelu(x=inputs[0], mode=mode, name=node.name))
 
 
 def _log_softmax_to_mil(context: Any, node: Any) -> None:

@@ -181,10 +181,12 @@ def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto
     portable function body attached."""
     ta.register_onnx_schema()
     model = copy.deepcopy(base).eval().to(DTYPES[dtype])
-    # RoPE frequencies (both LongRoPE tables) stay fp32 in an fp16 export.
+    # RoPE frequencies (both LongRoPE tables, Gemma 3's local one) stay fp32 in an fp16 export.
     model.inv_freq = base.inv_freq.float()
     if base.inv_freq_long is not None:
         model.inv_freq_long = base.inv_freq_long.float()
+    if base.inv_freq_local is not None:
+        model.inv_freq_local = base.inv_freq_local.float()
     c = model.config
     B, T, S = 2, 3, 16  # example sizes; all three are dynamic in the graph
     cache = model.new_cache(B, S, dtype=DTYPES[dtype])
