@@ -887,11 +887,14 @@ def test_cuda_tile_math_window_and_softcap_emulated_on_host(lib, case, window, d
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("case", [(2, 6, 2, 13, 24, 64), (1, 2, 1, 400, 16, 450)], ids=str)
 @pytest.mark.parametrize("sms", [None, 132])
-def test_window_positions_come_from_the_mask_for_any_mask(lib, sms):
+def test_window_positions_come_from_the_mask_for_any_mask(lib, sms, case):
     """The contract defines a new token's position by its mask row (P + visible new - 1) for
-    any mask, trees or not, and every implementation follows it."""
-    x = make_inputs((2, 6, 2, 13, 24, 64), np.float32, seed=32)  # random (non-tree) masks
+    any mask, trees or not, and every implementation follows it. With 400 new tokens the
+    windows start tiles past P while a row still sees new keys whose slot (or fold rank) lies
+    before its window: no tile holding new keys may be skipped."""
+    x = make_inputs(case, np.float32, seed=32)  # random (non-tree) masks
     ref, _, _ = reference(**x, window=5)
     out = ops.tree_attention_host(lib, **x, window=5, emulate_cuda_sms=sms)
     assert_close(out, ref, np.float32)

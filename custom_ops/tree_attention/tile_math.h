@@ -157,6 +157,8 @@ RD_HD int64_t key_position(int64_t t, int64_t past, const uint8_t* mask_b, int64
 // Where a walk over keys [k_begin, ...) in strides of `step` may start when every row's window
 // begins at or after lo_min: strides wholly before it hold hidden keys only, whose fold leaves a
 // row's softmax state unchanged, so they are skipped; the strides keep their absolute places.
+// Callers cap lo_min at P: a new key's slot can precede its position (P + depth) when the mask
+// is not a tree, so only committed keys are ever skipped.
 RD_HD int64_t first_walk_key(int64_t k_begin, int64_t lo_min, int64_t step) {
   return lo_min > k_begin ? k_begin + (lo_min - k_begin) / step * step : k_begin;
 }

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // walk may start (strides before every row's window are skipped).
   const uint8_t* mask_b = p.tree_mask + static_cast<int64_t>(b) * N * N;
   int64_t lo[RB];
-  int64_t lo_min = INT64_MAX;
+  int64_t lo_min = P;  // never past P (tile_math.h: first_walk_key)
 #pragma unroll
   for (int r = 0; r < RB; ++r) {
     lo[r] = INT64_MIN;

@@ -71,7 +71,7 @@ void emulate(const TreeAttentionArgs& a, int num_sms) {
         // Sliding window: each row's first position and the walk's start, as the kernel.
         const uint8_t* mask_b = a.tree_mask + b * N * N;
         std::vector<int64_t> lo(RB, INT64_MIN);
-        int64_t lo_min = INT64_MAX;
+        int64_t lo_min = P;  // never past P (tile_math.h: first_walk_key)
         for (int64_t r = 0; r < RB; ++r) {
           if (a.window > 0 && r < rows) {
             const int64_t i = tile::row_token(r0 + r, N);
