@@ -16,8 +16,13 @@ from typing import Any, Literal
 
 from redrafter.errors import ConfigError, UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-ROPE_TYPES = ("llama3", "longrope")  # rope_scaling types we implement (besides none/default)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+# rope_scaling types we implement (besides none/default); `linear` (positions divided by
+# `factor`) is Gemma 3's global layers'.
+# `freq_factors` (one divisor per rotary frequency) is llama.cpp's form of Llama-3 scaling
+# (GGUF's rope_freqs tensor, models/gguf.py).
+ROPE_TYPES = ("llama3", "longrope", "linear", "freq_factors")
 # Phi3Config's default for its top-level original_max_position_embeddings, which transformers
 # gives priority over the value inside rope_scaling (LongRoPE's switch-over length).
 PHI3_ORIGINAL_CONTEXT = 4096
@@ -105,6 +110,32 @@ def _longrope_attention_factor(rs: dict[str, Any], max_position_embeddings: int)
     return math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def _gemma_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma config.json in our terms: transformers' defaults where the file relies on them
+    (tied embeddings, Gemma 3's two rotary bases), transformers 5's per-layer-type
+    `rope_parameters` (Gemma 3) read into rope_theta / rope_scaling (global layers) and
+    rope_local_base_freq (sliding layers), and transformers 4's `_sliding_window_pattern`."""
+    raw = dict(raw)
+    raw.setdefault("tie_word_embeddings", True)
+    raw.setdefault("query_pre_attn_scalar", 256)
+    if "_sliding_window_pattern" in raw:
+        raw.setdefault("sliding_window_pattern", raw["_sliding_window_pattern"])
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict) and "full_attention" in rope:
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        raw.pop("rope_parameters")
+        if "rope_theta" in full:
+            raw.setdefault("rope_theta", full["rope_theta"])
+        if full.get("rope_type", full.get("type", "default")) != "default":
+            raw.setdefault("rope_scaling", full)
+        if "rope_theta" in local:
+            raw.setdefault("rope_local_base_freq", local["rope_theta"])
+    if raw["model_type"] == "gemma3_text":
+        raw.setdefault("rope_theta", 1_000_000.0)
+        raw.setdefault("rope_local_base_freq", 10_000.0)
+    return raw
+
+
 def _check_positive_int(obj: Any, *fields: str) -> None:
     for name in fields:
         value = getattr(obj, name)
@@ -114,8 +145,8 @@ def _check_positive_int(obj: Any, *fields: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM) in HF
-    `config.json` terms.
+    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM, Gemma 2,
+    Gemma 3 text) in HF `config.json` terms.
 
     Family differences the model and loader read from here: Qwen2's q/k/v biases
     (`qkv_bias`), Qwen3's per-head q/k RMSNorm (`qk_norm`), Phi-3's fused `qkv_proj` and
@@ -139,12 +170,29 @@ class BaseModelConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    # Which layers use the window: transformers' per-layer list ("sliding_attention" /
+    # "full_attention"), else the family's rule (`layer_window`); Qwen2/Qwen3 window the layers
+    # from max_window_layers on.
+    layer_types: list[str] | None = None
+    max_window_layers: int | None = None
+    use_sliding_window: bool | None = None  # Qwen2/Qwen3: the window applies only when true
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     # Phi-3's pretraining context: LongRoPE's long factors apply from this position on.
     original_max_position_embeddings: int | None = None
     partial_rotary_factor: float = 1.0
+    # Gemma 2/3: the attention scale is query_pre_attn_scalar**-0.5; scores (Gemma 2) and
+    # logits are soft-capped when set; GeGLU's activation; Gemma 3's sliding layers rotate with
+    # their own base (`rope_local_base_freq`); bidirectional attention (Gemma 3's vision
+    # variant) is refused.
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    hidden_activation: str | None = None
+    rope_local_base_freq: float | None = None
+    sliding_window_pattern: int | None = None
+    use_bidirectional_attention: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -190,10 +238,27 @@ class BaseModelConfig:
         )
         if self.head_dim % 2:
             raise ConfigError(f"config field head_dim={self.head_dim} must be even for RoPE")
-        if self.hidden_act != "silu":
+        if self.activation != ("gelu_pytorch_tanh" if self.is_gemma else "silu"):
             raise UnsupportedModelError(
-                f"unsupported hidden_act {self.hidden_act!r}; only 'silu' (SwiGLU) is supported"
+                f"unsupported hidden activation {self.activation!r} for {self.model_type}; "
+                "supported: 'silu' (SwiGLU), and 'gelu_pytorch_tanh' (GeGLU) for Gemma"
             )
+        if self.use_bidirectional_attention:
+            raise UnsupportedModelError(
+                "config field use_bidirectional_attention=true is not supported; only causal "
+                "decoders (Gemma 3 text) are"
+            )
+        for name in (
+            "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "rope_local_base_freq",
+        ):
+            value = getattr(self, name)
+            if value is not None and not (_finite_real(value) and value > 0):
+                raise ConfigError(f"config field {name}={value!r} must be a number > 0 (or null)")
+        if self.sliding_window_pattern is not None:
+            _check_positive_int(self, "sliding_window_pattern")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise ConfigError(f"config field rms_norm_eps={self.rms_norm_eps!r} must be > 0")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
@@ -205,6 +270,27 @@ class BaseModelConfig:
                 f"config field partial_rotary_factor={self.partial_rotary_factor!r} is not "
                 "supported; only rotary over the whole head (1.0) is"
             )
+        if self.sliding_window is not None:
+            _check_positive_int(self, "sliding_window")
+        if self.max_window_layers is not None and (
+            isinstance(self.max_window_layers, bool)
+            or not isinstance(self.max_window_layers, int)
+            or self.max_window_layers < 0
+        ):
+            raise ConfigError(
+                f"config field max_window_layers={self.max_window_layers!r} must be an integer >= 0"
+            )
+        if self.layer_types is not None:
+            kinds = ("sliding_attention", "full_attention")
+            if (
+                not isinstance(self.layer_types, list)
+                or len(self.layer_types) != self.num_hidden_layers
+                or any(t not in kinds for t in self.layer_types)
+            ):
+                raise ConfigError(
+                    f"config field layer_types={self.layer_types!r} must list "
+                    f"num_hidden_layers={self.num_hidden_layers} entries, each one of {kinds}"
+                )
         if self.original_max_position_embeddings is None and self.model_type == "phi3":
             object.__setattr__(self, "original_max_position_embeddings", PHI3_ORIGINAL_CONTEXT)
         if self.original_max_position_embeddings is not None:
@@ -235,6 +321,23 @@ class BaseModelConfig:
         # has one (Phi-3 always does), over the value inside rope_scaling.
         if self.original_max_position_embeddings is not None:
             rs["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if kind == "freq_factors":
+            factors, half = rs.get("factors"), self.dim_per_head // 2
+            if not (
+                isinstance(factors, list)
+                and len(factors) == half
+                and all(_finite_real(f) and f > 0 for f in factors)
+            ):
+                shown = f"{len(factors)} values" if isinstance(factors, list) else repr(factors)
+                raise ConfigError(
+                    f"rope_freqs ({shown}) must hold head_dim/2 = {half} positive numbers"
+                )
+            return rs
+        if kind == "linear":
+            factor = rs.get("factor")
+            if not (_finite_real(factor) and factor > 0):
+                raise ConfigError(f"config rope_scaling factor={factor!r} must be a number > 0")
+            return rs
         if kind == "llama3":
             for key in (
                 "factor",
@@ -297,8 +400,38 @@ class BaseModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3 RMS-normalises each head of q and k (over D) before the rotary."""
-        return self.model_type == "qwen3"
+        """Qwen3 and Gemma 3 RMS-normalise each head of q and k (over D) before the rotary."""
+        return self.model_type in ("qwen3", "gemma3_text")
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma 2/3: (1 + weight) RMSNorms, four norms per layer, GeGLU, a scaled embedding."""
+        return self.model_type in GEMMA_TYPES
+
+    @property
+    def activation(self) -> str:
+        """The MLP's gate activation (Gemma's config calls it `hidden_activation`)."""
+        if self.is_gemma:
+            return self.hidden_activation or "gelu_pytorch_tanh"
+        return self.hidden_act
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The attention's score scale when it is not 1/sqrt(head_dim): Gemma's
+        query_pre_attn_scalar**-0.5."""
+        if self.query_pre_attn_scalar is None or not self.is_gemma:
+            return None
+        return float(self.query_pre_attn_scalar) ** -0.5
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies the embeddings by sqrt(hidden_size) (in the embedding dtype)."""
+        return math.sqrt(self.hidden_size) if self.is_gemma else None
+
+    def layer_local_rope(self, layer: int) -> bool:
+        """Whether `layer` rotates with rope_local_base_freq (Gemma 3's sliding layers) instead
+        of rope_theta and rope_scaling (every other layer)."""
+        return self.rope_local_base_freq is not None and bool(self.layer_window(layer))
 
     @property
     def rope_type(self) -> str | None:
@@ -324,10 +457,25 @@ class BaseModelConfig:
 
     @property
     def context_length(self) -> int:
-        """Longest sequence the model attends over in full (Mistral's window caps it)."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, int(self.sliding_window))
+        """Longest sequence the model takes. A sliding window does not cap it: windowed layers
+        attend to their last `sliding_window` positions (`layer_window`)."""
         return self.max_position_embeddings
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of decoder layer `layer` (0: it attends to every position), as
+        transformers builds it: the config's `layer_types` when given; else Qwen2/Qwen3 window
+        the layers from `max_window_layers` on, and Mistral and Phi-3 every layer."""
+        if not self.sliding_window:
+            return 0
+        if self.layer_types is not None:
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else 0
+        if self.is_gemma:  # every `pattern`-th layer global: Gemma 2 alternates, Gemma 3 by 6
+            pattern = self.sliding_window_pattern or (2 if self.model_type == "gemma2" else 6)
+            return self.sliding_window if (layer + 1) % pattern else 0
+        if self.model_type in ("qwen2", "qwen3"):
+            first = 28 if self.max_window_layers is None else self.max_window_layers  # HF's default
+            return self.sliding_window if layer >= first else 0
+        return self.sliding_window
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -348,6 +496,8 @@ class BaseModelConfig:
             raise UnsupportedModelError(
                 f"{where} is a ReDrafter drafter, not a base model; pass it as --drafter"
             )
+        if raw.get("model_type") in GEMMA_TYPES:
+            raw = _gemma_raw(raw)
         # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters` only.
         rope = raw.get("rope_parameters")
         if isinstance(rope, dict):
@@ -358,8 +508,11 @@ class BaseModelConfig:
             if "partial_rotary_factor" in rope:
                 raw.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
         # Qwen2/Qwen3 keep `sliding_window` in config.json but use it only when
-        # `use_sliding_window` is true (transformers drops it otherwise).
-        if raw.get("model_type") in ("qwen2", "qwen3") and raw.get("use_sliding_window") is False:
+        # `use_sliding_window` is true (transformers drops it otherwise; its default is false).
+        if (
+            raw.get("model_type") in ("qwen2", "qwen3")
+            and raw.get("use_sliding_window") is not True
+        ):
             raw["sliding_window"] = None
         # Wrong-type values must fail by name, not deep inside torch.
         try:

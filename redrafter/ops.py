@@ -86,7 +86,9 @@ def load_c_api(path: Path | None = None) -> ctypes.CDLL:
         )
     lib = ctypes.CDLL(str(path))
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    attention = [i32, i64, i64, i64, i64, i64, i64, f32] + [ptr] * 10
+    attention = [i32, i64, i64, i64, i64, i64, i64, f32, i64, f32] + [
+        ptr
+    ] * 10  # scale, window, softcap
     for name, last in [
         ("rd_tree_attention_cpu", i32),
         ("rd_tree_attention_cuda_emulated", i32),
@@ -122,6 +124,8 @@ def tree_attention_host(
     tree_mask: np.ndarray,
     *,
     scale: float = 0.0,
+    window: int = 0,
+    softcap: float = 0.0,
     key_cache_out: np.ndarray | None = None,
     value_cache_out: np.ndarray | None = None,
     threads: int = 0,
@@ -132,7 +136,8 @@ def tree_attention_host(
 
     query (B, Hq, N, D); key, value (B, Hkv, N, D); key_cache, value_cache (B, Hkv, S, D), all
     float32 or all float16; past_len (B,) int64; tree_mask (B, N, N) bool. The caches are
-    written in place unless `*_out` arrays are given. Returns output (B, Hq, N, D).
+    written in place unless `*_out` arrays are given. `scale`, `window` and `softcap` are the
+    op's attributes (0: 1/sqrt(D), no window, no soft-capping). Returns output (B, Hq, N, D).
     Raises ValueError with the kernel's message on invalid arguments.
     """
     B, Hq, N, D = query.shape
@@ -142,7 +147,7 @@ def tree_attention_host(
     vc_out = value_cache if value_cache_out is None else value_cache_out
     past_len = np.ascontiguousarray(past_len, dtype=np.int64)
     tree_mask = np.ascontiguousarray(tree_mask, dtype=np.bool_)
-    args = [_DTYPE_CODES[query.dtype], B, Hq, Hkv, N, D, S, scale]
+    args = [_DTYPE_CODES[query.dtype], B, Hq, Hkv, N, D, S, scale, window, softcap]
     args += [_ptr(a) for a in (query, key, value, key_cache, value_cache, past_len, tree_mask)]
     args += [_ptr(output), _ptr(kc_out), _ptr(vc_out)]
     if emulate_cuda_sms is None:

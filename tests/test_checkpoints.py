@@ -4,6 +4,7 @@ user sees for bad files (class and message)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -95,7 +96,12 @@ def to_llama_cpp_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(
-    model: Transformer, path: Path, *, arch: str = "llama", q8_embed: bool = False
+    model: Transformer,
+    path: Path,
+    *,
+    arch: str = "llama",
+    q8_embed: bool = False,
+    rope_freqs: np.ndarray | None = None,
 ) -> None:
     c = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -117,6 +123,8 @@ def write_gguf(
     else:
         w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
     names = {
@@ -167,6 +175,58 @@ def test_gguf_qwen2_round_trip(tmp_path: Path) -> None:
     write_gguf(source, path, arch="qwen2")
     assert load_base_config(path).model_type == "qwen2"
     assert_same_logits(source, load_base(path))
+
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def llama_cpp_rope_freqs(config: BaseModelConfig) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py writes as `rope_freqs` for Llama-3 scaling: per
+    rotary frequency, the divisor 1 / (the multiplier HF's llama3 rule applies), float32."""
+    rs, D = config.rope_scaling, config.dim_per_head
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    freqs = 1.0 / (config.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D))
+    divisors = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            divisors.append(1.0)
+        elif wavelen > old / low:
+            divisors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, np.float32)
+
+
+def test_gguf_llama31_rope_freqs(tmp_path: Path) -> None:
+    """A Llama 3.1-style GGUF carries its rope scaling as the `rope_freqs` tensor: loaded, it
+    gives the HF model's logits (which the scaling changes: checked over 60 positions)."""
+    source = tiny_model(rope_scaling=LLAMA31_ROPE)
+    path = tmp_path / "llama31.gguf"
+    write_gguf(source, path, rope_freqs=llama_cpp_rope_freqs(source.config))
+    loaded = load_base(path)
+    assert loaded.config.rope_type == "freq_factors"
+    assert_same_logits(source, loaded)
+    unscaled = tiny_model(rope_scaling=None)
+    # The file's divisors are float32 (as llama.cpp writes them): last-bit frequency differences.
+    assert (logits_of(loaded, T=60) - logits_of(source, T=60)).abs().max() < 5e-5
+    assert (logits_of(unscaled, T=60) - logits_of(source, T=60)).abs().max() > 1e-3
+
+
+def test_gguf_rope_freqs_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    source = tiny_model()
+    path = tmp_path / "bad.gguf"
+    write_gguf(source, path, rope_freqs=np.ones(3, np.float32))
+    with pytest.raises(ConfigError, match=r"rope_freqs \(3 values\) must hold head_dim/2 = 4"):
+        load_base(path)
 
 
 def test_gguf_quantized_tensor_is_dequantized(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
-"""Qwen3 (per-head q/k RMSNorm, a head_dim that is not hidden/heads) and Phi-3/3.5 (fused qkv and
-gate_up tensors, LongRoPE) against transformers' own models, end to end: tiny random models that
+"""Qwen3 (per-head q/k RMSNorm, a head_dim that is not hidden/heads), Phi-3/3.5 (fused qkv and
+gate_up tensors, LongRoPE), Mistral and Qwen2 with a sliding window of 8 (per layer for Qwen2),
+and Gemma 2 / Gemma 3 text (scaled embeddings, (1 + w) norms, GeGLU, sliding layers beside
+global ones, Gemma 2's soft-capping, Gemma 3's q/k norms and local rotary base) against
+transformers' own models, end to end: tiny random models that
 transformers builds and saves, loaded by `load_base`, must emit the tokens of transformers'
 greedy `generate` (autoregressive, speculative, and speculative with whole beams accepted) in
 the torch reference, through an exported ONNX bundle on ONNX Runtime (with `validate`) and
@@ -18,7 +21,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from redrafter.config import BaseModelConfig, BeamShape
 from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
@@ -33,7 +49,41 @@ from test_llama_vs_transformers import PHI3_IDS, SIZES, full_forward, longrope, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SWITCH = 32  # LongRoPE's original_max_position_embeddings here: prompts + tokens cross it
+WINDOW = 8  # sliding window of the windowed families: prompts + tokens run 3-5x past it
+# No special token ids (PHI3_IDS) for the families added since: `generate`'s min_new_tokens
+# suppresses EOS, which a tiny random model may well rank first.
+# Gemma: head_dim 24 and query_pre_attn_scalar 32 (the scale is not 1/sqrt(head_dim)); one
+# sliding layer, one global. Gemma 3's global layer rotates with base 1e6 and linear scaling,
+# its sliding one with base 1e4; Gemma 2's caps are low enough to bend these models' scores.
+GEMMA = dict(**SIZES, **PHI3_IDS, head_dim=24, query_pre_attn_scalar=32, sliding_window=WINDOW)
+GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+}
 FAMILIES = {
+    "gemma2": lambda: Gemma2ForCausalLM(
+        Gemma2Config(**GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
+    ),
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **GEMMA,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=GEMMA3_ROPE,
+        )
+    ),
+    "mistral-window": lambda: MistralForCausalLM(
+        MistralConfig(**SIZES, **PHI3_IDS, sliding_window=WINDOW)
+    ),
+    # max_window_layers=1: layer 0 attends to everything, layer 1 through the window.
+    "qwen2-window": lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            **SIZES,
+            **PHI3_IDS,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+        )
+    ),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=24)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, **PHI3_IDS)),
     "phi3-longrope": lambda: Phi3ForCausalLM(
@@ -201,6 +251,79 @@ def test_onnx_bundle_decodes_transformers_tokens(family, tmp_path: Path) -> None
         max_new_tokens=NEW_TOKENS,
     )
     assert report.passed, report.to_dict()
+    if name.endswith("-window") or name.startswith("gemma"):  # the body's window and softcap
+        portable = OnnxRuntime(bundle, native=False)
+        assert portable.implementation == "portable"
+        got = collect(decode(portable, PROMPTS, options), 3)
+        assert_same_tokens(got, truth, f"{name} on ORT, portable body")
+
+
+def test_the_window_changes_the_tokens(tmp_path: Path) -> None:
+    """The windowed families' truth depends on the window: the same weights attending to every
+    position (the window dropped from every layer) emit other tokens, so the tests above see it."""
+    for name in ("mistral-window", "qwen2-window"):
+        hf, folder = hf_checkpoint(name, tmp_path / name)
+        base = load_base(folder)
+        windows = [layer.self_attn.op_attributes.get("window", 0) for layer in base.model.layers]
+        assert windows == ([WINDOW, WINDOW] if name == "mistral-window" else [0, WINDOW])
+        for layer in base.model.layers:
+            layer.self_attn.op_attributes.pop("window", None)
+        runtime = TorchRuntime(base, tiny_drafter(base, seed=5))
+        options = AUTOREGRESSIVE.replace(max_new_tokens=NEW_TOKENS)
+        unwindowed = collect(decode(runtime, PROMPTS, options), 3)
+        assert unwindowed != [hf_generate(hf, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def test_gemma_features_are_exercised(tmp_path: Path) -> None:
+    """Each Gemma feature changes these tiny models' logits by far more than the parity
+    tolerances, so the family tests above would catch any of them missing or wrong: dropping
+    the window, the score cap, the attention scale or Gemma 3's local rotary base moves them."""
+    ids = torch.randint(0, SIZES["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
+    for name, features in (
+        ("gemma2", ("window", "softcap", "scale")),
+        ("gemma3", ("window", "scale")),
+    ):
+        _, folder = hf_checkpoint(name, tmp_path / name)
+        ours = load_base(folder)
+        with torch.no_grad():
+            full = full_forward(ours, ids)
+            for feature in features:
+                attrs = [layer.self_attn.op_attributes for layer in ours.model.layers]
+                saved = [dict(a) for a in attrs]
+                assert any(feature in a for a in attrs), f"{name} has no {feature}"
+                for a in attrs:
+                    a.pop(feature, None)
+                moved = (full_forward(ours, ids) - full).abs().max().item()
+                assert moved > 0.1, f"{name} without {feature}: logits moved only {moved:.3g}"
+                for a, s in zip(attrs, saved, strict=True):
+                    a.update(s)
+            if name == "gemma3":
+                assert ours.local_rope == [True, False]
+                ours.local_rope = [False, False]
+                assert (full_forward(ours, ids) - full).abs().max().item() > 0.1
+
+
+def test_gemma3_transformers4_config_reads_as_the_new_one(tmp_path: Path) -> None:
+    """A transformers-4 Gemma 3 config (rope_theta, rope_local_base_freq, rope_scaling and
+    sliding_window_pattern at the top) gives the same model as transformers 5's
+    (per-layer-type rope_parameters and layer_types)."""
+    new = _raw("gemma3", tmp_path)
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
+    old |= {
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "sliding_window_pattern": 2,
+    }
+    a, b = BaseModelConfig.from_dict(new), BaseModelConfig.from_dict(old)
+    assert [a.layer_window(i) for i in range(2)] == [b.layer_window(i) for i in range(2)]
+    assert [a.layer_window(i) for i in range(2)] == [WINDOW, 0]
+    assert a.rope_theta == b.rope_theta == 1_000_000.0
+    assert a.rope_local_base_freq == b.rope_local_base_freq == 10_000.0
+    assert a.attention_scale == b.attention_scale == 32**-0.5
+    for local in (False, True):
+        assert torch.equal(rope_inv_freq(a, local=local), rope_inv_freq(b, local=local))
+    assert BaseModelConfig.from_dict(a.to_dict()) == a  # what a bundle's manifest stores
 
 
 def test_coreml_program_decodes_transformers_tokens(family, tmp_path: Path) -> None:
@@ -257,11 +380,39 @@ def test_phi3_old_su_config_reads_as_the_new_one(tmp_path: Path) -> None:
 
 
 def test_qwen3_window_is_ignored_unless_enabled(tmp_path: Path) -> None:
+    """Qwen's window applies only with use_sliding_window (false by default), from layer
+    max_window_layers on; it never caps the context."""
     raw = _raw("qwen3", tmp_path)
-    off = {**raw, "sliding_window": 16, "use_sliding_window": False}
-    assert BaseModelConfig.from_dict(off).context_length == SIZES["max_position_embeddings"]
-    on = {**off, "use_sliding_window": True}
-    assert BaseModelConfig.from_dict(on).context_length == 16
+    raw.pop("layer_types", None)  # the family's rule, not transformers' written-out list
+    off = {**raw, "sliding_window": 16, "max_window_layers": 1}
+    for config in (off, {**off, "use_sliding_window": False}):
+        c = BaseModelConfig.from_dict(config)
+        assert [c.layer_window(i) for i in range(2)] == [0, 0]
+    on = BaseModelConfig.from_dict({**off, "use_sliding_window": True})
+    assert [on.layer_window(i) for i in range(2)] == [0, 16]
+    assert on.context_length == SIZES["max_position_embeddings"]
+    assert BaseModelConfig.from_dict(on.to_dict()) == on  # what a bundle's manifest stores
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sliding_window": 0}, "sliding_window=0"),
+        ({"layer_types": ["full_attention"]}, "layer_types="),
+        ({"layer_types": ["sliding_attention", "local"]}, "layer_types="),
+        ({"max_window_layers": -1}, "max_window_layers=-1"),
+        ({"model_type": "gemma2", "use_bidirectional_attention": True}, "bidirectional"),
+        ({"model_type": "gemma2", "hidden_activation": "relu"}, "'relu' for gemma2"),
+        ({"model_type": "gemma2", "attn_logit_softcapping": -1}, "attn_logit_softcapping=-1"),
+        ({"model_type": "gemma2", "query_pre_attn_scalar": 0}, "query_pre_attn_scalar=0"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "factor=None"),
+    ],
+)
+def test_bad_window_and_gemma_configs_name_the_field(change, message, tmp_path: Path) -> None:
+    raw = {**_raw("mistral-window", tmp_path), **change}
+    with pytest.raises((ConfigError, UnsupportedModelError)) as info:
+        BaseModelConfig.from_dict(raw)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""Our Transformer vs transformers' Llama/Mistral/Qwen2/Qwen3/Phi-3 on tiny random configs, loaded
-through `load_base` from folders written by `save_pretrained` (single file and sharded).
-tests/test_families.py takes Qwen3 and Phi-3 further: greedy `generate`, LongRoPE past its
-switch-over, ONNX and Core ML."""
+"""Our Transformer vs transformers' Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 2/Gemma 3 on tiny random
+configs, loaded through `load_base` from folders written by `save_pretrained` (single file and
+sharded). The 40-token sequences run 5x past the sliding windows (8) of the windowed cases.
+tests/test_families.py takes Qwen3, Phi-3, Gemma and the windowed families further: greedy
+`generate`, LongRoPE past its switch-over, ONNX and Core ML."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -76,6 +81,37 @@ CASES = {
         Qwen3Config(**SIZES, head_dim=24, tie_word_embeddings=True, attention_bias=True),
     ),
     "phi3": (Phi3ForCausalLM, Phi3Config(**SIZES, **PHI3_IDS)),
+    "mistral-window": (MistralForCausalLM, MistralConfig(**SIZES, sliding_window=8)),
+    "qwen2-window": (
+        Qwen2ForCausalLM,
+        Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    ),
+    # Gemma: head_dim 24, scale 32**-0.5, one sliding layer (window 8) and one global.
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config(
+            **SIZES,
+            head_dim=24,
+            query_pre_attn_scalar=32,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig(
+            **SIZES,
+            head_dim=24,
+            query_pre_attn_scalar=32,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+        ),
+    ),
     # Switch-over at 64, past this module's 40-token sequences: short factors and the attention
     # factor only (test_families.py crosses the switch-over).
     "phi3-longrope": (
@@ -164,7 +200,9 @@ def test_sharded_checkpoint_loads(name: str, tmp_path: Path) -> None:
     assert err < 2e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama3-rope", "qwen3", "phi3-longrope"])
+@pytest.mark.parametrize(
+    "name", ["llama", "qwen2", "llama3-rope", "qwen3", "phi3-longrope", "gemma2", "gemma3"]
+)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cached_decoding_equals_full_forward(name: str, batch: int, tmp_path: Path) -> None:
     """Prefill T0 tokens, then feed one token at a time with past_len; same logits as uncached."""

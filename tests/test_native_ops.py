@@ -58,9 +58,13 @@ def lib():
 # ---- reference -------------------------------------------------------------------------------
 
 
-def reference(query, key, value, key_cache, value_cache, past_len, tree_mask, scale=None):
+def reference(
+    query, key, value, key_cache, value_cache, past_len, tree_mask, scale=None, window=0, softcap=0
+):
     """out[b,h,i] = softmax over {slots < P_b} ∪ {new j: mask[b,i,j]} of (q·k)·scale, @ v; in
-    float64. A row that sees no key gives 0. Returns (out, key_cache_out, value_cache_out)."""
+    float64. A row that sees no key gives 0. Returns (out, key_cache_out, value_cache_out).
+    window > 0: new token i sits at P + depth(i) (depth = its visible new tokens - 1) and sees
+    keys at positions > its own - window; softcap > 0: s = softcap·tanh(s / softcap)."""
     q, k, v, kc, vc = query, key, value, key_cache, value_cache
     B, Hq, N, D = q.shape
     G = Hq // k.shape[1]
@@ -73,8 +77,14 @@ def reference(query, key, value, key_cache, value_cache, past_len, tree_mask, sc
         keys = np.concatenate([kc[b, :, :P], k[b]], axis=1).astype(np.float64)  # (Hkv, P+N, D)
         vals = np.concatenate([vc[b, :, :P], v[b]], axis=1).astype(np.float64)
         visible = np.concatenate([np.ones((N, P), bool), tree_mask[b]], axis=1)  # (N, P+N)
+        if window:
+            depth = tree_mask[b].sum(axis=1) - 1  # (N,)
+            key_pos = np.concatenate([np.arange(P), P + depth])  # (P+N,)
+            visible &= key_pos[None, :] > (P + depth)[:, None] - window
         for h in range(Hq):
             s = q[b, h].astype(np.float64) @ keys[h // G].T * scale  # (N, P+N)
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
             s = np.where(visible, s, -np.inf)
             m = s.max(axis=1, keepdims=True)
             e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
@@ -262,7 +272,7 @@ TREE_INPUTS = ["query", "key", "value", "key_cache", "value_cache", "past_len", 
 TREE_OUTPUTS = ["output", "key_cache_out", "value_cache_out"]
 
 
-def tree_attention_model(dtype, scale=None, version=1) -> bytes:
+def tree_attention_model(dtype, scale=None, version=1, **extra) -> bytes:
     """One TreeAttention node in domain `redrafter` of `version`, with symbolic dims: version 1
     head-major and rotated, version 2 token-major (QW = Hq*D, KW = Hkv*D) plus cos and sin."""
     t = ELEM[dtype]
@@ -289,6 +299,7 @@ def tree_attention_model(dtype, scale=None, version=1) -> bytes:
         helper.make_tensor_value_info("value_cache_out", t, ["B", "Hkv", "S", "D"]),
     ]
     attrs = {} if scale is None else {"scale": float(scale)}
+    attrs |= extra  # window, softcap
     node = helper.make_node(TREE_ATTENTION, names, TREE_OUTPUTS, domain=OP_DOMAIN, **attrs)
     return _model(node, inputs, outputs, version)
 
@@ -398,14 +409,15 @@ def test_ort_rejects_bad_mask_shape(lib):
         sess.run(None, x)
 
 
-def with_portable_body(model: bytes, version=1) -> bytes:
-    """The same node plus the exporter's portable function body (redrafter.export)."""
+def with_portable_body(model: bytes, version=1, **features) -> bytes:
+    """The same node plus the exporter's portable function body (redrafter.export);
+    `features`: window=True / softcap=True for the body that honours those attributes."""
     export = pytest.importorskip(
         "redrafter.export.tree_attention", reason="the ONNX export module is not in this checkout"
     )
     proto = onnx.load_from_string(model)
     proto.opset_import[0].version = 18  # the body needs opset >= 18
-    proto.functions.append(export.function_body(18, version))
+    proto.functions.append(export.function_body(18, version, **features))
     return proto.SerializeToString()
 
 
@@ -541,7 +553,7 @@ def _cuda_or_skip(lib):
     return torch
 
 
-def _cuda_attention(lib, torch, function, x, case, dtype, extra=()):
+def _cuda_attention(lib, torch, function, x, case, dtype, extra=(), window=0, softcap=0.0):
     """One C ABI TreeAttention call (`function`: rd_tree_attention_cuda or its version-2
     sibling, whose cos and sin come as `extra` input names) on device copies of `x`, on the
     current stream; returns the output (host) and the device inputs (the caches written)."""
@@ -558,6 +570,8 @@ def _cuda_attention(lib, torch, function, x, case, dtype, extra=()):
         D,
         S,
         0.0,
+        window,
+        softcap,
         *ptrs[:5],
         x["past_len"].ctypes.data,
         ptrs[5],
@@ -633,12 +647,13 @@ def test_cuda_kv_commit_matches_reference(lib):
 @pytest.mark.parametrize("isa", ["best", "avx2", "base"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("past", [60, 1020])  # one key split; a chain across the 1024 boundary
+@pytest.mark.parametrize("window", [0, 7, 70])  # none; inside one tile; across tiles and splits
 def test_cpu_kernel_gives_a_row_the_same_bits_in_a_chain_and_alone(
-    lib, dtype, isa, past, monkeypatch
+    lib, dtype, isa, past, window, monkeypatch
 ):
     """N chained queries verified in one call give bit-for-bit what each gives when run alone
     after the previous ones were written to the cache (tiles and key splits sit at absolute key
-    positions, never chosen from N)."""
+    positions, never chosen from N), with or without a sliding window."""
     if isa != "best":
         monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
     rng = np.random.default_rng(3)
@@ -650,7 +665,7 @@ def test_cpu_kernel_gives_a_row_the_same_bits_in_a_chain_and_alone(
     caches = [rng.standard_normal((B, Hkv, S, D)).astype(dtype) for _ in range(2)]
     kc, vc = caches[0].copy(), caches[1].copy()
     mask = np.tril(np.ones((B, N, N), bool))
-    chain = ops.tree_attention_host(lib, q, k, v, kc, vc, np.array([past]), mask)
+    chain = ops.tree_attention_host(lib, q, k, v, kc, vc, np.array([past]), mask, window=window)
     kc, vc = caches[0].copy(), caches[1].copy()
     alone = [
         ops.tree_attention_host(
@@ -660,6 +675,7 @@ def test_cpu_kernel_gives_a_row_the_same_bits_in_a_chain_and_alone(
             vc,
             np.array([past + i]),
             np.ones((B, 1, 1), bool),
+            window=window,
         )
         for i in range(N)
     ]
@@ -730,8 +746,9 @@ def test_matmul_int4_matches_matmul_nbits_bit_for_bit_across_rows(
 @pytest.mark.parametrize("isa", ["best", "base"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("past", [60, 62, 1020])  # within a tile, across a tile, across a split
+@pytest.mark.parametrize("window", [0, 2, 66])  # none; shorter than the tree; across a tile
 def test_cpu_kernel_gives_a_tree_node_the_bits_of_its_path_decoded_alone(
-    lib, dtype, isa, past, monkeypatch
+    lib, dtype, isa, past, window, monkeypatch
 ):
     """In a branching tree (two beams sharing a root), each node gets bit for bit what it gets
     as a one-token step once its ancestors are committed: visible new keys are folded at their
@@ -749,12 +766,200 @@ def test_cpu_kernel_gives_a_tree_node_the_bits_of_its_path_decoded_alone(
         for depth, slot in enumerate(path):
             mask[0, slot, path[: depth + 1]] = True
     kc, vc = caches[0].copy(), caches[1].copy()
-    tree = ops.tree_attention_host(lib, q, k, v, kc, vc, np.array([past]), mask)
+    tree = ops.tree_attention_host(lib, q, k, v, kc, vc, np.array([past]), mask, window=window)
     for path in paths:
         kc, vc = caches[0].copy(), caches[1].copy()
         for depth, slot in enumerate(path):
             one = [np.ascontiguousarray(x[:, :, slot : slot + 1]) for x in (q, k, v)]
             out = ops.tree_attention_host(
-                lib, *one, kc, vc, np.array([past + depth]), np.ones((B, 1, 1), bool)
+                lib,
+                *one,
+                kc,
+                vc,
+                np.array([past + depth]),
+                np.ones((B, 1, 1), bool),
+                window=window,
             )
             np.testing.assert_array_equal(out[:, :, 0], tree[:, :, slot])
+
+
+# ---- sliding window and soft-capping (Mistral/Qwen2 and Gemma's local layers; Gemma 2) --------
+
+
+def random_trees(rng, B, N):
+    """Ancestor-or-self masks (B, N, N) of random trees: node j's parent is an earlier node."""
+    mask = np.zeros((B, N, N), bool)
+    for b in range(B):
+        for j in range(N):
+            if j:
+                mask[b, j] = mask[b, rng.integers(0, j)]
+            mask[b, j, j] = True
+    return mask
+
+
+# (case, window): a window of 1 (itself only), windows shorter than the tree (trees straddle the
+# window's edge), longer than a CPU tile (64), a CUDA stride (128) or the whole cache, and
+# queries far past the window (P up to 700).
+WINDOW_CASES = [
+    ((1, 1, 1, 1, 8, 20), 1),
+    ((3, 6, 2, 13, 24, 64), 4),
+    ((2, 8, 1, 7, 16, 50), 17),
+    ((2, 9, 3, 1, 64, 700), 100),
+    ((1, 9, 3, 64, 64, 300), 70),
+    ((2, 4, 2, 3, 20, 30), 2),
+    ((2, 4, 2, 5, 16, 600), 1000),
+]
+
+
+def window_inputs(case, dtype, seed):
+    x = make_inputs(case, dtype, seed)
+    x["tree_mask"] = random_trees(np.random.default_rng(seed), case[0], case[3])
+    return x
+
+
+def test_window_keeps_the_query_and_the_window_minus_one_keys_before_it(lib):
+    """transformers' convention, checked by hand: with P = 5 committed keys and a chain of 3 new
+    tokens (positions 5, 6, 7) and window 3, position p sees p-2, p-1, p. Zero queries weigh
+    every visible key equally and one-hot values (value of position t = e_t) show which."""
+    torch = pytest.importorskip("torch")
+    from redrafter.models.attention import attend
+
+    B, Hq, Hkv, N, D, S, P = 1, 2, 1, 3, 8, 8, 5
+    third = 1 / 3
+    EXPECTED = np.array(
+        [
+            [0, 0, 0, third, third, third, 0, 0],  # position 5
+            [0, 0, 0, 0, third, third, third, 0],  # position 6
+            [0, 0, 0, 0, 0, third, third, third],  # position 7
+        ]
+    )
+    rng = np.random.default_rng(0)
+    eye = np.eye(D, dtype=np.float32)
+    x = dict(
+        query=np.zeros((B, Hq, N, D), np.float32),
+        key=rng.standard_normal((B, Hkv, N, D)).astype(np.float32),
+        value=np.ascontiguousarray(eye[None, None, P : P + N]),
+        key_cache=rng.standard_normal((B, Hkv, S, D)).astype(np.float32),
+        value_cache=np.ascontiguousarray(np.where(np.arange(S)[:, None] < P, eye, 0)[None, None]),
+        past_len=np.array([P]),
+        tree_mask=np.tril(np.ones((B, N, N), bool)),
+    )
+    got = {
+        "cpu": ops.tree_attention_host(lib, **{k: v.copy() for k, v in x.items()}, window=3),
+        "cuda_emulated": ops.tree_attention_host(
+            lib, **{k: v.copy() for k, v in x.items()}, window=3, emulate_cuda_sms=1
+        ),
+        "torch": attend(**{k: torch.from_numpy(v.copy()) for k, v in x.items()}, window=3)[
+            0
+        ].numpy(),
+    }
+    for name, out in got.items():
+        for h in range(Hq):
+            np.testing.assert_allclose(out[0, h], EXPECTED, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+@pytest.mark.parametrize("isa", ["best", "base"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("case", "window"), WINDOW_CASES, ids=str)
+def test_cpu_kernel_window_and_softcap_match_reference(
+    lib, case, window, dtype, isa, softcap, monkeypatch
+):
+    if isa != "best":
+        monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
+    x = window_inputs(case, dtype, seed=30)
+    ref, _, _ = reference(**x, window=window, softcap=softcap)
+    kc, vc = x["key_cache"].copy(), x["value_cache"].copy()
+    out = ops.tree_attention_host(
+        lib, **{**x, "key_cache": kc, "value_cache": vc}, window=window, softcap=softcap
+    )
+    assert_close(out, ref, dtype)
+    check_caches(x, kc, vc)
+
+
+@pytest.mark.parametrize("num_sms", [1, 132])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("case", "window"), WINDOW_CASES, ids=str)
+def test_cuda_tile_math_window_and_softcap_emulated_on_host(lib, case, window, dtype, num_sms):
+    x = window_inputs(case, dtype, seed=31)
+    ref, _, _ = reference(**x, window=window, softcap=3.0)
+    out = ops.tree_attention_host(lib, **x, window=window, softcap=3.0, emulate_cuda_sms=num_sms)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("case", [(2, 6, 2, 13, 24, 64), (1, 2, 1, 400, 16, 450)], ids=str)
+@pytest.mark.parametrize("sms", [None, 132])
+def test_window_positions_come_from_the_mask_for_any_mask(lib, sms, case):
+    """The contract defines a new token's position by its mask row (P + visible new - 1) for
+    any mask, trees or not, and every implementation follows it. With 400 new tokens the
+    windows start tiles past P while a row still sees new keys whose slot (or fold rank) lies
+    before its window: no tile holding new keys may be skipped."""
+    x = make_inputs(case, np.float32, seed=32)  # random (non-tree) masks
+    ref, _, _ = reference(**x, window=5)
+    out = ops.tree_attention_host(lib, **x, window=5, emulate_cuda_sms=sms)
+    assert_close(out, ref, np.float32)
+
+
+@pytest.mark.parametrize("sms", [None, 132])
+def test_rejects_a_negative_window_or_softcap(lib, sms):
+    x = make_inputs((1, 2, 1, 2, 8, 10), np.float32, seed=33)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        ops.tree_attention_host(lib, **x, window=-1, emulate_cuda_sms=sms)
+    with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+        ops.tree_attention_host(lib, **x, softcap=-1.0, emulate_cuda_sms=sms)
+
+
+@pytest.mark.parametrize(("case", "window"), WINDOW_CASES[1:6], ids=str)
+def test_torch_reference_window_and_softcap_match_numpy(case, window):
+    torch = pytest.importorskip("torch")
+    from redrafter.models.attention import attend
+
+    x = window_inputs(case, np.float32, seed=34)
+    ref, kc_want, _ = reference(**x, window=window, softcap=1.5)
+    t = {k: torch.from_numpy(v.copy()) for k, v in x.items()}
+    out, kc, _ = attend(**t, window=window, softcap=1.5)
+    assert_close(out.numpy(), ref, np.float32)
+    np.testing.assert_array_equal(kc.numpy(), kc_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("case", "window"), [WINDOW_CASES[1], WINDOW_CASES[4]], ids=str)
+def test_ort_v2_window_and_softcap_body_and_native_kernel_agree(lib, case, window, dtype, capfd):
+    """A version-2 node with `window` and `softcap`: the portable body (stock ORT) and the
+    native kernel both match the reference; the copy warning shows the native kernel ran."""
+    node = tree_attention_model(dtype, scale=0.3, version=2, window=window, softcap=4.0)
+    model = with_portable_body(node, 2, window=True, softcap=True)
+    x, heads = rotary_inputs(case, dtype, seed=35)
+    trees = random_trees(np.random.default_rng(35), case[0], case[3])
+    x["tree_mask"] = heads["tree_mask"] = trees
+    ref, _, _ = reference_v2(heads, scale=0.3, window=window, softcap=4.0)
+    portable = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert_close(portable.run(None, x)[0], ref, dtype)
+    capfd.readouterr()
+    out_native = run_bound(session(model), x, shared=False)[0]
+    assert "copies the whole cache" in capfd.readouterr().err
+    assert_close(out_native, ref, dtype)
+
+
+def test_portable_body_without_the_attributes_reads_them_as_off(lib):
+    """A node that sets neither attribute runs the windowed, capped body as plain attention
+    (the body's defaults), as the native kernel does."""
+    node = tree_attention_model(np.float32, scale=0.3, version=2)
+    model = with_portable_body(node, 2, window=True, softcap=True)
+    x, heads = rotary_inputs(CASES[1], np.float32, seed=36)
+    ref, _, _ = reference_v2(heads, scale=0.3)
+    portable = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert_close(portable.run(None, x)[0], ref, np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("case", "window"), WINDOW_CASES, ids=str)
+def test_cuda_kernel_window_and_softcap_match_reference(lib, case, window, dtype):
+    torch = _cuda_or_skip(lib)
+    x = window_inputs(case, dtype, seed=37)
+    ref, kc_want, _ = reference(**x, window=window, softcap=3.0)
+    out, dev = _cuda_attention(
+        lib, torch, "rd_tree_attention_cuda", x, case, dtype, window=window, softcap=3.0
+    )
+    assert_close(out, ref, dtype)
+    np.testing.assert_array_equal(dev["key_cache"].cpu().numpy(), kc_want)

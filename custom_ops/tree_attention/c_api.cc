@@ -15,8 +15,9 @@ int fail(std::string message) {
 }
 
 redrafter::TreeAttentionArgs make_args(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                                       int64_t D, int64_t S, float scale, const void* query,
-                                       const void* key, const void* value, const void* key_cache,
+                                       int64_t D, int64_t S, float scale, int64_t window,
+                                       float softcap, const void* query, const void* key,
+                                       const void* value, const void* key_cache,
                                        const void* value_cache, const int64_t* past_len,
                                        const uint8_t* tree_mask, void* output,
                                        void* key_cache_out, void* value_cache_out) {
@@ -29,6 +30,8 @@ redrafter::TreeAttentionArgs make_args(int dtype, int64_t B, int64_t Hq, int64_t
   a.D = D;
   a.S = S;
   a.scale = redrafter::resolve_scale(scale, D > 0 ? D : 1);
+  a.window = window;
+  a.softcap = softcap;
   a.query = query;
   a.key = key;
   a.value = value;
@@ -81,12 +84,12 @@ int guarded(const Args& a, Check check, Body body) {
 
 #define RD_ATTENTION_PARAMS                                                                   \
   int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t D, int64_t S, float scale, \
-      const void *query, const void *key, const void *value, const void *key_cache,           \
-      const void *value_cache, const int64_t *past_len, const uint8_t *tree_mask, void *output, \
-      void *key_cache_out, void *value_cache_out
+      int64_t window, float softcap, const void *query, const void *key, const void *value,   \
+      const void *key_cache, const void *value_cache, const int64_t *past_len,                \
+      const uint8_t *tree_mask, void *output, void *key_cache_out, void *value_cache_out
 #define RD_ATTENTION_ARGS                                                                      \
-  make_args(dtype, B, Hq, Hkv, N, D, S, scale, query, key, value, key_cache, value_cache,      \
-            past_len, tree_mask, output, key_cache_out, value_cache_out)
+  make_args(dtype, B, Hq, Hkv, N, D, S, scale, window, softcap, query, key, value, key_cache,  \
+            value_cache, past_len, tree_mask, output, key_cache_out, value_cache_out)
 
 extern "C" {
 

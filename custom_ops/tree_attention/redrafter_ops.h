@@ -33,12 +33,16 @@ extern "C" {
 RD_EXPORT const char* rd_last_error(void);
 RD_EXPORT int rd_has_cuda_kernels(void);  // 1 when the library was built with nvcc
 
+// The attention functions take the op's attributes as arguments: scale (0: 1/sqrt(D)), window
+// (0: none) and softcap (0: none); tree_attention.h states their semantics.
+//
 // TreeAttention on host pointers with the CPU kernel. past_len: [B] int64, tree_mask: [B,N,N]
 // bytes (0/1). key_cache_out may equal key_cache (in place); otherwise the whole cache is copied
 // first. num_threads <= 0: one per hardware thread.
 RD_EXPORT int rd_tree_attention_cpu(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                                    int64_t D, int64_t S, float scale, const void* query,
-                                    const void* key, const void* value, const void* key_cache,
+                                    int64_t D, int64_t S, float scale, int64_t window,
+                                    float softcap, const void* query, const void* key,
+                                    const void* value, const void* key_cache,
                                     const void* value_cache, const int64_t* past_len,
                                     const uint8_t* tree_mask, void* output, void* key_cache_out,
                                     void* value_cache_out, int num_threads);
@@ -48,9 +52,10 @@ RD_EXPORT int rd_tree_attention_cpu(int dtype, int64_t B, int64_t Hq, int64_t Hk
 // then the same split combine. num_sms: the multiprocessor count whose plan to emulate.
 RD_EXPORT int rd_tree_attention_cuda_emulated(int dtype, int64_t B, int64_t Hq, int64_t Hkv,
                                               int64_t N, int64_t D, int64_t S, float scale,
-                                              const void* query, const void* key,
-                                              const void* value, const void* key_cache,
-                                              const void* value_cache, const int64_t* past_len,
+                                              int64_t window, float softcap, const void* query,
+                                              const void* key, const void* value,
+                                              const void* key_cache, const void* value_cache,
+                                              const int64_t* past_len,
                                               const uint8_t* tree_mask, void* output,
                                               void* key_cache_out, void* value_cache_out,
                                               int num_sms);
@@ -59,8 +64,9 @@ RD_EXPORT int rd_tree_attention_cuda_emulated(int dtype, int64_t B, int64_t Hq, 
 // in the ORT CUDA kernel, where past_len is a CPU input), stream a cudaStream_t (0: default).
 // Asynchronous: errors of the launch itself are reported, not those of the running kernel.
 RD_EXPORT int rd_tree_attention_cuda(int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                                     int64_t D, int64_t S, float scale, const void* query,
-                                     const void* key, const void* value, const void* key_cache,
+                                     int64_t D, int64_t S, float scale, int64_t window,
+                                     float softcap, const void* query, const void* key,
+                                     const void* value, const void* key_cache,
                                      const void* value_cache, const int64_t* past_len,
                                      const uint8_t* tree_mask, void* output, void* key_cache_out,
                                      void* value_cache_out, void* stream);
@@ -70,9 +76,10 @@ RD_EXPORT int rd_tree_attention_cuda(int dtype, int64_t B, int64_t Hq, int64_t H
 // as rd_tree_attention_cuda. D must be even.
 RD_EXPORT int rd_tree_attention_rotary_cuda(int dtype, int64_t B, int64_t Hq, int64_t Hkv,
                                             int64_t N, int64_t D, int64_t S, float scale,
-                                            const void* query, const void* key,
-                                            const void* value, const void* key_cache,
-                                            const void* value_cache, const int64_t* past_len,
+                                            int64_t window, float softcap, const void* query,
+                                            const void* key, const void* value,
+                                            const void* key_cache, const void* value_cache,
+                                            const int64_t* past_len,
                                             const uint8_t* tree_mask, void* output,
                                             void* key_cache_out, void* value_cache_out,
                                             const void* cos, const void* sin, void* stream);

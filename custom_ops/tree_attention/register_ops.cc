@@ -108,6 +108,18 @@ struct TreeAttentionKernel {
       scale = 0.0f;
     }
     scale_ = scale;
+    int64_t window = 0;  // absent: no sliding window
+    if (OrtStatus* status = api.KernelInfoGetAttribute_int64(info, "window", &window)) {
+      api.ReleaseStatus(status);
+      window = 0;
+    }
+    window_ = window;
+    float softcap = 0.0f;  // absent: no soft-capping
+    if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, "softcap", &softcap)) {
+      api.ReleaseStatus(status);
+      softcap = 0.0f;
+    }
+    softcap_ = softcap;
   }
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
@@ -163,6 +175,8 @@ struct TreeAttentionKernel {
       a.D = D;
       a.S = S;
       a.scale = resolve_scale(scale_, D > 0 ? D : 1);
+      a.window = window_;
+      a.softcap = softcap_;
       a.query = q.data;
       a.key = k.data;
       a.value = v.data;
@@ -201,6 +215,8 @@ struct TreeAttentionKernel {
   bool cuda_;
   int version_;
   float scale_;
+  int64_t window_;
+  float softcap_;
   std::once_flag copy_warning_;
 };
 

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 
 #if defined(__CUDACC__)
@@ -128,6 +129,42 @@ RD_HD bool key_visible(int64_t t, int64_t past, const uint8_t* mask_row) {
 
 // A visible key's score (the query is pre-multiplied by `scale`), or -inf for a hidden one.
 RD_HD float masked_score(float dot, bool visible) { return visible ? dot : -INFINITY; }
+
+// ---- sliding window and soft-capping (the `window` and `softcap` attributes) ----------------
+
+// A new token's depth in its tree: how many new tokens it may attend, minus one (the mask is
+// ancestor-or-self, so that is its number of ancestors). It sits at position P + depth, and so
+// does its key once committed. mask_row: tree_mask[b, i, :] (N bytes).
+RD_HD int64_t new_token_depth(const uint8_t* mask_row, int64_t N) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < N; ++j) count += mask_row[j] != 0;
+  return count - 1;
+}
+
+// The first position a query at position `query_pos` may attend: with a window W > 0 it sees the
+// keys at p - W < q <= p (transformers' sliding-window mask: the query itself and W - 1 before
+// it); W = 0 means no window.
+RD_HD int64_t window_start(int64_t query_pos, int64_t window) {
+  return window > 0 ? query_pos - window + 1 : INT64_MIN;
+}
+
+// The position of key t (cache slot t < P, else new token t - P at P + its depth), for the
+// window test. mask_b: tree_mask[b] ([N, N] bytes).
+RD_HD int64_t key_position(int64_t t, int64_t past, const uint8_t* mask_b, int64_t N) {
+  return t < past ? t : past + new_token_depth(mask_b + (t - past) * N, N);
+}
+
+// Where a walk over keys [k_begin, ...) in strides of `step` may start when every row's window
+// begins at or after lo_min: strides wholly before it hold hidden keys only, whose fold leaves a
+// row's softmax state unchanged, so they are skipped; the strides keep their absolute places.
+// Callers cap lo_min at P: a new key's slot can precede its position (P + depth) when the mask
+// is not a tree, so only committed keys are ever skipped.
+RD_HD int64_t first_walk_key(int64_t k_begin, int64_t lo_min, int64_t step) {
+  return lo_min > k_begin ? k_begin + (lo_min - k_begin) / step * step : k_begin;
+}
+
+// Gemma 2's soft-capping of a (scaled) score: cap * tanh(s / cap); cap = 0 leaves it alone.
+RD_HD float soft_cap(float s, float cap) { return cap > 0.0f ? cap * tanhf(s / cap) : s; }
 
 // ---- online softmax ------------------------------------------------------------------------
 

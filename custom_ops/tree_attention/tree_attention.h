@@ -13,15 +13,21 @@
 //           past_len     [B]             int64, 0 <= P_b and P_b + N <= S   (CPU memory in ORT)
 //           tree_mask    [B, N, N]       bool, tree_mask[b, i, j]: new token i may attend new j
 //   attr    scale        float; absent or 0 -> 1 / sqrt(D)
+//           window       int >= 0; absent or 0 -> no sliding window
+//           softcap      float >= 0; absent or 0 -> no soft-capping
 //   outputs output           [B, Hq,  N, D]  T
 //           key_cache_out    [B, Hkv, S, D]  T   key_cache with key written at slots [P_b, P_b+N)
 //           value_cache_out  [B, Hkv, S, D]  T   likewise for value
 //
 //   for b, h, i:                                    # rows of B are independent (ragged P_b)
 //     P   = past_len[b];  kvh = h / G               # grouped-query: no K/V repetition
-//     vis = [(k_cache[b,kvh,t], v_cache[b,kvh,t]) for t in 0..P-1]          # every cache slot
-//         + [(key[b,kvh,j],     value[b,kvh,j])   for j in 0..N-1 if tree_mask[b,i,j]]
+//     depth(j) = count(tree_mask[b,j,:]) - 1        # new token j sits at position P + depth(j)
+//     lo  = window > 0 ? P + depth(i) - window + 1 : -inf       # first position i may attend
+//     vis = [(k_cache[b,kvh,t], v_cache[b,kvh,t]) for t in 0..P-1 if t >= lo]
+//         + [(key[b,kvh,j],     value[b,kvh,j])   for j in 0..N-1
+//                                                 if tree_mask[b,i,j] and P + depth(j) >= lo]
 //     s_t = scale * dot(query[b,h,i], k_t)   for (k_t, v_t) in vis
+//     s_t = softcap * tanh(s_t / softcap)    if softcap > 0      # Gemma 2
 //     output[b,h,i] = sum_t softmax(s)_t * v_t  (accumulated in float32; 0 if vis is empty)
 //   key_cache_out[b, :, P+j] = key[b, :, j];  value_cache_out[b, :, P+j] = value[b, :, j]
 //   (all other slots equal the input caches)
@@ -82,6 +88,8 @@ struct TreeAttentionArgs {
   DType dtype;
   int64_t B, Hq, Hkv, N, D, S;
   float scale;                   // already resolved: never 0
+  int64_t window = 0;            // sliding window W (0: none), see the pseudo-code above
+  float softcap = 0.0f;          // score soft-capping (0: none)
   const void* query;             // [B, Hq, N, D]
   const void* key;               // [B, Hkv, N, D]
   const void* value;             // [B, Hkv, N, D]

@@ -2,6 +2,7 @@
 // the inner loops (cpu_tile_kernel.inc), compiled for x86-64-v2, AVX2+FMA+F16C and AVX-512.
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -198,6 +199,10 @@ std::string check_tree_attention(const TreeAttentionArgs& a) {
         << a.Hkv << ")";
   } else if (!std::isfinite(a.scale)) {
     err << "TreeAttention: scale must be finite, got " << a.scale;
+  } else if (a.window < 0) {
+    err << "TreeAttention: window must be >= 0 (0: no sliding window), got " << a.window;
+  } else if (!std::isfinite(a.softcap) || a.softcap < 0.0f) {
+    err << "TreeAttention: softcap must be a finite number >= 0 (0: none), got " << a.softcap;
   } else {
     for (int64_t b = 0; b < a.B; ++b) {
       const int64_t P = a.past_len[b];

@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -52,6 +53,8 @@ struct AttentionParams {
   float* partial;  // [splits, B*Hq*N, D+2]: m, l, acc[D]; null when splits == 1
   int B, Hq, Hkv, N, D, S, group;
   float scale;
+  float softcap;  // 0: none
+  int window;     // 0: none
   int splits, keys_per_split;
   int vec;  // K rows may be read 16 bytes at a time (D and pointers aligned)
   int past[kMaxBatch];
@@ -191,6 +194,24 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   __syncthreads();
 
+  // Sliding window: the first position each row attends (tile_math.h), and where the warps'
+  // walk may start (strides before every row's window are skipped).
+  const uint8_t* mask_b = p.tree_mask + static_cast<int64_t>(b) * N * N;
+  int64_t lo[RB];
+  int64_t lo_min = P;  // never past P (tile_math.h: first_walk_key)
+#pragma unroll
+  for (int r = 0; r < RB; ++r) {
+    lo[r] = INT64_MIN;
+    if (p.window > 0 && r < rows) {
+      const int64_t i = tile::row_token(r0 + r, N);
+      lo[r] = tile::window_start(P + tile::new_token_depth(mask_b + i * N, N), p.window);
+    }
+    lo_min = min(lo_min, lo[r]);
+  }
+  const int walk_begin =
+      p.window > 0 ? static_cast<int>(tile::first_walk_key(k_begin, lo_min, kWarps * kTileKeys))
+                   : k_begin;
+
   tile::RowSoftmax st[RB];  // m warp-uniform; l per lane until the end
   float acc[RB][DPL];
 #pragma unroll
@@ -207,7 +228,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* vtile = reinterpret_cast<const T*>(my_tile + kTileKeys * k_row_bytes(D, sizeof(T)));
   const int k_stride = k_row_bytes(D, sizeof(T)) / static_cast<int>(sizeof(T));
 
-  for (int t0 = k_begin + warp * kTileKeys; t0 < k_end; t0 += kWarps * kTileKeys) {
+  for (int t0 = walk_begin + warp * kTileKeys; t0 < k_end; t0 += kWarps * kTileKeys) {
     stage_tile(my_tile, t0, k_end, P, D, vec, key_cache, key, value_cache, value, lane);
 
     // Scores, lane = key t.
@@ -236,12 +257,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     // Online softmax: running max across the warp, weights to shared memory for the PV pass.
     // Every row of RB is processed (no early exit, so the compiler interleaves the rows'
     // shuffles); rows past `rows` see no key, their weights are 0.
+    const int64_t t_pos = p.window > 0 && t < k_end ? tile::key_position(t, P, mask_b, N) : t;
 #pragma unroll
     for (int r = 0; r < RB; ++r) {
-      const uint8_t* mask_row =
-          p.tree_mask + (static_cast<int64_t>(b) * N + tile::row_token(r0 + r, N)) * N;
-      const bool visible = r < rows && t < k_end && tile::key_visible(t, P, mask_row);
-      const float score = tile::masked_score(s[r], visible);
+      const uint8_t* mask_row = mask_b + static_cast<int64_t>(tile::row_token(r0 + r, N)) * N;
+      const bool visible =
+          r < rows && t < k_end && tile::key_visible(t, P, mask_row) && t_pos >= lo[r];
+      const float score = tile::masked_score(tile::soft_cap(s[r], p.softcap), visible);
       const float alpha = tile::row_softmax_rescale(st[r], warp_max(score));
       const float w = tile::row_softmax_weight(st[r], score);
       tile::row_softmax_add(st[r], w);
@@ -529,6 +551,8 @@ std::string tree_attention_cuda(const TreeAttentionArgs& a, void* stream_ptr) {
   p.S = static_cast<int>(a.S);
   p.group = static_cast<int>(a.group());
   p.scale = a.scale;
+  p.softcap = a.softcap;
+  p.window = static_cast<int>(std::min<int64_t>(a.window, INT32_MAX));
   int64_t max_keys = 0;
   for (int64_t b = 0; b < a.B; ++b) {
     p.past[b] = static_cast<int>(a.past_len[b]);

@@ -5,6 +5,7 @@
 // __host__ __device__ functions of tile_math.h. Only what is GPU-only is not reproduced: shared
 // memory, shuffles, vector loads and the parallel schedule.
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -67,6 +68,20 @@ void emulate(const TreeAttentionArgs& a, int num_sms) {
           qs[e] = q;
         }
 
+        // Sliding window: each row's first position and the walk's start, as the kernel.
+        const uint8_t* mask_b = a.tree_mask + b * N * N;
+        std::vector<int64_t> lo(RB, INT64_MIN);
+        int64_t lo_min = P;  // never past P (tile_math.h: first_walk_key)
+        for (int64_t r = 0; r < RB; ++r) {
+          if (a.window > 0 && r < rows) {
+            const int64_t i = tile::row_token(r0 + r, N);
+            lo[r] = tile::window_start(P + tile::new_token_depth(mask_b + i * N, N), a.window);
+          }
+          lo_min = std::min(lo_min, lo[r]);
+        }
+        const int64_t walk_begin =
+            a.window > 0 ? tile::first_walk_key(k_begin, lo_min, kWarps * kTileKeys) : k_begin;
+
         for (int w = 0; w < kWarps; ++w) {
           float* wm = m.data() + w * RB;
           float* wl = l.data() + w * RB * kTileKeys;
@@ -74,7 +89,7 @@ void emulate(const TreeAttentionArgs& a, int num_sms) {
           std::fill(wm, wm + RB, -INFINITY);
           std::fill(wl, wl + RB * kTileKeys, 0.0f);
           std::fill(wacc, wacc + RB * D, 0.0f);
-          for (int64_t t0 = k_begin + w * kTileKeys; t0 < k_end; t0 += kWarps * kTileKeys) {
+          for (int64_t t0 = walk_begin + w * kTileKeys; t0 < k_end; t0 += kWarps * kTileKeys) {
             for (int lane = 0; lane < kTileKeys; ++lane) {  // scores, lane = key
               const int64_t t = t0 + lane;
               for (int64_t r = 0; r < RB; ++r) s[r * kTileKeys + lane] = 0.0f;
@@ -92,8 +107,12 @@ void emulate(const TreeAttentionArgs& a, int num_sms) {
               float tile_max = -INFINITY;
               for (int lane = 0; lane < kTileKeys; ++lane) {
                 const int64_t t = t0 + lane;
-                const bool visible = t < k_end && tile::key_visible(t, P, mask_row);
-                score[lane] = tile::masked_score(s[r * kTileKeys + lane], visible);
+                const int64_t t_pos =
+                    a.window > 0 && t < k_end ? tile::key_position(t, P, mask_b, N) : t;
+                const bool visible =
+                    t < k_end && tile::key_visible(t, P, mask_row) && t_pos >= lo[r];
+                score[lane] = tile::masked_score(
+                    tile::soft_cap(s[r * kTileKeys + lane], a.softcap), visible);
                 tile_max = std::max(tile_max, score[lane]);  // warp_max
               }
               float alpha = 1.0f;

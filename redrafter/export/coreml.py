@@ -81,7 +81,26 @@ def register_converters() -> None:
 
     register_torch_op(_tree_attention_to_mil, torch_alias=["redrafter::tree_attention"])
     register_torch_op(_log_softmax_to_mil, torch_alias=["log_softmax"], override=True)
+    register_torch_op(_gelu_to_mil, torch_alias=["gelu"], override=True)
     _REGISTERED = True
+
+
+def _gelu_to_mil(context: Any, node: Any) -> None:
+    """gelu, honouring `approximate="tanh"` (Gemma's GeGLU). coremltools 9.0 reads it only as a
+    positional input; torch.export passes it as a keyword, so the tanh form silently became the
+    exact erf form (~1e-3 off on a tiny Gemma's logits)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs, _get_kwinputs
+
+    inputs = _get_inputs(context, node, expected=[1, 2])
+    approximate = inputs[1] if len(inputs) == 2 else None
+    if approximate is None:
+        found = _get_kwinputs(context, node, "approximate")
+        approximate = found[0] if found else None
+    # A positional input is a const Var; a keyword one arrives as the plain string.
+    tanh = getattr(approximate, "val", approximate) == "tanh"
+    mode = "TANH_APPROXIMATION" if tanh else "EXACT"
+    context.add(mb.gelu(x=inputs[0], mode=mode, name=node.name))
 
 
 def _log_softmax_to_mil(context: Any, node: Any) -> None:
@@ -103,11 +122,16 @@ def _tree_attention_to_mil(context: Any, node: Any) -> None:
     K/V written at [P, P+N) with `slice_update`, then iOS18 `scaled_dot_product_attention` over
     all S slots with the boolean mask `slot < P  or  (P <= slot < P+N and tree_mask[i, slot-P])`.
     KV heads are repeated for GQA. SDPA's scale is fixed at 1/sqrt(D): no `scale=`, so Core ML
-    can use the fused op; another scale is folded into the query."""
+    can use the fused op; another scale is folded into the query. A sliding `window` narrows
+    the mask (models/attention.py: positions P + depth, depth from the tree mask's rows);
+    `softcap` has no fused form, so a capped layer spells out matmul, tanh, softmax, matmul."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
 
-    q, k, v, kc, vc, past_len, tree_mask, scale = _get_inputs(context, node, expected=8)
+    inputs = _get_inputs(context, node, expected=[8, 9, 10])
+    q, k, v, kc, vc, past_len, tree_mask, scale = inputs[:8]
+    window = int(inputs[8].val) if len(inputs) > 8 else 0
+    softcap = float(inputs[9].val) if len(inputs) > 9 else 0.0
     B, Hq, _, D = q.shape  # (1, Hq, N, D); N may be symbolic
     _, Hkv, S, _ = kc.shape  # (1, Hkv, S, D)
     if B != 1:
@@ -132,6 +156,18 @@ def _tree_attention_to_mil(context: Any, node: Any) -> None:
         x=mb.gather(x=mb.cast(x=tree_mask, dtype="int32"), indices=j, axis=2), dtype="bool"
     )
     mask = mb.logical_or(x=mb.less(x=rel, y=0), y=mb.logical_and(x=tree, y=is_new))  # (1, N, S)
+    if window > 0:
+        depth = mb.sub(
+            x=mb.reduce_sum(x=mb.cast(x=tree_mask, dtype="int32"), axes=[2], keep_dims=False),
+            y=1,
+        )  # (1, N) ancestors of each new token
+        new_pos = mb.add(x=mb.gather(x=depth, indices=j, axis=1), y=p)  # (1, S) P + depth(j)
+        key_pos = mb.select(cond=is_new, a=new_pos, b=mb.range_1d(start=0, end=S, step=1))
+        before = mb.sub(x=mb.add(x=depth, y=p), y=np.int32(window))  # (1, N) query pos - window
+        in_window = mb.greater(
+            x=mb.expand_dims(x=key_pos, axes=[1]), y=mb.expand_dims(x=before, axes=[2])
+        )  # (1, N, S)
+        mask = mb.logical_and(x=mask, y=in_window)
     mask = mb.expand_dims(x=mask, axes=[1])  # (1, 1, N, S)
     rep = Hq // Hkv
 
@@ -141,15 +177,26 @@ def _tree_attention_to_mil(context: Any, node: Any) -> None:
         x = mb.tile(x=mb.expand_dims(x=x, axes=[2]), reps=[1, 1, rep, 1, 1])  # (1,Hkv,rep,S,D)
         return mb.reshape(x=x, shape=[1, Hq, S, D])
 
+    dtype = _mil_dtype(q)
+    keys = repeat_kv(mb.cast(x=k_new, dtype=dtype))  # (1, Hq, S, D)
+    values = repeat_kv(mb.cast(x=v_new, dtype=dtype))
+    if softcap > 0:  # Gemma 2: scores capped before the mask, softmax in float32
+        qf = mb.cast(x=q, dtype="fp32")
+        scores = mb.mul(
+            x=mb.matmul(x=qf, y=mb.cast(x=keys, dtype="fp32"), transpose_y=True),
+            y=np.float32(scale.val),
+        )  # (1, Hq, N, S)
+        scores = mb.mul(x=mb.tanh(x=mb.real_div(x=scores, y=np.float32(softcap))), y=softcap)
+        scores = mb.select(cond=mask, a=scores, b=np.float32(-np.inf))
+        probs = mb.softmax(x=scores, axis=-1)
+        out = mb.cast(x=mb.matmul(x=probs, y=mb.cast(x=values, dtype="fp32")), dtype=dtype)
+        context.add((out, k_new, v_new), torch_name=node.name)
+        return
     factor = float(scale.val) * math.sqrt(D)
     if abs(factor - 1.0) > 1e-7:
         q = mb.mul(x=q, y=np.float32(factor))
-    dtype = _mil_dtype(q)
     out = mb.scaled_dot_product_attention(
-        query=q,
-        key=repeat_kv(mb.cast(x=k_new, dtype=dtype)),
-        value=repeat_kv(mb.cast(x=v_new, dtype=dtype)),
-        attn_mask=mask,
+        query=q, key=keys, value=values, attn_mask=mask
     )  # (1, Hq, N, D)
     context.add((out, k_new, v_new), torch_name=node.name)
 
@@ -161,9 +208,11 @@ def _mil_dtype(var: Any) -> str:
 
 
 # -- the modules that get converted ------------------------------------------------------------
-def _tree_attention(*args: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+def _tree_attention(
+    *args: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0
+) -> tuple[torch.Tensor, ...]:
     """`Attention.op` for Core ML: the functional custom op, as in the ONNX export."""
-    return torch.ops.redrafter.tree_attention(*args, scale)
+    return torch.ops.redrafter.tree_attention(*args, scale, window, softcap)
 
 
 class StatefulBase(nn.Module):

@@ -61,10 +61,11 @@ class VerifyGraph(nn.Module):
     def __init__(self, base: Transformer) -> None:
         super().__init__()
         self.base = base
-        scale = 1.0 / math.sqrt(base.config.dim_per_head)
+        default_scale = 1.0 / math.sqrt(base.config.dim_per_head)
         for layer in base.model.layers:
-            layer.self_attn.op = lambda *args: torch.ops.redrafter.tree_attention_rotary(
-                *args, scale
+            # The layer passes its own attributes (scale, window, softcap) when it sets them.
+            layer.self_attn.op = lambda *args, scale=default_scale, window=0, softcap=0.0: (
+                torch.ops.redrafter.tree_attention_rotary(*args, scale, window, softcap)
             )
 
     def forward(
@@ -184,10 +185,12 @@ def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto
     portable function body attached."""
     ta.register_onnx_schema()
     model = copy.deepcopy(base).eval().to(DTYPES[dtype])
-    # RoPE frequencies (both LongRoPE tables) stay fp32 in an fp16 export.
+    # RoPE frequencies (both LongRoPE tables, Gemma 3's local one) stay fp32 in an fp16 export.
     model.inv_freq = base.inv_freq.float()
     if base.inv_freq_long is not None:
         model.inv_freq_long = base.inv_freq_long.float()
+    if base.inv_freq_local is not None:
+        model.inv_freq_local = base.inv_freq_local.float()
     c = model.config
     B, T, S = 2, 3, 16  # example sizes; all three are dynamic in the graph
     cache = model.new_cache(B, S, dtype=DTYPES[dtype])
@@ -210,7 +213,7 @@ def export_base(base: Transformer, *, dtype: str = "float32") -> onnx.ModelProto
     names_out = [*ONNX_BASE_OUTPUTS, *cache_names(c.num_hidden_layers, PRESENT)]
     onnx_model = _export(VerifyGraph(model), args, names_in, names_out, dynamic)
     _fusable_rmsnorm(onnx_model)
-    onnx_model.functions.append(ta.function_body(OPSET))
+    onnx_model.functions.append(ta.function_body(OPSET, **ta.body_features(onnx_model.graph)))
     count = sum(
         n.op_type == TREE_ATTENTION and n.domain == OP_DOMAIN for n in onnx_model.graph.node
     )

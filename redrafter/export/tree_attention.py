@@ -18,6 +18,7 @@ registered native library overrides it (docs/design.md §9).
 
 from __future__ import annotations
 
+import onnx
 import torch
 from onnx import FunctionProto, TensorProto, defs, helper
 
@@ -41,6 +42,8 @@ def tree_attention_op(
     past_len: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional tree attention, op version 1: the eager reference on copies of the caches."""
     return attend(
@@ -52,11 +55,13 @@ def tree_attention_op(
         past_len,
         tree_mask,
         scale=scale,
+        window=window,
+        softcap=softcap,
     )
 
 
 @tree_attention_op.register_fake
-def _(query, key, value, key_cache, value_cache, past_len, tree_mask, scale):  # type: ignore[no-untyped-def]
+def _(query, key, value, key_cache, value_cache, past_len, tree_mask, scale, window=0, softcap=0.0):  # type: ignore[no-untyped-def]
     return torch.empty_like(query), torch.empty_like(key_cache), torch.empty_like(value_cache)
 
 
@@ -72,6 +77,8 @@ def tree_attention_rotary_op(
     cos: torch.Tensor,
     sin: torch.Tensor,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional tree attention, op version 2: the eager reference on copies of the caches."""
     return tree_attention(
@@ -85,11 +92,26 @@ def tree_attention_rotary_op(
         cos,
         sin,
         scale=scale,
+        window=window,
+        softcap=softcap,
     )
 
 
 @tree_attention_rotary_op.register_fake
-def _(query, key, value, key_cache, value_cache, past_len, tree_mask, cos, sin, scale):  # type: ignore[no-untyped-def]
+def _(
+    query,
+    key,
+    value,
+    key_cache,
+    value_cache,
+    past_len,
+    tree_mask,
+    cos,
+    sin,
+    scale,
+    window=0,
+    softcap=0.0,
+):  # type: ignore[no-untyped-def]
     return torch.empty_like(query), torch.empty_like(key_cache), torch.empty_like(value_cache)
 
 
@@ -121,7 +143,13 @@ def register_onnx_schema() -> None:
             attributes=[
                 defs.OpSchema.Attribute(
                     "scale", defs.OpSchema.AttrType.FLOAT, "default 1/sqrt(D)", required=False
-                )
+                ),
+                defs.OpSchema.Attribute(
+                    "window", defs.OpSchema.AttrType.INT, "sliding window, 0: none", required=False
+                ),
+                defs.OpSchema.Attribute(
+                    "softcap", defs.OpSchema.AttrType.FLOAT, "score cap, 0: none", required=False
+                ),
             ],
         )
     )
@@ -135,8 +163,24 @@ def onnx_translation():  # type: ignore[no-untyped-def]
     redrafter = Opset(DOMAIN, OP_VERSION)
 
     def translate(
-        query, key, value, key_cache, value_cache, past_len, tree_mask, cos, sin, scale: float
+        query,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        past_len,
+        tree_mask,
+        cos,
+        sin,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ):  # type: ignore[no-untyped-def]
+        # window and softcap only when set: a node without them reads as 0 everywhere (the
+        # native kernels, and the body's defaults), and plain models keep their old nodes.
+        extra = {"window": window} if window else {}
+        if softcap:
+            extra["softcap"] = softcap
         return redrafter.TreeAttention(
             query,
             key,
@@ -148,19 +192,25 @@ def onnx_translation():  # type: ignore[no-untyped-def]
             cos,
             sin,
             scale=scale,
+            **extra,
             _num_outputs=3,
         )
 
     return translate
 
 
-def function_body(opset: int, version: int = OP_VERSION) -> FunctionProto:
+def function_body(
+    opset: int, version: int = OP_VERSION, *, window: bool = False, softcap: bool = False
+) -> FunctionProto:
     """The portable body of `TreeAttention` `version` (1 or 2) in standard ONNX ops (opset >= 18).
 
     It computes in float32 whatever the I/O type, writes the caches with ScatterElements (a
     full-cache copy, which the in-place native kernel avoids), and materialises the (B, Hq, N, S)
     scores: correct everywhere, fast nowhere. The native kernels are the fast path. Version 2
-    is version 1's nodes between a prologue (head split, rotary) and an epilogue (head merge)."""
+    is version 1's nodes between a prologue (head split, rotary) and an epilogue (head merge).
+
+    `window` / `softcap`: include the nodes that honour those attributes (a model whose layers
+    never set them keeps the smaller body); either way a node without them reads 0, i.e. off."""
     F32, I64 = TensorProto.FLOAT, TensorProto.INT64
     n = helper.make_node
 
@@ -215,7 +265,8 @@ def function_body(opset: int, version: int = OP_VERSION) -> FunctionProto:
         n("Unsqueeze", ["is_new", "ax1"], ["is_new3"]),
         n("And", ["tree_vis", "is_new3"], ["new_vis"]),
         n("Unsqueeze", ["committed", "ax1"], ["committed3"]),
-        n("Or", ["committed3", "new_vis"], ["visible"]),  # [B, N, S]
+        n("Or", ["committed3", "new_vis"], ["visible" if not window else "tree_visible"]),
+        *(_window_nodes() if window else []),  # visible [B, N, S]
         n("Unsqueeze", ["visible", "ax1"], ["visible4"]),  # [B, 1, N, S]
         # Grouped-query attention: query head h reads KV head h // (Hq / Hkv).
         n("Gather", ["qshape", "ax1"], ["Hq1"], axis=0),
@@ -237,7 +288,8 @@ def function_body(opset: int, version: int = OP_VERSION) -> FunctionProto:
         n("Transpose", ["k_all"], ["k_t"], perm=[0, 1, 3, 2]),  # [B, Hq, D, S]
         n("MatMul", ["q_f", "k_t"], ["qk"]),  # [B, Hq, N, S]
         scale_node,
-        n("Mul", ["qk", "scale_f"], ["scores"]),
+        n("Mul", ["qk", "scale_f"], ["scores_raw" if softcap else "scores"]),
+        *(_softcap_nodes() if softcap else []),
         n("Constant", [], ["neg_inf"], value_float=float("-inf")),
         n("Where", ["visible4", "scores", "neg_inf"], ["masked"]),
         n("Softmax", ["masked"], ["probs"], axis=-1),
@@ -254,7 +306,68 @@ def function_body(opset: int, version: int = OP_VERSION) -> FunctionProto:
         nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=["scale"],
+        attribute_protos=[
+            *([helper.make_attribute("window", 0)] if window else []),
+            *([helper.make_attribute("softcap", 0.0)] if softcap else []),
+        ],
     )
+
+
+def body_features(graph: onnx.GraphProto) -> dict[str, bool]:
+    """Which optional attributes the graph's TreeAttention nodes set: the `function_body`
+    flags that honour them (`window`, `softcap`)."""
+    used = {
+        a.name
+        for node in graph.node
+        if node.op_type == OP_NAME and node.domain == DOMAIN
+        for a in node.attribute
+    }
+    return {"window": "window" in used, "softcap": "softcap" in used}
+
+
+def _attribute_constant(output: str, attribute: str, kind: int, field: str):  # type: ignore[no-untyped-def]
+    """A Constant node whose value is the calling node's `attribute`."""
+    node = helper.make_node("Constant", [], [output])
+    node.attribute.append(helper.make_attribute_ref(attribute, kind))
+    node.attribute[0].name = field
+    return node
+
+
+def _window_nodes() -> list:
+    """visible = tree_visible and key position > query position - window (or window == 0).
+    Position of new token i: P + depth(i), depth = its visible new tokens - 1; of slot t < P: t."""
+    n = helper.make_node
+    return [
+        _attribute_constant("window_s", "window", helper.AttributeProto.INT, "value_int"),
+        n("Cast", ["tree_mask"], ["mask_i64"], to=TensorProto.INT64),
+        n("ReduceSum", ["mask_i64", "ax2"], ["count"], keepdims=0),  # [B, N]
+        n("Sub", ["count", "one"], ["depth"]),  # [B, N]
+        n("GatherElements", ["depth", "j"], ["depth_at_slot"], axis=1),  # [B, S]
+        n("Add", ["P2", "depth_at_slot"], ["new_pos"]),  # [B, S]
+        n("Where", ["is_new", "new_pos", "arS2"], ["key_pos"]),  # [B, S]
+        n("Add", ["P2", "depth"], ["query_pos"]),  # [B, N]
+        n("Sub", ["query_pos", "window_s"], ["before_window"]),  # [B, N]
+        n("Unsqueeze", ["before_window", "ax2"], ["before3"]),  # [B, N, 1]
+        n("Unsqueeze", ["key_pos", "ax1"], ["key_pos3"]),  # [B, 1, S]
+        n("Greater", ["key_pos3", "before3"], ["in_window"]),  # [B, N, S]
+        n("Equal", ["window_s", "zero_s"], ["no_window"]),
+        n("Or", ["in_window", "no_window"], ["window_ok"]),
+        n("And", ["tree_visible", "window_ok"], ["visible"]),  # [B, N, S]
+    ]
+
+
+def _softcap_nodes() -> list:
+    """scores = softcap * tanh(scores_raw / softcap), or scores_raw when softcap is 0."""
+    n = helper.make_node
+    return [
+        _attribute_constant("softcap_f", "softcap", helper.AttributeProto.FLOAT, "value_float"),
+        n("Div", ["scores_raw", "softcap_f"], ["scores_div"]),
+        n("Tanh", ["scores_div"], ["scores_tanh"]),
+        n("Mul", ["scores_tanh", "softcap_f"], ["scores_capped"]),
+        n("Constant", [], ["zero_f"], value_float=0.0),
+        n("Greater", ["softcap_f", "zero_f"], ["has_cap"]),
+        n("Where", ["has_cap", "scores_capped", "scores_raw"], ["scores"]),
+    ]
 
 
 def _rotary_layout_nodes(attend_nodes: list) -> list:

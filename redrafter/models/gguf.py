@@ -2,7 +2,9 @@
 
 llama.cpp's `convert_hf_to_gguf.py` permutes q/k rows into Meta's interleaved rotary layout for
 arch `llama` (not for `qwen2`, which llama.cpp runs with rotate_half rotary), so `llama` rows are
-un-permuted here into the HF layout our `Transformer` uses.
+un-permuted here into the HF layout our `Transformer` uses. Llama 3.1/3.2's rope scaling arrives
+as the `rope_freqs` tensor, one divisor per rotary frequency; it becomes the config's
+`rope_scaling` of type `freq_factors` (config.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from redrafter.errors import CheckpointError, UnsupportedModelError
 from redrafter.models.llama import interleaved_to_half
 
 GGUF_MAGIC = b"GGUF"
+ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 rope scaling, read into the config, not a weight
 GGUF_ARCHS = ("llama", "qwen2")
 
 # llama.cpp block tensor name -> HF name (inside `model.layers.{i}.`).
@@ -75,11 +78,6 @@ def gguf_config(reader: Any, path: Path) -> BaseModelConfig:
         return value
 
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise UnsupportedModelError(
-            f"{path}: GGUF rope_freqs (Llama-3.1 rope scaling) is not supported from GGUF; "
-            "load the Hugging Face checkpoint folder instead"
-        )
     scaling = _gguf_meta(reader, f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise UnsupportedModelError(
@@ -94,12 +92,24 @@ def gguf_config(reader: Any, path: Path) -> BaseModelConfig:
         )
     try:
         raw = _gguf_raw_config(reader, arch, need, tensors, vocab)
+        if ROPE_FREQS in tensors:
+            raw["rope_scaling"] = {"rope_type": "freq_factors", "factors": _rope_freqs(tensors)}
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         raise CheckpointError(
             f"{path}: GGUF metadata has a malformed size ({type(e).__name__}: {e}); re-convert "
             "the model with llama.cpp's convert_hf_to_gguf.py"
         ) from None
     return BaseModelConfig.from_dict(raw, where=f"{path} (GGUF metadata)")
+
+
+def _rope_freqs(tensors: dict[str, Any]) -> list[float]:
+    """llama.cpp's `rope_freqs` tensor (D/2,): Llama-3.1's rope scaling as one divisor per
+    rotary frequency (convert_hf_to_gguf.py writes 1 / the factor HF's llama3 rule multiplies
+    the frequency by), which llama.cpp divides each frequency by."""
+    from gguf.quants import dequantize
+
+    t = tensors[ROPE_FREQS]
+    return [float(x) for x in dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)]
 
 
 def _gguf_raw_config(
@@ -136,6 +146,8 @@ def gguf_weights(reader: Any, config: BaseModelConfig) -> dict[str, torch.Tensor
     permuted = config.model_type == "llama"  # llama.cpp permutes q/k for `llama` only
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue  # the config's rope_scaling (gguf_config)
         name = _GGUF_TOP.get(t.name)
         m = _GGUF_BLOCK_RE.fullmatch(t.name)
         if m is not None and m.group(2) in _GGUF_BLOCK:

@@ -1,6 +1,7 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM): RMSNorm, RoPE (with
-Llama-3 or LongRoPE scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings,
-optional q/k/v bias, optional per-head q/k RMSNorm (Qwen3).
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM; Gemma 2/3 with the
+layers of gemma.py): RMSNorm, RoPE (with Llama-3, linear or LongRoPE scaling), grouped-query
+attention with per-layer sliding windows, SwiGLU (GeGLU) MLP, tied or untied embeddings,
+optional q/k/v bias, optional per-head q/k RMSNorm (Qwen3, Gemma 3).
 
 Dimensions: B batch, T new tokens, S cache capacity, P committed length, Hq/Hkv heads,
 D head dim, E hidden size, F MLP size, V vocab, Lyr layers.
@@ -53,17 +54,26 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(config: BaseModelConfig, *, long: bool = False) -> torch.Tensor:
-    """Rotary inverse frequencies (D/2,), with Llama-3 scaling or LongRoPE's short factors
-    (`long=True`: its long factors) when configured.
+def rope_inv_freq(
+    config: BaseModelConfig, *, long: bool = False, local: bool = False
+) -> torch.Tensor:
+    """Rotary inverse frequencies (D/2,), with Llama-3, linear (Gemma 3) scaling or LongRoPE's
+    short factors (`long=True`: its long factors) when configured; `local=True`: Gemma 3's
+    sliding layers' table (base rope_local_base_freq, no scaling).
 
     Computed in float64 on the host and stored as a constant: no `1/x` in the exported graph
     (Core ML lowers `1/x` with an epsilon that shifts the frequencies).
     """
     D = config.dim_per_head
-    inv = torch.exp(-math.log(config.rope_theta) * torch.arange(0, D, 2, dtype=torch.float64) / D)
-    rs = config.rope_scaling
-    if config.rope_type == "longrope":  # LongRoPE: each frequency divided by its own factor
+    theta = config.rope_local_base_freq if local else config.rope_theta
+    assert theta is not None
+    inv = torch.exp(-math.log(theta) * torch.arange(0, D, 2, dtype=torch.float64) / D)
+    rs = None if local else config.rope_scaling
+    if rs is not None and config.rope_type == "linear":  # positions divided by the factor
+        inv = inv / rs["factor"]
+    elif rs is not None and config.rope_type == "freq_factors":  # GGUF's rope_freqs
+        inv = inv / torch.tensor(rs["factors"], dtype=torch.float64)
+    elif config.rope_type == "longrope":  # LongRoPE: each frequency divided by its own factor
         assert rs is not None
         factors = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float64)
         inv = inv / factors
@@ -80,7 +90,9 @@ def rope_inv_freq(config: BaseModelConfig, *, long: bool = False) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, config: BaseModelConfig) -> None:
+    def __init__(
+        self, config: BaseModelConfig, layer: int = 0, norm: type[nn.Module] = RMSNorm
+    ) -> None:
         super().__init__()
         E, D = config.hidden_size, config.dim_per_head
         self.n_heads, self.n_kv_heads, self.head_dim = (
@@ -92,13 +104,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=config.o_bias)
-        # Qwen3: each head of q and k is RMS-normalised over D (one weight shared by the heads)
-        # before the rotary, which the attention op applies.
-        self.q_norm = RMSNorm(D, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(D, config.rms_norm_eps) if config.qk_norm else None
+        # Qwen3, Gemma 3: each head of q and k is RMS-normalised over D (one weight shared by
+        # the heads) before the rotary, which the attention op applies.
+        self.q_norm = norm(D, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(D, config.rms_norm_eps) if config.qk_norm else None
         # The tree-attention implementation (op version 2: projections and rotary table in):
         # the eager in-place reference by default; export swaps in a custom op (one node).
         self.op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = tree_attention
+        # The op's attributes beyond the default scale 1/sqrt(D): only those this layer sets
+        # are passed, so an op that implements none (e.g. training's one-token attention)
+        # still serves plain layers, and fails loudly on a windowed one.
+        self.op_attributes: dict[str, float | int] = {}
+        if config.attention_scale is not None:  # Gemma: query_pre_attn_scalar**-0.5
+            self.op_attributes["scale"] = config.attention_scale
+        if config.layer_window(layer):
+            self.op_attributes["window"] = config.layer_window(layer)
+        if config.is_gemma and config.attn_logit_softcapping:  # Gemma 2
+            self.op_attributes["softcap"] = float(config.attn_logit_softcapping)
 
     def forward(
         self,
@@ -118,7 +140,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.unflatten(-1, (-1, D))).flatten(-2)  # (B, T, Hq*D)
             k = self.k_norm(k.unflatten(-1, (-1, D))).flatten(-2)  # (B, T, Hkv*D)
         out, key_cache, value_cache = self.op(
-            q, k, v, key_cache, value_cache, past_len, tree_mask, cos, sin
+            q, k, v, key_cache, value_cache, past_len, tree_mask, cos, sin, **self.op_attributes
         )  # out (B, T, Hq*D)
         return self.o_proj(out), key_cache, value_cache
 
@@ -131,14 +153,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(E, Fd, bias=bias)
         self.down_proj = nn.Linear(Fd, E, bias=bias)
 
+        # SwiGLU, or Gemma's GeGLU (transformers' gelu_pytorch_tanh).
+        self.gelu = config.activation == "gelu_pytorch_tanh"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        gate = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: BaseModelConfig) -> None:
+    def __init__(self, config: BaseModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -156,9 +183,15 @@ class Backbone(nn.Module):
 
     def __init__(self, config: BaseModelConfig) -> None:
         super().__init__()
+        layer_cls: Callable[[BaseModelConfig, int], nn.Module] = DecoderLayer
+        norm_cls: type[nn.Module] = RMSNorm
+        if config.is_gemma:  # gemma.py builds its layer from this module's Attention and MLP
+            from redrafter.models.gemma import GemmaDecoderLayer, GemmaRMSNorm
+
+            layer_cls, norm_cls = GemmaDecoderLayer, GemmaRMSNorm
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps)
 
 
 class Transformer(nn.Module):
@@ -179,6 +212,10 @@ class Transformer(nn.Module):
         self.rope_factor = config.rope_attention_factor
         long = None if self.rope_long_from is None else rope_inv_freq(config, long=True)
         self.register_buffer("inv_freq_long", long, persistent=False)
+        # Gemma 3: sliding layers rotate with their own base (layer_local_rope).
+        self.local_rope = [config.layer_local_rope(i) for i in range(config.num_hidden_layers)]
+        local = rope_inv_freq(config, local=True) if any(self.local_rope) else None
+        self.register_buffer("inv_freq_local", local, persistent=False)
 
     @property
     def embed_weight(self) -> torch.Tensor:
@@ -214,9 +251,16 @@ class Transformer(nn.Module):
         (B, Hkv, S, D) per layer. The eager attention writes them in place and returns them.
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, E)
-        cos, sin = self.rotary_table(position_ids, x.dtype)  # (B, T, D) each
+        if self.config.embed_scale is not None:  # Gemma: sqrt(E), rounded to x's dtype as HF
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        tables = {False: self.rotary_table(position_ids, x.dtype)}  # (B, T, D) cos, sin
+        if self.inv_freq_local is not None:
+            tables[True] = self.rotary_table(position_ids, x.dtype, local=True)
         new_caches = []
-        for layer, (key_cache, value_cache) in zip(self.model.layers, caches, strict=True):
+        for i, (layer, (key_cache, value_cache)) in enumerate(
+            zip(self.model.layers, caches, strict=True)
+        ):
+            cos, sin = tables[self.local_rope[i]]
             x, key_cache, value_cache = layer(
                 x, cos, sin, tree_mask, past_len, key_cache, value_cache
             )
@@ -224,10 +268,14 @@ class Transformer(nn.Module):
         return self.model.norm(x), new_caches
 
     def rotary_table(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
+        self, position_ids: torch.Tensor, dtype: torch.dtype, *, local: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, D) in `dtype` of positions (B, T) int64, computed in fp32."""
+        """cos, sin (B, T, D) in `dtype` of positions (B, T) int64, computed in fp32;
+        `local`: Gemma 3's sliding layers' table."""
         positions = position_ids[..., None].float()  # (B, T, 1)
+        if local:
+            angles = torch.cat([positions * self.inv_freq_local] * 2, dim=-1)  # (B, T, D)
+            return angles.cos().to(dtype), angles.sin().to(dtype)
         angles = positions * self.inv_freq  # (B, T, D/2)
         if self.inv_freq_long is not None:  # LongRoPE: long factors from rope_long_from on
             assert self.rope_long_from is not None
@@ -242,7 +290,9 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: (..., E) -> (..., V)."""
         weight = self.embed_weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        cap = self.config.final_logit_softcapping if self.config.is_gemma else None
+        return logits if not cap else cap * torch.tanh(logits / cap)  # Gemma 2's cap
 
     def forward(
         self,
