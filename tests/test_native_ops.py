@@ -740,7 +740,7 @@ def _cpu_flags() -> set[str]:
 CPU_FLAGS = _cpu_flags()
 HAS_VNNI = "avx512_vnni" in CPU_FLAGS
 HAS_AMX = {"amx_tile", "amx_int8"} <= CPU_FLAGS
-# MatMulInt4's code paths (REDRAFTER_CPU_ISA; "best" = unset: AMX from 2 rows, VNNI for 1 row)
+# MatMulInt4's code paths (REDRAFTER_CPU_ISA; "best" = unset: matmul_int4.h says which)
 INT4_ISAS = [
     "best",
     "base",
@@ -802,7 +802,7 @@ def int4_activations(M: int, K: int) -> np.ndarray:
     [
         (64, 48, 32, True, False),  # one group of 3 tiles (an odd tile count: AMX pairs tiles)
         (100, 200, 32, False, True),  # K past the last full sub-block, N past the last tile
-        (192, 130, 64, True, True),  # 2 sub-blocks per block, 9 tiles: a full group + 1
+        (224, 130, 64, True, True),  # 7 sub-blocks (AMX pairs them), 9 tiles: a group + 1
         (256, 40, 128, False, False),  # 4 sub-blocks per block, asymmetric
     ],
 )
@@ -810,8 +810,8 @@ def test_matmul_int4_paths_agree_bit_for_bit_for_every_row_count(
     lib, monkeypatch, K, N, block, symmetric, bias
 ) -> None:
     """AMX-INT8, AVX-512 VNNI, the portable loop and the default choice among them give the
-    same bits for 1..33 rows (AMX tiles hold 16 rows, VNNI passes 8), and every row the bits it
-    gets alone: the integer sub-block sums are exact and the float steps are one fixed order."""
+    same bits for 1..33 rows (AMX and VNNI both take rows 8 at a time), and every row the bits
+    it gets alone: the integer sub-block sums are exact and the float steps are one fixed order."""
     sess = session(matmul_int4_model(K, N, block=block, symmetric=symmetric, bias=bias))
     a = int4_activations(33, K)
     outputs = {}

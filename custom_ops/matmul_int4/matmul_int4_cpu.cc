@@ -1,9 +1,9 @@
 // redrafter::MatMulInt4 on the CPU (semantics: matmul_int4.h). Three code paths with
-// bit-identical results: AMX-INT8 (tdpbssd: a tile of up to 16 rows x 16 outputs x 32 codes per
-// instruction) for calls with enough rows, AVX-512 VNNI (vpdpbusd multiplies 4 unsigned codes by
-// 4 signed activation bytes per lane) where the CPU has it, and a portable loop elsewhere. Only
-// the exact integer sums are computed differently; the float steps are the same operations in
-// the same order.
+// bit-identical results: AVX-512 VNNI (vpdpbusd multiplies 4 unsigned codes by 4 signed
+// activation bytes per lane) where the CPU has it, AMX-INT8 (tdpbssd: 8 rows x 16 outputs x 2
+// sub-blocks of 32 codes per instruction; opt-in, see kAmxMinRows), and a portable loop
+// elsewhere. Only the exact integer sums are computed differently; the float steps are the same
+// operations in the same order.
 #include "matmul_int4.h"
 
 #include <algorithm>
@@ -230,7 +230,8 @@ RD_VNNI QuantizedRows quantize_rows_avx512(const float* A, int64_t M, int64_t K,
     for (int64_t j = 0; j < KS; ++j) {
       const int64_t k0 = j * kSubBlock, n = std::min(kSubBlock, K - k0);
       const __mmask16 m0 = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1u);
-      const __mmask16 m1 = static_cast<__mmask16>(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1u);
+      const __mmask16 m1 =
+          static_cast<__mmask16>(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1u);
       const __m512 x0 = _mm512_maskz_loadu_ps(m0, a + k0);
       const __m512 x1 = _mm512_maskz_loadu_ps(m1, a + k0 + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
@@ -377,19 +378,22 @@ RD_AMX void fold(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t
   const int64_t sub_per_block = w.block_size / kSubBlock;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < w.KS; ++j) {
-    const size_t sidx = static_cast<size_t>(((j / sub_per_block) * nt + t) * kTile);
+  const float* as = &a.scale[static_cast<size_t>(m0 * w.KS)];  // [R][KS]
+  const int32_t* asum = &a.sum[static_cast<size_t>(m0 * w.KS)];  // [R][KS]
+  for (int64_t j = 0, kb = 0, jb = 0; j < w.KS; ++j) {  // kb = j / sub_per_block, jb its rest
+    const size_t sidx = static_cast<size_t>((kb * nt + t) * kTile);
+    if (++jb == sub_per_block) jb = 0, ++kb;
     const __m512 ws = _mm512_loadu_ps(scales + sidx);
-    const __m512i zp =
-        zeros ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + sidx)))
-              : _mm512_set1_epi32(8);
+    const __m512i zp = zeros ? _mm512_cvtepu8_epi32(
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + sidx)))
+                             : _mm512_set1_epi32(8);
     const int32_t* pair = dot + ((j / 2) * 2 * R + j % 2) * kTile;  // tile row 2r + j % 2
     for (int r = 0; r < R; ++r) {
-      const size_t ai = static_cast<size_t>((m0 + r) * w.KS + j);
-      const __m512i correction = zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[ai]))
-                                       : _mm512_set1_epi32(8 * a.sum[ai]);
+      const int64_t ai = r * w.KS + j;
+      const __m512i correction = zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(asum[ai]))
+                                       : _mm512_set1_epi32(8 * asum[ai]);
       const __m512i d = _mm512_sub_epi32(_mm512_load_si512(pair + 2 * r * kTile), correction);
-      const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(a.scale[ai]));
+      const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(as[ai]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
     }
   }
@@ -506,23 +510,29 @@ void run_group(void* user, std::size_t g) {
 // The path for M rows. REDRAFTER_CPU_ISA (read at each call, so tests can switch it) picks one:
 // base = the portable loop, vnni = AVX-512 VNNI at every M, amx = AMX at every M (M = 1 too);
 // unset (or any other value, e.g. avx2, which caps TreeAttention's clones) = the best path: AMX
-// from kAmxMinRows rows, VNNI below, the portable loop without either. Forcing a path this CPU or
-// OS cannot run is an error rather than a silent fallback, so a test proves which path it ran.
+// from kAmxMinRows rows (0: never), VNNI below, the portable loop without either. Forcing a path
+// this CPU or OS cannot run is an error rather than a silent fallback, so a test proves which
+// path it ran.
 Path choose_path(int64_t M, bool allow_simd) {
   const char* cap = std::getenv("REDRAFTER_CPU_ISA");
   const std::string isa = cap ? cap : "";
   if (isa == "base" || !allow_simd) return Path::kPortable;
   if (isa == "vnni") {
-    if (!has_vnni()) throw std::runtime_error("MatMulInt4: REDRAFTER_CPU_ISA=vnni but this CPU has no AVX-512 VNNI; unset it or use base");
+    if (!has_vnni())
+      throw std::runtime_error(
+          "MatMulInt4: REDRAFTER_CPU_ISA=vnni but this CPU has no AVX-512 VNNI; unset it or use "
+          "base");
     return Path::kVnni;
   }
   if (isa == "amx") {
     if (!(has_vnni() && has_amx()))
-      throw std::runtime_error("MatMulInt4: REDRAFTER_CPU_ISA=amx but AMX-INT8 is not usable here (CPU, or the OS refused arch_prctl); unset it or use vnni/base");
+      throw std::runtime_error(
+          "MatMulInt4: REDRAFTER_CPU_ISA=amx but AMX-INT8 is not usable here (CPU, or the OS "
+          "refused arch_prctl); unset it or use vnni or base");
     return Path::kAmx;
   }
   if (!has_vnni()) return Path::kPortable;
-  return M >= kAmxMinRows && has_amx() ? Path::kAmx : Path::kVnni;
+  return kAmxMinRows > 0 && M >= kAmxMinRows && has_amx() ? Path::kAmx : Path::kVnni;
 }
 
 }  // namespace
