@@ -2,15 +2,23 @@
 row count, on the demo model's int4 shapes.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.matmul_int4 [--rows 1,2,4,6,8,16,32]
+        [--baseline OTHER_BUILD/libredrafter_ops.so] [--verify]
 
 Each shape (SmolLM2-135M: K 576 -> N 576 / 192 / 1536 for attention and the MLP's gate/up,
 K 1536 -> N 576 for its down projection, K 576 -> N 49152 for the LM head) is one MatMulInt4
 node over random 4-bit codes (blocks of 32, symmetric, as the demo bundle's int4 export), run by
-ONNX Runtime's CPU provider with the native library. The path is switched per call through
-REDRAFTER_CPU_ISA (the library reads it at each call), and the paths' blocks are interleaved
-(`time_alternating`) so drifting load hits each alike. Reported: the median ms per call of
-`--blocks` blocks, and the AMX / VNNI ratio. Results in benchmarks/results/matmul_int4.json with
-the load before and after (the machine may be shared: say so beside any figure).
+ONNX Runtime's CPU provider with the native library, on `--threads` intra-op threads (default 1:
+a kernel comparison, steadier when other processes share the cores). The path is switched per
+call through REDRAFTER_CPU_ISA (the library reads it at each call), and the paths' blocks are
+interleaved (`time_alternating`) so drifting load hits each alike. `--baseline` adds another
+build of the library (e.g. the previous commit's), run in its own session with its default
+path, interleaved too, and checked to give the same bits. Reported: the median ms per call of
+`--blocks` blocks, and the AMX / VNNI ratio. Results in benchmarks/results/matmul_int4.json
+with the load before and after (the machine may be shared: say so beside any figure).
+
+`--verify` (needs REDRAFTER_SMOLLM2_GGUF) then times the demo int4 bundle's verify of 1 and of 6
+chained tokens after 300 (benchmarks.quantized's `verify_call`, the runtime's own threads) with
+the VNNI and the AMX path, and with `--baseline`'s build, all interleaved in one process.
 
 Dimensions: M rows (tokens), K reduction, N outputs.
 """
@@ -69,15 +77,52 @@ def matmul_int4_model(K: int, N: int, *, block: int = 32) -> bytes:
 
 def path_call(sess: Any, a: np.ndarray, path: str) -> Callable[[], Any]:
     """One call of `sess` on `a` with REDRAFTER_CPU_ISA set for `path` (unset for "best")."""
+    return path_call_of(lambda: sess.run(None, {"A": a}), path)
 
-    def call() -> Any:
+
+def time_verify(baseline: str, blocks: int) -> dict[str, float]:
+    """Median ms per verify of 1 and 6 chained tokens after 300 on the demo int4 bundle, per
+    path (and on the `baseline` build of the library when given), interleaved."""
+    from benchmarks._common import demo_bundle, verify_call
+    from redrafter import ops
+    from redrafter.bundle import load_bundle
+    from redrafter.export.quantize import quantization
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
+
+    bundle = load_bundle(demo_bundle(None, quantization=quantization("int4")))
+    runtimes = {"new": OnnxRuntime(bundle)}
+    if baseline:  # the runtime takes the library named by the environment when it is built
+        os.environ[ops.LIBRARY_ENV] = baseline
+        runtimes["baseline"] = OnnxRuntime(bundle)
+        del os.environ[ops.LIBRARY_ENV]
+    steps = {}
+    for tokens in (1, 6):
+        call = verify_call(runtimes["new"], tokens, 300)
+        for path in ("vnni", "amx"):
+            steps[f"{path} N={tokens}"] = path_call_of(call, path)
+        if baseline:
+            steps[f"baseline N={tokens}"] = path_call_of(
+                verify_call(runtimes["baseline"], tokens, 300), "best"
+            )
+    ms = time_alternating(steps, blocks, 20)
+    out = {k: round(statistics.median(v), 3) for k, v in ms.items()}
+    os.environ.pop("REDRAFTER_CPU_ISA", None)
+    for k, v in out.items():
+        print(f"verify {k}: {v:.3f} ms")
+    return out
+
+
+def path_call_of(call: Callable[[], Any], path: str) -> Callable[[], Any]:
+    """`call` with REDRAFTER_CPU_ISA set for `path` (unset for "best") before each run."""
+
+    def run() -> Any:
         if path == "best":
             os.environ.pop("REDRAFTER_CPU_ISA", None)
         else:
             os.environ["REDRAFTER_CPU_ISA"] = path
-        return sess.run(None, {"A": a})
+        return call()
 
-    return call
+    return run
 
 
 def main() -> None:
@@ -89,21 +134,37 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,6,8,16,32", help="row counts M, comma-separated")
     parser.add_argument("--blocks", type=int, default=7, help="interleaved blocks per path")
     parser.add_argument("--calls", type=int, default=0, help="calls per block (0: ~20 ms)")
+    parser.add_argument("--baseline", default="", help="another build of the library to compare")
+    parser.add_argument("--verify", action="store_true", help="also time the int4 bundle's verify")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="ORT intra-op threads (1: steadier on a shared box)"
+    )
     args = parser.parse_args()
     rows = [int(m) for m in args.rows.split(",")]
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
     ops.register(options, required=True)
+    baseline_options = None
+    if args.baseline:
+        baseline_options = ort.SessionOptions()
+        baseline_options.intra_op_num_threads = args.threads
+        baseline_options.register_custom_ops_library(args.baseline)
+    paths = PATHS + (("baseline",) if args.baseline else ())
     before = idle_report()
     print(f"load before: {before['loadavg']}, other processes {before['other_processes_cores']}")
     results = []
     for name, K, N in SHAPES:
-        sess = ort.InferenceSession(
-            matmul_int4_model(K, N), options, providers=["CPUExecutionProvider"]
+        model = matmul_int4_model(K, N)
+        sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        baseline = baseline_options and ort.InferenceSession(
+            model, baseline_options, providers=["CPUExecutionProvider"]
         )
         for M in rows:
             a = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)  # (M, K)
             steps = {p: path_call(sess, a, p) for p in PATHS}
+            if baseline:
+                steps["baseline"] = path_call(baseline, a, "best")
             outs = [f()[0] for f in steps.values()]
             assert all(np.array_equal(outs[0], o) for o in outs), f"{name} M={M}: paths differ"
             calls = args.calls
@@ -112,15 +173,19 @@ def main() -> None:
                 calls = max(1, min(200, round(20 / max(probe, 1e-3))))
             ms = time_alternating(steps, args.blocks, calls)
             row = {"shape": name, "K": K, "N": N, "M": M, "calls_per_block": calls}
-            row |= {f"{p}_ms": round(statistics.median(ms[p]), 4) for p in PATHS}
+            row |= {f"{p}_ms": round(statistics.median(ms[p]), 4) for p in paths}
             row["amx_over_vnni"] = round(row["amx_ms"] / row["vnni_ms"], 3)
+            if baseline:
+                row["best_over_baseline"] = round(row["best_ms"] / row["baseline_ms"], 3)
             results.append(row)
             print(
-                f"{name:13s} K={K:5d} N={N:6d} M={M:3d}  vnni {row['vnni_ms']:8.4f} ms  "
-                f"amx {row['amx_ms']:8.4f} ms  best {row['best_ms']:8.4f} ms  "
-                f"amx/vnni {row['amx_over_vnni']:.3f}"
+                f"{name:13s} K={K:5d} N={N:6d} M={M:3d}  "
+                + "  ".join(f"{p} {row[p + '_ms']:8.4f} ms" for p in paths)
+                + f"  amx/vnni {row['amx_over_vnni']:.3f}"
+                + (f"  best/baseline {row['best_over_baseline']:.3f}" if baseline else "")
             )
     os.environ.pop("REDRAFTER_CPU_ISA", None)
+    verify = time_verify(args.baseline, args.blocks) if args.verify else None
     after = idle_report()
     print(f"load after: {after['loadavg']}, other processes {after['other_processes_cores']}")
     save(
@@ -130,9 +195,12 @@ def main() -> None:
             "load_before": before,
             "load_after": after,
             "blocks": args.blocks,
+            "baseline": args.baseline or None,
+            "threads": args.threads,
             "note": "median ms per call over interleaved blocks; random symmetric codes, "
-            "blocks of 32; one ORT session per shape (its default thread pool)",
+            "blocks of 32; one ORT session per shape and library",
             "results": results,
+            "verify_ms": verify,
         },
     )
 
