@@ -743,6 +743,141 @@ def test_matmul_int4_matches_matmul_nbits_bit_for_bit_across_rows(
     assert np.abs(outputs["best"] - reference).max() < 0.02 * np.abs(reference).max()
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+CPU_FLAGS = _cpu_flags()
+HAS_VNNI = "avx512_vnni" in CPU_FLAGS
+HAS_AMX = {"amx_tile", "amx_int8"} <= CPU_FLAGS
+# MatMulInt4's code paths (REDRAFTER_CPU_ISA; "best" = unset: matmul_int4.h says which)
+INT4_ISAS = [
+    "best",
+    "base",
+    pytest.param(
+        "vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+    ),
+    pytest.param(
+        "amx", marks=pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-TILE/AMX-INT8")
+    ),
+]
+
+
+def matmul_int4_model(K: int, N: int, *, block: int, symmetric: bool, bias: bool) -> bytes:
+    """One redrafter::MatMulInt4 node over random 4-bit codes, scales, zero points and bias
+    (initializers), A (M, K) float32 -> Y (M, N)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(K * 7 + N)
+    KB = -(-K // block)
+    weights = {
+        "B": rng.integers(0, 256, (N, KB, block // 2), dtype=np.uint8),
+        "scales": rng.uniform(0.002, 0.02, N * KB).astype(np.float32),
+    }
+    if not symmetric:
+        weights["zero_points"] = rng.integers(0, 256, N * -(-KB // 2), dtype=np.uint8)
+    if bias:
+        weights["bias"] = rng.standard_normal(N).astype(np.float32)
+    names = ["A", "B", "scales", "zero_points" if not symmetric else "", "", "bias" if bias else ""]
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node(
+        "MatMulInt4", names, ["Y"], domain=OP_DOMAIN, K=K, N=N, bits=4, block_size=block
+    )
+    graph = helper.make_graph(
+        [node],
+        "matmul_int4",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(OP_DOMAIN, 1)]
+    )
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def int4_activations(M: int, K: int) -> np.ndarray:
+    """(M, K) float32 with an all-zero 32-block, one lone spike and rows of different scale."""
+    a = np.random.default_rng(M + K).standard_normal((M, K)).astype(np.float32)
+    a *= np.geomspace(0.01, 10, M, dtype=np.float32)[:, None]
+    a[min(3, M - 1), :32] = 0.0
+    a[M // 2, K // 3] = 50.0
+    return a
+
+
+@pytest.mark.parametrize(
+    "K, N, block, symmetric, bias",
+    [
+        (64, 48, 32, True, False),  # one group of 3 tiles (an odd tile count: AMX pairs tiles)
+        (100, 200, 32, False, True),  # K past the last full sub-block, N past the last tile
+        (224, 130, 64, True, True),  # 7 sub-blocks (AMX pairs them), 9 tiles: a group + 1
+        (256, 40, 128, False, False),  # 4 sub-blocks per block, asymmetric
+    ],
+)
+def test_matmul_int4_paths_agree_bit_for_bit_for_every_row_count(
+    lib, monkeypatch, K, N, block, symmetric, bias
+) -> None:
+    """AMX-INT8, AVX-512 VNNI, the portable loop and the default choice among them give the
+    same bits for 1..33 rows (AMX and VNNI both take rows 8 at a time), and every row the bits
+    it gets alone: the integer sub-block sums are exact and the float steps are one fixed order."""
+    sess = session(matmul_int4_model(K, N, block=block, symmetric=symmetric, bias=bias))
+    a = int4_activations(33, K)
+    outputs = {}
+    for isa in ("best", "base", "vnni", "amx"):
+        if (isa == "vnni" and not HAS_VNNI) or (isa == "amx" and not HAS_AMX):
+            continue  # the other paths still agree; test_matmul_int4_isa_forcing says why
+        monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
+        together = sess.run(None, {"A": a})[0]
+        for m in range(1, 33):
+            np.testing.assert_array_equal(
+                sess.run(None, {"A": a[:m]})[0], together[:m], err_msg=f"{isa}: first {m} rows"
+            )
+        for i in range(len(a)):
+            np.testing.assert_array_equal(
+                sess.run(None, {"A": a[i : i + 1]})[0][0], together[i], err_msg=f"{isa}: row {i}"
+            )
+        outputs[isa] = together
+    for isa, out in outputs.items():
+        np.testing.assert_array_equal(out, outputs["base"], err_msg=f"{isa} vs base")
+
+
+@pytest.mark.parametrize("isa", INT4_ISAS)
+def test_matmul_int4_lm_head_width(lib, monkeypatch, isa) -> None:
+    """The LM head's shape (K 576 -> N 49152: 384 groups of 8 tiles) at the row counts a tree
+    verification uses gives the portable loop's bits on each path."""
+    sess = session(matmul_int4_model(576, 49152, block=32, symmetric=True, bias=False))
+    a = int4_activations(17, 576)
+    monkeypatch.setenv("REDRAFTER_CPU_ISA", "base")
+    expected = sess.run(None, {"A": a})[0]
+    monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
+    for m in (1, 2, 6, 17):
+        np.testing.assert_array_equal(
+            sess.run(None, {"A": a[:m]})[0], expected[:m], err_msg=f"{isa}: {m} rows"
+        )
+
+
+@pytest.mark.parametrize("isa", ["vnni", "amx"])
+def test_matmul_int4_isa_forcing(lib, monkeypatch, isa) -> None:
+    """Forcing a path runs it where the CPU has it and fails loudly where not (never a silent
+    fallback, so the tests above prove which path ran)."""
+    monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
+    sess = session(matmul_int4_model(64, 48, block=32, symmetric=True, bias=False))
+    a = int4_activations(4, 64)
+    if {"vnni": HAS_VNNI, "amx": HAS_AMX}[isa]:
+        assert sess.run(None, {"A": a})[0].shape == (4, 48)
+    else:
+        with pytest.raises(Exception, match=f"REDRAFTER_CPU_ISA={isa}"):
+            sess.run(None, {"A": a})
+
+
 @pytest.mark.parametrize("isa", ["best", "base"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("past", [60, 62, 1020])  # within a tile, across a tile, across a split

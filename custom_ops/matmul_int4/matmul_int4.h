@@ -19,7 +19,7 @@
 //   Y[m, n] = bias[n] + sum_j  float(sum_{k in j} (w[n, k] - zp[n, kb(k)]) * aq[m, k]) * (s[n, kb] * as[m, j])
 // where each step of the outer sum is one fused multiply-add into an fp32 accumulator. The inner
 // sums are exact integers, so the result depends neither on the number of rows, nor on the
-// instruction set (AVX-512 VNNI or the portable loop), nor on the thread count.
+// instruction set (AMX-INT8, AVX-512 VNNI or the portable loop), nor on the thread count.
 //
 // Shapes: A [..., K] float32 (M = product of the leading dims), B uint8 [N, KB, bs / 2],
 // scales float32 [N * KB] (or [N, KB]), zero_points uint8 [N * ceil(KB / 2)] (optional),
@@ -52,6 +52,10 @@ struct PackedInt4 {
 constexpr int64_t kTile = 16;      // outputs per tile
 constexpr int64_t kGroup = 8;      // tiles per group
 constexpr int64_t kSubBlock = 32;  // activation quantization block
+// From this many rows the AMX path runs by default; 0: never (measured slower than VNNI at every
+// row count of the demo model's shapes, benchmarks/RESULTS.md 2026-12-05), REDRAFTER_CPU_ISA=amx
+// still forces it.
+constexpr int64_t kAmxMinRows = 0;
 
 // "" or what is wrong with the attributes/shapes (checked before packing).
 std::string check_matmul_int4(int64_t K, int64_t N, int64_t block_size, int64_t bits);
@@ -61,7 +65,9 @@ PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
                      const float* scales, const uint8_t* zero_points, const float* bias);
 
 // Y[M, N] = A[M, K] x W, as stated above. Scratch is allocated per call. The AVX-512 VNNI path
-// runs where the CPU has it, unless allow_simd is false or REDRAFTER_CPU_ISA=base.
+// runs where the CPU has it (the AMX-INT8 path instead from kAmxMinRows rows, where the CPU and
+// OS allow it), else the portable loop; allow_simd = false or REDRAFTER_CPU_ISA=base forces the
+// loop, REDRAFTER_CPU_ISA=vnni|amx forces that path at every M (throws if it cannot run here).
 void matmul_int4_cpu(const PackedInt4& w, const float* A, int64_t M, float* Y,
                      const ParallelRunner& runner, bool allow_simd = true);
 
