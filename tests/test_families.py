@@ -256,6 +256,33 @@ def test_onnx_bundle_decodes_transformers_tokens(family, tmp_path: Path) -> None
         assert portable.implementation == "portable"
         got = collect(decode(portable, PROMPTS, options), 3)
         assert_same_tokens(got, truth, f"{name} on ORT, portable body")
+    config = bundle.base_config
+    if any(config.layer_window(i) for i in range(config.num_hidden_layers)):
+        _old_graphs_are_refused(bundle, tmp_path)
+
+
+def _old_graphs_are_refused(bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A windowed model's graph without the window attributes (a bundle exported before the
+    window was part of TreeAttention) would attend past the window: the runtime refuses it."""
+    import types
+
+    import onnx
+
+    from redrafter.errors import RuntimeUnavailableError
+    from redrafter.runtimes.onnxruntime import check_windows
+
+    model = onnx.load(str(bundle.path("onnx/base.onnx")), load_external_data=False)
+    for node in model.graph.node:
+        kept = [a for a in node.attribute if a.name != "window"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    old = types.SimpleNamespace(
+        base_config=bundle.base_config, root=bundle.root, path=lambda _: tmp_path / "old.onnx"
+    )
+    check_windows(bundle)  # the bundle as exported passes
+    with pytest.raises(RuntimeUnavailableError, match="ignores this model's sliding window"):
+        check_windows(old)  # type: ignore[arg-type]
 
 
 def test_the_window_changes_the_tokens(tmp_path: Path) -> None:

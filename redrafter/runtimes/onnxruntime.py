@@ -70,6 +70,30 @@ def with_int4_kernel(path: Path) -> bytes | None:
     return model.SerializeToString()
 
 
+def check_windows(bundle: Bundle) -> None:
+    """Refuse a bundle whose base graph does not give each layer the sliding window its config
+    has (exported before the window was part of TreeAttention): such a graph attends past the
+    window, silently wrong once a sequence outgrows it."""
+    config = bundle.base_config
+    want = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+    if not any(want):
+        return
+    import onnx
+
+    model = onnx.load(str(bundle.path(n.BASE_ONNX)), load_external_data=False)
+    got = [
+        next((a.i for a in node.attribute if a.name == "window"), 0)
+        for node in model.graph.node
+        if node.op_type == n.TREE_ATTENTION and node.domain == n.OP_DOMAIN
+    ]
+    if got != want:
+        raise RuntimeUnavailableError(
+            f"{bundle.root}: its attention graph ignores this model's sliding window (exported "
+            "before windows were part of TreeAttention); re-export the bundle with `redrafter "
+            "export`"
+        )
+
+
 def session_options(threads: int | None, library: Path | None, *, spin: bool) -> ort.SessionOptions:
     """Session options: `threads` intra-op threads, the native op library, thread spinning."""
     options = ort.SessionOptions()
@@ -135,6 +159,7 @@ class OnnxRuntime:
                 "(or drop --native to use the portable ONNX body)"
             )
         self.implementation = "native" if library is not None else "portable"
+        check_windows(self.bundle)
         # The drafter's intra-op threads must not spin after a run: ORT gives each session its
         # own pool, and spinning drafter threads would keep the cores from the verification
         # that follows (on 2 cores that doubled verify time: benchmarks/RESULTS.md).
