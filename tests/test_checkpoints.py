@@ -137,7 +137,12 @@ def write_gguf(
         "ffn_gate": "mlp.gate_proj",
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
     }
+    if c.head_dim is not None:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     for i in range(c.num_hidden_layers):
         for g, h in names.items():
             for kind in ("weight", "bias"):
@@ -175,6 +180,22 @@ def test_gguf_qwen2_round_trip(tmp_path: Path) -> None:
     write_gguf(source, path, arch="qwen2")
     assert load_base_config(path).model_type == "qwen2"
     assert_same_logits(source, load_base(path))
+
+
+def test_gguf_qwen3_round_trip(tmp_path: Path) -> None:
+    """Qwen3 GGUFs: HF's q/k row order, per-head q/k RMSNorm weights, no biases, and a head
+    size of their own (key_length) that is not hidden / heads."""
+    source = tiny_model(model_type="qwen3", head_dim=12, rope_theta=1e6)
+    assert (
+        source.config.dim_per_head * source.config.num_attention_heads != source.config.hidden_size
+    )
+    path = tmp_path / "qwen3.gguf"
+    write_gguf(source, path, arch="qwen3")
+    config = load_base_config(path)
+    assert (config.model_type, config.dim_per_head) == ("qwen3", 12)
+    loaded = load_base(path)
+    assert "model.layers.0.self_attn.q_norm.weight" in loaded.state_dict()
+    assert_same_logits(source, loaded)
 
 
 LLAMA31_ROPE = {

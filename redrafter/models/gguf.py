@@ -1,8 +1,9 @@
 """Reading a llama.cpp GGUF base model: config from its metadata, weights dequantized to fp32.
 
 llama.cpp's `convert_hf_to_gguf.py` permutes q/k rows into Meta's interleaved rotary layout for
-arch `llama` (not for `qwen2`, which llama.cpp runs with rotate_half rotary), so `llama` rows are
-un-permuted here into the HF layout our `Transformer` uses. Llama 3.1/3.2's rope scaling arrives
+arch `llama` (not for `qwen2` and `qwen3`, which llama.cpp runs with rotate_half rotary), so
+`llama` rows are un-permuted here into the HF layout our `Transformer` uses. Qwen3's q/k norms
+arrive as `attn_q_norm` / `attn_k_norm` and its head size as `attention.key_length`. Llama 3.1/3.2's rope scaling arrives
 as the `rope_freqs` tensor, one divisor per rotary frequency; it becomes the config's
 `rope_scaling` of type `freq_factors` (config.py).
 """
@@ -24,7 +25,7 @@ from redrafter.models.llama import interleaved_to_half
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 rope scaling, read into the config, not a weight
-GGUF_ARCHS = ("llama", "qwen2")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
 # llama.cpp block tensor name -> HF name (inside `model.layers.{i}.`).
 _GGUF_BLOCK = {
@@ -37,6 +38,8 @@ _GGUF_BLOCK = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head q/k RMSNorm
+    "attn_k_norm": "self_attn.k_norm",
 }
 _GGUF_TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
