@@ -3,9 +3,9 @@
 llama.cpp's `convert_hf_to_gguf.py` permutes q/k rows into Meta's interleaved rotary layout for
 arch `llama` (not for `qwen2` and `qwen3`, which llama.cpp runs with rotate_half rotary), so
 `llama` rows are un-permuted here into the HF layout our `Transformer` uses. Qwen3's q/k norms
-arrive as `attn_q_norm` / `attn_k_norm` and its head size as `attention.key_length`. Llama 3.1/3.2's rope scaling arrives
-as the `rope_freqs` tensor, one divisor per rotary frequency; it becomes the config's
-`rope_scaling` of type `freq_factors` (config.py).
+arrive as `attn_q_norm` / `attn_k_norm` and its head size as `attention.key_length`. Llama
+3.1/3.2's rope scaling arrives as the `rope_freqs` tensor, one divisor per rotary frequency; it
+becomes the config's `rope_scaling` of type `freq_factors` (config.py).
 """
 
 from __future__ import annotations
