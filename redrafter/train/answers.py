@@ -7,10 +7,10 @@ C teacher top-C entries, n tokens in one answer.
 
 Each step runs one token for every busy row at that row's own position (`decode_attention` reads
 each row's committed length), so rows hold prompts of different lengths at different points of
-their answers. Free rows are refilled together: the new prompts are prefilled right-padded in a
-small cache of their own, which is then copied into the free rows. Once no prompt is left, the
-rows still busy are packed into a smaller cache whenever half of them are free, so the last
-answers do not pay for empty rows.
+their answers. Prompts are taken shortest first. Free rows are refilled together: the new
+prompts are prefilled right-padded in a small cache of their own, which is then copied into the
+free rows. Once no prompt is left, the rows still busy are packed into a smaller cache whenever
+half of them are free, so the last answers do not pay for empty rows.
 
 A trace is what `teacher.generate_traces` returns per prompt, and in greedy mode the same:
 identical tokens; hidden states and log-probs equal up to fp32 rounding (other batch shapes sum
@@ -84,7 +84,9 @@ def generate_answers(
     owner = [-1] * R  # the prompt each row answers, -1 = free
     rows_out: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(R)]
     traces: list[Trace | None] = [None] * len(prompts)
-    queue = iter(range(len(prompts)))
+    # Shortest prompts first: rows in flight then hold prompts of similar lengths, and each
+    # step's attention reads the cache up to the longest row's position, not a stray long one's.
+    queue = iter(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
     remaining = len(prompts)
     while True:
         free = [r for r in range(R) if owner[r] < 0]
