@@ -1110,7 +1110,7 @@ def bench(
     "and reused; another base's is refused [under --cache-dir].",
 )  # fmt: skip
 @click.option(
-    "--teacher-slots", default=32, show_default=True, type=click.IntRange(min=1),
+    "--teacher-slots", default=64, show_default=True, type=click.IntRange(min=1),
     help="distill: prompts each process answers at once (KV-cache rows).",
 )  # fmt: skip
 @click.option(

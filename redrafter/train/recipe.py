@@ -142,7 +142,7 @@ class TeacherJob:
     per rank (`slots`) and prompts per shard."""
 
     folder: Path
-    slots: int = 32
+    slots: int = 64
     shard_prompts: int = 256
 
 
@@ -318,7 +318,7 @@ def train_from_files(
     resume: bool = False,
     cache_dir: Path | None = None,
     teacher_data: Path | None = None,
-    teacher_slots: int = 32,
+    teacher_slots: int = 64,
     shard_prompts: int = 256,
     stop_after: int | None = None,
     ranks: Ranks = SINGLE,

@@ -125,7 +125,7 @@ def build_teacher_data(
     folder: str | Path,
     settings: TeacherSettings,
     *,
-    slots: int = 32,
+    slots: int = 64,
     ranks: Ranks = SINGLE,
     progress: Callable[[int], None] = lambda n: None,
 ) -> Path:
