@@ -1102,11 +1102,42 @@ def bench(
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
 @_option("seed", default=0)
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option(
+    "--stop-after", type=click.IntRange(min=1),
+    help="Checkpoint and stop at this step of the schedule (resume later with --resume).",
+)  # fmt: skip
 @click.option("--cache-dir", type=click.Path(), help="Base outputs cache [~/.cache/redrafter].")
+@click.option(
+    "--teacher-data", type=click.Path(),
+    help="distill: folder of the base's answers (safetensors shards + manifest.json), made once "
+    "and reused; another base's is refused [under --cache-dir].",
+)  # fmt: skip
+@click.option(
+    "--teacher-slots", default=64, show_default=True, type=click.IntRange(min=1),
+    help="distill: prompts each process answers at once (KV-cache rows).",
+)  # fmt: skip
+@click.option(
+    "--shard-prompts", default=256, show_default=True, type=click.IntRange(min=1),
+    help="distill: prompts per teacher data shard (the unit of work split across processes).",
+)  # fmt: skip
+@click.option(
+    "--bf16/--no-bf16", default=None,
+    help="bf16 autocast for the drafter's forward [on for CUDA and CPUs with native bf16]; "
+    "--no-bf16 keeps fp32, so runs at different world sizes agree to float rounding.",
+)  # fmt: skip
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+    help="Where the base and drafter run; under torchrun cuda means one GPU per process "
+    "(NCCL), cpu uses gloo.",
+)  # fmt: skip
 def train_drafter_cmd(**kw: Any) -> None:
-    """Train a drafter for a frozen base model; saves Apple's layout to --out."""
+    """Train a drafter for a frozen base model; saves Apple's layout to --out.
+
+    Under `torchrun --nproc-per-node N -m redrafter train-drafter ...` the N processes share the
+    work: --batch-size stays the global batch, so any N trains the same drafter."""
     from pathlib import Path
 
+    from redrafter.train.distributed import process_group
     from redrafter.train.recipe import train_from_files
     from redrafter.train.trainer import TrainOptions
 
@@ -1125,20 +1156,29 @@ def train_drafter_cmd(**kw: Any) -> None:
         eval_every=kw["eval_every"],
         save_every=kw["save_every"],
         seed=kw["seed"],
+        bf16=kw["bf16"],
     )
-    result, _ = train_from_files(
-        kw["base_path"],
-        kw["data_paths"],
-        kw["out_dir"],
-        options,
-        chat=kw["chat"],
-        field=kw["text_field"],
-        data_format=kw["data_format"],
-        max_records=kw["max_records"],
-        resume=kw["resume"],
-        cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,
-        log=lambda m: click.echo(m, err=True),
-    )
+    with process_group(kw["device"]) as ranks:
+        result, _ = train_from_files(
+            kw["base_path"],
+            kw["data_paths"],
+            kw["out_dir"],
+            options,
+            chat=kw["chat"],
+            field=kw["text_field"],
+            data_format=kw["data_format"],
+            max_records=kw["max_records"],
+            resume=kw["resume"],
+            cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,
+            teacher_data=Path(kw["teacher_data"]) if kw["teacher_data"] else None,
+            teacher_slots=kw["teacher_slots"],
+            shard_prompts=kw["shard_prompts"],
+            stop_after=kw["stop_after"],
+            ranks=ranks,
+            log=lambda m: click.echo(m, err=True),
+        )
+    if not ranks.is_main:
+        return
     n = sum(p.numel() for p in result.drafter.parameters())
     tps = result.final_eval.get("eval_tokens_per_step")
     click.echo(

@@ -63,9 +63,9 @@ elif mode == "export":
     from redrafter.build import export_bundle
     export_bundle(Path(sys.argv[5]), out, drafter_path=Path(sys.argv[6]), overwrite=True)
 else:
-    import redrafter.train.trainer as trainer
+    import redrafter.train.checkpoint as checkpoint
     if what == "save_file":  # the optimizer moments, written into the temp folder
-        trainer.save_file = killing(trainer.save_file)
+        checkpoint.save_file = killing(checkpoint.save_file)
     t.train(out)
 print("finished")
 """

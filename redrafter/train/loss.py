@@ -56,20 +56,25 @@ def drafter_loss(
     teacher_rows: torch.Tensor | None = None,
     teacher_logp: torch.Tensor | None = None,
     kl_weight: float = 0.0,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over steps of the mean CE, plus the soft-target term.
 
     logits: (M, K, Vd); targets: (M, K) head rows or IGNORE; teacher_rows: (M, K, C) head rows
     of the base's top-C tokens (IGNORE where absent); teacher_logp: (M, K, C) their log-probs.
-    Returns the loss and per-step losses for logging.
+    counts: (2, K) float32, the `target_counts` of the whole batch when these M rows are one
+    rank's part of it (the means divide by the batch's counts, so the ranks' losses add up to
+    the one-process loss); None = these rows' own counts.
+    Returns the loss and per-step losses for logging (this part's share when `counts` is given).
     """
     M, K, Vd = logits.shape
     logs: dict[str, float] = {}
+    if counts is None:
+        counts = target_counts(targets, teacher_rows)
     ce = F.cross_entropy(
         logits.reshape(M * K, Vd), targets.reshape(M * K), ignore_index=IGNORE, reduction="none"
     ).view(M, K)  # (M, K), 0 where ignored
-    valid = (targets != IGNORE).float()  # (M, K)
-    per_step = ce.sum(0) / valid.sum(0).clamp(min=1)  # (K,)
+    per_step = ce.sum(0) / counts[0].clamp(min=1)  # (K,)
     loss = per_step.sum()
     for k in range(K):
         logs[f"loss{k + 1}"] = float(per_step[k].detach())
@@ -81,12 +86,20 @@ def drafter_loss(
         log_q = torch.log_softmax(logits, dim=-1)  # (M, K, Vd)
         q_at = log_q.gather(2, teacher_rows.clamp(min=0))  # (M, K, C)
         soft = -(p * q_at).sum(-1)  # (M, K)
-        rows = known.any(-1).float()  # (M, K)
-        kl = (soft.sum(0) / rows.sum(0).clamp(min=1)).sum()
+        kl = (soft.sum(0) / counts[1].clamp(min=1)).sum()
         logs["soft"] = float(kl.detach())
         loss = loss + kl_weight * kl
     logs["loss"] = float(loss.detach())
     return loss, logs
+
+
+def target_counts(targets: torch.Tensor, teacher_rows: torch.Tensor | None) -> torch.Tensor:
+    """(2, K) float32: per step, the contexts with a target and those with a draftable teacher
+    row, the denominators of `drafter_loss`'s means. targets: (M, K); teacher_rows: (M, K, C)."""
+    valid = (targets != IGNORE).float().sum(0)  # (K,)
+    if teacher_rows is None:
+        return torch.stack([valid, torch.zeros_like(valid)])
+    return torch.stack([valid, (teacher_rows != IGNORE).any(-1).float().sum(0)])
 
 
 @torch.no_grad()

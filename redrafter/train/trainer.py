@@ -1,53 +1,50 @@
 """The drafter training loop: AdamW over shuffled context positions, a rich progress bar,
-periodic evaluation, and resumable checkpoints written beside the drafter.
+periodic evaluation, and resumable checkpoints written beside the drafter (checkpoint.py).
 
 Dimensions: M context positions, K predicted tokens, E hidden size, V vocab, Vd draft vocab,
 X exit_dim.
 
-The output folder is always a loadable drafter in Apple's layout (`config.json` +
-`model.safetensors`, written by `save_drafter`); a checkpoint adds `optimizer.safetensors` (AdamW
-moments, safetensors, never pickle) and `trainer_state.json` (step, options, metrics, and the
-sha256 of the weights it belongs to), written last, so a half-written checkpoint is detected.
-A save writes all three files into a hidden temp folder and swaps it in with renames, so a kill
-at any instant leaves a complete checkpoint at `out` or in a hidden sibling, where resume finds
-it (`find_checkpoint`).
 Batches come from a seeded permutation per epoch, so a resumed run sees the same batches as an
-uninterrupted one and ends with the same weights.
+uninterrupted one and ends with the same weights. Under torchrun (distributed.py) the batch of a
+step is the same global batch, split into one consecutive part per rank; DistributedDataParallel
+averages the parts' gradients, and the loss divides by the whole batch's counts, so any number
+of processes trains the drafter one process would (up to float rounding).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from redrafter.config import BeamShape, DrafterConfig
-from redrafter.errors import CheckpointError, ConfigError
-from redrafter.files import pid_alive, sibling_copies, stale_copies
-from redrafter.models.checkpoints import (
-    SAFETENSORS,
-    load_drafter,
-    save_drafter,
-)
+from redrafter.errors import ConfigError
+from redrafter.models.checkpoints import load_drafter
 from redrafter.models.drafter import Drafter
 from redrafter.models.llama import Transformer
+from redrafter.train.checkpoint import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    find_checkpoint,  # noqa: F401  (its old home: tests/test_fault_injection.py imports it here)
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
+from redrafter.train.distributed import SINGLE, Ranks, is_lost_rank, lost_rank, stop_on_sigterm
 from redrafter.train.evaluate import heldout_metrics, tokens_per_step
-from redrafter.train.loss import IGNORE, drafter_loss, to_head_ids, unroll
+from redrafter.train.loss import IGNORE, drafter_loss, target_counts, to_head_ids, unroll
 from redrafter.train.teacher import Examples
 from redrafter.train.vocab import choose_draft_vocab, head_index
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 Mode = Literal["ce", "distill"]
 
 
@@ -222,133 +219,6 @@ def batch_indices(step: int, *, count: int, batch_size: int, seed: int) -> torch
     return torch.cat(picked)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_checkpoint(
-    drafter: Drafter,
-    optimizer: torch.optim.Optimizer,
-    out: Path,
-    *,
-    step: int,
-    total: int,
-    options: TrainOptions,
-    history: list[dict[str, float]],
-    extra: dict[str, Any],
-) -> None:
-    """The drafter (Apple's layout) plus the optimizer moments and the trainer state, written
-    together into a temp folder and swapped in with renames (`save_drafter`): at every instant a
-    complete checkpoint, old or new, is at `out` or at a hidden sibling `find_checkpoint` finds."""
-    names = {id(p): n for n, p in drafter.named_parameters()}
-    tensors: dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state:
-                n = names[id(p)]
-                tensors[f"{n}.exp_avg"] = state["exp_avg"].cpu().contiguous()
-                tensors[f"{n}.exp_avg_sq"] = state["exp_avg_sq"].cpu().contiguous()
-                tensors[f"{n}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(
-                    1
-                )
-
-    def write_state(folder: Path) -> None:
-        save_file(tensors, str(folder / OPTIMIZER_FILE))
-        record = {
-            "step": step,
-            "total_steps": total,
-            "options": options.to_dict(),
-            "weights_sha256": _sha256(folder / SAFETENSORS),
-            "optimizer_sha256": _sha256(folder / OPTIMIZER_FILE),
-            "history": history,
-            **extra,
-        }
-        (folder / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")  # written last
-
-    save_drafter(drafter, out, extra_files=write_state)
-
-
-def _complete_step(folder: Path) -> int | None:
-    """The step of the complete checkpoint in `folder` (state, weights and optimizer that
-    belong together), or None."""
-    try:
-        state = json.loads((folder / STATE_FILE).read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return None
-        for file, key in ((SAFETENSORS, "weights_sha256"), (OPTIMIZER_FILE, "optimizer_sha256")):
-            if _sha256(folder / file) != state.get(key):
-                return None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return state["step"]
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    """Put the last complete checkpoint of `out` back at `out` and return it (None: there is
-    none). A save killed mid-swap can leave `out` incomplete or absent and the previous
-    checkpoint in a hidden `.NAME.old-*` (or a finished `.NAME.tmp-*`) sibling; copies being
-    written by a live process are left alone."""
-    out = Path(out)
-    mine = os.getpid()
-    candidates = [out] if out.is_dir() else []
-    for p in sibling_copies(out):
-        pid, sep, _ = p.name[len(f".{out.name}.tmp-") :].partition("-")
-        if sep and pid.isdigit() and int(pid) != mine and pid_alive(int(pid)):
-            continue  # another live writer's
-        candidates.append(p)
-    steps = {p: _complete_step(p) for p in candidates}
-    complete = [p for p in candidates if steps[p] is not None]
-    if not complete:
-        return None
-    best = max(complete, key=lambda p: (steps[p], p == out))
-    if best != out:
-        if out.exists():
-            if not out.is_dir() or any(
-                f.name not in (SAFETENSORS, OPTIMIZER_FILE, STATE_FILE, "config.json")
-                for f in out.iterdir()
-            ):
-                raise CheckpointError(
-                    f"{out}: holds files that are not a checkpoint's, and the last complete "
-                    f"checkpoint is in {best}; move {out} away and resume again"
-                )
-            shutil.rmtree(out)
-        os.rename(best, out)
-    for p in stale_copies(out):
-        shutil.rmtree(p, ignore_errors=True)
-    return out
-
-
-def load_checkpoint(out: Path) -> tuple[Drafter, dict[str, torch.Tensor], dict[str, Any]]:
-    """The drafter, optimizer tensors and trainer state of the last complete checkpoint of
-    `out` (recovered from a save that was killed midway, see `find_checkpoint`), checked to
-    belong together."""
-    out = Path(out)
-    if find_checkpoint(out) is None:
-        raise CheckpointError(
-            f"{out}: no complete checkpoint ({STATE_FILE} with matching weights and optimizer) "
-            "to resume from; train without --resume (or pass the --out of an interrupted run)"
-        )
-    state = json.loads((out / STATE_FILE).read_text())
-    return load_drafter(out), load_file(str(out / OPTIMIZER_FILE)), state
-
-
-def _restore_optimizer(
-    optimizer: torch.optim.Optimizer, drafter: Drafter, tensors: dict[str, torch.Tensor]
-) -> None:
-    for n, p in drafter.named_parameters():
-        if f"{n}.exp_avg" in tensors:
-            optimizer.state[p] = {
-                "step": tensors[f"{n}.step"].reshape(()).clone(),
-                "exp_avg": tensors[f"{n}.exp_avg"].to(p.device),
-                "exp_avg_sq": tensors[f"{n}.exp_avg_sq"].to(p.device),
-            }
-
-
 def progress_bar(enabled: bool) -> Any:
     """A rich progress bar on stderr (disabled: no output), with an `info` text field."""
     from rich.console import Console
@@ -373,6 +243,32 @@ def progress_bar(enabled: bool) -> Any:
     )
 
 
+class _Unroll(torch.nn.Module):
+    """The teacher-forced unroll as a module's forward: DistributedDataParallel syncs gradients
+    only for what runs through the forward of the module it wraps."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(
+        self, context: torch.Tensor, tokens: torch.Tensor, embed: torch.Tensor
+    ) -> torch.Tensor:
+        return unroll(self.drafter, context, tokens, embed)  # (M, K, Vd)
+
+
+def _resume(out: Path, ranks: Ranks) -> tuple[Drafter, dict[str, torch.Tensor], dict[str, Any]]:
+    """Every rank's copy of the last checkpoint: rank 0 recovers it (`find_checkpoint` may
+    rename folders) while the others wait, then each reads it (`out` on a shared file system)."""
+    if ranks.is_main:
+        loaded = load_checkpoint(out)
+    ranks.barrier()
+    if not ranks.is_main:
+        state = json.loads((out / STATE_FILE).read_text())
+        loaded = load_drafter(out), load_file(str(out / OPTIMIZER_FILE)), state
+    return loaded
+
+
 def train_drafter(
     base: Transformer,
     train: Examples,
@@ -385,12 +281,15 @@ def train_drafter(
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
     stop_after: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Train a drafter for the frozen `base` on `train` examples and save it to `out`.
 
     With `resume`, continue from the checkpoint in `out` (its weights, optimizer state and
-    step). `stop_after` ends the run early at that step with a checkpoint, as an interruption
-    would (used to test resuming)."""
+    step), whatever world size wrote it. `stop_after` ends the run early at that step with a
+    checkpoint, as an interruption would (a job with a time limit; tests of resuming).
+    `ranks`: this process's place under torchrun; every rank passes the same examples and
+    options, rank 0 alone logs, shows progress, evaluates and saves."""
     out = Path(out)
     if train.predict_tokens < options.predict_tokens:
         raise ConfigError(
@@ -399,6 +298,13 @@ def train_drafter(
         )
     if len(train) == 0:
         raise ConfigError("no training examples; pass more data")
+    if options.batch_size < ranks.world:
+        raise ConfigError(
+            f"--batch-size {options.batch_size} is smaller than the {ranks.world} processes "
+            "that split it; pass a larger batch or start fewer processes"
+        )
+    if not ranks.is_main:
+        progress, log = False, lambda message: None
     K = options.predict_tokens
     for p in base.parameters():
         p.requires_grad_(False)
@@ -411,11 +317,12 @@ def train_drafter(
     running: dict[str, float] = {}  # moving averages of the training logs (saved: continuity)
     seconds_before = 0.0  # training time of the run(s) this one resumes
     if resume:
-        drafter, opt_tensors, state = load_checkpoint(out)
+        drafter, opt_tensors, state = _resume(out, ranks)
         start_step, history = int(state["step"]), list(state.get("history", []))
         coverage, running = state.get("coverage"), dict(state.get("running", {}))
         seconds_before = float(state.get("train_seconds", 0.0))
-        log(f"resuming {out} at step {start_step}/{total}")
+        was = state.get("world_size", 1)
+        log(f"resuming {out} at step {start_step}/{total} (saved by {was} process(es))")
     else:
         drafter, coverage = build_drafter(base, train, options)
         opt_tensors, running = {}, {}
@@ -424,14 +331,19 @@ def train_drafter(
     index = None if index is None else index.to(device)
     if options.freeze_head:
         drafter.lm_head[-1].weight.requires_grad_(False)
+    model: torch.nn.Module = _Unroll(drafter)
+    if ranks.distributed:  # broadcasts rank 0's weights now, averages gradients in backward
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    _restore_optimizer(optimizer, drafter, opt_tensors)
+    restore_optimizer(optimizer, drafter, opt_tensors)
     bf16 = use_bf16(options.bf16, device)
-    extra = {"coverage": coverage, "examples": len(train), "bf16": bf16}
+    extra = {"coverage": coverage, "examples": len(train), "bf16": bf16, **ranks.describe()}
     started = time.perf_counter()
     end = total if stop_after is None else min(total, stop_after)
     final_eval: dict[str, float] = {}
+    saved = start_step if resume else None  # the step of the last complete checkpoint
 
     def evaluate(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {"step": float(step)}
@@ -452,12 +364,34 @@ def train_drafter(
         drafter.train()
         return metrics
 
-    with progress_bar(progress) as bar:
+    def save(step: int, more: dict[str, Any]) -> None:
+        nonlocal saved
+        if ranks.is_main:
+            save_checkpoint(
+                drafter,
+                optimizer,
+                out,
+                step=step,
+                total=total,
+                options=options.to_dict(),
+                history=history,
+                extra={**extra, **more},
+            )
+        saved = step
+
+    def where() -> str:
+        if saved is None:
+            return f"no checkpoint in {out} yet; rerun the same command"
+        return f"the last checkpoint in {out} is at step {saved}; rerun with --resume"
+
+    step = start_step
+    with stop_on_sigterm(ranks, where), progress_bar(progress) as bar:
         task = bar.add_task("training drafter", total=total, completed=start_step, info="")
         for step in range(start_step, end):
             rows = batch_indices(
                 step, count=len(train), batch_size=options.batch_size, seed=options.seed
             )
+            rows = torch.tensor_split(rows, ranks.world)[ranks.rank]  # this rank's part
             batch = train.take(rows).to(device)
             tokens = batch.tokens[:, : K + 1]  # (M, K+1)
             targets = to_head_ids(tokens[:, 1:], index)  # (M, K)
@@ -465,23 +399,39 @@ def train_drafter(
             if options.kl_weight and batch.teacher_ids is not None:
                 teacher_rows = to_head_ids(batch.teacher_ids[:, :K], index)  # (M, K, C)
                 teacher_logp = batch.teacher_logp[:, :K]  # type: ignore[index]
+            counts = target_counts(targets, teacher_rows)  # (2, K) this part's
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total, options)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = unroll(drafter, batch.context, tokens, embed)  # (M, K, Vd)
-            logits = logits.float()
-            loss, logs = drafter_loss(
-                logits,
-                targets,
-                teacher_rows=teacher_rows,
-                teacher_logp=teacher_logp,
-                kl_weight=options.kl_weight,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            hits = (logits[:, 0].argmax(-1) == targets[:, 0])[targets[:, 0] != IGNORE]
-            logs["top1@1"] = float(hits.float().mean()) if len(hits) else 0.0
+            try:
+                if ranks.distributed:
+                    dist.all_reduce(counts)  # (2, K) the whole batch's: the loss's denominators
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(batch.context, tokens, embed)  # (M, K, Vd)
+                logits = logits.float()
+                loss, logs = drafter_loss(
+                    logits,
+                    targets,
+                    teacher_rows=teacher_rows,
+                    teacher_logp=teacher_logp,
+                    kl_weight=options.kl_weight,
+                    counts=counts,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                # DDP averages the ranks' gradients; each loss is its part of the batch's mean,
+                # so scaling by the world size turns that average back into their sum.
+                (loss * ranks.world).backward()
+                optimizer.step()
+                hits = (logits[:, 0].argmax(-1) == targets[:, 0])[targets[:, 0] != IGNORE]
+                logs["top1@1"] = float(hits.float().sum() / counts[0, 0].clamp(min=1))
+                if ranks.distributed:  # the parts' shares add up to the batch's values
+                    shares = torch.tensor(list(logs.values()), dtype=torch.float64, device=device)
+                    dist.all_reduce(shares)
+                    logs = dict(zip(logs, shares.tolist(), strict=True))
+            except RuntimeError as e:
+                if not (ranks.distributed and is_lost_rank(e)):
+                    raise
+                error = lost_rank(ranks, e, f"at step {step}")
+                raise type(error)(f"{error}; {where()}") from None
             for k, v in logs.items():  # exponential moving averages for the bar
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             done = step + 1
@@ -491,41 +441,22 @@ def train_drafter(
                 info=f"loss {running['loss']:.3f} top1@1 {running['top1@1']:.2f}",
             )
             if options.eval_every and done % options.eval_every == 0 and done < end:
-                metrics = {**evaluate(done), "train_loss": running["loss"]}
-                history.append(metrics)
-                log(_describe(metrics))
+                if ranks.is_main:
+                    metrics = {**evaluate(done), "train_loss": running["loss"]}
+                    history.append(metrics)
+                    log(_describe(metrics))
             if options.save_every and done % options.save_every == 0 and done < end:
-                save_checkpoint(
-                    drafter,
-                    optimizer,
-                    out,
-                    step=done,
-                    total=total,
-                    options=options,
-                    history=history,
-                    extra={
-                        **extra,
-                        "running": running,
-                        "train_seconds": round(seconds_before + time.perf_counter() - started, 1),
-                    },
-                )
+                seconds = seconds_before + time.perf_counter() - started
+                save(done, {"running": running, "train_seconds": round(seconds, 1)})
         seconds = time.perf_counter() - started
-        if end == total:
+        if end == total and ranks.is_main:
             bar.update(task, description="evaluating")
             final_eval = {**evaluate(end), "train_loss": running.get("loss", float("nan"))}
             history.append(final_eval)
             log(_describe(final_eval))
-    extra["train_seconds"] = round(seconds_before + seconds, 1)
-    save_checkpoint(
-        drafter,
-        optimizer,
-        out,
-        step=end,
-        total=total,
-        options=options,
-        history=history,
-        extra={**extra, "running": running},
-    )
+        extra["train_seconds"] = round(seconds_before + seconds, 1)
+        save(end, {"running": running})
+        ranks.barrier()  # no rank reports success before rank 0 has saved
     return TrainResult(drafter.cpu().eval(), out, end, seconds, history, final_eval, coverage)
 
 
