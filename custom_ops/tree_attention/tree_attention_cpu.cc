@@ -8,6 +8,7 @@
 #include <cstring>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "tile_math.h"
@@ -15,6 +16,10 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+// GCC 12's AVX-512 shuffle intrinsics pass _mm512_undefined_ps() as an unused merge source,
+// which -W(maybe-)uninitialized reports: a false positive of the header (as in matmul_int4_cpu.cc).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define RD_HAVE_AVX2_CLONE 1
 #else
 #define RD_HAVE_AVX2_CLONE 0
