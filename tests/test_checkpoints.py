@@ -102,10 +102,14 @@ def write_gguf(
     arch: str = "llama",
     q8_embed: bool = False,
     rope_freqs: np.ndarray | None = None,
+    linear: float | None = None,
 ) -> None:
     c = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch)
+    if linear is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(linear)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -261,6 +265,241 @@ def test_gguf_quantized_tensor_is_dequantized(tmp_path: Path) -> None:
             torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(embed, q8), q8))
         )
     assert_same_logits(source, load_base(path))
+
+
+def test_gguf_linear_rope_scaling(tmp_path: Path) -> None:
+    """`rope.scaling.type` linear with its factor: positions divided by the factor, as the HF
+    config's linear rope_scaling (which changes the logits: checked over 60 positions)."""
+    source = tiny_model(rope_scaling={"rope_type": "linear", "factor": 4.0})
+    path = tmp_path / "linear.gguf"
+    write_gguf(source, path, linear=4.0)
+    loaded = load_base(path)
+    assert (loaded.config.rope_type, loaded.config.rope_scaling["factor"]) == ("linear", 4.0)
+    assert_same_logits(source, loaded)
+    assert (logits_of(loaded, T=60) - logits_of(source, T=60)).abs().max() < 1e-5
+    assert (logits_of(tiny_model(), T=60) - logits_of(source, T=60)).abs().max() > 1e-3
+
+
+# Gemma: what llama.cpp's convert_hf_to_gguf.py writes. HF name (inside model.layers.{i}.) ->
+# GGUF block tensor; every `*norm.weight` is stored as 1 + w.
+GEMMA_GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+GEMMA_WINDOW = 8  # the logits below run over 24 positions, 3x the window
+
+
+def hf_gemma(arch: str) -> torch.nn.Module:
+    """A tiny random transformers Gemma 2 (2 layers: local, global) or Gemma 3 (6 layers: five
+    local, then a global one with base 1e6 and linear scaling 8), laid out as llama.cpp assumes:
+    query_pre_attn_scalar = head_dim (24, not hidden/heads = 16), Gemma 3's local base 1e4."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from test_llama_vs_transformers import PHI3_IDS, SIZES, randomized
+
+    sizes = dict(**SIZES, **PHI3_IDS, head_dim=24, query_pre_attn_scalar=24)
+    sizes["sliding_window"] = GEMMA_WINDOW
+    if arch == "gemma2":
+        config = Gemma2Config(**sizes, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
+        return randomized(Gemma2ForCausalLM(config), seed=3)
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    }
+    sizes["num_hidden_layers"] = 6
+    layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+    config = Gemma3TextConfig(**sizes, layer_types=layer_types, rope_parameters=rope)
+    return randomized(Gemma3ForCausalLM(config), seed=3)
+
+
+def write_gemma_gguf(
+    hf: torch.nn.Module,
+    path: Path,
+    arch: str,
+    *,
+    meta: dict | None = None,
+    drop: tuple[str, ...] = (),
+    tokenizer: bool = False,
+) -> None:
+    """`hf` as llama.cpp's converter writes arch `gemma2` / `gemma3`; `meta` adds or replaces
+    metadata keys (after `{arch}.`), `drop` leaves keys out."""
+    c = hf.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+    keys = {
+        "block_count": c.num_hidden_layers,
+        "context_length": c.max_position_embeddings,
+        "embedding_length": c.hidden_size,
+        "feed_forward_length": c.intermediate_size,
+        "attention.head_count": c.num_attention_heads,
+        "attention.head_count_kv": c.num_key_value_heads,
+        "attention.key_length": c.head_dim,
+        "attention.value_length": c.head_dim,
+        "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+        "attention.sliding_window": c.sliding_window,
+    }
+    if arch == "gemma2":
+        keys["attn_logit_softcapping"] = float(c.attn_logit_softcapping)
+        keys["final_logit_softcapping"] = float(c.final_logit_softcapping)
+    else:
+        keys["rope.freq_base"] = 1_000_000.0  # the global layers'
+        keys["rope.scaling.type"] = "linear"
+        keys["rope.scaling.factor"] = 8.0
+    keys.update(meta or {})
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in keys.items():
+        if key in drop:
+            continue
+        if isinstance(value, str):
+            w.add_string(f"{arch}.{key}", value)
+        elif isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
+    if tokenizer:  # Gemma's SentencePiece vocabulary, as the converter embeds it
+        w.add_tokenizer_model("llama")
+        w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])  # the head is tied
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"] + 1)
+    for i in range(c.num_hidden_layers):
+        for hf_name, g in GEMMA_GGUF_NAMES.items():
+            x = sd.get(f"model.layers.{i}.{hf_name}.weight")
+            if x is not None:
+                x = x + 1 if hf_name.endswith("norm") else x
+                w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(x))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gguf_gemma_round_trip(arch: str, tmp_path: Path) -> None:
+    """A Gemma GGUF (norms stored as 1 + w, four norms per layer, tied head, the window and
+    soft-caps or Gemma 3's two rotary bases and q/k norms in the metadata) gives the HF model's
+    logits over 24 positions, three times the window."""
+    from test_llama_vs_transformers import full_forward
+
+    hf = hf_gemma(arch)
+    path = tmp_path / f"{arch}.gguf"
+    write_gemma_gguf(hf, path, arch)
+    loaded = load_base(path)
+    c = loaded.config
+    assert c.model_type == {"gemma2": "gemma2", "gemma3": "gemma3_text"}[arch]
+    assert (c.dim_per_head, c.attention_scale) == (24, 24**-0.5)
+    windows = [c.layer_window(i) for i in range(c.num_hidden_layers)]
+    if arch == "gemma2":
+        assert windows == [GEMMA_WINDOW, 0]
+        assert (c.attn_logit_softcapping, c.final_logit_softcapping) == (2.0, 5.0)
+    else:
+        assert windows == [GEMMA_WINDOW] * 5 + [0]
+        assert loaded.local_rope == [True] * 5 + [False]
+        assert (c.rope_theta, c.rope_local_base_freq, c.rope_type) == (1e6, 1e4, "linear")
+        assert "model.layers.0.self_attn.q_norm.weight" in loaded.state_dict()
+    hf.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, c.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf(ids).logits  # (2, 24, V)
+        got = full_forward(loaded, ids)
+        from_folder = full_forward(load_base(tmp_path / "hf"), ids)
+    assert expected.abs().max() > 1.0
+    err = (got - expected).abs().max().item()
+    assert err < 5e-5, f"max logit diff {err:.3g}"  # fp32 rounding on logits up to ~10
+    assert torch.equal(got, from_folder)  # the very model the HF folder gives
+    hf_norm = hf.state_dict()["model.layers.0.post_feedforward_layernorm.weight"]
+    ours = loaded.state_dict()["model.layers.0.post_feedforward_layernorm.weight"]
+    assert torch.allclose(ours, hf_norm, atol=1e-6)  # stored as 1 + w, loaded as w
+
+
+@pytest.mark.parametrize(
+    ("arch", "layers", "scalar"),
+    [("gemma2", 46, 16), ("gemma2", 42, 24), ("gemma3", 62, 16), ("gemma3", 34, 24)],
+)
+def test_gguf_gemma_attention_scale_follows_llama_cpp(arch, layers, scalar, tmp_path) -> None:
+    """No query_pre_attn_scalar in a GGUF: llama.cpp's rule, hidden/heads (64/4) for the 27B
+    models' layer counts, head_dim (24) otherwise."""
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_key_length(24)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(97)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    config = load_base_config(path)
+    assert config.query_pre_attn_scalar == scalar
+    windows = [config.layer_window(i) for i in range(4)]
+    if arch == "gemma2":  # llama.cpp's pattern and defaults for what the file leaves out
+        assert windows == [4096, 0, 4096, 0]
+        assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (50.0, 30.0)
+    else:  # Gemma 3 without a window: every layer global, one rotary base
+        assert windows == [0] * 4 and not any(config.layer_local_rope(i) for i in range(4))
+
+
+def tiny_gemma3() -> torch.nn.Module:
+    """A 1-layer Gemma 3 for the metadata errors (the weights are never compared)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from test_llama_vs_transformers import SIZES
+
+    sizes = {**SIZES, "num_hidden_layers": 1, "head_dim": 24, "sliding_window": GEMMA_WINDOW}
+    return Gemma3ForCausalLM(Gemma3TextConfig(**sizes)).eval()
+
+
+@pytest.mark.parametrize(
+    ("meta", "drop", "error", "message"),
+    [
+        ({}, ("rope.scaling.factor",), CheckpointError, "gemma3.rope.scaling.factor is missing"),
+        ({"rope.scaling.type": "yarn"}, (), UnsupportedModelError, "rope scaling 'yarn'"),
+        ({"rope.scaling.factor": -2.0}, (), ConfigError, "factor=-2.0 must be a number > 0"),
+        ({"attention.value_length": 16}, (), UnsupportedModelError, "value_length=16 differs"),
+        ({"attention.sliding_window": "wide"}, (), CheckpointError, "malformed value"),
+        ({"final_logit_softcapping": -1.0}, (), ConfigError, "final_logit_softcapping=-1.0"),
+        ({}, ("attention.layer_norm_rms_epsilon",), CheckpointError, "rms_epsilon is missing"),
+    ],
+)
+def test_gguf_gemma_metadata_errors_are_one_line(meta, drop, error, message, tmp_path) -> None:
+    path = tmp_path / "bad.gguf"
+    write_gemma_gguf(tiny_gemma3(), path, "gemma3", meta=meta, drop=drop)
+    with pytest.raises(error) as info:
+        load_base(path)
+    text = str(info.value)
+    assert message in text and "\n" not in text and str(path) in text, text
+
+
+def test_gguf_gemma_tokenizer_needs_tokenizer_json(tmp_path: Path) -> None:
+    """Gemma's SentencePiece vocabulary is not rebuilt from GGUF metadata: without the model's
+    tokenizer.json beside the .gguf, one line says to put it there; with it, it is used."""
+    from redrafter.errors import RedrafterError
+    from redrafter.models.tokenizer import load_tokenizer
+
+    from conftest import write_hf_checkpoint
+
+    path = tmp_path / "gemma.gguf"
+    write_gemma_gguf(tiny_gemma3(), path, "gemma3", tokenizer=True)
+    with pytest.raises(RedrafterError) as info:
+        load_tokenizer(path)
+    text = str(info.value)
+    assert "'llama'" in text and "tokenizer.json next to the .gguf" in text and "\n" not in text
+    write_hf_checkpoint(tiny_model(), tmp_path / "hf")  # its word-level tokenizer.json
+    (tmp_path / "tokenizer.json").write_bytes((tmp_path / "hf" / "tokenizer.json").read_bytes())
+    assert load_tokenizer(path).encode("w0 w1") == [2, 3]
 
 
 def test_gguf_unsupported_architecture(tmp_path: Path) -> None:

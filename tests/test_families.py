@@ -182,6 +182,19 @@ def test_torch_reference_decodes_transformers_tokens(family) -> None:
     assert len(steps) < NEW_TOKENS * 0.7, "the oracle should get multi-token accepts"
 
 
+def test_teacher_answers_are_transformers_tokens(family) -> None:
+    """Drafter training's teacher (continuous batching over 2 slots, one-token attention with
+    each layer's window and soft-cap) answers PROMPTS with `generate`'s tokens: the answers run
+    2.5x past the window, so a teacher attending to the whole cache would depart."""
+    from redrafter.train.answers import generate_answers
+
+    name, _, folder, _, truth = family
+    traces = generate_answers(
+        load_base(folder), PROMPTS, max_new_tokens=NEW_TOKENS, eos_token_ids=(), slots=2
+    )
+    assert_same_tokens([t[1].tolist() for t in traces], truth, f"{name} teacher answers")
+
+
 def test_longrope_switches_tables_per_position(tmp_path: Path) -> None:
     """Our one uncached pass over 40 tokens equals transformers' cached pass (a prompt of
     SWITCH - 8 tokens, then one token per call, as `generate` runs), position by position; and

@@ -101,6 +101,31 @@ def test_generated_answers_match_greedy_decoding() -> None:
         assert sum((s.new_tokens[0] for s in steps), []) == answer
 
 
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize(("window", "softcap"), [(0, 0.0), (1, 0.0), (4, 0.0), (4, 2.0), (0, 2.0)])
+def test_one_token_attention_is_attend(window: int, softcap: float, scale) -> None:
+    """The teacher's one-token attention is the model's `attend` with the same attributes: rows
+    at positions 0, 3 and 9 (a window of 4 hides most of the last row's cache, none of the
+    first's), grouped queries, the new key/value written in place at each row's slot."""
+    from redrafter.models.attention import attend
+    from redrafter.train.teacher import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, S, D = 3, 4, 2, 12, 8
+    past = torch.tensor([0, 3, 9])
+    q, k, v = (torch.randn(B, h, 1, D, generator=g) for h in (Hq, Hkv, Hkv))
+    cache = torch.randn(2, B, Hkv, S, D, generator=g)  # slots past P hold junk, never read
+    one = torch.ones(B, 1, 1, dtype=torch.bool)
+    attrs = dict(scale=scale, window=window, softcap=softcap)
+    want, want_k, want_v = attend(q, k, v, *cache.clone(), past, one, **attrs)
+    got, got_k, got_v = decode_attention(q, k, v, *cache.clone(), past, one, **attrs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    if window or softcap:  # the attributes matter here: dropping them moves the output
+        plain = decode_attention(q, k, v, *cache.clone(), past, one, scale=scale)[0]
+        assert (plain - want).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("draft_vocab", [None, 40])
 def test_training_unroll_is_what_the_beam_search_computes(draft_vocab) -> None:
     """W=1 beam search from (h, g0) equals the teacher-forced unroll fed the beam's own
@@ -305,6 +330,45 @@ def test_cli_trains_a_loadable_drafter(base_dir: Path, tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     assert "cached base outputs" in again.output and "resuming" in again.output
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 7
+
+
+def test_cli_distills_a_windowed_base(tmp_path: Path) -> None:
+    """`train-drafter` on a Mistral checkpoint whose window (4) is a quarter of the answers
+    (16 tokens): the teacher data holds the base's own greedy answers, which the window
+    changes, and the drafter trains."""
+    from redrafter.decoding import AUTOREGRESSIVE, decode
+    from redrafter.runtimes.torch import TorchRuntime
+    from redrafter.train.teacher_data import load_examples
+
+    base = tiny_base(model_type="mistral", sliding_window=4)
+    folder = write_hf_checkpoint(base, tmp_path / "mistral")
+    prompts = [WORDS[i : i + 4] for i in range(0, 40, 4)]
+    data = tmp_path / "prompts.txt"
+    data.write_text("\n".join(" ".join(p) for p in prompts) + "\n")
+    args = ["train-drafter", "--base", str(folder), "--data", str(data), "--out",
+            str(tmp_path / "d"), "--steps", "3", "--batch-size", "16", "--seq-len", "16",
+            "--predict-tokens", "2", "--draft-vocab", "32", "--teacher-data",
+            str(tmp_path / "teacher"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert load_drafter(tmp_path / "d").config.hidden_size == 32
+    answers = [  # 9 training prompts, 1 held out
+        answer
+        for part in ("train", "heldout")
+        for answer in load_examples(tmp_path / "teacher" / part, predict_tokens=2)[1]
+    ]
+    ids = [[WORDS.index(w) + 2 for w in p] for p in prompts]  # the word-level tokenizer's ids
+
+    def greedy() -> list[list[int]]:
+        options = AUTOREGRESSIVE.replace(max_new_tokens=16)
+        return [sum((s.new_tokens[0] for s in decode(TorchRuntime(base), [p], options)), [])
+                for p in ids]  # fmt: skip
+
+    truth = greedy()
+    assert sorted(answers) == sorted(truth)
+    for layer in base.model.layers:
+        layer.self_attn.op_attributes.pop("window")
+    assert greedy() != truth  # the window shapes these answers
 
 
 @pytest.mark.parametrize(

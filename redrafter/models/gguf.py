@@ -1,11 +1,36 @@
 """Reading a llama.cpp GGUF base model: config from its metadata, weights dequantized to fp32.
 
 llama.cpp's `convert_hf_to_gguf.py` permutes q/k rows into Meta's interleaved rotary layout for
-arch `llama` (not for `qwen2` and `qwen3`, which llama.cpp runs with rotate_half rotary), so
-`llama` rows are un-permuted here into the HF layout our `Transformer` uses. Qwen3's q/k norms
-arrive as `attn_q_norm` / `attn_k_norm` and its head size as `attention.key_length`. Llama
-3.1/3.2's rope scaling arrives as the `rope_freqs` tensor, one divisor per rotary frequency; it
-becomes the config's `rope_scaling` of type `freq_factors` (config.py).
+arch `llama` (not for `qwen2`, `qwen3`, `gemma2` and `gemma3`, which llama.cpp runs with
+rotate_half rotary), so `llama` rows are un-permuted here into the HF layout our `Transformer`
+uses. Qwen3's and Gemma 3's q/k norms arrive as `attn_q_norm` / `attn_k_norm` and the head size
+as `attention.key_length`. Llama 3.1/3.2's rope scaling arrives as the `rope_freqs` tensor, one
+divisor per rotary frequency; it becomes the config's `rope_scaling` of type `freq_factors`
+(config.py). Linear rope scaling arrives as `rope.scaling.type` "linear" with its factor.
+
+Gemma 2 / Gemma 3 (`_gemma_raw`), as llama.cpp's converter writes them and llama.cpp's
+`llama-model.cpp` reads them back:
+
+* every RMSNorm weight is stored with Gemma's +1 folded in (the converter adds 1 to each
+  `*norm.weight`), so 1 is subtracted here for our `GemmaRMSNorm`, which scales by 1 + w;
+* the four norms per layer are `attn_norm`, `post_attention_norm`, `ffn_norm` (HF's
+  pre_feedforward_layernorm, not Llama's post-attention norm) and `post_ffw_norm`;
+  the head is tied to `token_embd` (Gemma 3 may carry an `output` tensor);
+* the sliding-window layer pattern is llama.cpp's, hard-coded per arch: Gemma 2 alternates
+  (even layers local), Gemma 3 makes every 6th layer global; `attention.sliding_window` is the
+  window (Gemma 2: 4096 when absent; Gemma 3 without it: no local layers);
+* Gemma 3's local layers rotate with base 10000 unscaled (hard-coded in llama.cpp), its global
+  ones with `rope.freq_base` and the linear scaling;
+* Gemma 2's soft-caps: `attn_logit_softcapping` and `final_logit_softcapping` (50 and 30 when
+  absent, llama.cpp's defaults); Gemma 3: only the final one, when present;
+* the files carry no query_pre_attn_scalar: llama.cpp derives the attention scale from the model
+  size, 1/sqrt(hidden/heads) for the 27B models (46 layers for Gemma 2, 62 for Gemma 3) and
+  1/sqrt(head_dim) otherwise, which is what every released Gemma 2/3's config says. A fine-tune
+  whose config.json says otherwise runs here as it runs in llama.cpp, not as in transformers:
+  load its HF folder instead.
+
+Gemma's tokenizer is SentencePiece (`tokenizer.ggml.model` "llama"), which tokenizer.py does not
+rebuild from GGUF metadata: text prompts need the model's tokenizer.json beside the .gguf.
 """
 
 from __future__ import annotations
@@ -20,12 +45,22 @@ import numpy as np
 import torch
 
 from redrafter.config import BaseModelConfig
-from redrafter.errors import CheckpointError, UnsupportedModelError
+from redrafter.errors import CheckpointError, ConfigError, UnsupportedModelError
 from redrafter.models.llama import interleaved_to_half
 
 GGUF_MAGIC = b"GGUF"
 ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 rope scaling, read into the config, not a weight
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+_MODEL_TYPE = {"gemma3": "gemma3_text"}  # GGUF arch -> config model_type, where they differ
+GEMMA_ARCHS = ("gemma2", "gemma3")
+# llama.cpp's hard-coded Gemma facts (llama-model.cpp): every `pattern`-th layer is global, the
+# 27B models' layer counts (their attention scale is 1/sqrt(hidden/heads)), Gemma 3's local
+# rotary base, Gemma 2's defaults for a window and soft-caps missing from the file.
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_LOCAL_ROPE_BASE = 10_000.0
+_GEMMA2_DEFAULTS = {"sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                    "final_logit_softcapping": 30.0}  # fmt: skip
 
 # llama.cpp block tensor name -> HF name (inside `model.layers.{i}.`).
 _GGUF_BLOCK = {
@@ -38,8 +73,16 @@ _GGUF_BLOCK = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-    "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head q/k RMSNorm
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's and Gemma 3's per-head q/k RMSNorm
     "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma's four norms per layer: `ffn_norm` is the norm before the MLP, as in Llama, but
+# Gemma's HF name for it is pre_feedforward_layernorm.
+_GEMMA_BLOCK = {
+    **_GGUF_BLOCK,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GGUF_TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -81,11 +124,6 @@ def gguf_config(reader: Any, path: Path) -> BaseModelConfig:
         return value
 
     tensors = {t.name: t for t in reader.tensors}
-    scaling = _gguf_meta(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise UnsupportedModelError(
-            f"{path}: GGUF rope scaling {scaling!r} is not supported; load the HF folder instead"
-        )
     vocab = _gguf_meta(reader, f"{arch}.vocab_size")
     if vocab is None:
         vocab = (
@@ -95,14 +133,63 @@ def gguf_config(reader: Any, path: Path) -> BaseModelConfig:
         )
     try:
         raw = _gguf_raw_config(reader, arch, need, tensors, vocab)
+        scaling = _gguf_meta(reader, f"{arch}.rope.scaling.type", "none")
+        if scaling == "linear":  # llama.cpp: positions divided by the factor
+            raw["rope_scaling"] = {"rope_type": "linear", "factor": need("rope.scaling.factor")}
+        elif scaling != "none":
+            raise UnsupportedModelError(
+                f"{path}: GGUF rope scaling {scaling!r} is not supported (only linear); load "
+                "the HF folder instead"
+            )
         if ROPE_FREQS in tensors:
             raw["rope_scaling"] = {"rope_type": "freq_factors", "factors": _rope_freqs(tensors)}
+        if arch in GEMMA_ARCHS:
+            raw |= _gemma_raw(reader, arch, path)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         raise CheckpointError(
-            f"{path}: GGUF metadata has a malformed size ({type(e).__name__}: {e}); re-convert "
+            f"{path}: GGUF metadata has a malformed value ({type(e).__name__}: {e}); re-convert "
             "the model with llama.cpp's convert_hf_to_gguf.py"
         ) from None
-    return BaseModelConfig.from_dict(raw, where=f"{path} (GGUF metadata)")
+    try:
+        return BaseModelConfig.from_dict(raw, where=f"{path} (GGUF metadata)")
+    except (ConfigError, UnsupportedModelError) as e:  # name the file, not config.json
+        where = f"{path} (GGUF metadata)"
+        raise type(e)(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _gemma_raw(reader: Any, arch: str, path: Path) -> dict[str, Any]:
+    """Gemma 2/3's config fields from the metadata and llama.cpp's hard-coded rules (module
+    docstring)."""
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _gguf_meta(reader, f"{arch}.{key}", default)
+
+    layers, hidden = int(meta("block_count")), int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    value_dim = int(meta("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedModelError(
+            f"{path}: GGUF {arch}.attention.value_length={value_dim} differs from key_length="
+            f"{head_dim}; only equal key and value head sizes are supported"
+        )
+    big = layers == _GEMMA_27B_LAYERS[arch]
+    raw: dict[str, Any] = {
+        "query_pre_attn_scalar": hidden // heads if big else head_dim,
+        "sliding_window_pattern": _GEMMA_PATTERN[arch],
+    }
+    if arch == "gemma2":
+        window = meta("attention.sliding_window", _GEMMA2_DEFAULTS["sliding_window"])
+        raw["sliding_window"] = int(window)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            raw[key] = float(meta(key, _GEMMA2_DEFAULTS[key]))
+        return raw
+    window = int(meta("attention.sliding_window", 0))  # newer llama.cpp: 0 or absent = none
+    raw["sliding_window"] = window or None
+    raw["rope_local_base_freq"] = _GEMMA3_LOCAL_ROPE_BASE
+    final = meta("final_logit_softcapping")
+    raw["final_logit_softcapping"] = float(final) if final else None  # 0 = off in llama.cpp
+    return raw
 
 
 def _rope_freqs(tensors: dict[str, Any]) -> list[float]:
@@ -122,7 +209,7 @@ def _gguf_raw_config(
     `BaseModelConfig`, which the caller builds from it)."""
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
     raw = {
-        "model_type": arch,
+        "model_type": _MODEL_TYPE.get(arch, arch),
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -144,17 +231,20 @@ def _gguf_raw_config(
 
 
 def gguf_weights(reader: Any, config: BaseModelConfig) -> dict[str, torch.Tensor]:
+    """Every tensor under its HF name (names the map does not know stay, prefixed `<gguf>`, for
+    the key-set check to report), fp32; `llama` q/k rows un-permuted, Gemma norms minus 1."""
     from gguf.quants import dequantize
 
     permuted = config.model_type == "llama"  # llama.cpp permutes q/k for `llama` only
+    block_map = _GEMMA_BLOCK if config.is_gemma else _GGUF_BLOCK
     weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue  # the config's rope_scaling (gguf_config)
         name = _GGUF_TOP.get(t.name)
         m = _GGUF_BLOCK_RE.fullmatch(t.name)
-        if m is not None and m.group(2) in _GGUF_BLOCK:
-            name = f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+        if m is not None and m.group(2) in block_map:
+            name = f"model.layers.{m.group(1)}.{block_map[m.group(2)]}.{m.group(3)}"
         if name is None:
             name = f"<gguf>{t.name}"  # reported as unexpected by the key-set check
         shape = [int(d) for d in t.shape[::-1]]  # GGUF lists dims innermost first
@@ -162,6 +252,8 @@ def gguf_weights(reader: Any, config: BaseModelConfig) -> dict[str, torch.Tensor
         if permuted and m is not None and m.group(2) in ("attn_q", "attn_k"):
             n = config.num_attention_heads if m.group(2) == "attn_q" else config.kv_heads
             arr = interleaved_to_half(arr, n)
+        if config.is_gemma and name.endswith("norm.weight"):
+            arr = arr - np.float32(1.0)  # the converter stored 1 + w; exact in fp32 near 1
         # F32/F16 tensors come back as read-only views of the memory-mapped file: copy those.
         arr = np.array(arr, copy=not (arr.flags.writeable and arr.flags.c_contiguous))
         weights[name] = torch.from_numpy(arr)

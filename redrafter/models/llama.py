@@ -112,8 +112,8 @@ class Attention(nn.Module):
         # the eager in-place reference by default; export swaps in a custom op (one node).
         self.op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = tree_attention
         # The op's attributes beyond the default scale 1/sqrt(D): only those this layer sets
-        # are passed, so an op that implements none (e.g. training's one-token attention)
-        # still serves plain layers, and fails loudly on a windowed one.
+        # are passed, so an op that lacks one fails loudly on a layer that needs it (training's
+        # one-token attention implements all three: train/teacher.py).
         self.op_attributes: dict[str, float | int] = {}
         if config.attention_scale is not None:  # Gemma: query_pre_attn_scalar**-0.5
             self.op_attributes["scale"] = config.attention_scale

@@ -137,28 +137,41 @@ def decode_attention(
     tree_mask: torch.Tensor,
     *,
     scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attend` (op version 1) for exactly one new token per row (T = 1), as batched generation
-    needs.
+    needs, with the same attributes: `scale` (None or 0: 1/sqrt(D)), a sliding `window` (the
+    token at position P sees the keys at P - window < q <= P) and Gemma 2's score `softcap`
+    (scores capped before the mask, softmax in float32); 0 = off (models/attention.py).
 
     Same inputs, outputs and in-place cache write; but it reads the cache once per KV head
     instead of materialising (B, Hq, S, D) copies of it and calling a masked SDPA kernel, which
-    on a CPU take ~half of a batch-32 decode step of the 135M model (profiled).
+    on a CPU take ~half of a batch-32 decode step of the 135M model (profiled), and with a
+    window it reads only the slots some row's window covers.
     query: (B, Hq, 1, D); key, value: (B, Hkv, 1, D); caches: (B, Hkv, S, D); past_len: (B,)."""
     B, Hkv, T, D = key.shape
     assert T == 1 and tree_mask.shape[-1] == 1, "decode_attention takes one token per row"
     slot = past_len[:, None, None, None].expand(B, Hkv, 1, D)  # (B, Hkv, 1, D)
     key_cache.scatter_(2, slot, key.to(key_cache.dtype))
     value_cache.scatter_(2, slot, value.to(value_cache.dtype))
-    S = int(past_len.max()) + 1  # slots any row can see
+    end = int(past_len.max()) + 1  # slots any row can see: [start, end)
+    start = max(0, int(past_len.min()) - window + 1) if window > 0 else 0
     rep = query.shape[1] // Hkv  # query head h reads KV head h // rep (HF's repeat_kv order)
-    q = query.reshape(B, Hkv, rep, D)  # (B, Hkv, rep, D)
-    scores = q @ key_cache[:, :, :S].transpose(-1, -2).to(q.dtype)  # (B, Hkv, rep, S)
-    scores = scores * (scale if scale is not None else D**-0.5)
-    visible = torch.arange(S, device=q.device)[None, :] <= past_len[:, None]  # (B, S)
+    dtype = torch.float32 if softcap else query.dtype  # attend caps and softmaxes in fp32
+    q = query.reshape(B, Hkv, rep, D).to(dtype)  # (B, Hkv, rep, D)
+    keys, values = key_cache[:, :, start:end], value_cache[:, :, start:end]  # (B, Hkv, S', D)
+    scores = q @ keys.transpose(-1, -2).to(dtype)  # (B, Hkv, rep, S')
+    scores = scores * (scale or D**-0.5)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    pos = torch.arange(start, end, device=q.device)[None, :]  # (1, S') key positions
+    visible = pos <= past_len[:, None]  # (B, S')
+    if window > 0:
+        visible &= pos > past_len[:, None] - window
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ value_cache[:, :, :S].to(q.dtype)  # (B, Hkv, rep, D)
-    return out.reshape(B, Hkv * rep, 1, D), key_cache, value_cache
+    out = torch.softmax(scores, dim=-1) @ values.to(dtype)  # (B, Hkv, rep, D)
+    return out.reshape(B, Hkv * rep, 1, D).to(query.dtype), key_cache, value_cache
 
 
 _decode_attention_v2 = with_rotary_layout(decode_attention)
