@@ -17,8 +17,9 @@ path, interleaved too, and checked to give the same bits. Reported: the median m
 with the load before and after (the machine may be shared: say so beside any figure).
 
 `--verify` (needs REDRAFTER_SMOLLM2_GGUF) then times the demo int4 bundle's verify of 1 and of 6
-chained tokens after 300 (benchmarks.quantized's `verify_call`, the runtime's own threads) with
-the VNNI and the AMX path, and with `--baseline`'s build, all interleaved in one process.
+chained tokens after 300 (benchmarks.quantized's `verify_call`, `--threads` threads) with
+the VNNI and the AMX path (where the CPU has AMX), and with `--baseline`'s build, all
+interleaved in one process.
 
 Dimensions: M rows (tokens), K reduction, N outputs.
 """
@@ -80,9 +81,10 @@ def path_call(sess: Any, a: np.ndarray, path: str) -> Callable[[], Any]:
     return path_call_of(lambda: sess.run(None, {"A": a}), path)
 
 
-def time_verify(baseline: str, blocks: int) -> dict[str, float]:
+def time_verify(baseline: str, blocks: int, threads: int) -> dict[str, float]:
     """Median ms per verify of 1 and 6 chained tokens after 300 on the demo int4 bundle, per
-    path (and on the `baseline` build of the library when given), interleaved."""
+    path (and on the `baseline` build of the library when given), interleaved, on `threads`
+    intra-op threads."""
     from benchmarks._common import demo_bundle, verify_call
     from redrafter import ops
     from redrafter.bundle import load_bundle
@@ -90,15 +92,15 @@ def time_verify(baseline: str, blocks: int) -> dict[str, float]:
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     bundle = load_bundle(demo_bundle(None, quantization=quantization("int4")))
-    runtimes = {"new": OnnxRuntime(bundle)}
+    runtimes = {"new": OnnxRuntime(bundle, threads=threads)}
     if baseline:  # the runtime takes the library named by the environment when it is built
         os.environ[ops.LIBRARY_ENV] = baseline
-        runtimes["baseline"] = OnnxRuntime(bundle)
+        runtimes["baseline"] = OnnxRuntime(bundle, threads=threads)
         del os.environ[ops.LIBRARY_ENV]
     steps = {}
     for tokens in (1, 6):
         call = verify_call(runtimes["new"], tokens, 300)
-        for path in ("vnni", "amx"):
+        for path in [p for p in usable_paths(call) if p != "best"]:
             steps[f"{path} N={tokens}"] = path_call_of(call, path)
         if baseline:
             steps[f"baseline N={tokens}"] = path_call_of(
@@ -110,6 +112,19 @@ def time_verify(baseline: str, blocks: int) -> dict[str, float]:
     for k, v in out.items():
         print(f"verify {k}: {v:.3f} ms")
     return out
+
+
+def usable_paths(call: Callable[[], Any]) -> tuple[str, ...]:
+    """PATHS without "amx" where the library refuses it (a CPU without AMX-INT8, e.g. AMD)."""
+    try:
+        path_call_of(call, "amx")()
+        return PATHS
+    except Exception as e:  # the op's error names the ISA; anything else is a real failure
+        if "AMX" not in str(e):
+            raise
+        return tuple(p for p in PATHS if p != "amx")
+    finally:
+        os.environ.pop("REDRAFTER_CPU_ISA", None)
 
 
 def path_call_of(call: Callable[[], Any], path: str) -> Callable[[], Any]:
@@ -139,6 +154,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="ORT intra-op threads (1: steadier on a shared box)"
     )
+    parser.add_argument("--name", default="matmul_int4", help="results file name")
     args = parser.parse_args()
     rows = [int(m) for m in args.rows.split(",")]
 
@@ -150,7 +166,6 @@ def main() -> None:
         baseline_options = ort.SessionOptions()
         baseline_options.intra_op_num_threads = args.threads
         baseline_options.register_custom_ops_library(args.baseline)
-    paths = PATHS + (("baseline",) if args.baseline else ())
     before = idle_report()
     print(f"load before: {before['loadavg']}, other processes {before['other_processes_cores']}")
     results = []
@@ -162,7 +177,8 @@ def main() -> None:
         )
         for M in rows:
             a = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)  # (M, K)
-            steps = {p: path_call(sess, a, p) for p in PATHS}
+            paths = usable_paths(lambda s=sess, x=a: s.run(None, {"A": x}))
+            steps = {p: path_call(sess, a, p) for p in paths}
             if baseline:
                 steps["baseline"] = path_call(baseline, a, "best")
             outs = [f()[0] for f in steps.values()]
@@ -173,23 +189,24 @@ def main() -> None:
                 calls = max(1, min(200, round(20 / max(probe, 1e-3))))
             ms = time_alternating(steps, args.blocks, calls)
             row = {"shape": name, "K": K, "N": N, "M": M, "calls_per_block": calls}
-            row |= {f"{p}_ms": round(statistics.median(ms[p]), 4) for p in paths}
-            row["amx_over_vnni"] = round(row["amx_ms"] / row["vnni_ms"], 3)
+            row |= {f"{p}_ms": round(statistics.median(ms[p]), 4) for p in ms}
+            if "amx" in ms:
+                row["amx_over_vnni"] = round(row["amx_ms"] / row["vnni_ms"], 3)
             if baseline:
                 row["best_over_baseline"] = round(row["best_ms"] / row["baseline_ms"], 3)
             results.append(row)
             print(
                 f"{name:13s} K={K:5d} N={N:6d} M={M:3d}  "
-                + "  ".join(f"{p} {row[p + '_ms']:8.4f} ms" for p in paths)
-                + f"  amx/vnni {row['amx_over_vnni']:.3f}"
+                + "  ".join(f"{p} {row[p + '_ms']:8.4f} ms" for p in ms)
+                + (f"  amx/vnni {row['amx_over_vnni']:.3f}" if "amx" in ms else "")
                 + (f"  best/baseline {row['best_over_baseline']:.3f}" if baseline else "")
             )
     os.environ.pop("REDRAFTER_CPU_ISA", None)
-    verify = time_verify(args.baseline, args.blocks) if args.verify else None
+    verify = time_verify(args.baseline, args.blocks, args.threads) if args.verify else None
     after = idle_report()
     print(f"load after: {after['loadavg']}, other processes {after['other_processes_cores']}")
     save(
-        "matmul_int4",
+        args.name,
         {
             "machine": machine(),
             "load_before": before,
