@@ -328,6 +328,7 @@ def test_disconnecting_client_frees_its_row(pipe: pipeline.Pipeline) -> None:
     """--max-batch 1: a client asking for 200 tokens hangs up after its first chunk; its row
     leaves the batch at the next step (far fewer than 200 tokens are generated), so the one
     row is free for the next request, which gets its reply alone, and the server stays up."""
+    want = _alone(pipe, PROMPTS[0], max_tokens=6).texts[0]  # before `slow` shares the runtime
     slow = pipeline.Pipeline(
         _SlowRuntime(pipe.runtime), pipe.tokenizer, pipe.eos_token_ids, defaults=pipe.defaults
     )
@@ -340,7 +341,7 @@ def test_disconnecting_client_frees_its_row(pipe: pipeline.Pipeline) -> None:
             next(r.iter_lines())  # one event, then hang up mid-stream
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0)
-        assert got.choices[0].text == _alone(pipe, PROMPTS[0], max_tokens=6).texts[0]
+        assert got.choices[0].text == want
         for _ in range(200):
             if httpx.get(f"{server.url}/health").json()["running"] == 0:
                 break
