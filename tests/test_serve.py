@@ -31,6 +31,8 @@ from redrafter.cli import main  # noqa: E402
 from redrafter.decoding import DecodeOptions  # noqa: E402
 from redrafter.serve import ServeOptions, server_decode_options  # noqa: E402
 from redrafter.serve.app import create_app  # noqa: E402
+from redrafter.serve.engine import batch_key, row_tokens_for  # noqa: E402
+from redrafter.serve.requests import GenerationRequest  # noqa: E402
 
 MODEL = "tiny"
 # A chat template in the tiny word-level vocabulary (word wI has id I + 2), as tests/test_chat.py.
@@ -307,6 +309,33 @@ def test_32_concurrent_async_streams_match_alone(
         "running": 0,
         "pid": 0,
     }
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "context", "want"),
+    [(10, 20, 2048, 256), (100, 156, 2048, 256), (100, 157, 2048, 512), (900, 700, 2048, 2048)],
+    ids=["short", "exactly-256", "one-over", "capped-at-context"],
+)
+def test_row_tokens_power_of_two_at_least_256(
+    prompt: int, max_tokens: int, context: int, want: int
+) -> None:
+    request = GenerationRequest(
+        (1,) * prompt, DecodeOptions(max_new_tokens=max_tokens), (), False, "completion"
+    )
+    assert row_tokens_for([request], context_length=context) == want
+
+
+def test_batch_key_ignores_what_rows_may_differ_in_and_isolates_seeded_samples() -> None:
+    greedy = DecodeOptions(max_new_tokens=5)
+    sampling = dataclasses.replace(greedy.sampling, temperature=0.7)
+    assert batch_key(greedy) == batch_key(greedy.replace(max_new_tokens=50))
+    assert batch_key(greedy) != batch_key(greedy.replace(sampling=sampling))
+    seeded = dataclasses.replace(sampling, seed=3)
+    assert batch_key(greedy.replace(sampling=seeded)) is None  # shares with nobody
+    ignored = dataclasses.replace(greedy.sampling, seed=3, top_p=0.5)  # greedy ignores them
+    assert batch_key(greedy.replace(sampling=ignored)) == batch_key(greedy)
+    penalised = dataclasses.replace(greedy.sampling, presence_penalty=1.0)  # not these
+    assert batch_key(greedy.replace(sampling=penalised)) != batch_key(greedy)
 
 
 class _SlowRuntime:

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from redrafter.config import TOP_K
 from redrafter.decoding.batch import DecodeBatch
 from redrafter.decoding.driver import open_batch
 from redrafter.decoding.options import DecodeOptions
@@ -109,12 +110,15 @@ def row_tokens_for(requests: Sequence[GenerationRequest], *, context_length: int
 
 
 def batch_key(options: DecodeOptions) -> DecodeOptions | None:
-    """What rows sharing a batch must agree on: the options less max_tokens; None for a seeded
-    sampled request, which shares with nobody (its draws must not depend on other rows)."""
+    """What rows sharing a batch must agree on: the options less max_tokens (and, for greedy
+    rows, less what greedy ignores: seed, top_k, top_p, min_p); None for a seeded sampled
+    request, which shares with nobody (its draws must not depend on other rows)."""
     sampling = options.sampling
     if not sampling.greedy and sampling.seed is not None:
         return None
-    return options.replace(max_new_tokens=1)
+    if sampling.greedy:
+        sampling = dataclasses.replace(sampling, seed=None, top_k=TOP_K, top_p=1.0, min_p=0.0)
+    return options.replace(max_new_tokens=1, sampling=sampling)
 
 
 class BatchEngine:
