@@ -75,16 +75,25 @@ class SpeculativeBatch(DecodeBatch):
 
     kind = "speculative"
 
-    def __init__(self, runtime: Runtime, options: DecodeOptions, **batch: object) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        options: DecodeOptions,
+        *,
+        rows: int,
+        row_tokens: int,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
         o = options
         self.K = o.beam.length  # the beams' length, once the lookup beam (if any) is added
         if o.prompt_lookup:  # capped where the runtime's commit takes only so many rows (Core ML)
-            K = padded_length(
+            self.K = padded_length(
                 self.K, max_length=runtime.max_beam_length, span_per_ngram=o.lookup_span
             )
-            self.K = K
         self.context: np.ndarray | None = None  # (B, E) hidden state at each row's last token
-        super().__init__(runtime, options, **batch)  # type: ignore[arg-type]
+        super().__init__(
+            runtime, options, rows=rows, row_tokens=row_tokens, eos_token_ids=eos_token_ids
+        )
 
     @property
     def extra_slots(self) -> int:
