@@ -1,103 +1,140 @@
-"""`redrafter serve` under load: aggregate tokens/s and p50/p95 time to first token at 1 and 4
-concurrent streaming clients, the speculative server against the autoregressive one on the
-same bundle and runtime, through the official `openai` client over 127.0.0.1.
+"""`redrafter serve` under load, continuous batching: aggregate tokens/s, p50/p95 time to first
+token and inter-token latency at 1, 4 and 16 concurrent streaming clients, the speculative
+server against the autoregressive one on the same bundle and runtime, for each --max-batch,
+through the official `openai` client (AsyncOpenAI) over 127.0.0.1.
 
-    .venv/bin/python -m benchmarks.serve [--bundle DIR] [--concurrency 1,4] [--requests 8]
-        [--max-tokens 64] [--threads 2] [--prompt-lookup] [--min-draft-prob P] [--name serve]
+    REDRAFTER_SMOLLM2_GGUF=... .venv/bin/python -m benchmarks.serve [--bundle DIR]
+        [--beam 1x5] [--concurrency 1,4,16] [--max-batch 4] [--requests 16] [--max-tokens 64]
+        [--threads 2] [--rounds 1] [--prompt-lookup] [--min-draft-prob P] [--name serve]
 
-Without --bundle it serves the demo bundle (the demo GGUF with the trained demo drafter, beam
-4x4; `make demo` installs both). The prompts are the 8 held-out demo prompts (4 Jargon chat
-questions as chat completions, 4 HumanEval tasks as completions), greedy, stopping at EOS or
---max-tokens; each concurrency level sends --requests requests through that many clients.
-This server decodes one request at a time (docs/serve.md), so more clients raise throughput
-only by keeping the decoder busy between requests; TTFT grows with the queue. Greedy replies of
-the two servers are compared (lossless speculation: they must match), by digest.
+Without --bundle it serves the demo bundle: the demo GGUF with the trained demo drafter,
+exported once with a drafter graph for --beam (default W1 L5) and cached (`benchmarks._common.
+demo_bundle`). Each server is `redrafter serve` in its own process (`--threads` runtime
+threads; one speculative and one autoregressive server per --max-batch value, all started
+first, idle while another is measured); the clients run in this process on one event loop.
+
+Prompts: the 8 held-out demo prompts (4 Jargon chat questions as chat completions, 4 HumanEval
+tasks as completions; text completions only when the tokenizer has no chat template), greedy,
+stopping at EOS or --max-tokens. A level of C clients sends max(--requests, 2 C) requests,
+prompt i % 8 for request i, each client taking the next request as it finishes one. Levels
+are interleaved across servers (level by level, every server in turn, --rounds times), so
+machine drift stays out of the ratios.
+
+Reported per server and level: completion tokens per second of wall time (all clients),
+TTFT p50/p95 (request sent -> first text), TPOT p50/p95 (a request's mean time per output
+token after its first: its inter-token latency; a speculative chunk carries several tokens),
+chunk-gap p95 (the longest stalls a client sees, e.g. while a row joins). Greedy replies are
+compared by digest across every server and level: speculation and batching must not change
+them (`greedy_replies_match`, with the prompts that differ). Goal (issue 20): at 4 clients,
+speculative >= 1.5x autoregressive aggregate tokens/s.
+
+What to expect on a CPU: a batch's verify turns compute-bound at a few tens of tokens per step,
+so the rows' trees (W·L tokens each, padded to the batch's largest) cost what the tokens cost,
+while autoregressive rows ride on the weights' one read. A probe on one busy core (decode() of
+4 held-out prompts, 48 tokens, not a figure): autoregressive 34 ms/step at B=4 (26 at B=1);
+W1 L5 74 ms/step at B=4 for 1.46 tokens per row (32 ms at B=1). Narrow, pruned trees
+(`--prompt-lookup --min-draft-prob 0.25`, `--beam 1x5`) are the ones to measure under load.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import hashlib
+import os
+import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import demo_bundle, machine, save
+from benchmarks._common import demo_bundle, idle_report, machine, save
+
+MODEL = "bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """One `redrafter serve` configuration."""
+
+    speculative: bool
+    max_batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{'speculative' if self.speculative else 'autoregressive'} b{self.max_batch}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", help="bundle directory [the demo bundle]")
-    parser.add_argument("--concurrency", default="1,4", help="concurrent clients [1,4]")
-    parser.add_argument("--requests", type=int, default=8, help="requests per level [8]")
+    parser.add_argument("--beam", default="1x5", help="drafter beam WxL [1x5]")
+    parser.add_argument("--concurrency", default="1,4,16", help="concurrent clients [1,4,16]")
+    parser.add_argument("--max-batch", default="4", help="server --max-batch values [4]")
+    parser.add_argument("--requests", type=int, default=16, help="requests per level, >= 2C [16]")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="runtime threads [2]")
+    parser.add_argument("--threads", type=int, default=2, help="runtime threads per server [2]")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds [1]")
     parser.add_argument("--prompt-lookup", action="store_true", help="add the lookup beam")
     parser.add_argument("--min-draft-prob", type=float, default=0.0, help="draft floor [0]")
-    parser.add_argument("--name", default="serve", help="results file name")
+    parser.add_argument("--name", default="serve", help="results file name [serve]")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    batches = [int(x) for x in args.max_batch.split(",")]
+    width, length = (int(x) for x in args.beam.lower().split("x"))
 
-    from redrafter.pipeline import implementation_of, load
-    from redrafter.serve import ServeOptions
-
-    bundle, prompts = _bundle_and_prompts(args.bundle)
-    pipe = load(bundle, threads=args.threads)
-    if getattr(pipe.tokenizer, "chat_template", None) is None:
-        # e.g. a test bundle: no chat template, so every prompt goes as a text completion
+    bundle, prompts = _bundle_and_prompts(args.bundle, width, length)
+    if not _has_chat_template(bundle):
         prompts = [dataclasses.replace(p, chat=False) for p in prompts]
-    results: dict[str, Any] = {}
-    digests: dict[str, list[str]] = {}
-    for mode in ("speculative", "autoregressive"):
-        if mode == "speculative" and not pipe.defaults.speculative:
-            print("the bundle has no drafter: autoregressive only", file=sys.stderr)
-            continue
-        serve = ServeOptions(
-            autoregressive=mode == "autoregressive",
-            prompt_lookup=args.prompt_lookup,
-            min_draft_prob=args.min_draft_prob,
-        )
-        with _server(pipe, serve) as url:
-            _run_level(url, prompts, 1, 1, args.max_tokens)  # warm-up: first-call overheads
+    servers = [Server(s, b) for b in batches for s in (True, False)]
+    load_before = idle_report()
+    rows: list[dict[str, Any]] = []
+    digests: dict[int, set[str]] = {}  # prompt -> digests of its greedy replies, everywhere
+    with _Servers(bundle, servers, args, width, length) as urls:
+        for server in servers:  # warm-up: first-call overheads (sessions, bindings)
+            asyncio.run(_level(urls[server], prompts, 2, 2, args.max_tokens))
+        for r in range(args.rounds):
             for level in levels:
-                row, replies = _run_level(url, prompts, level, args.requests, args.max_tokens)
-                results[f"{mode}@{level}"] = row
-                digests.setdefault(mode, replies)
-                print(_line(mode, level, row))
+                for server in servers:
+                    requests = max(args.requests, 2 * level)
+                    row, replies = asyncio.run(
+                        _level(urls[server], prompts, level, requests, args.max_tokens)
+                    )
+                    row |= {"server": server.name, "round": r}
+                    row |= {"speculative": server.speculative, "max_batch": server.max_batch}
+                    rows.append(row)
+                    for i, digest in replies:
+                        digests.setdefault(i % len(prompts), set()).add(digest)
+                    print(_line(server, level, row), flush=True)
+    table = _table(rows, servers, levels)
+    differ = sorted(i for i, d in digests.items() if len(d) > 1)
     payload = {
         "machine": machine(),
+        "load_before": load_before,
         "bundle": str(Path(bundle).resolve()),
+        "beam": f"W{width} L{length}",
         "threads": args.threads,
-        "implementation": implementation_of(pipe.runtime),
+        "max_batch": batches,
         "prompt_lookup": args.prompt_lookup,
         "min_draft_prob": args.min_draft_prob,
-        "requests_per_level": args.requests,
         "max_tokens": args.max_tokens,
-        "serving": "serial: one decode at a time (no continuous batching)",
-        "results": results,
-        "speedup_tokens_per_second": {
-            str(level): results[f"speculative@{level}"]["tokens_per_second"]
-            / results[f"autoregressive@{level}"]["tokens_per_second"]
-            for level in levels
-            if f"speculative@{level}" in results
-        },
-        "greedy_replies_match": (
-            digests.get("speculative") == digests.get("autoregressive")
-            if len(digests) == 2
-            else None
-        ),
+        "rounds": args.rounds,
+        "serving": "continuous batching (BatchEngine), one server process per configuration",
+        "results": rows,
+        "median_by_level": table,
+        "greedy_replies_match": not differ,
+        "prompts_that_differ": differ,
     }
-    print("speed-up (tokens/s):", payload["speedup_tokens_per_second"])
-    print("greedy replies match:", payload["greedy_replies_match"])
+    print()
+    print(_markdown(table))
+    print("greedy replies match across servers and levels:", not differ, differ or "")
     save(args.name, payload)
 
 
-def _bundle_and_prompts(bundle: str | None) -> tuple[Path, list[Any]]:
+def _bundle_and_prompts(bundle: str | None, width: int, length: int) -> tuple[Path, list[Any]]:
     """The bundle to serve and the requests' prompts (`.text`, `.chat`)."""
     from redrafter.config import BeamShape
     from redrafter.demo import find_trained_drafter, heldout_shared_prompts
@@ -108,109 +145,211 @@ def _bundle_and_prompts(bundle: str | None) -> tuple[Path, list[Any]]:
     drafter = find_trained_drafter()
     if drafter is None:
         raise SystemExit("error: no trained drafter found; run `make demo` or pass --bundle DIR")
-    return demo_bundle(drafter, [BeamShape(4, 4)]), prompts
+    return demo_bundle(drafter, [BeamShape(width, length)]), prompts
 
 
-class _server:
-    """A `redrafter serve` app for `pipe` on a free 127.0.0.1 port, in a background thread."""
+def _has_chat_template(bundle: Path) -> bool:
+    from redrafter.pipeline import load
 
-    def __init__(self, pipe: Any, serve: Any) -> None:
-        import socket
+    pipe = load(bundle, threads=1)
+    return getattr(pipe.tokenizer, "chat_template", None) is not None
 
-        import uvicorn
 
-        from redrafter.serve import build_app
+class _Servers:
+    """`redrafter serve` processes, one per configuration, on free 127.0.0.1 ports."""
 
-        app = build_app(pipe, serve, model="bench")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    def __init__(
+        self, bundle: Path, servers: list[Server], args: Any, width: int, length: int
+    ) -> None:
+        self.commands: dict[Server, list[str]] = {}
+        self.ports: dict[Server, int] = {}
+        for server in servers:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.ports[server] = s.getsockname()[1]
+            command = [sys.executable, "-m", "redrafter.cli", "serve", "--bundle", str(bundle)]
+            command += ["--port", str(self.ports[server]), "--threads", str(args.threads)]
+            command += ["--max-batch", str(server.max_batch), "--model-name", MODEL]
+            command += ["--max-queue", "256"]
+            if server.speculative:
+                command += ["--beam-width", str(width), "--beam-length", str(length)]
+                command += ["--min-draft-prob", str(args.min_draft_prob)]
+                command += ["--prompt-lookup"] if args.prompt_lookup else []
+            else:
+                command += ["--autoregressive"]
+            self.commands[server] = command
+        self.processes: list[subprocess.Popen] = []
 
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}/v1"
+    def __enter__(self) -> dict[Server, str]:
+        import httpx
+
+        urls = {}
+        for server, command in self.commands.items():
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.processes.append(process)
+            url = f"http://127.0.0.1:{self.ports[server]}"
+            for _ in range(2400):  # loading a bundle takes a while on a busy machine
+                if process.poll() is not None:
+                    raise SystemExit(f"{server.name}: {process.stderr.read().decode()}")  # type: ignore[union-attr]
+                try:
+                    if httpx.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            else:
+                raise SystemExit(f"{server.name} did not answer /health within 120 s")
+            urls[server] = f"{url}/v1"
+        return urls
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join()
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(30)
 
 
-def _run_level(
+async def _level(
     url: str, prompts: list[Any], clients: int, requests: int, max_tokens: int
-) -> tuple[dict[str, Any], list[str]]:
-    """`requests` streamed requests through `clients` concurrent clients: aggregate tokens/s,
-    TTFT percentiles and each prompt's reply digest (in prompt order)."""
+) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    """`requests` streamed greedy requests through `clients` concurrent clients: the level's
+    figures and each request's (index, reply digest)."""
     import openai
 
-    local = threading.local()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    runs: list[dict[str, Any]] = []
 
-    def one(i: int) -> tuple[float, float, int, str]:
-        if not hasattr(local, "client"):
-            local.client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-        prompt = prompts[i % len(prompts)]
-        common = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        start = time.perf_counter()
-        first = None
-        parts: list[str] = []
-        tokens = 0
-        if prompt.chat:
-            messages = [{"role": "user", "content": prompt.text}]
-            stream = local.client.chat.completions.create(messages=messages, **common)
-        else:
-            stream = local.client.completions.create(prompt=prompt.text, **common)
-        for chunk in stream:
-            if chunk.choices:
-                c = chunk.choices[0]
-                piece = (c.delta.content if prompt.chat else c.text) or ""
-                if piece and first is None:
-                    first = time.perf_counter() - start
-                parts.append(piece)
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        total = time.perf_counter() - start
-        digest = hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
-        return first if first is not None else total, total, tokens, digest
+    async def client_loop() -> None:
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        try:
+            while not queue.empty():
+                runs.append(await _one(client, queue.get_nowait(), prompts, max_tokens))
+        finally:
+            await client.close()
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        runs = list(pool.map(one, range(requests)))
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
     wall = time.perf_counter() - start
-    ttft = sorted(r[0] for r in runs)
-    tokens = sum(r[2] for r in runs)
+    tokens = sum(r["tokens"] for r in runs)
+    ttft = [r["ttft"] for r in runs]
+    tpot = [r["tpot"] for r in runs if r["tpot"] is not None]
+    gaps = [g for r in runs for g in r["gaps"]]
     row = {
         "clients": clients,
         "requests": requests,
         "completion_tokens": tokens,
         "wall_seconds": round(wall, 3),
         "tokens_per_second": round(tokens / wall, 2),
-        "ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
-        "ttft_p95_ms": round(1000 * _percentile(ttft, 0.95), 1),
-        "latency_p50_ms": round(1000 * statistics.median(r[1] for r in runs), 1),
+        "ttft_p50_ms": _ms(statistics.median(ttft)),
+        "ttft_p95_ms": _ms(_percentile(ttft, 0.95)),
+        "tpot_p50_ms": _ms(statistics.median(tpot)) if tpot else None,
+        "tpot_p95_ms": _ms(_percentile(tpot, 0.95)) if tpot else None,
+        "chunk_gap_p95_ms": _ms(_percentile(gaps, 0.95)) if gaps else None,
     }
-    replies = [r[3] for r in runs[: len(prompts)]]
-    return row, replies
+    return row, [(r["index"], r["digest"]) for r in runs]
+
+
+async def _one(client: Any, i: int, prompts: list[Any], max_tokens: int) -> dict[str, Any]:
+    """One streamed greedy request: its TTFT, TPOT, chunk gaps, tokens and reply digest."""
+    prompt = prompts[i % len(prompts)]
+    common = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    if prompt.chat:
+        messages = [{"role": "user", "content": prompt.text}]
+        stream = await client.chat.completions.create(messages=messages, **common)
+    else:
+        stream = await client.completions.create(prompt=prompt.text, **common)
+    parts: list[str] = []
+    arrivals: list[float] = []
+    tokens = 0
+    async for chunk in stream:
+        if chunk.choices:
+            c = chunk.choices[0]
+            piece = (c.delta.content if prompt.chat else c.text) or ""
+            if piece:
+                arrivals.append(time.perf_counter() - start)
+                parts.append(piece)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    total = time.perf_counter() - start
+    first = arrivals[0] if arrivals else total
+    tpot = (arrivals[-1] - first) / (tokens - 1) if tokens > 1 and arrivals else None
+    return {
+        "index": i,
+        "ttft": first,
+        "tpot": tpot,
+        "gaps": [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)],
+        "tokens": tokens,
+        "digest": hashlib.sha256("".join(parts).encode()).hexdigest()[:16],
+    }
+
+
+def _table(
+    rows: list[dict[str, Any]], servers: list[Server], levels: list[int]
+) -> list[dict[str, Any]]:
+    """Medians over rounds per server and level, with speculative / autoregressive tok/s."""
+    keys = ["tokens_per_second", "ttft_p50_ms", "ttft_p95_ms", "tpot_p50_ms", "tpot_p95_ms"]
+    keys.append("chunk_gap_p95_ms")
+    out = []
+    for level in levels:
+        for server in servers:
+            mine = [r for r in rows if r["server"] == server.name and r["clients"] == level]
+            entry: dict[str, Any] = {"server": server.name, "clients": level}
+            for k in keys:
+                values = [r[k] for r in mine if r[k] is not None]
+                entry[k] = round(statistics.median(values), 2) if values else None
+            out.append(entry)
+        for b in sorted({s.max_batch for s in servers}):
+            spec = _find(out, f"speculative b{b}", level)
+            ar = _find(out, f"autoregressive b{b}", level)
+            if spec and ar and ar["tokens_per_second"]:
+                spec["speedup_vs_autoregressive"] = round(
+                    spec["tokens_per_second"] / ar["tokens_per_second"], 2
+                )
+    return out
+
+
+def _find(table: list[dict[str, Any]], name: str, level: int) -> dict[str, Any] | None:
+    return next((e for e in table if e["server"] == name and e["clients"] == level), None)
+
+
+def _markdown(table: list[dict[str, Any]]) -> str:
+    head = "| server | clients | tok/s | x AR | TTFT p50/p95 ms | TPOT p50/p95 ms | gap p95 ms |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for e in table:
+        lines.append(
+            f"| {e['server']} | {e['clients']} | {e['tokens_per_second']} | "
+            f"{e.get('speedup_vs_autoregressive', '')} | {e['ttft_p50_ms']} / "
+            f"{e['ttft_p95_ms']} | {e['tpot_p50_ms']} / {e['tpot_p95_ms']} | "
+            f"{e['chunk_gap_p95_ms']} |"
+        )
+    return "\n".join(lines)
 
 
 def _percentile(values: list[float], q: float) -> float:
-    """The q-quantile of sorted `values`, by linear interpolation."""
+    """The q-quantile of `values`, by linear interpolation."""
+    values = sorted(values)
     at = q * (len(values) - 1)
     lo = int(at)
     hi = min(lo + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (at - lo)
 
 
-def _line(mode: str, level: int, row: dict[str, Any]) -> str:
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 1)
+
+
+def _line(server: Server, level: int, row: dict[str, Any]) -> str:
     return (
-        f"{mode:>14} x{level}: {row['tokens_per_second']:7.1f} tok/s, TTFT p50 "
-        f"{row['ttft_p50_ms']:.0f} ms p95 {row['ttft_p95_ms']:.0f} ms, "
-        f"{row['completion_tokens']} tokens in {row['wall_seconds']:.1f} s"
+        f"{server.name:>18} x{level}: {row['tokens_per_second']:7.1f} tok/s, TTFT p50 "
+        f"{row['ttft_p50_ms']:.0f} ms p95 {row['ttft_p95_ms']:.0f} ms, TPOT p50 "
+        f"{row['tpot_p50_ms']} ms, {row['completion_tokens']} tokens in "
+        f"{row['wall_seconds']:.1f} s"
     )
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

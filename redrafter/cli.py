@@ -1246,6 +1246,13 @@ def init_drafter_cmd(
     type=click.IntRange(min=1),
     help="Requests that may wait for the decoder; more get 503.",
 )
+@click.option(
+    "--max-batch",
+    default=4,
+    show_default=True,
+    type=int,
+    help="Requests decoded together: rows of the continuous batch (docs/serve.md).",
+)
 @click.option("--model-name", help="The model id clients send [the bundle folder's name].")
 @click.option(
     "--workers",
@@ -1268,11 +1275,12 @@ def serve(
     min_draft_prob: float,
     autoregressive: bool,
     max_queue: int,
+    max_batch: int,
     model_name: str | None,
     workers: int,
 ) -> None:
     """Serve a bundle over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions),
-    one decode at a time (docs/serve.md). Needs the [serve] extra."""
+    with continuous batching (docs/serve.md). Needs the [serve] extra."""
     from redrafter.serve import ServeOptions, serve_bundle
 
     options = ServeOptions(
@@ -1282,6 +1290,7 @@ def serve(
         min_draft_prob=min_draft_prob,
         autoregressive=autoregressive,
         max_queue=max_queue,
+        max_batch=max_batch,
     )
     serve_bundle(
         bundle_path,

@@ -10,6 +10,7 @@ out = pipe.generate([chat, "Plain text", [1, 2, 3]])  # a chat, text and ids: on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
@@ -83,6 +84,14 @@ class Pipeline:
 
     def _locked_decode(self, ids: list[list[int]], options: DecodeOptions) -> Iterator[Step]:
         """`decode` under the pipeline's lock, held from the first step to the last."""
+        with self.exclusive():
+            yield from decode(self.runtime, ids, options, eos_token_ids=self.eos_token_ids)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[Runtime]:
+        """Hold the pipeline's lock (the one a decode holds, see the class docstring) around a
+        decode the caller drives itself, e.g. `redrafter serve`'s continuous batch stepping
+        `decoding.driver.open_batch` on the runtime this yields."""
         if self._owner == threading.get_ident():
             raise ConfigError(
                 "this thread already runs a decode on this pipeline (an open stream); "
@@ -91,7 +100,7 @@ class Pipeline:
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                yield from decode(self.runtime, ids, options, eos_token_ids=self.eos_token_ids)
+                yield self.runtime
             finally:
                 self._owner = None
 

@@ -12,7 +12,9 @@ runtime must:
   (ragged) drafter beams, for one prompt and for a batch of ragged prompts;
 - keep those tokens when oracle drafts get whole beams accepted, so commits move real cache rows;
 - sample reproducibly: the same seed gives the same tokens, another seed others (exact and apple
-  acceptance).
+  acceptance);
+- refill a row mid-batch (`prefill_rows`), and decode each row of a continuous batch whose rows
+  join and leave between steps (decoding/batch.py) exactly as that row's prompt alone.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from redrafter import ops
 from redrafter.config import BeamShape, SamplingParams
 from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
+from redrafter.decoding.driver import open_batch
 from redrafter.decoding.output import pad_prompts
 from redrafter.decoding.runtime import Runtime
 from redrafter.errors import ConfigError, RuntimeUnavailableError
@@ -271,3 +274,60 @@ def test_prefill_rows_refuses_bad_rows(subject: Subject, rows: list[int], count:
     prompts = np.ones((count, 3), np.int64)
     with pytest.raises(ConfigError, match="distinct row indices"):
         subject.runtime.prefill_rows(np.array(rows), prompts, np.full(count, 3))
+
+
+@pytest.mark.parametrize("speculative", [True, False], ids=["speculative", "autoregressive"])
+def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone(
+    subject: Subject, speculative: bool
+) -> None:
+    """Continuous batching (decoding/batch.py): rows join a running batch between steps (each
+    prefilled into a free row while the others keep their caches and committed lengths) and
+    leave when done or abandoned. Row 2 joins above the running rows (the span grows), row 0
+    is abandoned mid-way (a hole the steps run over) and taken by a fourth prompt; finished
+    rows leave at once. Every prompt emits exactly the reference's greedy tokens for it alone
+    (the abandoned one, a prefix of them)."""
+    rt, n = subject.runtime, subject.max_new_tokens
+    fresh = [11, 3, 5, 8, 13, 2, 9, 4, 6, 1, 7, 12]
+    prompts = [*subject.ragged[:2], fresh, subject.ragged[-1]]
+    beam = subject.beams[0]
+    options = subject.options(beam) if speculative else AUTOREGRESSIVE.replace(max_new_tokens=n)
+    batch = open_batch(rt, options, rows=3, row_tokens=max(map(len, prompts)) + n)
+    owner: dict[int, int] = {}  # row -> prompt index
+    got: dict[int, list[int]] = {}
+
+    def add(i: int, row: int) -> None:
+        rows, step = batch.add([prompts[i]])
+        assert rows == [row]
+        owner[row], got[i] = i, list(step.new_tokens[row])
+
+    def step() -> None:
+        s = batch.step()
+        for row, i in owner.items():
+            got[i] += s.new_tokens[row]
+        done = batch.finished
+        batch.remove(done)
+        for row in done:
+            del owner[row]
+
+    add(0, 0)
+    add(1, 1)
+    step()
+    step()
+    add(2, 2)
+    step()
+    assert 0 in owner, "prompt 0 finished before it could be abandoned: raise max_new_tokens"
+    batch.remove([0])  # abandoned (a client gone)
+    del owner[0]
+    step()
+    add(3, 0)
+    for _ in range(4 * n):
+        if not owner:
+            break
+        step()
+    assert not owner and batch.free_rows == [0, 1, 2]
+    for i, p in enumerate(prompts):
+        want = subject.truth([p])[0]
+        if i == 0:
+            assert 0 < len(got[0]) < n and got[0] == want[: len(got[0])]
+        else:
+            assert got[i] == want, (i, options.name)

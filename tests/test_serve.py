@@ -1,16 +1,19 @@
 """`redrafter serve` against a live server on 127.0.0.1, through the official `openai` client:
 chat and text completions, streamed and not, give exactly what `Pipeline.generate` gives for the
-same prompt; stop strings cut across token boundaries; concurrent clients get what they would
-get alone; bad requests get OpenAI-shaped 400/404/503 bodies; bad CLI flags exit 2."""
+same prompt; stop strings cut across token boundaries; 32 concurrent streaming clients on the
+continuous batch get what they would get alone, a disconnecting client frees its row, a seeded
+sample repeats exactly; bad requests get OpenAI-shaped 400/404/503 bodies; bad CLI flags exit 2."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +31,8 @@ from redrafter.cli import main  # noqa: E402
 from redrafter.decoding import DecodeOptions  # noqa: E402
 from redrafter.serve import ServeOptions, server_decode_options  # noqa: E402
 from redrafter.serve.app import create_app  # noqa: E402
+from redrafter.serve.engine import batch_key, row_tokens_for  # noqa: E402
+from redrafter.serve.requests import GenerationRequest  # noqa: E402
 
 MODEL = "tiny"
 # A chat template in the tiny word-level vocabulary (word wI has id I + 2), as tests/test_chat.py.
@@ -72,9 +77,12 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def _serve(pipe: pipeline.Pipeline, *, max_queue: int = 64) -> Iterator[LiveServer]:
+def _serve(
+    pipe: pipeline.Pipeline, *, max_queue: int = 64, max_batch: int = 4
+) -> Iterator[LiveServer]:
     options = server_decode_options(pipe, ServeOptions(max_queue=max_queue))
-    server = LiveServer(create_app(pipe, options=options, model=MODEL, max_queue=max_queue))
+    app = create_app(pipe, options=options, model=MODEL, max_queue=max_queue, max_batch=max_batch)
+    server = LiveServer(app)
     try:
         yield server
     finally:
@@ -235,6 +243,171 @@ def test_disconnected_stream_leaves_server_serving(server: LiveServer, client: A
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
+def _metrics(server: LiveServer) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_32_concurrent_async_streams_match_alone(
+    server: LiveServer, pipe: pipeline.Pipeline
+) -> None:
+    """32 AsyncOpenAI clients stream at once (chat and text, 4 token limits) through the
+    continuous batch (--max-batch 4, so rows join and leave between steps all along): every
+    reply completes, each equals the same request decoded alone (no cross-talk between rows),
+    and the batch really ran several rows per step."""
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS]
+    cases = [(i % 8, (6, 12, 17, 24)[i % 4], i % 3 == 0) for i in range(32)]  # prompt, max, chat
+    want = [
+        _alone(pipe, messages[p] if chat else PROMPTS[p], max_tokens=m, chat=chat)
+        for p, m, chat in cases
+    ]
+    before = _metrics(server)
+
+    async def one(client: Any, p: int, m: int, chat: bool) -> tuple[str, Any]:
+        common = {"model": MODEL, "max_tokens": m, "temperature": 0, "stream": True}
+        if chat:
+            stream = await client.chat.completions.create(messages=messages[p], **common)
+        else:
+            stream = await client.completions.create(prompt=PROMPTS[p], **common)
+        parts, last = [], None
+        async for chunk in stream:
+            c = chunk.choices[0]
+            parts.append((c.delta.content if chat else c.text) or "")
+            last = chunk
+        return "".join(parts), last
+
+    async def run() -> list[tuple[str, Any]]:
+        clients = [
+            openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+            for _ in cases
+        ]  # 32 applications, a connection each
+        try:
+            return await asyncio.gather(
+                *(one(c, *case) for c, case in zip(clients, cases, strict=True))
+            )
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+    got = asyncio.run(run())
+    for (text, last), w, case in zip(got, want, cases, strict=True):
+        assert text == w.texts[0], case
+        assert last.choices[0].finish_reason in ("stop", "length")
+        assert last.usage.completion_tokens == len(w.token_ids[0]), case
+    after = _metrics(server)
+    steps = after["redrafter_decode_steps_total"] - before["redrafter_decode_steps_total"]
+    rows = after["redrafter_row_steps_total"] - before["redrafter_row_steps_total"]
+    assert rows / steps > 2, f"{rows / steps:.2f} rows per step: the requests were not batched"
+    assert after["redrafter_batch_rows"] in (0, 4)
+    assert httpx.get(f"{server.url}/health").json() | {"pid": 0} == {
+        "status": "ok",
+        "model": MODEL,
+        "queue_depth": 0,
+        "running": 0,
+        "pid": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "context", "want"),
+    [(10, 20, 2048, 256), (100, 156, 2048, 256), (100, 157, 2048, 512), (900, 700, 2048, 2048)],
+    ids=["short", "exactly-256", "one-over", "capped-at-context"],
+)
+def test_row_tokens_power_of_two_at_least_256(
+    prompt: int, max_tokens: int, context: int, want: int
+) -> None:
+    request = GenerationRequest(
+        (1,) * prompt, DecodeOptions(max_new_tokens=max_tokens), (), False, "completion"
+    )
+    assert row_tokens_for([request], context_length=context) == want
+
+
+def test_batch_key_ignores_what_rows_may_differ_in_and_isolates_seeded_samples() -> None:
+    greedy = DecodeOptions(max_new_tokens=5)
+    sampling = dataclasses.replace(greedy.sampling, temperature=0.7)
+    assert batch_key(greedy) == batch_key(greedy.replace(max_new_tokens=50))
+    assert batch_key(greedy) != batch_key(greedy.replace(sampling=sampling))
+    seeded = dataclasses.replace(sampling, seed=3)
+    assert batch_key(greedy.replace(sampling=seeded)) is None  # shares with nobody
+    ignored = dataclasses.replace(greedy.sampling, seed=3, top_p=0.5)  # greedy ignores them
+    assert batch_key(greedy.replace(sampling=ignored)) == batch_key(greedy)
+    penalised = dataclasses.replace(greedy.sampling, presence_penalty=1.0)  # not these
+    assert batch_key(greedy.replace(sampling=penalised)) != batch_key(greedy)
+
+
+class _SlowRuntime:
+    """A runtime whose verify calls take at least 20 ms (else the runtime it wraps), so a
+    decode outlives a client's hang-up."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+    def verify_greedy(self, *args: Any) -> Any:
+        time.sleep(0.02)
+        return self._runtime.verify_greedy(*args)
+
+
+def test_disconnecting_client_frees_its_row(pipe: pipeline.Pipeline) -> None:
+    """--max-batch 1: a client asking for 200 tokens hangs up after its first chunk; its row
+    leaves the batch at the next step (far fewer than 200 tokens are generated), so the one
+    row is free for the next request, which gets its reply alone, and the server stays up."""
+    want = _alone(pipe, PROMPTS[0], max_tokens=6).texts[0]  # before `slow` shares the runtime
+    slow = pipeline.Pipeline(
+        _SlowRuntime(pipe.runtime), pipe.tokenizer, pipe.eos_token_ids, defaults=pipe.defaults
+    )
+    with _serve(slow, max_batch=1) as server:
+        body = {"model": MODEL, "prompt": PROMPTS[4], "max_tokens": 200, "temperature": 0}
+        with httpx.stream(
+            "POST", f"{server.url}/v1/completions", json=body | {"stream": True}, timeout=60
+        ) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up mid-stream
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert got.choices[0].text == want
+        for _ in range(200):
+            if httpx.get(f"{server.url}/health").json()["running"] == 0:
+                break
+            time.sleep(0.05)
+        generated = _metrics(server)["redrafter_generated_tokens_total"]
+        assert generated - got.usage.completion_tokens < 100, "the abandoned row ran on"
+        assert httpx.get(f"{server.url}/health").json()["running"] == 0
+
+
+def test_seeded_sample_repeats_under_load(server: LiveServer, client: Any) -> None:
+    """A seeded sampled request decodes in a batch of its own: the same reply alone and while
+    greedy streams keep the batch busy."""
+    seeded = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 10, "temperature": 1.0}
+    seeded |= {"top_p": 0.9, "seed": 11}
+    alone = client.completions.create(**seeded).choices[0].text
+
+    def greedy(i: int) -> str:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        r = c.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=20, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(5) as pool:
+        busy = [pool.submit(greedy, i) for i in range(4)]
+        loaded = pool.submit(lambda: client.completions.create(**seeded).choices[0].text)
+        assert loaded.result() == alone
+        assert all(f.result() for f in busy)
+
+
+def test_max_batch_bad_value_is_one_line_exit_2(onnx_bundle) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(
+        main, ["serve", "--bundle", str(onnx_bundle.root), "--max-batch", "0"]
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "--max-batch 0" in result.output
+
+
 def _post(server: LiveServer, path: str, body: Any) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body, timeout=60)
 
@@ -377,6 +550,7 @@ def test_models_health_and_metrics(server: LiveServer, client: Any) -> None:
         ["--beam-width", "0"],
         ["--min-draft-prob", "1.5"],
         ["--runtime", "coreml"],
+        ["--max-batch", "0"],
     ],
 )
 def test_serve_bad_flags_exit_2(onnx_bundle, flags: list[str]) -> None:  # type: ignore[no-untyped-def]

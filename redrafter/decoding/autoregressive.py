@@ -1,62 +1,60 @@
 """The autoregressive baseline: one verify call per token on the same runtime, same cache,
 same sampling rule, so speculative and autoregressive runs compare like for like. Reached
-through `driver.decode` with `DecodeOptions(speculative=False)`."""
+through `driver.decode` with `DecodeOptions(speculative=False)` (or `driver.open_batch`).
+
+Dimensions: B rows of the batch, R occupied rows, V vocab, P committed length per row."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from redrafter.decoding.accept import choose_token
-from redrafter.decoding.options import DecodeOptions
-from redrafter.decoding.output import OutputStream, Step, trim
-from redrafter.decoding.prefill import PhaseClock, next_logprobs, prefill
-from redrafter.decoding.runtime import Runtime
+from redrafter.decoding.batch import DecodeBatch
+from redrafter.decoding.output import Step, trim
+from redrafter.decoding.prefill import PhaseClock, next_logprobs
 
 
-def autoregressive_decode(
-    runtime: Runtime,
-    prompts: Sequence[Sequence[int]],
-    options: DecodeOptions,
-    *,
-    eos_token_ids: Sequence[int] = (),
-) -> Iterator[Step]:
-    """Generate one token per step, yielding a `Step` each time."""
-    sampling, rng = options.sampling, np.random.default_rng(options.sampling.seed)
-    token, lp, _, past_len, seconds = prefill(
-        runtime,
-        prompts,
-        extra_slots=1,
-        max_new_tokens=options.max_new_tokens,
-        sampling=sampling,
-        rng=rng,
-        logprobs=options.logprobs,
-    )
-    B = len(prompts)
-    out = OutputStream(B, max_new_tokens=options.max_new_tokens, eos_token_ids=eos_token_ids)
-    no_drafts, one_each = np.zeros(B, np.int64), np.ones(B, np.int64)
-    self_only = np.ones((B, 1, 1), dtype=bool)  # (B, 1, 1)
-    new = out.emit(token[:, None])
-    yield Step(new, no_drafts, seconds, "prefill", logprobs=trim(lp, new))
-    # Plain greedy reads the argmax only: (B, 1) ids from the runtime, not (B, 1, V) logits.
-    argmax_only = sampling.greedy and not sampling.penalised and not options.logprobs
-    while not out.done:
+class AutoregressiveBatch(DecodeBatch):
+    """One token per row and step: verify g0 alone at slot P; it is the next token's cache."""
+
+    kind = "autoregressive"
+
+    @property
+    def extra_slots(self) -> int:
+        return 1
+
+    def step(self) -> Step:
+        sampling, options = self.options.sampling, self.options
+        B, live = self._live()  # rows [0, B) run; sampling reads the occupied ones (R,)
+        token, past_len = self.token[:B], self.past_len[:B]  # (B,), (B,)
         clock = PhaseClock()
+        self_only = np.ones((B, 1, 1), dtype=bool)  # (B, 1, 1)
         args = (token[:, None], past_len[:, None], self_only, past_len)
-        if argmax_only:
-            ids, _ = runtime.verify_greedy(*args)  # (B, 1)
+        if self.argmax_only:
+            ids, _ = self.runtime.verify_greedy(*args)  # (B, 1)
         else:
-            logits, _ = runtime.verify(*args)  # (B, 1, V)
+            logits, _ = self.runtime.verify(*args)  # (B, 1, V)
         clock.lap("verify")
         # The token was written at slot P, where it belongs: commit is bookkeeping only.
-        past_len = past_len + ~out.finished
-        if argmax_only:
-            token = ids[:, 0]
+        self.past_len[:B] += ~self.out.finished[:B]
+        prompts = [self.prompts[b] for b in live]
+        generated = [self.out.tokens[b] for b in live]
+        if self.argmax_only:
+            chosen = ids[live, 0]  # (R,)
         else:
-            token = choose_token(logits[:, 0], sampling, rng, prompts=prompts, generated=out.tokens)
+            row_logits = logits[live, 0]  # (R, V)
+            chosen = choose_token(
+                row_logits, sampling, self.rng, prompts=prompts, generated=generated
+            )
+        lp = None
         if options.logprobs:
-            lp = next_logprobs(logits[:, 0], token, sampling, prompts=prompts, generated=out.tokens)
+            lp = next_logprobs(row_logits, chosen, sampling, prompts=prompts, generated=generated)
+        self.token[live] = chosen
         clock.lap("accept")
-        new = out.emit(token[:, None])
-        yield Step(new, no_drafts, clock.seconds, "autoregressive", one_each, trim(lp, new))
+        new = self.out.emit(self._per_row(live, [[int(t)] for t in chosen]))
+        one_each = np.zeros(self.rows, np.int64)
+        one_each[live] = 1
+        logprobs = trim(None if lp is None else self._per_row(live, lp), new)
+        return Step(
+            new, np.zeros(self.rows, np.int64), clock.seconds, self.kind, one_each, logprobs
+        )

@@ -66,18 +66,28 @@ def pad_prompts(
 
 
 class OutputStream:
-    """Per-row generated tokens with stops: a row finishes at an EOS token (kept) or at
-    `max_new_tokens`; later tokens of that row are dropped."""
+    """Per-row generated tokens with stops: a row finishes at an EOS token (kept) or at its
+    token limit (`max_new_tokens`, or the one `open_row` gave it); later tokens of that row
+    are dropped. A continuous batch reuses rows: `open_row` starts a row afresh."""
 
     def __init__(self, batch: int, *, max_new_tokens: int, eos_token_ids: Sequence[int]) -> None:
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.finished = np.zeros(batch, dtype=bool)
         self.max_new_tokens = max_new_tokens
+        self.limits = np.full(batch, max_new_tokens, dtype=np.int64)  # (B,) per-row limits
         self.eos = set(int(t) for t in eos_token_ids)
 
     @property
     def done(self) -> bool:
         return bool(self.finished.all())
+
+    def open_row(self, b: int, *, max_new_tokens: int) -> None:
+        """Row b starts a new generation of at most `max_new_tokens` tokens."""
+        self.tokens[b], self.finished[b], self.limits[b] = [], False, max_new_tokens
+
+    def close_row(self, b: int) -> None:
+        """Row b holds nothing any more: finished, its tokens dropped."""
+        self.tokens[b], self.finished[b] = [], True
 
     def emit(self, per_row: Sequence[Sequence[int]]) -> list[list[int]]:
         """Append each row's candidate tokens, honouring stops; returns what was kept."""
@@ -89,7 +99,7 @@ class OutputStream:
                     break
                 row.append(int(t))
                 self.tokens[b].append(int(t))
-                if int(t) in self.eos or len(self.tokens[b]) >= self.max_new_tokens:
+                if int(t) in self.eos or len(self.tokens[b]) >= self.limits[b]:
                     self.finished[b] = True
             kept.append(row)
         return kept

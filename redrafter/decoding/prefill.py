@@ -1,7 +1,7 @@
-"""What both decode loops start with (checking, padding and running the prompts) and the
-per-phase clock their steps report.
+"""The per-phase clock both decode loops' steps report, and the log-probability of a token
+chosen from next-token logits (a joining row's first token, an autoregressive step's).
 
-Dimensions: B batch, T longest prompt, E hidden, V vocab, P committed length per row.
+Dimensions: B batch, V vocab.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from redrafter.config import SamplingParams
-from redrafter.decoding.accept import choose_token, penalised_rows, token_logprobs
-from redrafter.decoding.output import pad_prompts
-from redrafter.decoding.runtime import Runtime
+from redrafter.decoding.accept import penalised_rows, token_logprobs
 
 
 class PhaseClock:
@@ -29,35 +27,6 @@ class PhaseClock:
         now = time.perf_counter()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
         self._last = now
-
-
-def prefill(
-    runtime: Runtime,
-    prompts: Sequence[Sequence[int]],
-    *,
-    extra_slots: int,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    rng: np.random.Generator,
-    logprobs: bool = False,
-) -> tuple[np.ndarray, list[list[float]] | None, np.ndarray, np.ndarray, dict[str, float]]:
-    """Check and pad prompts, size the cache, run the prompts. Returns the first token g0 (B,),
-    its log-probability per row ([[lp]] * B, when `logprobs`; else None), the context hidden
-    state (B, E), the committed lengths P (B,) and {"prefill": seconds}."""
-    tokens, lengths = pad_prompts(
-        prompts,
-        vocab_size=runtime.vocab_size,
-        context_length=runtime.context_length,
-        max_new_tokens=max_new_tokens,
-    )
-    clock = PhaseClock()
-    runtime.reset(batch=len(prompts), capacity=tokens.shape[1] + max_new_tokens + extra_slots)
-    logits, context = runtime.prefill(tokens, lengths)  # (B, V), (B, E)
-    clock.lap("prefill")
-    none: list[list[int]] = [[] for _ in prompts]  # nothing generated yet
-    g0 = choose_token(logits, sampling, rng, prompts=prompts, generated=none)  # (B,)
-    lp = next_logprobs(logits, g0, sampling, prompts=prompts, generated=none) if logprobs else None
-    return g0, lp, context, lengths, clock.seconds
 
 
 def next_logprobs(

@@ -10,6 +10,12 @@ log-prob), so a runtime whose tensors live on a GPU moves (B, N) ids per step in
 
 Dimensions: B batch, T prompt length, N packed tokens, W beam width, L beam length, E hidden,
 V vocab, P committed length per row.
+
+Rows of a continuous batch (batch.py): `verify`/`verify_greedy` may be given fewer rows B' than
+`reset` allocated; they then run rows [0, B') and leave the caches of rows [B', B) undefined
+(a runtime with two ping-pong buffers writes only the first B'), so a row past a call's B' must
+be filled again by `prefill_rows` before a call includes it. `commit` always takes every row
+(count 0 moves nothing). The drafter calls hold no cache and take any B.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class OnnxRuntime:
         # One IO binding per live buffer and first output (logits or next_tokens), its 2 x layers
         # cache bindings made once: binding them from Python costs ~1.8 ms per call (8 % of a
         # SmolLM2-135M step on 2 cores).
-        self._bindings: dict[tuple[int, str], tuple[ort.IOBinding, int]] = {}
+        self._bindings: dict[tuple[int, str, int], tuple[ort.IOBinding, int]] = {}
 
     @property
     def beams(self) -> frozenset[BeamShape]:
@@ -241,10 +241,11 @@ class OnnxRuntime:
         per = int(np.prod(shape[2:])) * np.dtype(self.dtype).itemsize
         return buffer.data_ptr() + index * per
 
-    def _bind_caches(self, io: ort.IOBinding, row: int | None = None) -> int:
+    def _bind_caches(self, io: ort.IOBinding, row: int | None = None, rows: int = 0) -> int:
         """Bind every layer's past_* to the live buffer and present_* to the output buffer;
         with `row`, only that row of the batch (B = 1 in the graph: a row of one layer's
-        (B, Hkv, S, D) cache is contiguous). Returns the output buffer's index."""
+        (B, Hkv, S, D) cache is contiguous); with `rows`, rows [0, rows) (a continuous batch's
+        span, contiguous too). Returns the output buffer's index."""
         src = self.buffers[self.live]
         dst_index = self.live if len(self.buffers) == 1 else 1 - self.live
         dst = self.buffers[dst_index]
@@ -253,6 +254,8 @@ class OnnxRuntime:
         if row is not None:
             offset = row * int(np.prod(shape[1:])) * np.dtype(self.dtype).itemsize
             shape[0] = 1
+        elif rows:
+            shape[0] = rows
         elem = self.dtype
         for i, (past, present) in enumerate(zip(self._past, self._present, strict=True)):
             at = self._layer_address(src, i) + offset
@@ -283,12 +286,13 @@ class OnnxRuntime:
             io.bind_output(n.HIDDEN_STATES, "cpu")
             new_live = self._bind_caches(io, row)
         else:
-            if (self.live, first) not in self._bindings:
+            B = len(tokens)  # rows [0, B) of the batch (a continuous batch's span: runtime.py)
+            if (self.live, first, B) not in self._bindings:
                 io = self.base.io_binding()
                 io.bind_output(first, "cpu")  # bound first: get_outputs() follows binding order
                 io.bind_output(n.HIDDEN_STATES, "cpu")
-                self._bindings[self.live, first] = io, self._bind_caches(io)
-            io, new_live = self._bindings[self.live, first]
+                self._bindings[self.live, first, B] = io, self._bind_caches(io, rows=B)
+            io, new_live = self._bindings[self.live, first, B]
         # Rebound (in place) on every call: after a run they hold last run's shapes.
         io.bind_output(first, "cpu")
         io.bind_output(n.HIDDEN_STATES, "cpu")

@@ -193,12 +193,13 @@ class TorchRuntime:
         self, tokens: np.ndarray, positions: np.ndarray, tree_mask: np.ndarray, past_len: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.cache is not None, "call reset() first"
+        B = len(tokens)  # rows [0, B) of the batch (a continuous batch's span: runtime.py)
         logits, hidden, _ = self.base(
             self._tensor(tokens),
             self._tensor(positions),
             self._tensor(tree_mask),
             self._tensor(past_len),
-            self.base.layer_caches(self.cache),
+            self.base.layer_caches(self.cache[:, :, :B]),
         )  # (B, N, V), (B, N, E); the caches are updated in place
         return logits, hidden
 

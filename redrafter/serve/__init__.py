@@ -1,7 +1,7 @@
 """`redrafter serve`: an OpenAI-compatible HTTP server over one pipeline (docs/serve.md).
 
 Modules: `requests` (OpenAI bodies checked into `GenerationRequest`s, error bodies), `engine`
-(the scheduler: `SerialEngine` decodes one request at a time from a bounded queue), `metrics`
+(the scheduler: `BatchEngine`, continuous batching from a bounded FIFO queue), `metrics`
 (Prometheus text), `app` (the FastAPI routes). FastAPI and uvicorn come with the `[serve]`
 extra; this module imports them only when a server is built."""
 
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
-    """How the server decodes (the same for every request) and how many requests may wait."""
+    """How the server decodes (the same mode and beam for every request), how many requests
+    decode together (`max_batch` rows of one continuous batch) and how many may wait."""
 
     beam_width: int | None = None  # None: the bundle's
     beam_length: int | None = None
@@ -31,8 +32,15 @@ class ServeOptions:
     min_draft_prob: float = 0.0
     autoregressive: bool = False
     max_queue: int = 64
+    max_batch: int = 4
 
     def __post_init__(self) -> None:
+        if (
+            not isinstance(self.max_batch, int)
+            or isinstance(self.max_batch, bool)
+            or self.max_batch < 1
+        ):
+            raise ConfigError(f"--max-batch {self.max_batch!r} must be an integer >= 1")
         if self.max_queue < 1:
             raise ConfigError(f"max_queue {self.max_queue!r} must be >= 1")
 
@@ -57,7 +65,9 @@ def build_app(pipe: Pipeline, serve: ServeOptions, *, model: str) -> FastAPI:
     from redrafter.serve.app import create_app
 
     options = server_decode_options(pipe, serve)
-    return create_app(pipe, options=options, model=model, max_queue=serve.max_queue)
+    return create_app(
+        pipe, options=options, model=model, max_queue=serve.max_queue, max_batch=serve.max_batch
+    )
 
 
 def require_server_packages() -> None:

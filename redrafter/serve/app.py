@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from redrafter.decoding.options import DecodeOptions
 from redrafter.pipeline import Pipeline
-from redrafter.serve.engine import Engine, Finish, Job, Piece, SerialEngine
+from redrafter.serve.engine import BatchEngine, Engine, Finish, Job, Piece
 from redrafter.serve.metrics import CONTENT_TYPE, Metrics
 from redrafter.serve.requests import ApiError, GenerationRequest, parse_request
 
@@ -33,14 +33,15 @@ def create_app(
     options: DecodeOptions,
     model: str,
     max_queue: int = 64,
+    max_batch: int = 4,
     engine: Engine | None = None,
 ) -> FastAPI:
     """The server for `pipe`. `options`: the decode mode and beam every request uses (each
     request sets its own max_tokens and sampling); `model`: the id clients name; `max_queue`:
-    requests allowed to wait for the decoder before 503s; `engine`: the scheduler (default a
-    `SerialEngine`: one decode at a time)."""
+    requests allowed to wait for the decoder before 503s; `max_batch`: rows decoded together;
+    `engine`: the scheduler (default a `BatchEngine`: continuous batching)."""
     metrics = Metrics()
-    engine = engine or SerialEngine(pipe, max_queue=max_queue, metrics=metrics)
+    engine = engine or BatchEngine(pipe, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
     app = FastAPI(title="redrafter", docs_url=None, redoc_url=None)
 
