@@ -187,33 +187,29 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
   }
 }
 
-// Tiles [t_begin, t_end) of group g for rows m0..m0+R-1, T tiles at a time (as many as the
-// registers hold), the rest with fewer. A column's arithmetic does not depend on T.
+// Tiles t0.. of a group for rows m0..m0+R-1, T tiles at a time (as many as the registers hold).
 template <int R, int T>
 RD_VNNI void rows_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t m0,
-                       int64_t t_begin, int64_t t_end, float* Y) {
+                       float* Y) {
   const int64_t nt = group_tiles(w, g);
-  int64_t t = t_begin;
-  for (; t + T <= t_end; t += T) micro_vnni<R, T>(w, a, g, nt, t, m0, Y);
-  if constexpr (T > 1) {
-    if (t < t_end) rows_vnni<R, T / 2>(w, a, g, m0, t, t_end, Y);
-  }
+  int64_t t = 0;
+  for (; t + T <= nt; t += T) micro_vnni<R, T>(w, a, g, nt, t, m0, Y);
+  for (; t < nt; ++t) micro_vnni<R, 1>(w, a, g, nt, t, m0, Y);
 }
 
-// Rows in passes of up to 8 (each pass unpacks the tiles' codes once for all its rows); the
+// Rows in passes of up to 8 (each pass unpacks the group's codes once for all its rows); the
 // tile count per micro-kernel keeps R * T integer + R * T float accumulators in 32 registers.
-RD_VNNI void tiles_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t t_begin,
-                        int64_t t_end, float* Y) {
+RD_VNNI void group_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, float* Y) {
   for (int64_t m = 0; m < a.M; m += 8) {
     switch (std::min<int64_t>(8, a.M - m)) {
-      case 8: rows_vnni<8, 1>(w, a, g, m, t_begin, t_end, Y); break;
-      case 7: rows_vnni<7, 1>(w, a, g, m, t_begin, t_end, Y); break;
-      case 6: rows_vnni<6, 1>(w, a, g, m, t_begin, t_end, Y); break;
-      case 5: rows_vnni<5, 2>(w, a, g, m, t_begin, t_end, Y); break;
-      case 4: rows_vnni<4, 2>(w, a, g, m, t_begin, t_end, Y); break;
-      case 3: rows_vnni<3, 2>(w, a, g, m, t_begin, t_end, Y); break;
-      case 2: rows_vnni<2, 4>(w, a, g, m, t_begin, t_end, Y); break;
-      default: rows_vnni<1, 8>(w, a, g, m, t_begin, t_end, Y); break;
+      case 8: rows_vnni<8, 1>(w, a, g, m, Y); break;
+      case 7: rows_vnni<7, 1>(w, a, g, m, Y); break;
+      case 6: rows_vnni<6, 1>(w, a, g, m, Y); break;
+      case 5: rows_vnni<5, 2>(w, a, g, m, Y); break;
+      case 4: rows_vnni<4, 2>(w, a, g, m, Y); break;
+      case 3: rows_vnni<3, 2>(w, a, g, m, Y); break;
+      case 2: rows_vnni<2, 4>(w, a, g, m, Y); break;
+      default: rows_vnni<1, 8>(w, a, g, m, Y); break;
     }
   }
 }
@@ -498,34 +494,17 @@ struct Work {
   const int8_t* a_pairs;  // the AMX path's activation layout (pair_rows)
   float* Y;
   Path path;
-  int64_t chunk;  // tiles per work item (VNNI; a whole group on the other paths)
 };
 
-// Tiles per work item on the VNNI path. A whole group (8 tiles, 128 outputs) per item leaves the
-// demo model's 576- and 192-wide projections as 5 and 2 unequal items, so one of two threads
-// idles for up to a third of the call; smaller items balance them. Only there: an item of a
-// few tiles reads its group's codes in 1 KiB strides instead of one stream, which measured
-// 2.4x slower on the 49152-wide LM head (384 groups, balanced anyway). Decode calls (a few rows)
-// are split finest, since there each item is short; a prefill's many rows keep whole groups.
-int64_t tiles_per_item(int64_t M, int64_t groups, int threads) {
-  if (threads < 2 || groups >= 4 * threads || M > 8) return kGroup;
-  return M == 1 ? 4 : 2;
-}
-
-void run_item(void* user, std::size_t item) {
+void run_group(void* user, std::size_t g) {
   const Work& work = *static_cast<const Work*>(user);
-  const int64_t per_group = kGroup / work.chunk;
-  const int64_t g = static_cast<int64_t>(item) / per_group;
 #if defined(__x86_64__)
-  if (work.path == Path::kAmx) return group_amx(*work.w, *work.a, work.a_pairs, g, work.Y);
-  if (work.path == Path::kVnni) {
-    const int64_t t_begin = static_cast<int64_t>(item) % per_group * work.chunk;
-    const int64_t t_end = std::min(t_begin + work.chunk, group_tiles(*work.w, g));
-    if (t_begin < t_end) tiles_vnni(*work.w, *work.a, g, t_begin, t_end, work.Y);
-    return;
-  }
+  if (work.path == Path::kAmx)
+    return group_amx(*work.w, *work.a, work.a_pairs, static_cast<int64_t>(g), work.Y);
+  if (work.path == Path::kVnni)
+    return group_vnni(*work.w, *work.a, static_cast<int64_t>(g), work.Y);
 #endif
-  group_portable(*work.w, *work.a, g, work.Y);
+  group_portable(*work.w, *work.a, static_cast<int64_t>(g), work.Y);
 }
 
 // The path for M rows. REDRAFTER_CPU_ISA (read at each call, so tests can switch it) picks one:
@@ -634,10 +613,8 @@ void matmul_int4_cpu(const PackedInt4& w, const float* A, int64_t M, float* Y,
 #else
   const std::vector<int8_t> a_pairs;
 #endif
-  const int64_t chunk =
-      path == Path::kVnni ? tiles_per_item(M, w.groups, runner.num_threads()) : kGroup;
-  Work work{&w, &a, a_pairs.data(), Y, path, chunk};
-  runner.run(static_cast<std::size_t>(w.groups * (kGroup / chunk)), run_item, &work);
+  Work work{&w, &a, a_pairs.data(), Y, path};
+  runner.run(static_cast<std::size_t>(w.groups), run_group, &work);
 }
 
 }  // namespace redrafter
