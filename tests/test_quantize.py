@@ -55,8 +55,9 @@ def test_quantized_export_keeps_tree_attention_and_shrinks(int4_bundle, onnx_bun
     layers = BUNDLE_SHAPE["num_hidden_layers"]
     assert base_ops[(n.OP_DOMAIN, n.TREE_ATTENTION)] == layers
     assert base_ops[("", "MatMul")] == 0  # every constant weight, the LM head too
-    # q, k, v, o, gate, up, down per layer, and the LM head
-    assert base_ops[("com.microsoft", "MatMulNBits")] == 7 * layers + 1
+    # q|k|v (fused), o, gate|up (fused), down per layer, and the LM head
+    assert base_ops[("com.microsoft", "MatMulNBits")] == 4 * layers + 1
+    assert base_ops[("", "Split")] >= 2 * layers  # the fused projections' outputs
     assert base_ops[("com.microsoft", "GatherBlockQuantized")] == 1  # the embedding
     model = onnx.load(str(int4_bundle.path(n.BASE_ONNX)), load_external_data=False)
     assert [f.name for f in model.functions] == [n.TREE_ATTENTION]
@@ -255,6 +256,76 @@ def test_native_int4_kernel_keeps_speculation_lossless(tiny_checkpoints, symmetr
     ort_logits, _ = theirs.prefill(tokens, lengths)
     scale = np.abs(ort_logits).max()
     assert np.abs(ours_logits - ort_logits).max() < 0.05 * scale
+
+
+def _sibling_matmuls() -> onnx.ModelProto:
+    """x -> three MatMuls of one input (q/k/v-shaped) and two more of another (gate/up), plus a
+    MatMul of a different K (never fused with them), as the exporter's graphs have them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    shapes = {"wq": (64, 64), "wk": (64, 32), "wv": (64, 32), "wg": (64, 96), "wu": (64, 96)}
+    weights = {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in shapes.items()}
+    weights["wd"] = rng.standard_normal((96, 64)).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Add", ["q", "x"], ["h"]),
+        helper.make_node("MatMul", ["h", "wg"], ["g"], name="gate_proj"),
+        helper.make_node("MatMul", ["h", "wu"], ["u"], name="up_proj"),
+        helper.make_node("Mul", ["g", "u"], ["gu"]),
+        helper.make_node("MatMul", ["gu", "wd"], ["d"], name="down_proj"),
+    ]
+    outs = {"k": 32, "v": 32, "d": 64}
+    graph = helper.make_graph(
+        nodes,
+        "siblings",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 64])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", w]) for o, w in outs.items()],
+        [numpy_helper.from_array(w, k) for k, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_sibling_matmuls_fuse_without_changing_a_bit(tmp_path, symmetric) -> None:
+    """q/k/v and gate/up, each one MatMul of one input, quantize as one wider MatMulNBits and a
+    Split; block quantization is per column, so the fused graph gives the separate MatMuls'
+    outputs bit for bit on the native kernel, and on ONNX Runtime's own kernel too."""
+    import onnxruntime as ort
+
+    from redrafter import ops
+    from redrafter.export.quantize import quantize_graph
+    from redrafter.runtimes.onnxruntime import with_int4_kernel
+
+    q = quantization("int4", block_size=32, symmetric=symmetric)
+    graphs = {}
+    for fuse in (False, True):
+        path = tmp_path / f"fuse-{fuse}.onnx"
+        onnx.save(quantize_graph(_sibling_matmuls(), q, fuse=fuse), str(path))
+        graphs[fuse] = path
+    fused = onnx.load(str(graphs[True]))
+    kinds = collections.Counter(node.op_type for node in fused.graph.node)
+    assert (kinds["MatMulNBits"], kinds["Split"], kinds["MatMul"]) == (3, 2, 0)
+    x = np.random.default_rng(5).standard_normal((7, 64)).astype(np.float32)  # (M, K)
+    kernels: list[tuple[str, bool]] = [("onnxruntime", False)]
+    if ops.library_path() is not None:
+        kernels.append(("redrafter", True))
+    for kernel, native in kernels:
+        outs = []
+        for fuse in (False, True):
+            options = ort.SessionOptions()
+            model: str | bytes = str(graphs[fuse])
+            if native:
+                ops.register(options, required=True)
+                model = with_int4_kernel(graphs[fuse]) or model
+            sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            outs.append(sess.run(None, {"x": x}))
+        for a, b, name in zip(*outs, ("k", "v", "d"), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{kernel}: {name}")
 
 
 def test_native_int4_kernel_is_refused_where_it_cannot_run(int4_bundle) -> None:
