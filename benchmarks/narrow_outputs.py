@@ -15,6 +15,7 @@ interleaved prompt by prompt, autoregressive and speculative (W1 L5 + prompt loo
 asserting identical tokens. Results in benchmarks/results/narrow_outputs.json.
 
     python -m benchmarks.narrow_outputs [--bundle DIR] [--jargon 4 --code 4 --max-new-tokens 128]
+        [--threads 2] [--quantize none|int4] [--name narrow_outputs]
 
 Without --bundle: the demo GGUF's bundle with the shipped drafter at W1 L5, `--quantize`
 none (fp32) or int4.
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--code", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--name", default="narrow_outputs", help="results file name")
     args = parser.parse_args()
 
     from redrafter.config import BeamShape
@@ -80,7 +83,7 @@ def main() -> None:
 
             quantization = make(args.quantize)
         bundle = demo_bundle(SHIPPED_DIR, [beam], quantization=quantization)
-    pipe = load(bundle, runtime="onnxruntime")
+    pipe = load(bundle, runtime="onnxruntime", threads=args.threads)
     runtime = pipe.runtime
     assert runtime._next_tokens, "re-export the bundle: its base graph predates next_tokens"
     prompts = heldout_shared_prompts(args.jargon, args.code)
@@ -121,6 +124,7 @@ def main() -> None:
         "prompts": len(ids),
         "max_new_tokens": n,
         "repeats": args.repeats,
+        "threads": args.threads,
         "load_before": load_before,
         "load_after": idle_report(),
         "machine": machine(),
@@ -135,7 +139,7 @@ def main() -> None:
             f"{shape:24s} narrow {row['narrow']:6.1f} tok/s  full {row['full']:6.1f} tok/s  "
             f"ratio {row['narrow_over_full']:.3f}"
         )
-    save("narrow_outputs", results)
+    save(args.name, results)
 
 
 if __name__ == "__main__":
