@@ -9,7 +9,9 @@ slower for both graphs), then profiled with ORT's profiler: time per op type per
         [--context 128] [--calls 200] [--threads 2] [--ablate rotary,rmsnorm,both,rmsnorm-div]
         [--baseline OLD_BUNDLE] [--name graph_profile]
 
---genai-model defaults to the genai fp32 export of `python -m benchmarks.peers --setup genai`.
+--genai-model defaults to the genai fp32 export of `python -m benchmarks.peers --setup genai`
+(its int4 export, `genai-int4`, beside it, for an int4 bundle of ours: ours then runs the
+kernel it decodes with, `redrafter::MatMulInt4` when the native library is built).
 Ours runs through `OnnxRuntime.verify` (IO binding, native TreeAttention kernel); genai's graph
 through a plain IO binding with its KV cache shared in place as genai does it (past and present
 bound to one buffer of --max-length rows, `GroupQueryAttention` reading the mask's length).
@@ -57,7 +59,6 @@ def ours_step(
     """A one-token verify at `context` past tokens on our runtime. `graph` replaces the
     bundle's base graph (an `ablated` copy); `profile` (a file prefix) turns ORT's profiler on.
     Returns (step function, base session)."""
-    import onnxruntime as ort
 
     from redrafter import ops
     from redrafter.runtimes import onnxruntime as ours
@@ -69,8 +70,9 @@ def ours_step(
         if profile:
             options.enable_profiling = True
             options.profile_file_prefix = profile
-        path = str(graph or bundle / "onnx" / "base.onnx")
-        runtime.base = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        path = Path(graph or bundle / "onnx" / "base.onnx")
+        # the runtime's own session maker: an int4 bundle gets the same kernel it decodes with
+        runtime.base = runtime._session(path, options, ["CPUExecutionProvider"])
     return verify_call(runtime, 1, context), runtime.base
 
 
