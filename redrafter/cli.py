@@ -1130,11 +1130,23 @@ def bench(
     help="Where the base and drafter run; under torchrun cuda means one GPU per process "
     "(NCCL), cpu uses gloo.",
 )  # fmt: skip
+@click.option(
+    "--shard-base", is_flag=True,
+    help="Under torchrun: shard the frozen base across the processes (FSDP2), each holding "
+    "~1/N of it, for a base that does not fit one device; needs N >= 2.",
+)  # fmt: skip
+@click.option(
+    "--base-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+    show_default=True,
+    help="The dtype the base runs in (the drafter trains in fp32). Greedy answers in bf16/fp16 "
+    "are another teacher's than fp32's: teacher data is never reused across dtypes.",
+)  # fmt: skip
 def train_drafter_cmd(**kw: Any) -> None:
     """Train a drafter for a frozen base model; saves Apple's layout to --out.
 
     Under `torchrun --nproc-per-node N -m redrafter train-drafter ...` the N processes share the
-    work: --batch-size stays the global batch, so any N trains the same drafter."""
+    work: --batch-size stays the global batch, so any N trains the same drafter. --shard-base
+    also splits the base across them (docs/drafter_training.md, "Sharding the base")."""
     from pathlib import Path
 
     from redrafter.train.distributed import process_group
@@ -1174,6 +1186,8 @@ def train_drafter_cmd(**kw: Any) -> None:
             teacher_slots=kw["teacher_slots"],
             shard_prompts=kw["shard_prompts"],
             stop_after=kw["stop_after"],
+            shard=kw["shard_base"],
+            base_dtype=kw["base_dtype"],
             ranks=ranks,
             log=lambda m: click.echo(m, err=True),
         )

@@ -6,6 +6,7 @@ Dimensions: M context positions, K predicted tokens, Vd the head's vocab.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -61,13 +62,20 @@ def tokens_per_step(
 
     One prompt per decode by default: with several, a row that finishes inside a multi-token
     accept leaves its cache up to L-2 slots past the driver's capacity while the others go on
-    verifying (a driver bug, reported), which a trained drafter triggers."""
+    verifying (a driver bug, reported), which a trained drafter triggers.
+
+    The decode runs in the base's dtype (`--base-dtype`). The runtime casts the models it is
+    given in place, so a base in bf16/fp16 decodes with a cast copy of the drafter, never the
+    fp32 one being trained."""
     from redrafter.decoding.driver import decode
     from redrafter.decoding.options import DecodeOptions
     from redrafter.runtimes.torch import TorchRuntime
 
     was_training = drafter.training
-    runtime = TorchRuntime(base, drafter, device=base.embed_weight.device.type)
+    dtype = str(base.embed_weight.dtype).removeprefix("torch.")
+    if dtype != "float32":
+        drafter = copy.deepcopy(drafter)
+    runtime = TorchRuntime(base, drafter, device=base.embed_weight.device.type, dtype=dtype)
     emitted = row_steps = accepted = 0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]

@@ -216,7 +216,7 @@ def teacher_forced(
     for start in range(0, N, batch_size):
         ids = chunks[start : start + batch_size].to(device)  # (B, T)
         B = ids.shape[0]
-        cache = base.new_cache(B, T).to(device)
+        cache = base.new_cache(B, T, base.embed_weight.dtype).to(device)  # (Lyr, 2, B, Hkv, T, D)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T)
         hidden, _ = base.hidden_states(
             ids,

@@ -17,6 +17,12 @@ of its prompts' ids, so a shard is never reused for another base, prompts or set
 is made by rank `i % world`, each one alone (its own slots, its own prompts in order), so the
 tensors of a shard do not depend on how many ranks made the folder. Caching the hidden states is
 what lets every epoch skip the base's forward: training reads them and never runs the base.
+
+With the base sharded across the ranks (sharding.py), each rank still makes its own shards, but
+its forwards are paired with the others' (answers.py's `Lockstep`): a rank done with its shards
+steps dummies until every rank is done. The parameters it computes with are the whole ones
+(all-gathered), so the shards are the same as unsharded. The base's dtype (`--base-dtype`) is
+part of the metadata: bf16 greedy answers are another teacher's, never reused for fp32.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from safetensors.torch import save_file
 
 from redrafter.errors import RedrafterError
 from redrafter.models.llama import Transformer
-from redrafter.train.answers import generate_answers
+from redrafter.train.answers import Lockstep, generate_answers
 from redrafter.train.distributed import SINGLE, Ranks
+from redrafter.train.sharding import dtype_name, full_tensor, is_sharded
 from redrafter.train.teacher import Examples, examples_from_trace
 
 MANIFEST = "manifest.json"
@@ -63,10 +70,11 @@ class TeacherSettings:
 def base_fingerprint(base: Transformer) -> str:
     """sha256 (first 16 hex digits) of the base's config and of every parameter's name, shape,
     dtype and 4,096 evenly spaced values: cheap for any size, and different checkpoints differ.
-    """
+    A sharded base gives the unsharded one's (each parameter gathered whole, one at a time:
+    every rank must call this together)."""
     h = hashlib.sha256(json.dumps(base.config.to_dict(), sort_keys=True, default=str).encode())
     for name, p in base.state_dict().items():
-        flat = p.detach().reshape(-1)  # (numel,)
+        flat = full_tensor(p.detach()).reshape(-1)  # (numel,)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(sample.numpy().tobytes())
@@ -93,13 +101,16 @@ def _metadata(path: Path) -> dict[str, str] | None:
 def _check(meta: dict[str, str], expected: dict[str, str], where: Path) -> None:
     """One-line errors for a shard made with another base, prompts or settings."""
     for key, what, fix in (
+        ("base_dtype", "base dtype", "another --base-dtype"),
         ("base", "base model", "another base"),
         ("settings", "generation settings", "other settings (--seq-len, --kl-weight)"),
         ("prompts_sha256", "prompts", "other prompts"),
     ):
-        if meta.get(key) != expected[key]:
+        # Folders from before --base-dtype hold no dtype: their base always ran in fp32.
+        found = meta.get(key, "float32" if key == "base_dtype" else None)
+        if found != expected[key]:
             raise TeacherDataError(
-                f"{where}: teacher data made with {fix} ({what} {key}={meta.get(key)!r}, this "
+                f"{where}: teacher data made with {fix} ({what} {key}={found!r}, this "
                 f"run's is {expected[key]!r}); pass another --teacher-data folder or delete it"
             )
 
@@ -131,9 +142,11 @@ def build_teacher_data(
 ) -> Path:
     """Make (or finish) the teacher data for `prompts` in `folder`: this rank generates the
     missing shards `i % world == rank`, every rank waits for the others, and rank 0 writes the
-    manifest. Shards already there are checked and kept. Returns the folder."""
+    manifest. Shards already there are checked and kept. Returns the folder. With a sharded
+    base every rank's forwards run in lockstep with the others' (module docstring)."""
     folder = Path(folder)
     expected = {
+        "base_dtype": dtype_name(base.embed_weight.dtype),
         "base": base_fingerprint(base),
         "settings": json.dumps(settings.to_dict(), sort_keys=True),
     }
@@ -146,6 +159,7 @@ def build_teacher_data(
     folder.mkdir(parents=True, exist_ok=True)
     n = settings.shard_prompts
     shards = [prompts[i : i + n] for i in range(0, len(prompts), n)]
+    lockstep = Lockstep(base, ranks if is_sharded(base) else SINGLE)
     for i, shard in enumerate(shards):
         path = folder / _shard_file(i)
         wanted = {**expected, "prompts_sha256": prompts_sha256(shard)}
@@ -165,12 +179,15 @@ def build_teacher_data(
             top_c=settings.top_c,
             slots=slots,
             progress=progress,
+            lockstep=lockstep,
         )
         _write_shard(path, traces, wanted)
+    lockstep.drain()  # a sharded base: the others' forwards still need this rank's
     ranks.barrier()  # every shard is on disk
     if ranks.is_main:
         record = {
             "format": FORMAT,
+            "base_dtype": expected["base_dtype"],
             "base": expected["base"],
             "settings": settings.to_dict(),
             "prompts": len(prompts),

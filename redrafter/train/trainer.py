@@ -9,6 +9,11 @@ uninterrupted one and ends with the same weights. Under torchrun (distributed.py
 step is the same global batch, split into one consecutive part per rank; DistributedDataParallel
 averages the parts' gradients, and the loss divides by the whole batch's counts, so any number
 of processes trains the drafter one process would (up to float rounding).
+
+The base may be sharded (`--shard-base`, sharding.py) and in bf16/fp16 (`--base-dtype`): the
+drafter still trains in fp32 on a whole fp32 copy of the embedding table it reads, gathered once.
+Training never runs the base (its outputs are cached), but tokens/step evaluation does, on rank
+0 alone: with a sharded base it is skipped (see `train_drafter`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from redrafter.train.checkpoint import (
 from redrafter.train.distributed import SINGLE, Ranks, is_lost_rank, lost_rank, stop_on_sigterm
 from redrafter.train.evaluate import heldout_metrics, tokens_per_step
 from redrafter.train.loss import IGNORE, drafter_loss, target_counts, to_head_ids, unroll
+from redrafter.train.sharding import bytes_per_rank, dtype_name, full_tensor, is_sharded
 from redrafter.train.teacher import Examples
 from redrafter.train.vocab import choose_draft_vocab, head_index
 
@@ -172,7 +178,7 @@ def build_drafter(
             assert drafter.draft_token_ids is not None
             drafter.draft_token_ids.copy_(draft_ids)
         if options.init == "base" and exit_dim == E:
-            head = base_head_weight(base).detach()  # (V, E)
+            head = full_tensor(base_head_weight(base).detach())  # (V, E) gathered if sharded
             rows = head if draft_ids is None else head[draft_ids.to(head.device)]  # (Vd, E)
             drafter.lm_head[-1].weight.copy_(rows)
             for block in drafter.lm_head[:-1]:  # residual blocks start as the identity
@@ -289,7 +295,14 @@ def train_drafter(
     step), whatever world size wrote it. `stop_after` ends the run early at that step with a
     checkpoint, as an interruption would (a job with a time limit; tests of resuming).
     `ranks`: this process's place under torchrun; every rank passes the same examples and
-    options, rank 0 alone logs, shows progress, evaluates and saves."""
+    options, rank 0 alone logs, shows progress, evaluates and saves.
+
+    A sharded base (`--shard-base`) skips the tokens/step evaluation: it decodes with the real
+    driver, whose number of base forwards depends on how many drafts are accepted, and rank 0
+    would run those collectives alone. Pairing them with the other ranks would need every
+    rank to replay the same decode and agree bitwise; a hang if one rounded differently.
+    Held-out accuracy (no base involved) is still evaluated; measure tokens/step afterwards
+    with `redrafter bench` on a device the base fits."""
     out = Path(out)
     if train.predict_tokens < options.predict_tokens:
         raise ConfigError(
@@ -308,8 +321,20 @@ def train_drafter(
     K = options.predict_tokens
     for p in base.parameters():
         p.requires_grad_(False)
-    embed = base.embed_weight.detach()
+    sharded = is_sharded(base)
+    # The drafter reads token embeddings: a whole fp32 table on every rank (a collective when
+    # the base is sharded; a no-op for an unsharded fp32 base).
+    embed = full_tensor(base.embed_weight.detach()).float()  # (V, E)
     device = embed.device  # the drafter trains where the base lives; examples stay on the CPU
+    base_info = {
+        "shard_base": sharded,
+        "base_dtype": dtype_name(base.embed_weight.dtype),
+        "base_bytes_per_rank": bytes_per_rank(base, ranks),  # the parameters each rank holds
+    }
+    if sharded:
+        held = base_info["base_bytes_per_rank"]
+        log(f"base sharded over {ranks.world} ranks: {max(held) / 2**20:.1f} MiB of parameters "
+            f"per rank at most; tokens/step evaluation skipped (needs the whole base)")  # fmt: skip
     total = options.total_steps(len(train))
     history: list[dict[str, float]] = []
     start_step = 0
@@ -339,7 +364,13 @@ def train_drafter(
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     restore_optimizer(optimizer, drafter, opt_tensors)
     bf16 = use_bf16(options.bf16, device)
-    extra = {"coverage": coverage, "examples": len(train), "bf16": bf16, **ranks.describe()}
+    extra = {
+        "coverage": coverage,
+        "examples": len(train),
+        "bf16": bf16,
+        **base_info,
+        **ranks.describe(),
+    }
     started = time.perf_counter()
     end = total if stop_after is None else min(total, stop_after)
     final_eval: dict[str, float] = {}
@@ -351,7 +382,7 @@ def train_drafter(
             ex = heldout.examples
             held = heldout_metrics(drafter, ex, embed, index)
             metrics.update({f"eval_{k}": v for k, v in held.items()})
-        if heldout.prompts:
+        if heldout.prompts and not sharded:
             tps = tokens_per_step(
                 base,
                 drafter,
