@@ -70,9 +70,10 @@ def tokens_per_step(
     from redrafter.decoding.driver import decode
     from redrafter.decoding.options import DecodeOptions
     from redrafter.runtimes.torch import TorchRuntime
+    from redrafter.train.sharding import dtype_name
 
     was_training = drafter.training
-    dtype = str(base.embed_weight.dtype).removeprefix("torch.")
+    dtype = dtype_name(base.embed_weight.dtype)
     if dtype != "float32":
         drafter = copy.deepcopy(drafter)
     runtime = TorchRuntime(base, drafter, device=base.embed_weight.device.type, dtype=dtype)
