@@ -18,6 +18,36 @@ from redrafter.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
+# Gemma 3's image-text checkpoints (Gemma3ForConditionalGeneration: 4B, 12B, 27B) say
+# model_type "gemma3" and nest the language model's config in `text_config`; we decode their
+# language model (`gemma3_text_raw`, checkpoints.gemma3_language_model).
+GEMMA3_IMAGE_TEXT = "gemma3"
+# transformers' Gemma3TextConfig defaults. An image-text checkpoint's config.json writes its
+# `text_config` as a diff against them (Google's 4B holds 6 keys), so they fill the rest.
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+}
 # rope_scaling types we implement (besides none/default); `linear` (positions divided by
 # `factor`) is Gemma 3's global layers'.
 # `freq_factors` (one divisor per rotary frequency) is llama.cpp's form of Llama-3 scaling
@@ -110,6 +140,34 @@ def _longrope_attention_factor(rs: dict[str, Any], max_position_embeddings: int)
     return math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def gemma3_text_raw(raw: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """The language model's config of a Gemma 3 image-text checkpoint (model_type "gemma3"):
+    its `text_config` over `GEMMA3_TEXT_DEFAULTS`, as model_type "gemma3_text". The top level's
+    special token ids win (Google's instruction-tuned checkpoints end turns with
+    `eos_token_id: [1, 106]` there). The vision tower's config is not read."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(
+            f"{where}: model_type 'gemma3' needs a 'text_config' object (its language model's "
+            "config); re-save the checkpoint with transformers"
+        )
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise UnsupportedModelError(
+            f"{where}: text_config.model_type {text['model_type']!r} is not 'gemma3_text'; "
+            "only Gemma 3's own language model is supported"
+        )
+    out = {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+    if "layer_types" in text or "_sliding_window_pattern" in text:
+        out.pop("sliding_window_pattern")  # the file says which layers slide
+    if "rope_parameters" in text:  # transformers 5: the bases are in there
+        out.pop("rope_theta")
+        out.pop("rope_local_base_freq")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if raw.get(key) is not None:
+            out[key] = raw[key]
+    return out
+
+
 def _gemma_raw(raw: dict[str, Any]) -> dict[str, Any]:
     """A Gemma config.json in our terms: transformers' defaults where the file relies on them
     (tied embeddings, Gemma 3's two rotary bases), transformers 5's per-layer-type
@@ -146,7 +204,8 @@ def _check_positive_int(obj: Any, *fields: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
     """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM, Gemma 2,
-    Gemma 3 text) in HF `config.json` terms.
+    Gemma 3 text; a Gemma 3 image-text config reads as its language model's) in HF `config.json`
+    terms.
 
     Family differences the model and loader read from here: Qwen2's q/k/v biases
     (`qkv_bias`), Qwen3's per-head q/k RMSNorm (`qk_norm`), Phi-3's fused `qkv_proj` and
@@ -198,7 +257,7 @@ class BaseModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"unsupported model_type {self.model_type!r}; supported: "
-                + ", ".join(SUPPORTED_MODEL_TYPES)
+                + ", ".join((*SUPPORTED_MODEL_TYPES, GEMMA3_IMAGE_TEXT))
             )
         _check_positive_int(
             self,
@@ -490,12 +549,15 @@ class BaseModelConfig:
         raw = dict(raw)
         if "model_type" not in raw:
             raise ConfigError(
-                f"{where}: missing 'model_type'; expected one of " + "/".join(SUPPORTED_MODEL_TYPES)
+                f"{where}: missing 'model_type'; expected one of "
+                + "/".join((*SUPPORTED_MODEL_TYPES, GEMMA3_IMAGE_TEXT))
             )
         if raw.get("model_type") == DRAFTER_MODEL_TYPE:
             raise UnsupportedModelError(
                 f"{where} is a ReDrafter drafter, not a base model; pass it as --drafter"
             )
+        if raw.get("model_type") == GEMMA3_IMAGE_TEXT:
+            raw = gemma3_text_raw(raw, where)
         if raw.get("model_type") in GEMMA_TYPES:
             raw = _gemma_raw(raw)
         # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters` only.

@@ -527,8 +527,16 @@ def encode_prompts(
 
 def check_options(runtime: Runtime, options: DecodeOptions) -> None:
     """Refuse options the runtime cannot decode, before anything runs (so nothing is emitted
-    first): speculative decoding on a runtime without a drafter, or a beam shape the runtime
-    has no drafter graph for (`runtime.beams`, where the runtime lists them)."""
+    first): a stop token id outside the model's vocab (it is never emitted, so it would never
+    stop a row), speculative decoding on a runtime without a drafter, or a beam shape the
+    runtime has no drafter graph for (`runtime.beams`, where the runtime lists them)."""
+    vocab = int(runtime.vocab_size)
+    outside = [t for t in options.stop_token_ids if t >= vocab]
+    if outside:
+        raise ConfigError(
+            f"stop token id(s) {outside[:5]} are outside this model's vocab [0, {vocab}), so "
+            "they would never stop decoding; pass ids the model can emit (--stop-id)"
+        )
     if not options.speculative:
         return
     beams = getattr(runtime, "beams", None)

@@ -1,7 +1,8 @@
 """Qwen3 (per-head q/k RMSNorm, a head_dim that is not hidden/heads), Phi-3/3.5 (fused qkv and
 gate_up tensors, LongRoPE), Mistral and Qwen2 with a sliding window of 8 (per layer for Qwen2),
 and Gemma 2 / Gemma 3 text (scaled embeddings, (1 + w) norms, GeGLU, sliding layers beside
-global ones, Gemma 2's soft-capping, Gemma 3's q/k norms and local rotary base) against
+global ones, Gemma 2's soft-capping, Gemma 3's q/k norms and local rotary base; Gemma 3's
+image-text model as its language model) against
 transformers' own models, end to end: tiny random models that
 transformers builds and saves, loaded by `load_base`, must emit the tokens of transformers'
 greedy `generate` (autoregressive, speculative, and speculative with whole beams accepted) in
@@ -24,7 +25,9 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     MistralConfig,
     MistralForCausalLM,
@@ -34,6 +37,7 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SiglipVisionConfig,
 )
 
 from redrafter.config import BaseModelConfig, BeamShape
@@ -69,6 +73,29 @@ FAMILIES = {
             **GEMMA,
             layer_types=["sliding_attention", "full_attention"],
             rope_parameters=GEMMA3_ROPE,
+        )
+    ),
+    # Gemma 3's image-text model (4B, 12B, 27B): the same language model under other names,
+    # beside a vision tower that text decoding leaves out.
+    "gemma3-image-text": lambda: Gemma3ForConditionalGeneration(
+        Gemma3Config(
+            text_config=Gemma3TextConfig(
+                **GEMMA,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters=GEMMA3_ROPE,
+            ),
+            vision_config=SiglipVisionConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            boi_token_index=SIZES["vocab_size"] - 3,
+            eoi_token_index=SIZES["vocab_size"] - 2,
+            image_token_index=SIZES["vocab_size"] - 1,
         )
     ),
     "mistral-window": lambda: MistralForCausalLM(
@@ -366,6 +393,106 @@ def test_gemma3_transformers4_config_reads_as_the_new_one(tmp_path: Path) -> Non
     assert BaseModelConfig.from_dict(a.to_dict()) == a  # what a bundle's manifest stores
 
 
+# Google's gemma-3-4b-it config.json as transformers 4.50 wrote it: the text_config holds only
+# what differs from Gemma3TextConfig's defaults; the top level ends turns at <end_of_turn>.
+GEMMA3_4B_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "mm_tokens_per_image": 256,
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152},
+}
+
+
+def test_gemma3_image_text_sparse_config_reads_as_transformers_reads_it() -> None:
+    """The 4B's sparse config gives the language model transformers builds from it: sizes,
+    heads, every layer's window (every 6th global), both rotary bases and the scaling, the
+    attention scale, tied embeddings, and the top level's end-of-turn id."""
+    ours = BaseModelConfig.from_dict(GEMMA3_4B_CONFIG)
+    theirs = Gemma3Config(**GEMMA3_4B_CONFIG).text_config
+    assert ours.model_type == "gemma3_text"
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_activation",
+        "rms_norm_eps",
+        "query_pre_attn_scalar",
+        "max_position_embeddings",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "tie_word_embeddings",
+    ):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    windows = [ours.layer_window(i) for i in range(34)]
+    assert windows == [0 if t == "full_attention" else 1024 for t in theirs.layer_types]
+    assert windows[:6] == [1024] * 5 + [0]  # by hand: layers 6, 12, ... are global
+    rope = theirs.rope_parameters
+    assert ours.rope_theta == rope["full_attention"]["rope_theta"] == 1_000_000.0
+    assert ours.rope_local_base_freq == rope["sliding_attention"]["rope_theta"] == 10_000.0
+    assert ours.rope_scaling["factor"] == rope["full_attention"]["factor"] == 8.0
+    assert ours.attention_scale == 256**-0.5
+    assert ours.eos_token_ids == (1, 106)
+    assert BaseModelConfig.from_dict(ours.to_dict()) == ours  # what a bundle's manifest stores
+
+
+def test_gemma3_text_defaults_are_transformers_defaults() -> None:
+    """GEMMA3_TEXT_DEFAULTS fills what a sparse text_config leaves out: it must stay what
+    transformers' Gemma3TextConfig assumes (a changed default there fails here)."""
+    from redrafter.config import GEMMA3_TEXT_DEFAULTS
+
+    theirs = Gemma3TextConfig()
+    derived = {
+        "rope_theta": theirs.rope_parameters["full_attention"]["rope_theta"],
+        "rope_local_base_freq": theirs.rope_parameters["sliding_attention"]["rope_theta"],
+        "sliding_window_pattern": theirs.layer_types.index("full_attention") + 1,
+    }
+    for field, value in GEMMA3_TEXT_DEFAULTS.items():
+        want = derived[field] if field in derived else getattr(theirs, field)
+        assert value == want, f"{field}: ours {value!r}, transformers {want!r}"
+
+
+def test_gemma3_image_text_weights_under_either_naming(tmp_path: Path) -> None:
+    """The language model loads from transformers 4.50's names (`language_model.model.`, what
+    save_pretrained writes) and from 4.52's (`model.language_model.`) alike, the vision tensors
+    left out; a tensor of neither the text model nor the vision side is named."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_checkpoint("gemma3-image-text", tmp_path / "m")
+    weights = load_file(str(folder / "model.safetensors"))
+    assert any(k.startswith("vision_tower.") for k in weights)
+    want = load_base(folder).state_dict()
+    renamed = {
+        k.replace("language_model.model.", "model.language_model.", 1)
+        .replace("vision_tower.", "model.vision_tower.", 1)
+        .replace("multi_modal_projector.", "model.multi_modal_projector.", 1): v
+        for k, v in weights.items()
+    }
+    assert "model.language_model.norm.weight" in renamed
+    save_file(renamed, str(folder / "model.safetensors"))
+    got = load_base(folder).state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    save_file(
+        {**renamed, "audio_tower.proj.weight": torch.zeros(2)}, str(folder / "model.safetensors")
+    )
+    with pytest.raises(CheckpointError, match="audio_tower.proj.weight"):
+        load_base(folder)
+
+
 def test_coreml_program_decodes_transformers_tokens(family, tmp_path: Path) -> None:
     """The float32 Core ML programs through coremltools' MIL evaluator: tensors match the torch
     reference, and greedy speculative tokens of the prompt that crosses the switch-over are
@@ -459,9 +586,15 @@ def test_bad_window_and_gemma_configs_name_the_field(change, message, tmp_path: 
     ("change", "error", "message"),
     [
         (
-            {"model_type": "gemma3"},
+            {"model_type": "gpt2"},
             UnsupportedModelError,
-            "supported: llama, mistral, qwen2, qwen3, phi3",
+            "supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, gemma3",
+        ),
+        ({"model_type": "gemma3"}, ConfigError, "model_type 'gemma3' needs a 'text_config'"),
+        (
+            {"model_type": "gemma3", "text_config": {"model_type": "siglip_text_model"}},
+            UnsupportedModelError,
+            "text_config.model_type 'siglip_text_model' is not 'gemma3_text'",
         ),
         ({"partial_rotary_factor": 0.75}, UnsupportedModelError, "partial_rotary_factor=0.75"),
         ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, ConfigError, "short_factor"),

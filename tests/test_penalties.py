@@ -231,16 +231,26 @@ ALL_CONTROLS = dict(
 )
 
 
+@pytest.mark.parametrize(
+    "drafts",
+    [{}, {"prompt_lookup": True, "min_draft_prob": 0.3, "packing": "full"}],
+    ids=["drafter", "lookup+pruned+full"],
+)
 @pytest.mark.parametrize("W,L", [(1, 4), (3, 4), (4, 5)])
-def test_greedy_speculative_matches_autoregressive_with_every_control(W: int, L: int) -> None:
+def test_greedy_speculative_matches_autoregressive_with_every_control(
+    W: int, L: int, drafts: dict
+) -> None:
+    """With every sampling control on, greedy speculative decoding emits autoregressive's
+    tokens, also when the tree holds a prompt-lookup beam (the prompts repeat n-grams for it
+    to match), pruned drafter beams and full packing."""
     base = tiny_base(seed=6)
     runtime = TorchRuntime(base, tiny_drafter(base))
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 7, 8, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
     greedy = SamplingParams(**ALL_CONTROLS)
     ar = collect(
         decode(runtime, prompts, AUTOREGRESSIVE.replace(max_new_tokens=24, sampling=greedy)), 3
     )
-    spec = DecodeOptions(max_new_tokens=24, beam=BeamShape(W, L), sampling=greedy)
+    spec = DecodeOptions(max_new_tokens=24, beam=BeamShape(W, L), sampling=greedy, **drafts)
     assert collect(decode(runtime, prompts, spec), 3) == ar
     plain = collect(decode(runtime, prompts, AUTOREGRESSIVE.replace(max_new_tokens=24)), 3)
     assert ar != plain  # the penalties really changed the greedy text

@@ -197,8 +197,8 @@ def _first_two(
 
 @pytest.mark.parametrize(
     "controls",
-    [dict(top_p=0.6), dict(min_p=0.5), dict(top_k=4, top_p=0.8, min_p=0.3)],
-    ids=["top_p", "min_p", "all"],
+    [dict(top_k=3), dict(top_p=0.6), dict(min_p=0.5), dict(top_k=4, top_p=0.8, min_p=0.3)],
+    ids=["top_k", "top_p", "min_p", "all"],
 )
 @pytest.mark.parametrize("W", [1, 4])
 def test_exact_speculative_sampling_matches_autoregressive_with_controls(W, controls) -> None:

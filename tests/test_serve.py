@@ -147,6 +147,41 @@ def test_penalties_reach_the_decode(client: Any, pipe: pipeline.Pipeline) -> Non
     assert len(set(penalised)) / len(penalised) > len(set(plain)) / len(plain)
 
 
+def test_vllm_sampling_fields_reach_the_decode(client: Any, pipe: pipeline.Pipeline) -> None:
+    """top_k, min_p and repetition_penalty (vLLM's and llama.cpp's fields, sent through the
+    openai client's `extra_body`) decode as the pipeline does with the same controls: greedy
+    with the penalty, and a seeded sample with all three (a seeded row decodes alone)."""
+    base = server_decode_options(pipe, ServeOptions())
+    penalised = dataclasses.replace(base.sampling, repetition_penalty=3.0)
+    want = pipe.generate(
+        [PROMPTS[0]], dataclasses.replace(base, max_new_tokens=16, sampling=penalised)
+    )
+    got = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"repetition_penalty": 3.0},
+    )
+    assert got.choices[0].text == want.texts[0]
+    assert want.token_ids[0] != _alone(pipe, PROMPTS[0], max_tokens=16).token_ids[0]
+    sampled = pipeline.sampling_params(
+        temperature=1.0, seed=5, top_k=3, min_p=0.1, repetition_penalty=1.5
+    )
+    options = dataclasses.replace(base, max_new_tokens=16, sampling=sampled)
+    want = pipe.generate([PROMPTS[1]], options)
+    extra = {"top_k": 3, "min_p": 0.1, "repetition_penalty": 1.5}
+    got = client.completions.create(
+        model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=1.0, seed=5, extra_body=extra
+    )
+    assert got.choices[0].text == want.texts[0]
+    plain = pipe.generate(
+        [PROMPTS[1]],
+        dataclasses.replace(options, sampling=pipeline.sampling_params(temperature=1.0, seed=5)),
+    )
+    assert plain.token_ids[0] != want.token_ids[0]  # the controls changed this sample
+
+
 def test_completion_stream_equals_pipeline_generate(client: Any, pipe: pipeline.Pipeline) -> None:
     want = _alone(pipe, PROMPTS[1], max_tokens=16)
     chunks = list(
@@ -437,6 +472,14 @@ def _post(server: LiveServer, path: str, body: Any) -> httpx.Response:
             "frequency_penalty",
         ),
         ("/v1/completions", {"model": MODEL, "prompt": "w5", "logit_bias": {"5": 1}}, "logit_bias"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "top_k": -2}, "top_k"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "top_k": 2.5}, "top_k"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w5", "min_p": 1}, "min_p"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "w5", "repetition_penalty": 0},
+            "repetition_penalty",
+        ),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
         (

@@ -135,6 +135,17 @@ def test_bad_stop_ids() -> None:
         DecodeOptions(stop_token_ids=(-1,))
 
 
+@pytest.mark.parametrize("options", [SPEC, AR], ids=["speculative", "autoregressive"])
+def test_stop_id_outside_the_vocab_is_refused_before_decoding(pipe, options) -> None:
+    """An id the model cannot emit would never stop a row: refused in one line, naming it and
+    the vocab, before any step runs (the last id of the vocab is fine)."""
+    vocab = pipe.runtime.vocab_size
+    with pytest.raises(ConfigError, match=rf"^stop token id\(s\) \[{vocab}\] are outside") as info:
+        pipe.stream(PROMPTS, options.replace(stop_token_ids=(3, vocab)))
+    assert f"[0, {vocab})" in str(info.value) and "\n" not in str(info.value)
+    pipe.generate(PROMPTS, options.replace(stop_token_ids=(vocab - 1,)))
+
+
 def test_cli_stops(tiny_checkpoints, pipe, full) -> None:
     _, base_dir, drafter_dir = tiny_checkpoints
     words = full.texts[0].split(" ")
@@ -149,7 +160,7 @@ def test_cli_stops(tiny_checkpoints, pipe, full) -> None:
     assert record["token_ids"] == full.token_ids[0][:2]
     res = runner.invoke(main, [*args, "--ignore-eos", "--autoregressive", "--json"])
     assert json.loads(res.stdout)["token_ids"] == full.token_ids[0]
-    for bad in (["--stop", ""], ["--stop-id", "-3"]):
+    for bad in (["--stop", ""], ["--stop-id", "-3"], ["--stop-id", "100000"]):
         res = runner.invoke(main, [*args, *bad])
         assert res.exit_code == 2
         assert res.stderr.startswith("error:") and res.stderr.count("\n") == 1

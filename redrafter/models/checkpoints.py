@@ -246,8 +246,10 @@ def _sanitize_hf(
     weights: dict[str, torch.Tensor], config: BaseModelConfig, where: Path
 ) -> dict[str, torch.Tensor]:
     """HF quirks: drop old rotary caches; drop a redundant lm_head when embeddings are tied;
-    split Phi-3's fused projections."""
+    split Phi-3's fused projections; take a Gemma 3 image-text checkpoint's language model."""
     weights = {k: v for k, v in weights.items() if not _ROTARY_INV_FREQ.fullmatch(k)}
+    if config.model_type == "gemma3_text":
+        weights = gemma3_language_model(weights)
     if config.model_type == "phi3":
         weights = split_phi3(weights, config, where)
     if config.tie_word_embeddings and "lm_head.weight" in weights:
@@ -259,6 +261,40 @@ def _sanitize_hf(
                 f"{tuple(embed.shape)}; set tie_word_embeddings=false in config.json"
             )
     return weights
+
+
+# A Gemma 3 image-text checkpoint's language model, under transformers 4.50-4.51's names
+# (and those transformers 5 saves) or 4.52+'s, as the text model's names; the vision tower and
+# the projector feed image features into the embeddings, which text decoding never does.
+GEMMA3_LANGUAGE_MODEL = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+)
+GEMMA3_VISION = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+def gemma3_language_model(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text model's tensors of a Gemma 3 checkpoint: an image-text one's language model
+    renamed (`GEMMA3_LANGUAGE_MODEL`), its vision tensors dropped; a text-only checkpoint
+    unchanged. Any other name is left for the key-set check to report."""
+    if not any(k.startswith(("language_model.", "model.language_model.")) for k in weights):
+        return weights
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if name.startswith(GEMMA3_VISION):
+            continue
+        for old, new in GEMMA3_LANGUAGE_MODEL:
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        out[name] = tensor
+    return out
 
 
 def split_phi3(

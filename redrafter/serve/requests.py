@@ -131,6 +131,13 @@ def parse_request(
     # OpenAI's penalties, applied at every tree node with that node's own path (penalties.py)
     presence = _number(body, "presence_penalty", 0.0, low=-2.0, high=2.0)
     frequency = _number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0)
+    # Not OpenAI's, but what vLLM's and llama.cpp's servers take (the openai client sends them
+    # through `extra_body`): read here, not ignored, since each changes the reply.
+    top_k = _top_k(body, vocab=int(pipe.runtime.vocab_size))
+    min_p = _number(body, "min_p", 0.0, low=0.0, high=1.0, high_open=True)
+    repetition = _number(
+        body, "repetition_penalty", 1.0, low=0.0, high=math.inf, low_open=True, high_open=True
+    )
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise ApiError(f"seed {seed!r} must be an integer >= 0", param="seed")
@@ -138,7 +145,10 @@ def parse_request(
         sampling = sampling_params(
             temperature=temperature,
             seed=seed,
+            top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition,
             presence_penalty=presence,
             frequency_penalty=frequency,
         )
@@ -228,6 +238,7 @@ def _number(
     low: float,
     high: float,
     low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     value = body.get(field)
     if value is None:
@@ -237,14 +248,27 @@ def _number(
         and not isinstance(value, bool)
         and math.isfinite(value)
         and (value > low if low_open else value >= low)
-        and value <= high
+        and (value < high if high_open else value <= high)
     )
     if not ok:
-        bracket = "(" if low_open else "["
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
         raise ApiError(
-            f"{field} {value!r} must be a number in {bracket}{low}, {high}]", param=field
+            f"{field} {value!r} must be a number in {left}{low}, {high}{right}", param=field
         )
     return float(value)
+
+
+def _top_k(body: dict[str, Any], *, vocab: int) -> int | None:
+    """The request's `top_k`: None (absent: the library's top-50 warp), an integer >= 1, or
+    vLLM's -1 (or 0) for no cut, which is the whole vocab."""
+    value = body.get("top_k")
+    if value is None:
+        return None
+    if not _is_int(value) or value < -1:
+        raise ApiError(
+            f"top_k {value!r} must be an integer >= 1 (-1 or 0: no top-k cut)", param="top_k"
+        )
+    return vocab if value <= 0 else int(value)
 
 
 def _is_int(value: Any) -> bool:
