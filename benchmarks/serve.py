@@ -5,7 +5,8 @@ through the official `openai` client (AsyncOpenAI) over 127.0.0.1.
 
     REDRAFTER_SMOLLM2_GGUF=... .venv/bin/python -m benchmarks.serve [--bundle DIR]
         [--beam 1x5] [--concurrency 1,4,16] [--max-batch 4] [--requests 16] [--max-tokens 64]
-        [--threads 2] [--rounds 1] [--prompt-lookup] [--min-draft-prob P] [--name serve]
+        [--threads 2] [--rounds 1] [--prompt-lookup] [--min-draft-prob P]
+        [--speculate-max-rows default,4] [--name serve]
 
 Without --bundle it serves the demo bundle: the demo GGUF with the trained demo drafter,
 exported once with a drafter graph for --beam (default W1 L5) and cached (`benchmarks._common.
@@ -62,10 +63,12 @@ class Server:
 
     speculative: bool
     max_batch: int
+    speculate_max_rows: int | None = None  # None: the server's default (1 on the CPU)
 
     @property
     def name(self) -> str:
-        return f"{'speculative' if self.speculative else 'autoregressive'} b{self.max_batch}"
+        rows = "" if self.speculate_max_rows is None else f" s{self.speculate_max_rows}"
+        return f"{'speculative' if self.speculative else 'autoregressive'} b{self.max_batch}{rows}"
 
 
 def main() -> None:
@@ -80,6 +83,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds [1]")
     parser.add_argument("--prompt-lookup", action="store_true", help="add the lookup beam")
     parser.add_argument("--min-draft-prob", type=float, default=0.0, help="draft floor [0]")
+    parser.add_argument(
+        "--speculate-max-rows",
+        default="default",
+        help="comma list, one speculative server per value per --max-batch: 'default' (the "
+        "server's: 1 on the CPU) or N (server --speculate-max-rows N) [default]",
+    )
     parser.add_argument("--name", default="serve", help="results file name [serve]")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -89,7 +98,12 @@ def main() -> None:
     bundle, prompts = _bundle_and_prompts(args.bundle, width, length)
     if not _has_chat_template(bundle):
         prompts = [dataclasses.replace(p, chat=False) for p in prompts]
-    servers = [Server(s, b) for b in batches for s in (True, False)]
+    spec_rows = [None if x == "default" else int(x) for x in args.speculate_max_rows.split(",")]
+    servers = [
+        server
+        for b in batches
+        for server in (*(Server(True, b, n) for n in spec_rows), Server(False, b))
+    ]
     load_before = idle_report()
     rows: list[dict[str, Any]] = []
     digests: dict[int, set[str]] = {}  # prompt -> digests of its greedy replies, everywhere
@@ -105,6 +119,7 @@ def main() -> None:
                     )
                     row |= {"server": server.name, "round": r}
                     row |= {"speculative": server.speculative, "max_batch": server.max_batch}
+                    row |= {"speculate_max_rows": server.speculate_max_rows}
                     rows.append(row)
                     for i, digest in replies:
                         digests.setdefault(i % len(prompts), set()).add(digest)
@@ -118,6 +133,7 @@ def main() -> None:
         "beam": f"W{width} L{length}",
         "threads": args.threads,
         "max_batch": batches,
+        "speculate_max_rows": spec_rows,
         "prompt_lookup": args.prompt_lookup,
         "min_draft_prob": args.min_draft_prob,
         "max_tokens": args.max_tokens,
@@ -175,6 +191,8 @@ class _Servers:
                 command += ["--beam-width", str(width), "--beam-length", str(length)]
                 command += ["--min-draft-prob", str(args.min_draft_prob)]
                 command += ["--prompt-lookup"] if args.prompt_lookup else []
+                if server.speculate_max_rows is not None:
+                    command += ["--speculate-max-rows", str(server.speculate_max_rows)]
             else:
                 command += ["--autoregressive"]
             self.commands[server] = command
@@ -301,9 +319,9 @@ def _table(
                 values = [r[k] for r in mine if r[k] is not None]
                 entry[k] = round(statistics.median(values), 2) if values else None
             out.append(entry)
-        for b in sorted({s.max_batch for s in servers}):
-            spec = _find(out, f"speculative b{b}", level)
-            ar = _find(out, f"autoregressive b{b}", level)
+        for server in (s for s in servers if s.speculative):
+            spec = _find(out, server.name, level)
+            ar = _find(out, f"autoregressive b{server.max_batch}", level)
             if spec and ar and ar["tokens_per_second"]:
                 spec["speedup_vs_autoregressive"] = round(
                     spec["tokens_per_second"] / ar["tokens_per_second"], 2

@@ -1267,6 +1267,13 @@ def init_drafter_cmd(
     type=int,
     help="Requests decoded together: rows of the continuous batch (docs/serve.md).",
 )
+@click.option(
+    "--speculate-max-rows",
+    type=click.IntRange(min=1),
+    help="Speculate only while at most this many requests decode; steps with more decode one "
+    "token per request without the drafter [1 on the CPU, where a batch's trees cost more "
+    "than they accept; no limit on CUDA]. Set it to --max-batch to always speculate.",
+)
 @click.option("--model-name", help="The model id clients send [the bundle folder's name].")
 @click.option(
     "--workers",
@@ -1290,6 +1297,7 @@ def serve(
     autoregressive: bool,
     max_queue: int,
     max_batch: int,
+    speculate_max_rows: int | None,
     model_name: str | None,
     workers: int,
 ) -> None:
@@ -1305,6 +1313,7 @@ def serve(
         autoregressive=autoregressive,
         max_queue=max_queue,
         max_batch=max_batch,
+        speculate_max_rows=speculate_max_rows,
     )
     serve_bundle(
         bundle_path,

@@ -331,3 +331,45 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone(
             assert 0 < len(got[0]) < n and got[0] == want[: len(got[0])]
         else:
             assert got[i] == want, (i, options.name)
+
+
+@pytest.mark.parametrize("drafts", list(DRAFTS), ids=list(DRAFTS))
+def test_speculating_only_below_a_row_limit_keeps_each_rows_tokens(
+    subject: Subject, drafts: str
+) -> None:
+    """`speculate_max_rows=1`: while two rows decode, steps verify g0 alone per row without the
+    drafter ("autoregressive" steps, one node each); once the shorter row finishes, the other
+    speculates again from the hidden state those steps left (the reference's at the row's last
+    committed token). Both rows emit the reference's greedy tokens, and both kinds of step
+    occur."""
+    rt, n = subject.runtime, subject.max_new_tokens
+    prompts = subject.ragged[:2]
+    options = subject.options(subject.beams[0], speculate_max_rows=1, **DRAFTS[drafts])
+    batch = open_batch(rt, options, rows=2, row_tokens=max(map(len, prompts)) + n)
+    short = max(2, n // 3)
+    got = [batch.add([prompts[0]], max_new_tokens=short)[1].new_tokens[0]]
+    got.append(batch.add([prompts[1]])[1].new_tokens[1])
+    kinds: list[str] = []
+    while not batch.done:
+        step = batch.step()
+        kinds.append(step.kind)
+        if step.kind == "autoregressive":  # one node per decoding row
+            assert step.verified is not None and int(step.verified.sum()) <= 2
+        for row in (0, 1):
+            got[row] = [*got[row], *step.new_tokens[row]]
+        if step.kind == "autoregressive":  # row 1 drafts next from its last committed token
+            committed = [*prompts[1], *got[1][:-1]]
+            subject.reference.reset(batch=1, capacity=len(committed) + 8)
+            _, hidden = subject.reference.prefill(np.array([committed]), np.array([len(committed)]))
+            assert batch.context is not None
+            np.testing.assert_allclose(batch.context[1], hidden[0], rtol=1e-2, atol=1e-2)
+    want = subject.truth(prompts)
+    assert got[0] == want[0][:short] and got[1] == want[1], options.name
+    assert "autoregressive" in kinds and "speculative" in kinds, kinds
+    assert kinds.index("speculative") > kinds.index("autoregressive")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_a_bad_speculate_max_rows_is_one_line(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="speculate_max_rows .* must be None or an integer >= 1"):
+        DecodeOptions(speculate_max_rows=bad)

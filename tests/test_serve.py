@@ -29,7 +29,12 @@ import uvicorn  # noqa: E402
 from redrafter import pipeline  # noqa: E402
 from redrafter.cli import main  # noqa: E402
 from redrafter.decoding import DecodeOptions  # noqa: E402
-from redrafter.serve import ServeOptions, server_decode_options  # noqa: E402
+from redrafter.errors import ConfigError  # noqa: E402
+from redrafter.serve import (  # noqa: E402
+    ServeOptions,
+    default_speculate_max_rows,
+    server_decode_options,
+)
 from redrafter.serve.app import create_app  # noqa: E402
 from redrafter.serve.engine import batch_key, row_tokens_for  # noqa: E402
 from redrafter.serve.requests import GenerationRequest  # noqa: E402
@@ -80,7 +85,10 @@ class LiveServer:
 def _serve(
     pipe: pipeline.Pipeline, *, max_queue: int = 64, max_batch: int = 4
 ) -> Iterator[LiveServer]:
-    options = server_decode_options(pipe, ServeOptions(max_queue=max_queue))
+    # Trees at every batch size (the CPU default speculates for one row only), so the tests
+    # below hold batched speculation; test_the_cpu_default_* holds the default.
+    serve = ServeOptions(max_queue=max_queue, speculate_max_rows=max_batch)
+    options = server_decode_options(pipe, serve)
     app = create_app(pipe, options=options, model=MODEL, max_queue=max_queue, max_batch=max_batch)
     server = LiveServer(app)
     try:
@@ -114,6 +122,47 @@ def test_server_decodes_speculatively(pipe: pipeline.Pipeline) -> None:
     # The equality tests below hold the speculative path, not only the autoregressive one.
     assert server_decode_options(pipe, ServeOptions()).speculative
     assert not server_decode_options(pipe, ServeOptions(autoregressive=True)).speculative
+
+
+def test_the_cpu_default_speculates_for_one_row(pipe: pipeline.Pipeline) -> None:
+    """On the CPU a server speculates while one request decodes and verifies one token per
+    row when more do (--speculate-max-rows); no limit on CUDA; an explicit value wins."""
+    assert server_decode_options(pipe, ServeOptions()).speculate_max_rows == 1
+    assert server_decode_options(pipe, ServeOptions(speculate_max_rows=3)).speculate_max_rows == 3
+    assert default_speculate_max_rows("cuda") is None
+    with pytest.raises(ConfigError, match="--speculate-max-rows 0 must be an integer >= 1"):
+        ServeOptions(speculate_max_rows=0)
+
+
+def test_a_default_server_mixes_one_token_and_tree_steps_losslessly(
+    pipe: pipeline.Pipeline,
+) -> None:
+    """With the CPU default (trees for one decoding row only), 4 concurrent requests with
+    different token limits first decode one token per row, then the last one speculates:
+    every reply equals the same request decoded alone, and /metrics counts both kinds."""
+    cases = [(i, (5, 9, 14, 24)[i]) for i in range(4)]
+    want = [_alone(pipe, PROMPTS[p], max_tokens=m) for p, m in cases]
+    options = server_decode_options(pipe, ServeOptions())
+    app = create_app(pipe, options=options, model=MODEL, max_queue=8, max_batch=4)
+    server = LiveServer(app)
+    try:
+
+        def one(case: tuple[int, int]) -> str:
+            p, m = case
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+            reply = client.completions.create(
+                model=MODEL, prompt=PROMPTS[p], max_tokens=m, temperature=0
+            )
+            return reply.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(one, cases))
+        metrics = _metrics(server)
+    finally:
+        server.close()
+    assert got == [w.texts[0] for w in want]
+    steps = metrics["redrafter_decode_steps_total"]
+    assert 0 < metrics["redrafter_speculative_steps_total"] < steps, metrics
 
 
 def test_completion_equals_pipeline_generate(client: Any, pipe: pipeline.Pipeline) -> None:
@@ -594,6 +643,7 @@ def test_models_health_and_metrics(server: LiveServer, client: Any) -> None:
         ["--min-draft-prob", "1.5"],
         ["--runtime", "coreml"],
         ["--max-batch", "0"],
+        ["--speculate-max-rows", "0"],
     ],
 )
 def test_serve_bad_flags_exit_2(onnx_bundle, flags: list[str]) -> None:  # type: ignore[no-untyped-def]

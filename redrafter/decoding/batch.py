@@ -154,6 +154,47 @@ class DecodeBatch:
         """One decode step of every occupied row."""
         raise NotImplementedError
 
+    def one_token_step(self) -> tuple[Step, np.ndarray]:
+        """One token per decoding row: verify g0 alone at slot P, which is where its cache
+        belongs, and choose the next token from its logits. Returns the step and the hidden
+        states (B, 1, E) at g0 (what a speculative batch drafts from next). The autoregressive
+        batch's step, and a speculative batch's when more rows decode than it speculates for."""
+        sampling, options = self.options.sampling, self.options
+        B, live = self._live()  # rows [0, B) run; sampling reads the occupied ones (R,)
+        token, past_len = self.token[:B], self.past_len[:B]  # (B,), (B,)
+        clock = PhaseClock()
+        self_only = np.ones((B, 1, 1), dtype=bool)  # (B, 1, 1)
+        args = (token[:, None], past_len[:, None], self_only, past_len)
+        if self.argmax_only:
+            ids, hidden = self.runtime.verify_greedy(*args)  # (B, 1), (B, 1, E)
+        else:
+            logits, hidden = self.runtime.verify(*args)  # (B, 1, V), (B, 1, E)
+        clock.lap("verify")
+        # The token was written at slot P, where it belongs: commit is bookkeeping only.
+        self.past_len[:B] += ~self.out.finished[:B]
+        prompts = [self.prompts[b] for b in live]
+        generated = [self.out.tokens[b] for b in live]
+        if self.argmax_only:
+            chosen = ids[live, 0]  # (R,)
+        else:
+            row_logits = logits[live, 0]  # (R, V)
+            chosen = choose_token(
+                row_logits, sampling, self.rng, prompts=prompts, generated=generated
+            )
+        lp = None
+        if options.logprobs:
+            lp = next_logprobs(row_logits, chosen, sampling, prompts=prompts, generated=generated)
+        self.token[live] = chosen
+        clock.lap("accept")
+        new = self.out.emit(self._per_row(live, [[int(t)] for t in chosen]))
+        one_each = np.zeros(self.rows, np.int64)
+        one_each[live] = 1
+        logprobs = trim(None if lp is None else self._per_row(live, lp), new)
+        step = Step(
+            new, np.zeros(self.rows, np.int64), clock.seconds, "autoregressive", one_each, logprobs
+        )
+        return step, hidden
+
     def _joined(self, rows: list[int], hidden: np.ndarray) -> None:
         """Keep what a step needs of new rows' prefill: hidden (R, E) at their last token."""
 

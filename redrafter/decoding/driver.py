@@ -6,7 +6,8 @@ P committed length per row.
 
 Each step (`SpeculativeBatch.step`): draft a beam from the last accepted hidden state, pack it
 into a tree, verify the tree in one LLM pass, accept the longest agreeing prefix, commit it to
-the KV cache. The LLM's own token g0 is emitted as soon as it is known; a step emits the
+the KV cache; with more decoding rows than `speculate_max_rows`, a step verifies g0 alone per
+row instead. The LLM's own token g0 is emitted as soon as it is known; a step emits the
 accepted drafts plus the next g0. `decode` runs a batch's steps to completion; `redrafter
 serve` steps one batch whose rows come and go (batch.py).
 """
@@ -104,10 +105,19 @@ class SpeculativeBatch(DecodeBatch):
             self.context = np.zeros((self.rows, hidden.shape[-1]), np.float32)
         self.context[rows] = hidden
 
+    def _one_token_now(self) -> bool:
+        """More rows are decoding than `options.speculate_max_rows` allows trees for."""
+        limit = self.options.speculate_max_rows
+        return limit is not None and int((self.occupied & ~self.out.finished).sum()) > limit
+
     def step(self) -> Step:
         o, sampling, runtime = self.options, self.options.sampling, self.runtime
         B, live = self._live()  # rows [0, B) run; acceptance reads the occupied ones (R,)
         assert self.context is not None
+        if self._one_token_now():  # too many rows for trees to pay: g0 alone, no drafter
+            step, hidden = self.one_token_step()
+            self.context[:B] = hidden[:, 0]  # (B, E) at g0, the last committed token
+            return step
         pick = (lambda a: a) if len(live) == B else (lambda a: a[live])  # (B, ...) -> (R, ...)
         g0, context, past_len = self.token[:B], self.context[:B], self.past_len[:B]  # (B,), ...
         clock = PhaseClock()

@@ -24,7 +24,11 @@ class DecodeOptions:
     drafter beam where its cumulative draft probability falls below it (prune.py).
     `stop_token_ids` end a row as EOS does and `ignore_eos` stops EOS from ending one, the same
     way in both modes (`stop_ids`). `logprobs` makes every `Step` carry its tokens'
-    log-probabilities under the controlled target distribution (computed only when asked)."""
+    log-probabilities under the controlled target distribution (computed only when asked).
+    `speculate_max_rows` (None: no limit) lets a speculative batch speculate only while at most
+    that many rows are decoding; a step with more decodes one token per row without the drafter
+    (`DecodeBatch.one_token_step`): on a compute-bound device every tree node costs verify time,
+    and a full batch's trees can cost more than they accept (docs/serve.md)."""
 
     max_new_tokens: int = 64
     speculative: bool = True
@@ -37,6 +41,7 @@ class DecodeOptions:
     stop_token_ids: tuple[int, ...] = ()  # stop a row like EOS does (the id is kept)
     ignore_eos: bool = False  # EOS ids no longer stop a row; stop_token_ids still do
     logprobs: bool = False  # Step.logprobs: each emitted token's log-probability (costs a pass)
+    speculate_max_rows: int | None = None  # more decoding rows than this: one-token steps
 
     def stop_ids(self, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
         """The ids that end a row: the model's EOS ids (unless `ignore_eos`) plus
@@ -55,6 +60,14 @@ class DecodeOptions:
         ):
             raise ConfigError(
                 f"stop_token_ids {self.stop_token_ids!r} must be a tuple of integers >= 0"
+            )
+        if self.speculate_max_rows is not None and (
+            not isinstance(self.speculate_max_rows, numbers.Integral)
+            or isinstance(self.speculate_max_rows, bool)
+            or self.speculate_max_rows < 1
+        ):
+            raise ConfigError(
+                f"speculate_max_rows {self.speculate_max_rows!r} must be None or an integer >= 1"
             )
         if not isinstance(self.max_new_tokens, numbers.Integral) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens {self.max_new_tokens!r} must be an integer >= 1")

@@ -33,6 +33,9 @@ class ServeOptions:
     autoregressive: bool = False
     max_queue: int = 64
     max_batch: int = 4
+    # Speculate while at most this many rows decode (DecodeOptions.speculate_max_rows); None:
+    # `default_speculate_max_rows` for the runtime's device.
+    speculate_max_rows: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -41,6 +44,14 @@ class ServeOptions:
             or self.max_batch < 1
         ):
             raise ConfigError(f"--max-batch {self.max_batch!r} must be an integer >= 1")
+        if self.speculate_max_rows is not None and (
+            not isinstance(self.speculate_max_rows, int)
+            or isinstance(self.speculate_max_rows, bool)
+            or self.speculate_max_rows < 1
+        ):
+            raise ConfigError(
+                f"--speculate-max-rows {self.speculate_max_rows!r} must be an integer >= 1"
+            )
         if self.max_queue < 1:
             raise ConfigError(f"max_queue {self.max_queue!r} must be >= 1")
 
@@ -56,8 +67,21 @@ def server_decode_options(pipe: Pipeline, serve: ServeOptions) -> DecodeOptions:
         prompt_lookup=serve.prompt_lookup,
         min_draft_prob=serve.min_draft_prob,
     )
+    limit = serve.speculate_max_rows
+    if limit is None:
+        limit = default_speculate_max_rows(getattr(pipe.runtime, "device", "cpu"))
+    options = options.replace(speculate_max_rows=limit)
     check_options(pipe.runtime, options)
     return options
+
+
+def default_speculate_max_rows(device: str) -> int | None:
+    """How many decoding rows a server speculates for unless told: 1 on the CPU, where a
+    verify is compute-bound, so a batch of trees costs about what its nodes cost and 2 or more
+    rows decode faster one token each (benchmarks/RESULTS.md, issue 20); no limit on CUDA,
+    where a verify of a few dozen tokens costs about what one token costs (not yet measured
+    under a server: no GPU was lent to the session that set this)."""
+    return 1 if device == "cpu" else None
 
 
 def build_app(pipe: Pipeline, serve: ServeOptions, *, model: str) -> FastAPI:
