@@ -43,11 +43,13 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from benchmarks._common import RESULTS  # noqa: E402
 from redrafter import ops  # noqa: E402
+from redrafter.bundle.names import OP_DOMAIN, TREE_ATTENTION  # noqa: E402
 from redrafter.models.attention import attend as torch_tree_attention  # noqa: E402
 
 B, HQ, HKV, D = 1, 9, 3, 64
 INPUTS = ["query", "key", "value", "key_cache", "value_cache", "past_len", "tree_mask"]
 OUTPUTS = ["output", "key_cache_out", "value_cache_out"]
+OP_V1 = 1  # the op's version 1 layout ((B, H, N, D) heads, rotary done outside), timed alone here
 
 
 def one_node_model(*, with_body: bool) -> bytes | None:
@@ -59,7 +61,7 @@ def one_node_model(*, with_body: bool) -> bytes | None:
             from redrafter.export.tree_attention import function_body
         except ImportError:
             return None
-        body = function_body(18)
+        body = function_body(18, OP_V1)
     f = TensorProto.FLOAT
     dims = {
         "query": ["B", "Hq", "N", "D"],
@@ -79,12 +81,12 @@ def one_node_model(*, with_body: bool) -> bytes | None:
         helper.make_tensor_value_info("value_cache_out", f, ["B", "Hkv", "S", "D"]),
     ]
     node = helper.make_node(
-        ops.TREE_ATTENTION, INPUTS, OUTPUTS, domain=ops.DOMAIN, scale=1.0 / np.sqrt(D)
+        TREE_ATTENTION, INPUTS, OUTPUTS, domain=OP_DOMAIN, scale=1.0 / np.sqrt(D)
     )
     graph = helper.make_graph([node], "tree_attention", inputs, outputs)
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ops.DOMAIN, ops.VERSION)],
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(OP_DOMAIN, OP_V1)],
     )
     model.ir_version = 10
     if body is not None:
