@@ -247,9 +247,12 @@ async def _level(
         finally:
             await client.close()
 
+    before = _server_counters(url)
     start = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(clients)))
     wall = time.perf_counter() - start
+    after = _server_counters(url)
+    done = {k: after[k] - before.get(k, 0.0) for k in after}
     tokens = sum(r["tokens"] for r in runs)
     ttft = [r["ttft"] for r in runs]
     tpot = [r["tpot"] for r in runs if r["tpot"] is not None]
@@ -266,7 +269,36 @@ async def _level(
         "tpot_p95_ms": _ms(_percentile(tpot, 0.95)) if tpot else None,
         "chunk_gap_p95_ms": _ms(_percentile(gaps, 0.95)) if gaps else None,
     }
+    steps = done.get("decode_steps_total", 0.0)
+    if steps:  # the server's own view of the level (its /metrics counters, differenced)
+        row["server_steps"] = int(steps)
+        row["rows_per_step"] = round(done["row_steps_total"] / steps, 2)
+        row["speculative_step_share"] = round(done.get("speculative_steps_total", 0.0) / steps, 3)
+        row["server_ms_per_phase"] = {
+            k.removeprefix("phase_").removesuffix("_s"): round(1000 * v, 1)
+            for k, v in done.items()
+            if k.startswith("phase_")
+        }
     return row, [(r["index"], r["digest"]) for r in runs]
+
+
+def _server_counters(url: str) -> dict[str, float]:
+    """The server's unlabelled counters (`redrafter_*_total`) and decode seconds by phase
+    (`phase_<name>_s`), from its /metrics."""
+    import httpx
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("redrafter_step_phase_seconds_total{phase="):
+            phase = name.split('"')[1]
+            out[f"phase_{phase}_s"] = float(value)
+        elif name.endswith("_total") and "{" not in name:
+            out[name.removeprefix("redrafter_")] = float(value)
+    return out
 
 
 async def _one(client: Any, i: int, prompts: list[Any], max_tokens: int) -> dict[str, Any]:
@@ -365,6 +397,11 @@ def _line(server: Server, level: int, row: dict[str, Any]) -> str:
         f"{row['ttft_p50_ms']:.0f} ms p95 {row['ttft_p95_ms']:.0f} ms, TPOT p50 "
         f"{row['tpot_p50_ms']} ms, {row['completion_tokens']} tokens in "
         f"{row['wall_seconds']:.1f} s"
+        + (
+            f", {row['rows_per_step']} rows/step, trees in {row['speculative_step_share']:.0%}"
+            if "rows_per_step" in row
+            else ""
+        )
     )
 
 
