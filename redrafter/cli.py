@@ -380,6 +380,13 @@ def _option(
     default=0.0,
 )
 @click.option(
+    "--speculate-max-rows",
+    type=click.IntRange(min=1),
+    help="With --prompts: draft and verify trees only while at most this many prompts are "
+    "still decoding; steps with more decode one token per prompt without the drafter (on a "
+    "CPU a batch's trees cost more than they accept: 1 is usually fastest) [no limit].",
+)
+@click.option(
     "--autoregressive",
     is_flag=True,
     help="Run the plain autoregressive baseline (the default for a model without a drafter).",
@@ -442,6 +449,7 @@ def generate(
     packing: str | None,
     prompt_lookup: bool,
     min_draft_prob: float,
+    speculate_max_rows: int | None,
     autoregressive: bool,
     runtime: str | None,
     device: str,
@@ -531,7 +539,7 @@ def generate(
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
         logprobs=logprobs,
-    )
+    ).replace(speculate_max_rows=speculate_max_rows)
     check_options(pipe.runtime, options)  # e.g. a beam shape the bundle lacks: before any output
     if texts is not None:
         _run_batch(pipe, the_prompts, texts, options, show_stats=stats, as_json=as_json, stop=stop)

@@ -308,6 +308,27 @@ def test_generate_prompts_file_is_one_batch(models, tmp_path: Path) -> None:
     assert "tokens/step" in shown.stderr
 
 
+def test_generate_prompts_speculating_below_a_row_limit_keeps_each_rows_tokens(
+    models, tmp_path: Path
+) -> None:
+    """--speculate-max-rows 1: one token per prompt while several decode (here all three run
+    to the same limit; tests/test_conformance.py mixes both kinds of step); every row's tokens
+    are still those it gets alone. 0 is refused (exit 2)."""
+    base, _, drafter = models
+    texts = [p.replace("\\n", "\n") for p in PROMPTS]
+    pipe = pipeline.from_checkpoints(base, drafter=drafter)
+    alone = [
+        pipe.generate([t], DecodeOptions(max_new_tokens=6, beam=BeamShape(2, 3))) for t in texts
+    ]
+    path = _prompts_file(tmp_path)
+    result = _generate(base, drafter, "--prompts", path, "--json", "--speculate-max-rows", "1")
+    assert result.exit_code == 0, result.output
+    assert [r["token_ids"] for r in json.loads(result.stdout)] == [g.token_ids[0] for g in alone]
+    bad = _generate(base, drafter, "--prompts", path, "--speculate-max-rows", "0")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "--speculate-max-rows" in bad.output
+
+
 def test_generate_prompts_file_with_system_chats_each(models, tmp_path: Path) -> None:
     base, _, _ = models
     pipe = pipeline.from_checkpoints(base)
