@@ -100,7 +100,8 @@ class DecodeOptions:
         if self.prompt_lookup and self.lookup_span != SPAN_PER_NGRAM:
             lookup += f" span{self.lookup_span}"
         floor = f" p>={self.min_draft_prob:g}" if self.min_draft_prob > 0 else ""
-        return f"W{self.beam.width} L{self.beam.length}{lookup}{floor}"
+        rows = "" if self.speculate_max_rows is None else f" trees<={self.speculate_max_rows}rows"
+        return f"W{self.beam.width} L{self.beam.length}{lookup}{floor}{rows}"
 
     def replace(self, **changes: object) -> DecodeOptions:
         """A copy with some fields changed (dataclasses.replace, checked again)."""
