@@ -132,7 +132,28 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  // With several rows a group takes several passes of T tiles, each reading its tiles' 256
+  // bytes per sub-block at a stride of a whole group's: a pattern the hardware prefetchers follow
+  // poorly, so a tree verify (2-10 rows) waited on memory for half its matmul time. Each pass
+  // therefore prefetches what the next one reads (the group's next T tiles, or the next group's
+  // first ones, which this thread usually runs next), one sub-block per step of its own loop.
+  // One row reads whole groups in order, which the prefetchers already stream: no hints there
+  // (they made a one-token step slower). Measured: benchmarks/RESULTS.md, issue 22.
+  const uint8_t* next = nullptr;
+  int64_t next_stride = 0, next_lines = 0;
+  if (R > 1 && t0 + T < nt) {
+    next = codes + (t0 + T) * 256;
+    next_stride = nt * 256;
+    next_lines = 4 * std::min<int64_t>(T, nt - t0 - T);
+  } else if (R > 1 && g + 1 < w.groups) {
+    const int64_t next_nt = group_tiles(w, g + 1);
+    next = w.codes.data() + codes_offset(w, g + 1);
+    next_stride = next_nt * 256;
+    next_lines = 4 * std::min<int64_t>(T, next_nt);
+  }
   for (int64_t j = 0; j < w.KS; ++j) {
+    for (int64_t l = 0; l < next_lines; ++l)  // to L2: a pass's codes can outgrow L1 (K = 1536)
+      _mm_prefetch(reinterpret_cast<const char*>(next + j * next_stride + l * 64), _MM_HINT_T1);
     __m512i dot[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) dot[r][t] = _mm512_setzero_si512();
