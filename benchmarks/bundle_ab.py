@@ -1,7 +1,10 @@
 """Two bundles of the same model, one verify step each, timed against each other: the A/B
-for an exporter change (e.g. a bundle exported by an older redrafter as the baseline).
+for an exporter change (e.g. a bundle exported by an older redrafter as the baseline), or,
+with `--baseline-library`, for a kernel change (one bundle on two builds of the native op
+library: `custom_ops/build.sh OUT_DIR` makes the other build).
 
-    .venv/bin/python -m benchmarks.bundle_ab --bundle NEW --baseline OLD [--tokens 1,8]
+    .venv/bin/python -m benchmarks.bundle_ab --bundle NEW [--baseline OLD] [--tokens 1,8]
+        [--library NEW.so] [--baseline-library OLD.so]
         [--context 128] [--blocks 60] [--block 10] [--threads 2] [--name bundle_ab]
 
 Both run through `OnnxRuntime.verify` (IO binding, native kernel when built) on a causal chain
@@ -15,6 +18,7 @@ of the paired (same round) differences.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,18 +28,33 @@ from typing import Any
 from benchmarks._common import idle_report, machine, save, time_alternating, verify_call
 
 
-def verify_step(bundle: Path, tokens: int, context: int, threads: int) -> Callable[[], Any]:
-    """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime."""
+def verify_step(
+    bundle: Path, tokens: int, context: int, threads: int, library: str | None = None
+) -> Callable[[], Any]:
+    """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime
+    (with the native op library at `library`, else the default one)."""
+    from redrafter import ops
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
-    return verify_call(OnnxRuntime(bundle, threads=threads), tokens, context)
+    previous = os.environ.get(ops.LIBRARY_ENV)
+    if library:  # the runtime loads the library the environment names when it is built
+        os.environ[ops.LIBRARY_ENV] = library
+    try:
+        return verify_call(OnnxRuntime(bundle, threads=threads), tokens, context)
+    finally:
+        if previous is None:
+            os.environ.pop(ops.LIBRARY_ENV, None)
+        else:
+            os.environ[ops.LIBRARY_ENV] = previous
 
 
 def main() -> None:
     """Time both bundles' verify steps per width in alternating blocks; save the medians."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True)
-    ap.add_argument("--baseline", required=True)
+    ap.add_argument("--baseline", help="the other bundle [--bundle]")
+    ap.add_argument("--library", help="native op library for --bundle [the default build]")
+    ap.add_argument("--baseline-library", help="native op library for the baseline [default]")
     ap.add_argument("--tokens", default="1,8", help="comma list of verify widths")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=60, help="blocks per bundle and width")
@@ -43,12 +62,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="bundle_ab")
     args = ap.parse_args()
+    if not args.baseline and not args.baseline_library:
+        ap.error("give --baseline (another bundle) and/or --baseline-library (another build)")
+    baseline = args.baseline or args.bundle
     idle = idle_report(2.0)
     rows = {}
     for tokens in (int(t) for t in args.tokens.split(",")):
         steps = {
-            "bundle": verify_step(Path(args.bundle), tokens, args.context, args.threads),
-            "baseline": verify_step(Path(args.baseline), tokens, args.context, args.threads),
+            "bundle": verify_step(
+                Path(args.bundle), tokens, args.context, args.threads, args.library
+            ),
+            "baseline": verify_step(
+                Path(baseline), tokens, args.context, args.threads, args.baseline_library
+            ),
         }
         ms = time_alternating(steps, args.blocks, args.block)
         diff = [a - b for a, b in zip(ms["bundle"], ms["baseline"], strict=True)]
@@ -68,7 +94,9 @@ def main() -> None:
             "machine": {**machine(), "idle_before": idle},
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "bundle": args.bundle,
-            "baseline": args.baseline,
+            "baseline": baseline,
+            "library": args.library,
+            "baseline_library": args.baseline_library,
             "context": args.context,
             "threads": args.threads,
             "tokens": rows,

@@ -111,7 +111,7 @@ def test_another_gguf_or_recipe_is_refused_and_names_the_retrain_flag(tmp_path):
         "--retrain-drafter",
     )
     message = _one_line_error(
-        lambda: shipped.shipped_drafter(gguf, recipe={**demo.RECIPE, "epochs": 4}),
+        lambda: shipped.shipped_drafter(gguf, recipe={**demo.RECIPE, "epochs": 5}),
         "another recipe",
         "--retrain-drafter",
     )
@@ -138,10 +138,10 @@ def test_retrain_flag_reaches_the_demo(monkeypatch):
 
 
 def test_training_estimate_from_the_recipe_size():
-    # 408 prompts x 1.05 s; 3 epochs x ceil(400 x 92.5 / 256) = 3 x 145 steps x 0.065 s
+    # 4,008 prompts x 0.7 s; 4 epochs x ceil(4,000 x 92.5 / 256) = 4 x 1,446 steps x 0.065 s
     answers, training = training_estimate(demo.RECIPE)
-    assert answers == pytest.approx(428.4)
-    assert training == pytest.approx(3 * 145 * 0.065)
+    assert answers == pytest.approx(2805.6)
+    assert training == pytest.approx(4 * 1446 * 0.065)
 
 
 def test_write_shipped_halves_a_trained_drafter_and_records_its_digests(tmp_path):

@@ -15,7 +15,7 @@ from redrafter.errors import RedrafterError
 @click.option(
     "--retrain-drafter",
     is_flag=True,
-    help="Train the demo drafter again from the shared data (~8 min on an idle 2-core CPU; an "
+    help="Train the demo drafter again from the shared data (~40 min on an idle 2-core CPU; an "
     "estimate and a bar per phase are shown) instead of using the one shipped in the package.",
 )
 def run(retrain_drafter: bool) -> None:
