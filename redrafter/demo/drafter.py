@@ -22,7 +22,7 @@ from redrafter.errors import RedrafterError
 RECIPE: dict[str, Any] = {
     "version": 1,
     "train_prompts": 4000,  # ~347k contexts, ~33 min of base answers on 2 cores: the data is
-    "heldout_prompts": 8,  # what limits acceptance (10x the data: held-out top-1 0.46 -> 0.58)
+    "heldout_prompts": 8,  # what limits acceptance (10x the data: held-out top-1 0.46 -> 0.55)
     "seq_len": 128,  # most tokens per answer
     "predict_tokens": 4,  # drafts per beam: serves beam lengths up to 5
     "epochs": 4,
@@ -80,7 +80,7 @@ def finished_drafter(folder: Path, *, require_state: bool = False) -> bool:
 # exceeds is better than one every run exceeds.
 ANSWER_SECONDS = 0.7
 STEP_SECONDS = 0.065
-CONTEXTS_PER_PROMPT = 92.5  # training contexts per prompt (37,008 from the demo's 400)
+CONTEXTS_PER_PROMPT = 92.5  # training contexts per prompt (37,008 from 400; 347,498 from 4,000)
 
 
 def training_estimate(recipe: dict[str, Any]) -> tuple[float, float]:
@@ -148,8 +148,8 @@ def ensure_drafter(
     if prepared is None:
         start = time.perf_counter()
         say(f"1/2 base answers: {recipe['train_prompts']} + {recipe['heldout_prompts']} prompts")
-        # by continuous batching (train-drafter's teacher data): 1.36x the lockstep batches'
-        # speed, the same answers token for token (benchmarks/RESULTS.md, issue 21)
+        # by continuous batching (train-drafter's teacher data): 1.36-1.46x the lockstep
+        # batches' speed, the same answers token for token (benchmarks/RESULTS.md, issue 21)
         prepared = prepare_teacher_data(
             base,
             tokenizer,
