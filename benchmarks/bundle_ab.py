@@ -12,7 +12,9 @@ of `--tokens` new tokens after `--context` cached ones, in alternating blocks of
 calls. Between blocks the process sleeps 50 ms: each ORT session has its own spinning thread
 pool, and without the pause the session that ran last keeps a core busy into the other's
 block (measured: +4 ms per call on 2 cores). Reports the median block of each and the median
-of the paired (same round) differences.
+of the paired (same round) differences. The same bundle on both sides (an A/A run) shows what
+the script cannot tell apart: on the 2-core VM, paired differences up to ~0.4 ms at 1 token and
+~0.7 ms at 6, the `--bundle` side usually the slower (benchmarks/RESULTS.md, 2026-12-06).
 """
 
 from __future__ import annotations
