@@ -4,13 +4,15 @@ the real decode driver on the torch runtime (the numbers of benchmarks/RESULTS.m
     .venv/bin/python -m benchmarks.acceptance DRAFTER [DRAFTER ...] [--widths 1,2,4,8]
         [--lengths 3,4,5] [--prompts 24] [--max-new-tokens 64]
         [--runtime torch|onnxruntime] [--device cpu|cuda] [--prompt-lookup off|on|both]
+        [--quantize none|int4|int8]
 
 Prompts come from held-out Jargon File entries and HumanEval tasks
 (`redrafter.demo.heldout_prompts`), never trained on. Greedy fp32 decoding emits the same
 tokens on every runtime, so tokens/step does not depend on it: `--runtime onnxruntime` (one
 exported bundle per drafter, holding a drafter graph per beam shape) is just the fastest way on
 a CPU, `--device cuda` on a GPU. `--prompt-lookup` (onnxruntime only) adds the prompt-lookup
-beam (`decoding/lookup.py`): keys `W4L5+lookup`.
+beam (`decoding/lookup.py`): keys `W4L5+lookup`. `--quantize int4` (onnxruntime only) measures
+on the int4 bundle instead, whose greedy answers are the int4 model's (issue 22 item 3).
 """
 
 from __future__ import annotations
@@ -99,19 +101,25 @@ def _runtime_tokens_per_step(
     return {"tokens_per_step": emitted / max(row_steps, 1)}
 
 
-def ort_runtime(gguf: Path, drafter: str, beams: list[BeamShape], threads: int) -> Any:
-    """An ONNX Runtime runtime for base + drafter with a drafter graph per beam shape (the
-    bundle is exported next to the drafter, once)."""
+def ort_runtime(
+    gguf: Path, drafter: str, beams: list[BeamShape], threads: int, quantize: str = "none"
+) -> Any:
+    """An ONNX Runtime runtime for base + drafter with a drafter graph per beam shape, its
+    weights quantized as `quantize` says ('none', 'int4', 'int8': `export --quantize`'s
+    defaults); the bundle is exported next to the drafter, once."""
     from redrafter.build import ExportOptions, export_bundle
     from redrafter.bundle import load_bundle
+    from redrafter.export.quantize import quantization
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     tag = "_".join(f"{b.width}x{b.length}" for b in beams)
+    tag += "" if quantize == "none" else f"-{quantize}"
     out = Path(drafter).with_name(f"{Path(drafter).name}-bundle-{tag}")
     try:
         bundle = load_bundle(out)
     except RedrafterError:
-        options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]))
+        q = None if quantize == "none" else quantization(quantize)
+        options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]), quantization=q)
         bundle = export_bundle(gguf, out, drafter_path=drafter, options=options, overwrite=True)
     return OnnxRuntime(bundle, threads=threads)
 
@@ -133,7 +141,16 @@ def main() -> None:
     )
     ap.add_argument("--name", default="acceptance")
     ap.add_argument("--prompt-lookup", choices=["off", "on", "both"], default="off")
+    ap.add_argument(
+        "--quantize",
+        choices=["none", "int4", "int8"],
+        default="none",
+        help="with --runtime onnxruntime: the bundles' weights (a quantized base answers "
+        "otherwise than fp32, so its tokens/step differs) [none]",
+    )
     args = ap.parse_args()
+    if args.quantize != "none" and args.runtime != "onnxruntime":
+        ap.error("--quantize needs --runtime onnxruntime")
     torch.set_num_threads(args.threads)
     info = machine()
     gguf = find_demo_gguf()
@@ -149,7 +166,7 @@ def main() -> None:
         runtime = None
         if args.runtime == "onnxruntime":
             shapes = [BeamShape(w, n) for n in lengths for w in widths]
-            runtime = ort_runtime(gguf, path, shapes, args.threads)
+            runtime = ort_runtime(gguf, path, shapes, args.threads, args.quantize)
         results[path] = grid(
             base,
             drafter,
@@ -168,6 +185,7 @@ def main() -> None:
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "prompt_lookup": args.prompt_lookup,
+        "quantize": args.quantize,
         "tokens_per_step": results,
     }
     save(args.name, payload)

@@ -1,6 +1,7 @@
 """Drafter training past one process (issue 21), on the demo model: prints and saves one JSON.
 
     .venv/bin/python -m benchmarks.train_distributed teacher [--prompts 128] [--rounds 2]
+        [--slots 32,64] [--bundles DIR,DIR] [--bundle-slots 32]
     .venv/bin/python -m benchmarks.train_distributed steps [--prompts 48] [--steps 60]
 
 `teacher`: the base's greedy answers (fp32, `--seq-len` new tokens at most, as the recipe) to
@@ -11,6 +12,9 @@ answers end), interleaved `--rounds` times, with the CPU load around each run; t
 be token-identical. `steps`: `redrafter train-drafter` on those prompts' answers (teacher data
 made once, then reused) in one process and under `torchrun --nproc-per-node 2`, steps/s from
 each run's trainer_state.json (training only: teacher data and evaluation excluded).
+`--bundles A,B`: the same prompts answered by exported bundles of the demo model on ONNX Runtime
+(`runtime_answers`, what `train-drafter --teacher` runs); an fp32 bundle's answers are the fp32
+model's (counted in `identical_answers`), an int4 bundle's are the int4 model's.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def teacher(args: argparse.Namespace) -> dict[str, Any]:
     from redrafter.models.checkpoints import load_base
     from redrafter.models.tokenizer import load_tokenizer
     from redrafter.train.answers import generate_answers
+    from redrafter.train.runtime_answers import runtime_answers
     from redrafter.train.teacher import distill_examples
 
     torch.set_num_threads(args.threads)
@@ -77,8 +82,23 @@ def teacher(args: argparse.Namespace) -> dict[str, Any]:
     def batched(slots: int) -> Any:
         return lambda: [t[1].tolist() for t in generate_answers(base, ids, slots=slots, **kw)]
 
+    def on_bundle(path: str) -> tuple[str, Any]:
+        from redrafter.train.runtime_answers import open_teacher
+
+        runtime = open_teacher(path, base.config).runtime  # ONNX Runtime, native kernels
+
+        def run() -> list[list[int]]:
+            traces = runtime_answers(runtime, ids, slots=args.bundle_slots, **kw)
+            return [t[1].tolist() for t in traces]
+
+        precision = runtime.bundle.precision  # type: ignore[attr-defined]
+        return f"bundle-{precision}-slots{args.bundle_slots}", run
+
     methods = [(f"loop{args.loop_batch}", loop)]
-    methods += [(f"slots{n}", batched(n)) for n in map(int, args.slots.split(","))]
+    methods += [
+        (f"slots{n}", batched(n)) for n in map(int, args.slots.split(",") if args.slots else [])
+    ]
+    methods += [on_bundle(p) for p in args.bundles.split(",") if p]
     runs: list[dict[str, Any]] = []
     answers: dict[str, list[list[int]]] = {}
     for r in range(args.rounds):
@@ -161,6 +181,13 @@ def main() -> None:
     ap.add_argument("--loop-batch", type=int, default=32, help="today's batch (2,878 s run)")
     ap.add_argument("--slots", default="32,64", help="teacher: a comma list; steps: the first")
     ap.add_argument("--top-c", type=int, default=0, help="16 for --kl-weight runs")
+    ap.add_argument(
+        "--bundles",
+        default="",
+        help="teacher: a comma list of exported bundles of the demo model, answering on ONNX "
+        "Runtime too (train-drafter --teacher); their answers are counted against the loop's",
+    )
+    ap.add_argument("--bundle-slots", type=int, default=32, help="rows for --bundles [32]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=256)

@@ -1121,6 +1121,12 @@ def bench(
     "and reused; another base's is refused [under --cache-dir].",
 )  # fmt: skip
 @click.option(
+    "--teacher", "teacher_bundle", type=click.Path(),
+    help="distill: an exported bundle of --base (e.g. its int4 bundle) whose ONNX Runtime "
+    "session gives the answers and hidden states the drafter learns from, so it learns the "
+    "model it will be deployed with [--base itself].",
+)  # fmt: skip
+@click.option(
     "--teacher-slots", default=64, show_default=True, type=click.IntRange(min=1),
     help="distill: prompts each process answers at once (KV-cache rows).",
 )  # fmt: skip
@@ -1196,6 +1202,7 @@ def train_drafter_cmd(**kw: Any) -> None:
             stop_after=kw["stop_after"],
             shard=kw["shard_base"],
             base_dtype=kw["base_dtype"],
+            teacher_bundle=Path(kw["teacher_bundle"]) if kw["teacher_bundle"] else None,
             ranks=ranks,
             log=lambda m: click.echo(m, err=True),
         )

@@ -31,10 +31,12 @@ from typing import Any
 
 import torch
 
+from redrafter.errors import ConfigError
 from redrafter.models.llama import Transformer
 from redrafter.train.data import DataError, load_chunks, load_prompts
 from redrafter.train.distributed import SINGLE, Ranks
 from redrafter.train.prompts import Prompt
+from redrafter.train.runtime_answers import BundleTeacher, open_teacher
 from redrafter.train.sharding import base_dtype as to_dtype
 from redrafter.train.sharding import check_shardable, dtype_name, is_sharded, shard_base
 from redrafter.train.teacher import Examples, distill_examples, teacher_forced
@@ -162,10 +164,13 @@ def prepare_teacher_data(
     ranks: Ranks = SINGLE,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    teacher: BundleTeacher | None = None,
 ) -> Prepared:
     """`prepare_distill` as a dataset: the base's greedy answers to the training and held-out
     prompts in `job.folder`/train and /heldout (teacher_data.py), made by every rank in
-    parallel or reused; the held-out prompts double as the tokens/step prompts."""
+    parallel or reused; the held-out prompts double as the tokens/step prompts. `teacher`: the
+    answers come from that bundle's runtime instead of `base` (which still sets the EOS tokens
+    and the context limit)."""
     eos = base.config.eos_token_ids or tuple(getattr(tokenizer, "eos_token_ids", ()))
     ids, held, skipped = _usable_prompts(base, tokenizer, train_prompts, heldout_prompts, options)
     settings = TeacherSettings(
@@ -184,11 +189,13 @@ def prepare_teacher_data(
         how = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
             dtype_name(base.embed_weight.dtype)
         ] + (", sharded" if is_sharded(base) else "")
+        if teacher is not None:
+            how = f"{teacher.precision} bundle on {teacher.runtime.name}"
         info = f"(greedy, {how}" + (f", rank 0 of {ranks.world})" if ranks.distributed else ")")
         task = bar.add_task("base answers", total=total, info=info)
         for name, prompts in parts:
             build_teacher_data(
-                base,
+                teacher or base,
                 prompts,
                 job.folder / name,
                 settings,
@@ -207,6 +214,7 @@ def prepare_teacher_data(
         "heldout_positions": 0 if held_ex is None else len(held_ex),
         "eval_prompts": len(held),
         "teacher_data": str(job.folder),
+        **({"teacher": f"{teacher.precision} bundle {teacher.fingerprint}"} if teacher else {}),
     }
     return Prepared(train, Heldout(held_ex, held), summary)
 
@@ -331,6 +339,7 @@ def train_from_files(
     stop_after: int | None = None,
     shard: bool = False,
     base_dtype: str = "float32",
+    teacher_bundle: Path | None = None,
     ranks: Ranks = SINGLE,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
@@ -342,12 +351,19 @@ def train_from_files(
     keyed by the inputs), `shard_prompts` per shard, `teacher_slots` KV-cache rows per rank.
     Under torchrun every rank calls this with the same arguments (`ranks`); `shard` splits the
     base across them (FSDP, at least 2 ranks), `base_dtype` ('float32', 'bfloat16', 'float16')
-    is the dtype the base runs in (the drafter always trains in fp32)."""
+    is the dtype the base runs in (the drafter always trains in fp32). `teacher_bundle`
+    (distill only): an exported bundle of the same base whose runtime gives the answers and
+    hidden states instead (e.g. the int4 bundle the drafter will be deployed with)."""
     from redrafter.models.checkpoints import load_base
     from redrafter.models.tokenizer import load_tokenizer
 
     if not data_paths:
         raise DataError("no data files given; pass one or more --data FILE")
+    if teacher_bundle is not None and options.mode != "distill":
+        raise ConfigError(
+            "--teacher gives the base's answers, which only --mode distill trains on; "
+            "pass --mode distill or drop --teacher"
+        )
     dtype = to_dtype(base_dtype)
     if shard:
         check_shardable(ranks)
@@ -386,6 +402,11 @@ def train_from_files(
     }
     root = cache_dir or default_cache_dir()
     base = load_base(base_path).to(dtype)  # on the CPU, whole
+    teacher = None
+    if teacher_bundle is not None:
+        device = "cuda" if str(ranks.device).startswith("cuda") else "cpu"
+        teacher = open_teacher(teacher_bundle, base.config, device=device)
+        inputs["teacher"] = teacher.fingerprint
     # Sharded: the shards move to the device a layer at a time, the base never whole there.
     base = shard_base(base, ranks) if shard else base.to(ranks.device)
     if chunks is not None:
@@ -414,7 +435,16 @@ def train_from_files(
             shard_prompts=shard_prompts,
         )
         prepared = prepare_teacher_data(
-            base, tokenizer, train_p, held_p, options, job, ranks=ranks, progress=progress, log=log
+            base,
+            tokenizer,
+            train_p,
+            held_p,
+            options,
+            job,
+            ranks=ranks,
+            progress=progress,
+            log=log,
+            teacher=teacher,
         )
     log("data: " + ", ".join(f"{k} {v}" for k, v in prepared.summary.items()))
     result = train_drafter(

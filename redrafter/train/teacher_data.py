@@ -43,6 +43,7 @@ from redrafter.errors import RedrafterError
 from redrafter.models.llama import Transformer
 from redrafter.train.answers import Lockstep, generate_answers
 from redrafter.train.distributed import SINGLE, Ranks
+from redrafter.train.runtime_answers import BundleTeacher, runtime_answers
 from redrafter.train.sharding import dtype_name, full_tensor, is_sharded
 from redrafter.train.teacher import Examples, examples_from_trace
 
@@ -130,8 +131,16 @@ def _write_shard(path: Path, traces: Sequence[Any], metadata: dict[str, str]) ->
     tmp.replace(path)
 
 
+def teacher_identity(base: Transformer | BundleTeacher) -> dict[str, str]:
+    """What names the teacher in the metadata: a torch base's dtype and fingerprint, or a
+    bundle's 'bundle:<precision>' and its fingerprint (never equal to a torch base's)."""
+    if isinstance(base, BundleTeacher):
+        return {"base_dtype": f"bundle:{base.precision}", "base": base.fingerprint}
+    return {"base_dtype": dtype_name(base.embed_weight.dtype), "base": base_fingerprint(base)}
+
+
 def build_teacher_data(
-    base: Transformer,
+    base: Transformer | BundleTeacher,
     prompts: Sequence[Sequence[int]],
     folder: str | Path,
     settings: TeacherSettings,
@@ -143,11 +152,12 @@ def build_teacher_data(
     """Make (or finish) the teacher data for `prompts` in `folder`: this rank generates the
     missing shards `i % world == rank`, every rank waits for the others, and rank 0 writes the
     manifest. Shards already there are checked and kept. Returns the folder. With a sharded
-    base every rank's forwards run in lockstep with the others' (module docstring)."""
+    base every rank's forwards run in lockstep with the others' (module docstring). `base` may
+    be a `BundleTeacher`: the answers then come from an exported bundle's runtime
+    (runtime_answers.py), e.g. the int4 model the drafter will run on."""
     folder = Path(folder)
     expected = {
-        "base_dtype": dtype_name(base.embed_weight.dtype),
-        "base": base_fingerprint(base),
+        **teacher_identity(base),
         "settings": json.dumps(settings.to_dict(), sort_keys=True),
     }
     manifest = folder / MANIFEST
@@ -159,7 +169,9 @@ def build_teacher_data(
     folder.mkdir(parents=True, exist_ok=True)
     n = settings.shard_prompts
     shards = [prompts[i : i + n] for i in range(0, len(prompts), n)]
-    lockstep = Lockstep(base, ranks if is_sharded(base) else SINGLE)
+    lockstep = None
+    if isinstance(base, Transformer):
+        lockstep = Lockstep(base, ranks if is_sharded(base) else SINGLE)
     for i, shard in enumerate(shards):
         path = folder / _shard_file(i)
         wanted = {**expected, "prompts_sha256": prompts_sha256(shard)}
@@ -171,18 +183,30 @@ def build_teacher_data(
         if meta is not None:
             progress(len(shard))
             continue
-        traces = generate_answers(
-            base,
-            shard,
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_ids=settings.eos_token_ids,
-            top_c=settings.top_c,
-            slots=slots,
-            progress=progress,
-            lockstep=lockstep,
-        )
+        if isinstance(base, BundleTeacher):
+            traces = runtime_answers(
+                base.runtime,
+                shard,
+                max_new_tokens=settings.max_new_tokens,
+                eos_token_ids=settings.eos_token_ids,
+                top_c=settings.top_c,
+                slots=slots,
+                progress=progress,
+            )
+        else:
+            traces = generate_answers(
+                base,
+                shard,
+                max_new_tokens=settings.max_new_tokens,
+                eos_token_ids=settings.eos_token_ids,
+                top_c=settings.top_c,
+                slots=slots,
+                progress=progress,
+                lockstep=lockstep,
+            )
         _write_shard(path, traces, wanted)
-    lockstep.drain()  # a sharded base: the others' forwards still need this rank's
+    if lockstep is not None:
+        lockstep.drain()  # a sharded base: the others' forwards still need this rank's
     ranks.barrier()  # every shard is on disk
     if ranks.is_main:
         record = {
