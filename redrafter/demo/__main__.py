@@ -15,8 +15,9 @@ from redrafter.errors import RedrafterError
 @click.option(
     "--retrain-drafter",
     is_flag=True,
-    help="Train the demo drafter again from the shared data (~40 min on an idle 2-core CPU; an "
-    "estimate and a bar per phase are shown) instead of using the one shipped in the package.",
+    help="Train the demo drafters (fp32, and the int4 bundle's) again from the shared data (~65 "
+    "min on an idle 2-core CPU; an estimate and a bar per phase are shown) instead of using the "
+    "ones shipped in the package.",
 )
 def run(retrain_drafter: bool) -> None:
     """Run the demo; a `RedrafterError` ends it with its message and exit status 2."""

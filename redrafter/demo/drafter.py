@@ -32,6 +32,10 @@ RECIPE: dict[str, Any] = {
     "num_layers": 1,
 }
 DATA_FIELDS = ("version", "train_prompts", "heldout_prompts", "seq_len", "predict_tokens")
+# The same recipe distilled from the int4 bundle the drafter is deployed with (issue 22 item 3):
+# the base's answers and hidden states come from that bundle's ONNX Runtime session
+# (`train-drafter --teacher`), not from the fp32 GGUF, whose answers the int4 model leaves.
+INT4_RECIPE: dict[str, Any] = {**RECIPE, "teacher": "int4"}
 DRAFTER_ENV = "REDRAFTER_DRAFTER"
 
 
@@ -77,16 +81,22 @@ def finished_drafter(folder: Path, *, require_state: bool = False) -> bool:
 # demo`"): the base answers a prompt in 0.49 s by continuous batching (4,008 prompts in 1,968 s,
 # fp32, 64 rows; lockstep batches of 32 took 0.72 s); a training step (batch 256, 1 ResBlock)
 # takes ~0.065 s. The answer figure is set higher: an estimate that a busy machine still
-# exceeds is better than one every run exceeds.
+# exceeds is better than one every run exceeds. The int4 bundle (INT4_RECIPE's teacher, on ONNX
+# Runtime, 32 rows) answered 4,008 prompts in 915 s (0.23 s each), with longer answers: 399,485
+# training contexts from 4,000 prompts.
 ANSWER_SECONDS = 0.7
+INT4_ANSWER_SECONDS = 0.3
 STEP_SECONDS = 0.065
 CONTEXTS_PER_PROMPT = 92.5  # training contexts per prompt (37,008 from 400; 347,498 from 4,000)
+INT4_CONTEXTS_PER_PROMPT = 100.0
 
 
 def training_estimate(recipe: dict[str, Any]) -> tuple[float, float]:
     """(base-answer seconds, training seconds) that `recipe` needs on an idle 2-core CPU."""
-    answers = (recipe["train_prompts"] + recipe["heldout_prompts"]) * ANSWER_SECONDS
-    contexts = recipe["train_prompts"] * CONTEXTS_PER_PROMPT
+    int4 = recipe.get("teacher") == "int4"
+    per_answer = INT4_ANSWER_SECONDS if int4 else ANSWER_SECONDS
+    answers = (recipe["train_prompts"] + recipe["heldout_prompts"]) * per_answer
+    contexts = recipe["train_prompts"] * (INT4_CONTEXTS_PER_PROMPT if int4 else CONTEXTS_PER_PROMPT)
     steps = recipe["epochs"] * -(-contexts // recipe["batch_size"])
     return answers, steps * STEP_SECONDS
 
@@ -94,17 +104,18 @@ def training_estimate(recipe: dict[str, Any]) -> tuple[float, float]:
 def ensure_drafter(
     gguf: Path, cache: Path, recipe: dict[str, Any] | None = None, *, retrain: bool = False
 ) -> Path:
-    """The demo drafter. For RECIPE without `retrain`: the trained copy shipped in the package,
+    """The demo drafter. For RECIPE (or INT4_RECIPE: distilled from the int4 bundle,
+    `teacher_bundle`) without `retrain`: the trained copy shipped in the package,
     checked (its checksum, and that `gguf` is the GGUF it was trained for; `ShippedDrafterError`
     otherwise, never a silent training). With `retrain`, or another `recipe` (same keys as
     RECIPE): trained into the cache (a progress bar per phase, after an estimate of the time),
     then reused. An interrupted training resumes from its last checkpoint; the base's answers
     are cached apart and reused."""
     recipe = RECIPE if recipe is None else recipe
-    if recipe == RECIPE and not retrain:
-        from redrafter.demo.shipped import shipped_drafter
+    if recipe in (RECIPE, INT4_RECIPE) and not retrain:
+        from redrafter.demo.shipped import shipped_drafter, shipped_folder
 
-        return shipped_drafter(gguf, recipe=recipe)
+        return shipped_drafter(gguf, recipe=recipe, folder=shipped_folder(recipe))
     from redrafter.train.recipe import (
         Prepared,
         TeacherJob,
@@ -114,12 +125,15 @@ def ensure_drafter(
     )
     from redrafter.train.trainer import Heldout, TrainOptions, train_drafter
 
-    data_key = cache_key(base=fingerprint(gguf), data={k: recipe[k] for k in DATA_FIELDS})
+    data = {k: recipe[k] for k in DATA_FIELDS}
+    if recipe.get("teacher"):  # fp32 recipes keep the keys they always had
+        data["teacher"] = recipe["teacher"]
+    data_key = cache_key(base=fingerprint(gguf), data=data)
     folder = drafter_folder(gguf, cache, recipe)
     if finished_drafter(folder, require_state=True):
         say(f"using the drafter trained earlier in {folder} (delete it to train again)")
         return folder
-    data = demo_data.find_shared_data()
+    texts = demo_data.find_shared_data()
     from redrafter.models.checkpoints import load_base
     from redrafter.models.tokenizer import load_tokenizer
 
@@ -145,6 +159,12 @@ def ensure_drafter(
         save_every=50,  # an interrupted first run resumes instead of starting over
     )
     prepared = Prepared.load(examples)
+    teacher, slots = None, 64
+    if prepared is None and recipe.get("teacher"):
+        from redrafter.train.runtime_answers import open_teacher
+
+        teacher = open_teacher(teacher_bundle(gguf, cache, recipe["teacher"]), base.config)
+        slots = 32  # int4 rows on 2 cores: 32 answered 64 prompts as fast as 16 (RESULTS.md)
     if prepared is None:
         start = time.perf_counter()
         say(f"1/2 base answers: {recipe['train_prompts']} + {recipe['heldout_prompts']} prompts")
@@ -153,10 +173,11 @@ def ensure_drafter(
         prepared = prepare_teacher_data(
             base,
             tokenizer,
-            demo_data.training_prompts(data, count=recipe["train_prompts"]),
-            demo_data.heldout_prompts(data, count=recipe["heldout_prompts"]),
+            demo_data.training_prompts(texts, count=recipe["train_prompts"]),
+            demo_data.heldout_prompts(texts, count=recipe["heldout_prompts"]),
             options,
-            TeacherJob(folder=cache / "teacher" / data_key),
+            TeacherJob(folder=cache / "teacher" / data_key, slots=slots),
+            teacher=teacher,
         )
         prepared.summary["seconds"] = round(time.perf_counter() - start, 1)
         prepared.save(examples)
@@ -174,24 +195,57 @@ def ensure_drafter(
         log=say,
     )
     say(f"trained in {result.seconds:.0f} s ({result.steps} steps)")
-    if recipe == RECIPE:  # how the retrained drafter replaces the shipped one
-        say(f"to ship it in the package: python -m redrafter.demo.shipped --from {folder}")
+    if recipe in (RECIPE, INT4_RECIPE):  # how the retrained drafter replaces the shipped one
+        flag = " --recipe int4" if recipe == INT4_RECIPE else ""
+        say(f"to ship it in the package: python -m redrafter.demo.shipped --from {folder}{flag}")
     return folder
 
 
-def find_trained_drafter() -> Path | None:
+def teacher_bundle(gguf: Path, cache: Path, precision: str) -> Path:
+    """The base-only bundle of `gguf` quantized to `precision` ('int4': block 32, symmetric, as
+    `make demo` quantizes), exported once into the cache: the teacher of an int4 recipe. It
+    holds no drafter, so its fingerprint (and the teacher data keyed by it) does not change
+    when the drafter trained from it does."""
+    from redrafter.build import ExportOptions, export_bundle
+    from redrafter.bundle import load_bundle
+    from redrafter.errors import RedrafterError as Error
+    from redrafter.export.quantize import quantization
+    from redrafter.train.recipe import cache_key, fingerprint
+
+    key = cache_key(base=fingerprint(gguf), teacher=precision)[:12]
+    folder = cache / "bundles" / f"smollm2-135m-instruct-teacher-{key}-{precision}"
+    if (folder / "manifest.json").is_file():
+        try:
+            load_bundle(folder)
+            return folder
+        except Error:
+            pass  # damaged: export again
+    say(f"exporting the {precision} teacher bundle to {folder} (first run only)")
+    export_bundle(
+        gguf,
+        folder,
+        options=ExportOptions(quantization=quantization(precision)),
+        overwrite=True,
+        progress=lambda m: say(f"  {m}"),
+    )
+    return folder
+
+
+def find_trained_drafter(precision: str = "fp32") -> Path | None:
     """The trained demo drafter, if there is one: $REDRAFTER_DRAFTER, else the drafter shipped
-    in the package (what `make demo` runs) when the demo GGUF is installed and is the one it
-    was trained for, else the newest finished drafter under <cache>/drafters. Never trains;
-    None when nothing is found."""
+    in the package for a base of `precision` ('fp32', or 'int4': the one distilled from the
+    int4 bundle; what `make demo` runs) when the demo GGUF is installed and is the one it was
+    trained for, else the newest finished drafter under <cache>/drafters. Never trains; None
+    when nothing is found."""
     from redrafter.demo.model import find_demo_gguf
-    from redrafter.demo.shipped import shipped_drafter
+    from redrafter.demo.shipped import shipped_drafter, shipped_folder
     from redrafter.train.recipe import default_cache_dir
 
     if os.environ.get(DRAFTER_ENV):
         return Path(os.environ[DRAFTER_ENV])
+    recipe = INT4_RECIPE if precision == "int4" else RECIPE
     try:
-        return shipped_drafter(find_demo_gguf(), recipe=RECIPE)
+        return shipped_drafter(find_demo_gguf(), recipe=recipe, folder=shipped_folder(recipe))
     except RedrafterError:  # no demo model, or another one: any finished drafter will do
         pass
     cache = default_cache_dir()

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from redrafter.config import BeamShape
-from redrafter.demo.drafter import ensure_drafter, say
+from redrafter.demo.drafter import INT4_RECIPE, ensure_drafter, say
 from redrafter.demo.model import find_demo_gguf
 
 # On a 2-core CPU a verification of N tree tokens costs ~1.3x a one-token step at N=5 and
@@ -75,19 +75,20 @@ def bundle_prefix(drafter: Path) -> str:
     """The bundle cache name for `drafter`: a trained folder's own name (it holds the recipe's
     key); for the shipped drafter, whose path never changes, its weights' digest, so a new
     version of the package exports a new bundle."""
-    from redrafter.demo.shipped import SHIPPED_DIR, ShippedMetadata
+    from redrafter.demo.shipped import ShippedMetadata, is_shipped
 
-    if drafter.resolve() == SHIPPED_DIR:
-        return f"smollm2-135m-instruct-shipped-{ShippedMetadata.read().weights_sha256[:12]}"
+    if is_shipped(drafter):
+        digest = ShippedMetadata.read(drafter.resolve()).weights_sha256[:12]
+        return f"smollm2-135m-instruct-shipped-{digest}"
     return drafter.name
 
 
 def describe(drafter: Path) -> str:
     """How `drafter` came about, from its trainer state (trained here) or the shipped metadata."""
-    from redrafter.demo.shipped import SHIPPED_DIR, ShippedMetadata
+    from redrafter.demo.shipped import ShippedMetadata, is_shipped
 
-    if drafter.resolve() == SHIPPED_DIR:
-        training = ShippedMetadata.read().training
+    if is_shipped(drafter):
+        training = ShippedMetadata.read(drafter.resolve()).training
         return (
             f"shipped in the package (fp16; retrain with --retrain-drafter), trained "
             f"{training['train_seconds']:.0f} s on {training['contexts']} contexts"
@@ -185,14 +186,17 @@ def main(*, retrain_drafter: bool = False) -> None:
         f"{ar_step:.0f} ms for one autoregressive step, so speculation pays above "
         f"{spec_step / ar_step:.2f} tokens/step (benchmarks/RESULTS.md, 'Drafter training')."
     )
-    show_int4(gguf, drafter, cache, bundle, reference, pipe)
+    # The int4 bundle drafts with the drafter distilled from the int4 model (INT4_RECIPE).
+    show_int4(gguf, ensure_drafter(gguf, cache, INT4_RECIPE, retrain=retrain_drafter), cache,
+              bundle, reference, pipe)  # fmt: skip
     click.echo(f"(demo took {time.perf_counter() - start:.0f} s)")
 
 
 def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any, pipe: Any) -> None:
-    """The int4 twin of the bundle next to fp32: size on disk, drift against the fp32 reference
+    """The int4 bundle next to fp32: size on disk, drift against the fp32 reference
     (teacher-forced over the demo prompts and their fp32 answers), and autoregressive vs
-    speculative speed on the same prompts; speculation must stay lossless on int4 too."""
+    speculative speed on the same prompts; speculation must stay lossless on int4 too.
+    `drafter`: the int4 bundle's, distilled from the int4 model itself (issue 22 item 3)."""
     from redrafter.pipeline import load
     from redrafter.validate.drift import measure_drift
 
@@ -216,7 +220,8 @@ def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any,
     drift = measure_drift(q_pipe.runtime, reference, texts, precision="int4")
     click.echo(
         f"\nint4 weights (export --quantize int4), {MAX_NEW_TOKENS} new tokens at most, greedy, "
-        f"ReDrafter {_label(BEAM, LOOKUP)}:"
+        f"ReDrafter {_label(BEAM, LOOKUP)}; the int4 bundle's drafter {drafter.name}: "
+        f"{describe(drafter)}, distilled from the int4 model's own answers:"
     )
     click.echo(
         f"{'bundle':>8} {'size MB':>8} {'AR tok/s':>9} {'spec tok/s':>10} {'tokens/step':>11} "

@@ -22,6 +22,9 @@ from typing import Any
 from redrafter.errors import CheckpointError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped_drafter"
+# The same recipe distilled from the int4 bundle (`drafter.INT4_RECIPE`): what `make demo`'s int4
+# bundle drafts with.
+SHIPPED_INT4_DIR = Path(__file__).resolve().parent / "shipped_drafter_int4"
 METADATA = "metadata.json"
 WEIGHTS = "model.safetensors"
 FIX = "reinstall redrafter (or `git checkout redrafter/demo/shipped_drafter`)"
@@ -88,6 +91,16 @@ class ShippedMetadata:
             "measured": self.measured,
             "license": self.license,
         }
+
+
+def shipped_folder(recipe: dict[str, Any]) -> Path:
+    """Where the drafter of `recipe` ships: by the teacher it was distilled from (none: the
+    fp32 GGUF itself; 'int4': its int4 bundle)."""
+    return SHIPPED_INT4_DIR if recipe.get("teacher") == "int4" else SHIPPED_DIR
+
+
+def is_shipped(drafter: Path) -> bool:
+    return drafter.resolve() in (SHIPPED_DIR, SHIPPED_INT4_DIR)
 
 
 def file_sha256(path: Path) -> str:
@@ -214,18 +227,24 @@ def write_shipped(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m redrafter.demo.shipped --from DIR [--gguf FILE]`: rewrite the shipped folder."""
+    """`python -m redrafter.demo.shipped --from DIR [--recipe fp32|int4] [--gguf FILE]`: rewrite
+    the recipe's shipped folder."""
     from redrafter.demo.data import find_shared_data
-    from redrafter.demo.drafter import RECIPE
+    from redrafter.demo.drafter import INT4_RECIPE, RECIPE
     from redrafter.demo.model import find_demo_gguf
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--from", dest="trained", type=Path, required=True)
     parser.add_argument("--gguf", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=SHIPPED_DIR)
+    parser.add_argument(
+        "--recipe", choices=["fp32", "int4"], default="fp32", help="the teacher's precision"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="[the recipe's shipped folder]")
     args = parser.parse_args(argv)
+    recipe = INT4_RECIPE if args.recipe == "int4" else RECIPE
     gguf = args.gguf or find_demo_gguf()
-    meta = write_shipped(args.trained, gguf, args.out, recipe=RECIPE, data_dir=find_shared_data())
+    out = args.out or shipped_folder(recipe)
+    meta = write_shipped(args.trained, gguf, out, recipe=recipe, data_dir=find_shared_data())
     print(json.dumps(meta.to_json(), indent=2))
 
 
