@@ -325,6 +325,52 @@ def test_torchrun_shard_base_holds_half_and_matches_one_process(
     assert all(0.45 * whole <= h <= 0.55 * whole for h in held), (held, whole)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc for pids")
+def test_a_rank_killed_during_sharded_teacher_generation_fails_in_one_line(
+    files: Path, tmp_path: Path
+) -> None:
+    """SIGKILL rank 1 while the sharded base makes teacher data: rank 0 ends with the one
+    designed line (no traceback from inside gloo), the finished shards stay, and one process
+    rerunning the command keeps them and finishes."""
+    out, logs, cache = tmp_path / "out", tmp_path / "logs", tmp_path / "c"
+    args = _args(files, out, cache, "--steps", "3", "--shard-prompts", "2", "--seq-len", "48",
+                 "--teacher-slots", "2")  # fmt: skip
+    launcher = subprocess.Popen(
+        _torchrun([*args, "--shard-base"], "--redirects", "3", "--log-dir", str(logs)),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("teacher/*/train/shard-00000.safetensors")):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no shard came"
+            time.sleep(0.01)
+        os.kill(_rank_pid(launcher.pid, 1), signal.SIGKILL)
+        launcher.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        _kill_workers(launcher)
+        raise AssertionError("rank 0 hung after rank 1 died") from None
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert not list(cache.glob("teacher/*/train/manifest.json"))  # stopped before the end
+    (rank0,) = logs.rglob("attempt_0/0/stderr.log")
+    text = rank0.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text
+    # Rank 0's next collective failing, or torchrun's SIGTERM: either way the designed line.
+    assert errors[0].startswith(
+        ("error: rank 0: lost another rank while making teacher data",
+         "error: rank 0: stopped by torchrun (SIGTERM)")
+    ), errors[0]  # fmt: skip
+    assert "rerun the same command" in errors[0]
+    kept = {p: p.stat().st_mtime_ns for p in cache.glob("teacher/*/train/shard-*.safetensors")}
+    assert kept
+    _one(args)  # one process, unsharded: the same teacher data, so the shards are reused
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert list(cache.glob("teacher/*/train/manifest.json")) and (out / "config.json").is_file()
+
+
 def test_teacher_data_of_another_base_dtype_is_refused_in_one_line(tmp_path: Path) -> None:
     """bf16 greedy answers are another teacher's: a folder made in fp32 is refused, naming
     the dtypes, and a bf16 folder records its dtype in the manifest and every shard."""

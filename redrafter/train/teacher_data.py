@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from redrafter.errors import RedrafterError
 from redrafter.models.llama import Transformer
 from redrafter.train.answers import Lockstep, generate_answers
-from redrafter.train.distributed import SINGLE, Ranks
+from redrafter.train.distributed import SINGLE, Ranks, is_lost_rank, lost_rank
 from redrafter.train.runtime_answers import BundleTeacher, runtime_answers
 from redrafter.train.sharding import dtype_name, full_tensor, is_sharded
 from redrafter.train.teacher import Examples, examples_from_trace
@@ -172,41 +172,51 @@ def build_teacher_data(
     lockstep = None
     if isinstance(base, Transformer):
         lockstep = Lockstep(base, ranks if is_sharded(base) else SINGLE)
-    for i, shard in enumerate(shards):
-        path = folder / _shard_file(i)
-        wanted = {**expected, "prompts_sha256": prompts_sha256(shard)}
-        meta = _metadata(path)
-        if meta is not None:
-            _check(meta, wanted, path)
-        if i % ranks.world != ranks.rank:
-            continue
-        if meta is not None:
-            progress(len(shard))
-            continue
-        if isinstance(base, BundleTeacher):
-            traces = runtime_answers(
-                base.runtime,
-                shard,
-                max_new_tokens=settings.max_new_tokens,
-                eos_token_ids=settings.eos_token_ids,
-                top_c=settings.top_c,
-                slots=slots,
-                progress=progress,
-            )
-        else:
-            traces = generate_answers(
-                base,
-                shard,
-                max_new_tokens=settings.max_new_tokens,
-                eos_token_ids=settings.eos_token_ids,
-                top_c=settings.top_c,
-                slots=slots,
-                progress=progress,
-                lockstep=lockstep,
-            )
-        _write_shard(path, traces, wanted)
-    if lockstep is not None:
-        lockstep.drain()  # a sharded base: the others' forwards still need this rank's
+    try:
+        for i, shard in enumerate(shards):
+            path = folder / _shard_file(i)
+            wanted = {**expected, "prompts_sha256": prompts_sha256(shard)}
+            meta = _metadata(path)
+            if meta is not None:
+                _check(meta, wanted, path)
+            if i % ranks.world != ranks.rank:
+                continue
+            if meta is not None:
+                progress(len(shard))
+                continue
+            if isinstance(base, BundleTeacher):
+                traces = runtime_answers(
+                    base.runtime,
+                    shard,
+                    max_new_tokens=settings.max_new_tokens,
+                    eos_token_ids=settings.eos_token_ids,
+                    top_c=settings.top_c,
+                    slots=slots,
+                    progress=progress,
+                )
+            else:
+                traces = generate_answers(
+                    base,
+                    shard,
+                    max_new_tokens=settings.max_new_tokens,
+                    eos_token_ids=settings.eos_token_ids,
+                    top_c=settings.top_c,
+                    slots=slots,
+                    progress=progress,
+                    lockstep=lockstep,
+                )
+            _write_shard(path, traces, wanted)
+        if lockstep is not None:
+            lockstep.drain()  # a sharded base: the others' forwards still need this rank's
+    except RuntimeError as e:
+        # A rank that died mid-generation fails the others' next collective (a lockstep
+        # all-reduce or FSDP's all-gather): one line, not a traceback from inside the backend.
+        if not (ranks.distributed and is_lost_rank(e)):
+            raise
+        error = lost_rank(ranks, e, "while making teacher data")
+        raise type(error)(
+            f"{error}; the finished shards in {folder} are kept: rerun the same command"
+        ) from None
     ranks.barrier()  # every shard is on disk
     if ranks.is_main:
         record = {
