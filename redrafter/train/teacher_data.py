@@ -28,6 +28,7 @@ part of the metadata: bf16 greedy answers are another teacher's, never reused fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -185,26 +186,17 @@ def build_teacher_data(
                 progress(len(shard))
                 continue
             if isinstance(base, BundleTeacher):
-                traces = runtime_answers(
-                    base.runtime,
-                    shard,
-                    max_new_tokens=settings.max_new_tokens,
-                    eos_token_ids=settings.eos_token_ids,
-                    top_c=settings.top_c,
-                    slots=slots,
-                    progress=progress,
-                )
+                answer: Callable[..., list[Any]] = functools.partial(runtime_answers, base.runtime)
             else:
-                traces = generate_answers(
-                    base,
-                    shard,
-                    max_new_tokens=settings.max_new_tokens,
-                    eos_token_ids=settings.eos_token_ids,
-                    top_c=settings.top_c,
-                    slots=slots,
-                    progress=progress,
-                    lockstep=lockstep,
-                )
+                answer = functools.partial(generate_answers, base, lockstep=lockstep)
+            traces = answer(
+                shard,
+                max_new_tokens=settings.max_new_tokens,
+                eos_token_ids=settings.eos_token_ids,
+                top_c=settings.top_c,
+                slots=slots,
+                progress=progress,
+            )
             _write_shard(path, traces, wanted)
         if lockstep is not None:
             lockstep.drain()  # a sharded base: the others' forwards still need this rank's
