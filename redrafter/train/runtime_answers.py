@@ -35,6 +35,7 @@ from redrafter.config import BaseModelConfig
 from redrafter.decoding.runtime import Runtime
 from redrafter.errors import RedrafterError
 from redrafter.train.answers import Trace
+from redrafter.train.teacher import _top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,6 @@ def bundle_fingerprint(bundle: Bundle) -> str:
         "quantization": None if q is None else dataclasses.asdict(q),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _top(logits: np.ndarray, top_c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-C ids (R, C) int64 and their log-probs (R, C) float32 of logits (R, V)."""
-    logp = torch.log_softmax(torch.from_numpy(logits).float(), dim=-1)  # (R, V)
-    values, ids = logp.topk(top_c, dim=-1)  # (R, C)
-    return ids.to(torch.int64), values
 
 
 def runtime_answers(
@@ -123,7 +117,7 @@ def runtime_answers(
         busy = [r for r in range(R) if owner[r] >= 0]
         step = [torch.from_numpy(hidden.copy()), torch.from_numpy(token.copy())]
         if logits is not None:
-            step += list(_top(logits, top_c))  # (R, C) ids, log-probs
+            step += list(_top(torch.from_numpy(logits), top_c))  # (R, C) ids, log-probs
         for r in busy:
             rows_out[r].append(tuple(t[r] for t in step))
             if int(token[r]) in eos or len(rows_out[r]) == max_new_tokens:
