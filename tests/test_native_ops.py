@@ -682,8 +682,11 @@ def test_cpu_kernel_gives_a_row_the_same_bits_in_a_chain_and_alone(
     np.testing.assert_array_equal(chain, np.concatenate(alone, axis=2))
 
 
-def _matmul_nbits_model(tmp_path: Path, K: int, N: int, *, symmetric: bool, block: int) -> Path:
-    """One MatMul of a random (K, N) weight, quantized by ONNX Runtime's own quantizer."""
+def _matmul_nbits_model(
+    tmp_path: Path, K: int, N: int, *, symmetric: bool, block: int, method: str = "rtn"
+) -> Path:
+    """One MatMul of a random (K, N) weight, quantized by ONNX Runtime's own quantizer (HQQ:
+    float zero points)."""
     from onnx import numpy_helper
 
     from redrafter.export.quantize import quantization, quantize_graph
@@ -698,25 +701,36 @@ def _matmul_nbits_model(tmp_path: Path, K: int, N: int, *, symmetric: bool, bloc
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
-    q = quantization("int4", block_size=block, symmetric=symmetric)
-    path = tmp_path / f"matmul-{K}-{N}-{symmetric}-{block}.onnx"
+    q = quantization("int4", block_size=block, symmetric=symmetric, method=method)
+    path = tmp_path / f"matmul-{K}-{N}-{symmetric}-{block}-{method}.onnx"
     onnx.save(quantize_graph(model, q), str(path))
     return path
 
 
 @pytest.mark.parametrize(
-    "K, N, symmetric, block",
-    [(64, 48, True, 32), (100, 200, False, 32), (96, 130, True, 64), (128, 40, False, 128)],
+    "K, N, symmetric, block, method",
+    [
+        (64, 48, True, 32, "rtn"),
+        (100, 200, False, 32, "rtn"),
+        (96, 130, True, 64, "rtn"),
+        (128, 40, False, 128, "rtn"),
+        (100, 200, False, 32, "hqq"),  # float zero points
+        (128, 40, False, 64, "hqq"),
+    ],
 )
 def test_matmul_int4_matches_matmul_nbits_bit_for_bit_across_rows(
-    lib, tmp_path, monkeypatch, K, N, symmetric, block
+    lib, tmp_path, monkeypatch, K, N, symmetric, block, method
 ) -> None:
     """redrafter::MatMulInt4 (swapped in for MatMulNBits by the runtime) agrees with ONNX
     Runtime's kernel to the rounding of int8 activations, and every row's bits are the same
     whether it runs alone or with others, on the AVX-512 VNNI path and the portable loop."""
     from redrafter.runtimes.onnxruntime import EXTERNAL_DATA_FOLDER, with_int4_kernel
 
-    path = _matmul_nbits_model(tmp_path, K, N, symmetric=symmetric, block=block)
+    path = _matmul_nbits_model(tmp_path, K, N, symmetric=symmetric, block=block, method=method)
+    if method == "hqq":
+        inits = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+        zp = [t for name, t in inits.items() if "zero_points" in name]
+        assert zp and all(t.data_type == TensorProto.FLOAT for t in zp)
     swapped = with_int4_kernel(path)
     assert swapped is not None
     assert [node.op_type for node in onnx.load_from_string(swapped).graph.node] == ["MatMulInt4"]
@@ -769,9 +783,9 @@ INT4_ISAS = [
 ]
 
 
-def matmul_int4_model(K: int, N: int, *, block: int, symmetric: bool, bias: bool) -> bytes:
-    """One redrafter::MatMulInt4 node over random 4-bit codes, scales, zero points and bias
-    (initializers), A (M, K) float32 -> Y (M, N)."""
+def matmul_int4_model(K: int, N: int, *, block: int, zeros: str, bias: bool) -> bytes:
+    """One redrafter::MatMulInt4 node over random 4-bit codes, scales, zero points (`zeros`:
+    "none", "uint8" packed 4-bit, or "float") and bias (initializers), A (M, K) -> Y (M, N)."""
     from onnx import numpy_helper
 
     rng = np.random.default_rng(K * 7 + N)
@@ -780,11 +794,20 @@ def matmul_int4_model(K: int, N: int, *, block: int, symmetric: bool, bias: bool
         "B": rng.integers(0, 256, (N, KB, block // 2), dtype=np.uint8),
         "scales": rng.uniform(0.002, 0.02, N * KB).astype(np.float32),
     }
-    if not symmetric:
+    if zeros == "uint8":
         weights["zero_points"] = rng.integers(0, 256, N * -(-KB // 2), dtype=np.uint8)
+    elif zeros == "float":  # e.g. a GGUF Q4_1 block's -min / d: anywhere, not only 0..15
+        weights["zero_points"] = rng.uniform(-20, 20, N * KB).astype(np.float32)
     if bias:
         weights["bias"] = rng.standard_normal(N).astype(np.float32)
-    names = ["A", "B", "scales", "zero_points" if not symmetric else "", "", "bias" if bias else ""]
+    names = [
+        "A",
+        "B",
+        "scales",
+        "zero_points" if zeros != "none" else "",
+        "",
+        "bias" if bias else "",
+    ]
     while not names[-1]:
         names.pop()
     node = helper.make_node(
@@ -814,21 +837,23 @@ def int4_activations(M: int, K: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "K, N, block, symmetric, bias",
+    "K, N, block, zeros, bias",
     [
-        (64, 48, 32, True, False),  # one group of 3 tiles (an odd tile count: AMX pairs tiles)
-        (100, 200, 32, False, True),  # K past the last full sub-block, N past the last tile
-        (224, 130, 64, True, True),  # 7 sub-blocks (AMX pairs them), 9 tiles: a group + 1
-        (256, 40, 128, False, False),  # 4 sub-blocks per block, asymmetric
+        (64, 48, 32, "none", False),  # one group of 3 tiles (an odd tile count: AMX pairs tiles)
+        (100, 200, 32, "uint8", True),  # K past the last full sub-block, N past the last tile
+        (224, 130, 64, "none", True),  # 7 sub-blocks (AMX pairs them), 9 tiles: a group + 1
+        (256, 40, 128, "uint8", False),  # 4 sub-blocks per block, asymmetric
+        (100, 200, 32, "float", True),  # float zero points (GGUF Q4_1, HQQ), K and N ragged
+        (256, 130, 64, "float", False),  # float zero points, 2 sub-blocks per block
     ],
 )
 def test_matmul_int4_paths_agree_bit_for_bit_for_every_row_count(
-    lib, monkeypatch, K, N, block, symmetric, bias
+    lib, monkeypatch, K, N, block, zeros, bias
 ) -> None:
     """AMX-INT8, AVX-512 VNNI, the portable loop and the default choice among them give the
     same bits for 1..33 rows (AMX and VNNI both take rows 8 at a time), and every row the bits
     it gets alone: the integer sub-block sums are exact and the float steps are one fixed order."""
-    sess = session(matmul_int4_model(K, N, block=block, symmetric=symmetric, bias=bias))
+    sess = session(matmul_int4_model(K, N, block=block, zeros=zeros, bias=bias))
     a = int4_activations(33, K)
     outputs = {}
     for isa in ("best", "base", "vnni", "amx"):
@@ -853,7 +878,7 @@ def test_matmul_int4_paths_agree_bit_for_bit_for_every_row_count(
 def test_matmul_int4_lm_head_width(lib, monkeypatch, isa) -> None:
     """The LM head's shape (K 576 -> N 49152: 384 groups of 8 tiles) at the row counts a tree
     verification uses gives the portable loop's bits on each path."""
-    sess = session(matmul_int4_model(576, 49152, block=32, symmetric=True, bias=False))
+    sess = session(matmul_int4_model(576, 49152, block=32, zeros="none", bias=False))
     a = int4_activations(17, 576)
     monkeypatch.setenv("REDRAFTER_CPU_ISA", "base")
     expected = sess.run(None, {"A": a})[0]
@@ -869,7 +894,7 @@ def test_matmul_int4_isa_forcing(lib, monkeypatch, isa) -> None:
     """Forcing a path runs it where the CPU has it and fails loudly where not (never a silent
     fallback, so the tests above prove which path ran)."""
     monkeypatch.setenv("REDRAFTER_CPU_ISA", isa)
-    sess = session(matmul_int4_model(64, 48, block=32, symmetric=True, bias=False))
+    sess = session(matmul_int4_model(64, 48, block=32, zeros="none", bias=False))
     a = int4_activations(4, 64)
     if {"vnni": HAS_VNNI, "amx": HAS_AMX}[isa]:
         assert sess.run(None, {"A": a})[0].shape == (4, 48)

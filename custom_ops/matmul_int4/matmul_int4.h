@@ -17,12 +17,18 @@
 //   amax = max |A[m, 32j : 32j + 32]|,  as[m, j] = amax / 127,  aq[m, k] = round(A[m, k] * 127 / amax)
 // and every output element is accumulated in the same order, sub-block by sub-block:
 //   Y[m, n] = bias[n] + sum_j  float(sum_{k in j} (w[n, k] - zp[n, kb(k)]) * aq[m, k]) * (s[n, kb] * as[m, j])
-// where each step of the outer sum is one fused multiply-add into an fp32 accumulator. The inner
+// where each step of the outer sum is one fused multiply-add into an fp32 accumulator.
+// Float zero points (zero_points float32 [N * KB], as MatMulNBits allows: w = (code - zf) * s,
+// e.g. a GGUF Q4_1 block d * code + m, or HQQ) keep the codes unsigned and add the offset
+// o[n, kb] = -(zf[n, kb] * s[n, kb]) times the sub-block's activation sum, one more fused step:
+//   acc = fma(float(sum_{k in j} w[n, k] * aq[m, k]), s[n, kb] * as[m, j], acc)
+//   acc = fma(o[n, kb], as[m, j] * float(sum_{k in j} aq[m, k]), acc) The inner
 // sums are exact integers, so the result depends neither on the number of rows, nor on the
 // instruction set (AMX-INT8, AVX-512 VNNI or the portable loop), nor on the thread count.
 //
 // Shapes: A [..., K] float32 (M = product of the leading dims), B uint8 [N, KB, bs / 2],
-// scales float32 [N * KB] (or [N, KB]), zero_points uint8 [N * ceil(KB / 2)] (optional),
+// scales float32 [N * KB] (or [N, KB]), zero_points uint8 [N * ceil(KB / 2)] or float32
+// [N * KB] (optional),
 // g_idx (must be absent), bias float32 [N] (optional); Y [..., N] float32.
 #pragma once
 
@@ -46,6 +52,9 @@ struct PackedInt4 {
   std::vector<uint8_t> codes;    // [groups][KS][tiles in group][4][64]
   std::vector<float> scales;     // [groups][KB][tiles in group][16]
   std::vector<uint8_t> zeros;    // [groups][KB][tiles in group][16], empty when symmetric
+  // [groups][KB][tiles in group][16]: -zero_point * scale for float zero points (zeros then
+  // holds 0), else empty
+  std::vector<float> offsets;
   std::vector<float> bias;       // [N] or empty
 };
 
@@ -60,9 +69,11 @@ constexpr int64_t kAmxMinRows = 0;
 // "" or what is wrong with the attributes/shapes (checked before packing).
 std::string check_matmul_int4(int64_t K, int64_t N, int64_t block_size, int64_t bits);
 
-// Builds the packed weight. zero_points and bias may be null.
+// Builds the packed weight. zero_points (packed 4-bit), float_zero_points (at most one of the
+// two) and bias may be null.
 PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
-                     const float* scales, const uint8_t* zero_points, const float* bias);
+                     const float* scales, const uint8_t* zero_points,
+                     const float* float_zero_points, const float* bias);
 
 // Y[M, N] = A[M, K] x W, as stated above. Scratch is allocated per call. The AVX-512 VNNI path
 // runs where the CPU has it (the AMX-INT8 path instead from kAmxMinRows rows, where the CPU and

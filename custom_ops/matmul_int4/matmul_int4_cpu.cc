@@ -84,6 +84,7 @@ void group_portable(const PackedInt4& w, const QuantizedRows& a, int64_t g, floa
   const uint8_t* codes = w.codes.data() + codes_offset(w, g);
   const float* scales = w.scales.data() + scales_offset(w, g);
   const uint8_t* zeros = w.symmetric ? nullptr : w.zeros.data() + scales_offset(w, g);
+  const float* offsets = w.offsets.empty() ? nullptr : w.offsets.data() + scales_offset(w, g);
   const int64_t sub_per_block = w.block_size / kSubBlock;
   for (int64_t t = 0; t < nt; ++t) {
     for (int64_t col = 0; col < kTile; ++col) {
@@ -105,8 +106,11 @@ void group_portable(const PackedInt4& w, const QuantizedRows& a, int64_t g, floa
           const size_t sidx = static_cast<size_t>((kb * nt + t) * kTile + col);
           const int32_t zp = zeros ? zeros[sidx] : 8;
           const int32_t d = dot - zp * a.sum[static_cast<size_t>(m * w.KS + j)];
-          const float s = scales[sidx] * a.scale[static_cast<size_t>(m * w.KS + j)];
-          acc = std::fma(static_cast<float>(d), s, acc);
+          const float as = a.scale[static_cast<size_t>(m * w.KS + j)];
+          acc = std::fma(static_cast<float>(d), scales[sidx] * as, acc);
+          if (offsets)
+            acc = std::fma(offsets[sidx],
+                           as * static_cast<float>(a.sum[static_cast<size_t>(m * w.KS + j)]), acc);
         }
         Y[m * w.N + n] = w.bias.empty() ? acc : acc + w.bias[static_cast<size_t>(n)];
       }
@@ -127,6 +131,7 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
   const uint8_t* codes = w.codes.data() + codes_offset(w, g);
   const float* scales = w.scales.data() + scales_offset(w, g);
   const uint8_t* zeros = w.symmetric ? nullptr : w.zeros.data() + scales_offset(w, g);
+  const float* offsets = w.offsets.empty() ? nullptr : w.offsets.data() + scales_offset(w, g);
   const int64_t sub_per_block = w.block_size / kSubBlock;
   const __m512i low = _mm512_set1_epi8(15);
   __m512 acc[R][T];
@@ -187,11 +192,16 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
       for (int r = 0; r < R; ++r) {
         const size_t ai = static_cast<size_t>((m0 + r) * w.KS + j);
         // the same integer either way: zp * sum (8 * sum when symmetric, without a vpmulld)
-        const __m512i correction = zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[ai]))
-                                         : _mm512_set1_epi32(8 * a.sum[ai]);
+        const __m512i correction = offsets ? _mm512_setzero_si512()
+                                   : zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[ai]))
+                                           : _mm512_set1_epi32(8 * a.sum[ai]);
         const __m512i d = _mm512_sub_epi32(dot[r][t], correction);
         const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(a.scale[ai]));
         acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][t]);
+        if (offsets)
+          acc[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + sidx),
+                                      _mm512_set1_ps(a.scale[ai] * static_cast<float>(a.sum[ai])),
+                                      acc[r][t]);
       }
     }
   }
@@ -396,6 +406,7 @@ RD_AMX void fold(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t
                  int64_t m0, const int32_t* dot, float* Y) {
   const float* scales = w.scales.data() + scales_offset(w, g);
   const uint8_t* zeros = w.symmetric ? nullptr : w.zeros.data() + scales_offset(w, g);
+  const float* offsets = w.offsets.empty() ? nullptr : w.offsets.data() + scales_offset(w, g);
   const int64_t sub_per_block = w.block_size / kSubBlock;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -411,11 +422,15 @@ RD_AMX void fold(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t
     const int32_t* pair = dot + ((j / 2) * 2 * R + j % 2) * kTile;  // tile row 2r + j % 2
     for (int r = 0; r < R; ++r) {
       const int64_t ai = r * w.KS + j;
-      const __m512i correction = zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(asum[ai]))
-                                       : _mm512_set1_epi32(8 * asum[ai]);
+      const __m512i correction = offsets ? _mm512_setzero_si512()
+                                 : zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(asum[ai]))
+                                         : _mm512_set1_epi32(8 * asum[ai]);
       const __m512i d = _mm512_sub_epi32(_mm512_load_si512(pair + 2 * r * kTile), correction);
       const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(as[ai]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
+      if (offsets)
+        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + sidx),
+                                 _mm512_set1_ps(as[ai] * static_cast<float>(asum[ai])), acc[r]);
     }
   }
   const int64_t n0 = (g * kGroup + t) * kTile;
@@ -570,7 +585,10 @@ std::string check_matmul_int4(int64_t K, int64_t N, int64_t block_size, int64_t 
 }
 
 PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
-                     const float* scales, const uint8_t* zero_points, const float* bias) {
+                     const float* scales, const uint8_t* zero_points,
+                     const float* float_zero_points, const float* bias) {
+  if (zero_points && float_zero_points)
+    throw std::invalid_argument("pack_int4: both integer and float zero points");
   PackedInt4 w;
   w.K = K;
   w.N = N;
@@ -579,11 +597,14 @@ PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
   w.KS = ceil_div(K, kSubBlock);
   w.tiles = ceil_div(N, kTile);
   w.groups = ceil_div(w.tiles, kGroup);
-  w.symmetric = zero_points == nullptr;
+  w.symmetric = zero_points == nullptr && float_zero_points == nullptr;
   const int64_t blob = block_size / 2, zp_stride = ceil_div(w.KB, 2);
   w.codes.assign(static_cast<size_t>(w.tiles * w.KS * 256), 0);
   w.scales.assign(static_cast<size_t>(w.tiles * w.KB * kTile), 0.0f);
-  if (!w.symmetric) w.zeros.assign(static_cast<size_t>(w.tiles * w.KB * kTile), 8);
+  // Float zero points: integer zero 0 (the codes stay unsigned), the rest in `offsets`.
+  if (!w.symmetric)
+    w.zeros.assign(static_cast<size_t>(w.tiles * w.KB * kTile), float_zero_points ? 0 : 8);
+  if (float_zero_points) w.offsets.assign(static_cast<size_t>(w.tiles * w.KB * kTile), 0.0f);
   if (bias) w.bias.assign(bias, bias + N);
   auto code = [&](int64_t n, int64_t k) -> uint8_t {  // w[n, k]; 8 (zero) past K
     if (k >= K) return 8;
@@ -594,7 +615,8 @@ PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
     const int64_t nt = group_tiles(w, g);
     uint8_t* codes = w.codes.data() + codes_offset(w, g);
     float* sc = w.scales.data() + scales_offset(w, g);
-    uint8_t* zs = w.symmetric ? nullptr : w.zeros.data() + scales_offset(w, g);
+    uint8_t* zs = zero_points ? w.zeros.data() + scales_offset(w, g) : nullptr;
+    float* os = float_zero_points ? w.offsets.data() + scales_offset(w, g) : nullptr;
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t col = 0; col < kTile; ++col) {
         const int64_t n = (g * kGroup + t) * kTile + col;
@@ -613,6 +635,7 @@ PackedInt4 pack_int4(int64_t K, int64_t N, int64_t block_size, const uint8_t* B,
             const uint8_t byte = zero_points[n * zp_stride + kb / 2];
             zs[sidx] = (kb % 2) ? byte >> 4 : byte & 15;
           }
+          if (os) os[sidx] = -(float_zero_points[n * w.KB + kb] * scales[n * w.KB + kb]);
         }
       }
   }

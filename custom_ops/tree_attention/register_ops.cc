@@ -370,16 +370,28 @@ struct MatMulInt4Kernel {
           err = std::string(op) + ": scales has shape " + shape_string(s.shape) + ", expected " +
                 std::to_string(N_ * KB) + " values";
       }
+      // zero_points: packed 4-bit uint8 [N * ceil(KB / 2)] or float32 [N * KB] (matmul_int4.h)
       const uint8_t* zero_points = nullptr;
+      const float* float_zero_points = nullptr;
       const float* bias = nullptr;
       if (ctx.GetInputCount() > 3 && ctx.GetInput(3)) {
         const Input z = get_input(ctx, 3);
+        const ONNXTensorElementDataType type = z.type;
         int64_t count = 1;
         for (int64_t d : z.shape) count *= d;
-        if (err.empty() && count != N_ * ((KB + 1) / 2))
-          err = std::string(op) + ": zero_points has shape " + shape_string(z.shape) +
-                ", expected " + std::to_string(N_ * ((KB + 1) / 2)) + " packed 4-bit values";
-        zero_points = static_cast<const uint8_t*>(z.data);
+        if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          if (err.empty() && count != N_ * KB)
+            err = std::string(op) + ": float zero_points has shape " + shape_string(z.shape) +
+                  ", expected " + std::to_string(N_ * KB) + " values";
+          float_zero_points = static_cast<const float*>(z.data);
+        } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+          if (err.empty() && count != N_ * ((KB + 1) / 2))
+            err = std::string(op) + ": zero_points has shape " + shape_string(z.shape) +
+                  ", expected " + std::to_string(N_ * ((KB + 1) / 2)) + " packed 4-bit values";
+          zero_points = static_cast<const uint8_t*>(z.data);
+        } else if (err.empty()) {
+          err = std::string(op) + ": zero_points must be uint8 (packed 4-bit) or float32";
+        }
       }
       if (ctx.GetInputCount() > 4 && ctx.GetInput(4) && err.empty())
         err = std::string(op) + ": g_idx is not supported (act-order GPTQ)";
@@ -389,7 +401,8 @@ struct MatMulInt4Kernel {
         bias = static_cast<const float*>(bi.data);
       }
       if (!err.empty()) return error_status(err);
-      const PackedInt4& w = packed(b.data, static_cast<const float*>(s.data), zero_points, bias);
+      const PackedInt4& w = packed(b.data, static_cast<const float*>(s.data), zero_points,
+                                   float_zero_points, bias);
       std::vector<int64_t> out_shape = a.shape;
       out_shape.back() = N_;
       const int64_t M = a.shape.size() == 1
@@ -404,11 +417,11 @@ struct MatMulInt4Kernel {
 
  private:
   const PackedInt4& packed(const void* B, const float* scales, const uint8_t* zero_points,
-                           const float* bias) {
+                           const float* float_zero_points, const float* bias) {
     std::lock_guard<std::mutex> lock(mu_);
     if (source_ != B) {
       packed_ = pack_int4(K_, N_, block_size_, static_cast<const uint8_t*>(B), scales,
-                          zero_points, bias);
+                          zero_points, float_zero_points, bias);
       source_ = B;
     }
     return packed_;
@@ -436,7 +449,8 @@ struct MatMulInt4Op
     return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    if (i == 1 || i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // uint8 or float32 (checked)
     if (i == 4) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }

@@ -38,13 +38,15 @@ EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 def with_int4_kernel(path: Path) -> bytes | None:
     """The graph at `path` with every 4-bit `MatMulNBits` the native kernel takes (blocks of a
-    multiple of 32, integer zero points or none, no act-order `g_idx`) turned into
+    multiple of 32, zero points none, packed 4-bit or float32, no act-order `g_idx`) turned into
     `redrafter::MatMulInt4`, serialized with its weights still external; None when it has none.
     The bundle on disk is never changed: the swap is this runtime's choice of kernel."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    float_inits = {t.name for t in model.graph.initializer if t.data_type != onnx.TensorProto.UINT8}
+    # zero points the kernel takes: packed 4-bit (uint8) or float32 (GGUF Q4_1 blocks, HQQ)
+    zero_types = (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT)
+    other_inits = {t.name for t in model.graph.initializer if t.data_type not in zero_types}
     swapped = 0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
@@ -55,7 +57,7 @@ def with_int4_kernel(path: Path) -> bytes | None:
             attrs.get("bits", 4) != 4
             or attrs.get("block_size", 0) % 32
             or inputs[4]
-            or inputs[3] in float_inits
+            or inputs[3] in other_inits
         ):
             continue
         node.domain, node.op_type = n.OP_DOMAIN, MATMUL_INT4
