@@ -2,7 +2,7 @@
 the fp32 reference, whether a tree verification agrees with one-token steps (what lossless
 speculation needs), and the cost of verifying 1 and 6 tokens, for each export variant.
 
-    .venv/bin/python -m benchmarks.quantized [--variants fp32,int4,int4-acc4,int8,int4-hqq]
+    .venv/bin/python -m benchmarks.quantized [--variants fp32,int4,int4-hqq,int4-gguf,...]
 
 Drift (`redrafter.validate.drift`): teacher-forced over `--texts` x `--text-tokens` tokens of
 Jargon File prose against the torch fp32 reference (the Q4_1 GGUF dequantized). Chain vs step:
@@ -31,7 +31,8 @@ from benchmarks._common import (
 
 # int4-ort: the int4 bundle run with ONNX Runtime's MatMulNBits instead of the native library's
 # redrafter::MatMulInt4 (which every int4 variant with blocks of 32 gets when the library is built)
-VARIANTS = ("fp32", "int4", "int4-acc4", "int8", "int4-hqq", "int4-ort")
+# int4-gguf: the demo GGUF's own Q4_1 blocks kept (`--quantize-method gguf`), its Q8_0 head by RTN
+VARIANTS = ("fp32", "int4", "int4-acc4", "int8", "int4-hqq", "int4-ort", "int4-gguf")
 
 
 def variant(name: str) -> Any:
@@ -45,6 +46,7 @@ def variant(name: str) -> Any:
         "int4-acc4": quantization("int4", accuracy_level=4),
         "int8": quantization("int8"),
         "int4-hqq": quantization("int4", method="hqq"),
+        "int4-gguf": quantization("int4", method="gguf"),
     }[name]
 
 

@@ -739,11 +739,12 @@ def _run(
 )
 @click.option(
     "--quantize-method",
-    type=click.Choice(["rtn", "hqq"]),
+    type=click.Choice(["rtn", "hqq", "gguf"]),
     default="rtn",
     show_default=True,
-    help="--quantize int4 algorithm (ONNX): rtn (round to nearest per block) or hqq (fitted "
-    "float zero points: less drift, but ORT's CPU kernel runs it far slower; docs/parity.md).",
+    help="--quantize int4 algorithm (ONNX): rtn (round to nearest per block), hqq (fitted "
+    "float zero points) or gguf (a GGUF base's own Q4_0/Q4_1 blocks, not rounded twice; its "
+    "other matrices by rtn). docs/parity.md compares their drift.",
 )
 @click.option(
     "--block-size",

@@ -103,7 +103,10 @@ def write_gguf(
     q8_embed: bool = False,
     rope_freqs: np.ndarray | None = None,
     linear: float | None = None,
+    q4: str | None = None,
 ) -> None:
+    """`model` as llama.cpp's converter writes it; `q4` ("Q4_0" or "Q4_1"): every block matrix
+    (and an untied head) in that 4-bit type, as a quantized GGUF has them."""
     c = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch)
@@ -129,8 +132,16 @@ def write_gguf(
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
+
+    def add_matrix(name: str, x: np.ndarray) -> None:
+        if q4 is None or x.ndim != 2 or x.shape[1] % 32:
+            w.add_tensor(name, np.ascontiguousarray(x))
+            return
+        kind = gguf.GGMLQuantizationType[q4]
+        w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(x), kind), raw_dtype=kind)
+
     if not c.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
+        add_matrix("output.weight", sd["lm_head.weight"])
     names = {
         "attn_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",
@@ -155,7 +166,7 @@ def write_gguf(
                     continue
                 if arch == "llama" and g in ("attn_q", "attn_k"):
                     x = to_llama_cpp_rows(x, c.num_attention_heads if g == "attn_q" else c.kv_heads)
-                w.add_tensor(f"blk.{i}.{g}.{kind}", np.ascontiguousarray(x))
+                add_matrix(f"blk.{i}.{g}.{kind}", x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

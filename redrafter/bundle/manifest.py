@@ -163,7 +163,9 @@ class Quantization:
     block_size: int
     symmetric: bool
     accuracy_level: int
-    method: str = "rtn"  # rtn (round to nearest) | hqq (half-quadratic, float zero points)
+    # rtn (round to nearest) | hqq (half-quadratic, float zero points) | gguf (the GGUF base's
+    # own Q4_0/Q4_1 blocks, the rest rtn)
+    method: str = "rtn"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> Quantization:

@@ -13,9 +13,10 @@ graphs (the embedding) are still stored once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -23,12 +24,15 @@ import onnx
 from redrafter.bundle import Quantization
 from redrafter.errors import ConfigError
 from redrafter.export.onnx import ExportError
+from redrafter.models.gguf import INT4_BLOCK, Int4Blocks
 
 WEIGHT_TYPES = {"int4": 4, "int8": 8}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
-METHODS = ("rtn", "hqq")
+# rtn: round to nearest per block; hqq: fitted float zero points; gguf: keep a GGUF base's own
+# Q4_0/Q4_1 blocks (no second rounding), RTN for the rest
+METHODS = ("rtn", "hqq", "gguf")
 
 
 def quantization(
@@ -59,9 +63,15 @@ def quantization(
             " (4: int8 compute on CPUs)"
         )
     if method not in METHODS:
-        raise ConfigError(f"quantization method {method!r} is not supported; choose rtn or hqq")
-    if method == "hqq" and weights != "int4":
-        raise ConfigError(f"the hqq method quantizes to int4 only, not {weights}; use rtn")
+        raise ConfigError(
+            f"quantization method {method!r} is not supported; choose rtn, hqq or gguf"
+        )
+    if method in ("hqq", "gguf") and weights != "int4":
+        raise ConfigError(f"the {method} method quantizes to int4 only, not {weights}; use rtn")
+    if method == "gguf" and block_size != INT4_BLOCK:
+        raise ConfigError(
+            f"the gguf method keeps GGUF blocks of {INT4_BLOCK}; drop --block-size {block_size}"
+        )
     return Quantization(weights, block_size, symmetric, accuracy_level, method)
 
 
@@ -175,13 +185,99 @@ def fuse_sibling_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def keep_int4_blocks(
+    model: onnx.ModelProto, blocks: Sequence[Int4Blocks], accuracy_level: int
+) -> tuple[onnx.ModelProto, int]:
+    """Turn each MatMul whose constant weight is, column for column, rows of a checkpoint's own
+    4-bit blocks (`gguf_int4_blocks`) into a MatMulNBits over those very codes, scales and zero
+    points, in place; returns the model and how many MatMuls were turned.
+
+    A column is matched to a row by its exact float32 values (a digest, then compared in
+    full), so transposes, fused siblings and un-permuted rows need no bookkeeping, and nothing
+    is requantized: the graph computes the checkpoint's weights, not a second rounding of them.
+    A MatMul with any column not found (e.g. a Q8_0 head) is left for the quantizer."""
+    from onnx import helper, numpy_helper
+
+    index: dict[bytes, tuple[int, int]] = {}
+    for i, b in enumerate(blocks):
+        for r in range(len(b.values)):
+            index.setdefault(
+                hashlib.blake2b(b.values[r].tobytes(), digest_size=16).digest(), (i, r)
+            )
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    turned = 0
+    for node in graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+            continue
+        cols = np.ascontiguousarray(numpy_helper.to_array(w).T)  # [N, K]
+        found = []
+        for col in cols:
+            hit = index.get(hashlib.blake2b(col.tobytes(), digest_size=16).digest())
+            if hit is None or not np.array_equal(blocks[hit[0]].values[hit[1]], col):
+                break
+            found.append(hit)
+        if len(found) != len(cols):
+            continue
+        N, K = cols.shape
+        codes = np.stack([blocks[i].codes[r] for i, r in found])  # [N, K]
+        scales = np.stack([blocks[i].scales[r] for i, r in found])  # [N, KB]
+        packed = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(N, K // INT4_BLOCK, -1)
+        name = w.name
+        extra = [
+            numpy_helper.from_array(packed.astype(np.uint8), f"{name}_Q4"),
+            numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_scales"),
+        ]
+        inputs = [node.input[0], f"{name}_Q4", f"{name}_scales"]
+        if any(blocks[i].zeros is not None for i, _ in found):  # Q4_1 rows: float zero points
+            zeros = np.stack(
+                [
+                    blocks[i].zeros[r] if blocks[i].zeros is not None else np.full(K // 32, 8.0)
+                    for i, r in found
+                ]
+            )
+            extra.append(
+                numpy_helper.from_array(zeros.reshape(-1).astype(np.float32), f"{name}_zp")
+            )
+            inputs.append(f"{name}_zp")
+        graph.initializer.extend(extra)
+        replacement = helper.make_node(
+            "MatMulNBits",
+            inputs,
+            list(node.output),
+            name=node.name or f"{name}_MatMulNBits",
+            domain="com.microsoft",
+            K=K,
+            N=N,
+            bits=4,
+            block_size=INT4_BLOCK,
+            accuracy_level=accuracy_level,
+        )
+        node.CopyFrom(replacement)
+        turned += 1
+    if turned:
+        used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        for t in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(t)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, turned
+
+
 def quantize_graph(
-    model: onnx.ModelProto, q: Quantization, *, fuse: bool = True
+    model: onnx.ModelProto,
+    q: Quantization,
+    *,
+    fuse: bool = True,
+    blocks: Sequence[Int4Blocks] = (),
 ) -> onnx.ModelProto:
     """`model` with its constant MatMul weights as MatMulNBits and its Gather tables as
     GatherBlockQuantized, blocks of `q.block_size` along the reduction (MatMul) / hidden
     (Gather) axis. Custom-domain nodes and model-local functions are kept as they are.
-    `fuse`: MatMuls of one input become one (`fuse_sibling_matmuls`) first."""
+    `fuse`: MatMuls of one input become one (`fuse_sibling_matmuls`) first. Method "gguf":
+    MatMuls whose weights are the checkpoint's own 4-bit `blocks` keep them
+    (`keep_int4_blocks`); the rest are quantized by RTN."""
     with _quiet_quantizer():
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
@@ -195,6 +291,8 @@ def quantize_graph(
         model = fold_weight_transposes(model)
         if fuse:
             model = fuse_sibling_matmuls(model)
+        if q.method == "gguf":
+            model, _ = keep_int4_blocks(model, blocks, q.accuracy_level)
         if q.method == "hqq":  # MatMuls by HQQ (float zero points), then the table by RTN
             hqq = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=bits)
             quantizer = MatMulNBitsQuantizer(model, algo_config=hqq)

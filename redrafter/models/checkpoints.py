@@ -35,11 +35,19 @@ from torch import nn
 from redrafter.config import DRAFTER_MODEL_TYPE, BaseModelConfig, DrafterConfig
 from redrafter.errors import (
     CheckpointError,
+    ConfigError,
     DrafterMismatchError,
 )
 from redrafter.files import make_temp_dir, stale_copies, swap_into_place
 from redrafter.models.drafter import Drafter
-from redrafter.models.gguf import GGUF_MAGIC, gguf_config, gguf_reader, gguf_weights
+from redrafter.models.gguf import (
+    GGUF_MAGIC,
+    Int4Blocks,
+    gguf_config,
+    gguf_int4_blocks,
+    gguf_reader,
+    gguf_weights,
+)
 from redrafter.models.llama import Transformer
 from redrafter.models.llama2c import llama2c_header, llama2c_read
 
@@ -141,6 +149,25 @@ def load_base_config(path: str | Path) -> BaseModelConfig:
     if kind == "gguf":
         return gguf_config(gguf_reader(path), path)
     return llama2c_header(path)[0]
+
+
+def checkpoint_int4_blocks(path: str | Path) -> list[Int4Blocks]:
+    """A GGUF base's own Q4_0/Q4_1 matrices (`gguf_int4_blocks`), for `--quantize-method gguf`;
+    a one-line `ConfigError` for any other checkpoint, or a GGUF without such matrices."""
+    path = Path(path)
+    kind = _checkpoint_format(path)
+    if kind != "gguf":
+        raise ConfigError(
+            f"--quantize-method gguf keeps a GGUF base's own 4-bit blocks, and {path} is not a "
+            "GGUF file; use --quantize-method rtn"
+        )
+    blocks, _ = gguf_int4_blocks(path)
+    if not blocks:
+        raise ConfigError(
+            f"{path} has no Q4_0 or Q4_1 matrices to keep (other GGUF types, e.g. Q4_K, are "
+            "not kept yet); use --quantize-method rtn"
+        )
+    return blocks
 
 
 def load_base(path: str | Path) -> Transformer:
