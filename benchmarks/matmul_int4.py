@@ -2,6 +2,7 @@
 row count, on the demo model's int4 shapes.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.matmul_int4 [--rows 1,2,4,6,8,16,32]
+        [--zeros none|uint8|float] [--shapes lm_head,...]
         [--baseline OTHER_BUILD/libredrafter_ops.so] [--verify]
 
 Each shape (SmolLM2-135M: K 576 -> N 576 / 192 / 1536 for attention and the MLP's gate/up,
@@ -47,9 +48,10 @@ SHAPES = (
 PATHS = ("vnni", "amx", "best")  # REDRAFTER_CPU_ISA values ("best": unset)
 
 
-def matmul_int4_model(K: int, N: int, *, block: int = 32) -> bytes:
-    """One redrafter::MatMulInt4 node, A (M, K) float32 -> Y (M, N), over random symmetric
-    4-bit codes and scales (initializers)."""
+def matmul_int4_model(K: int, N: int, *, block: int = 32, zeros: str = "none") -> bytes:
+    """One redrafter::MatMulInt4 node, A (M, K) float32 -> Y (M, N), over random 4-bit codes
+    and scales (initializers), with `zeros` zero points: "none" (symmetric: 8), "uint8"
+    (4-bit, two a byte, as RTN --asymmetric) or "float" (as HQQ and GGUF Q4_1 bundles)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from redrafter.bundle.names import OP_DOMAIN
@@ -58,16 +60,23 @@ def matmul_int4_model(K: int, N: int, *, block: int = 32) -> bytes:
     KB = -(-K // block)
     codes = rng.integers(0, 256, (N, KB, block // 2), dtype=np.uint8)  # (N, KB, block/2)
     scales = rng.uniform(0.002, 0.02, N * KB).astype(np.float32)  # (N * KB,)
+    inits = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")]
+    if zeros == "uint8":  # (N, ceil(KB / 2)): two 4-bit zero points a byte
+        zp = rng.integers(0, 256, (N, -(-KB // 2)), dtype=np.uint8)
+        inits.append(numpy_helper.from_array(zp.reshape(-1), "zero_points"))
+    elif zeros == "float":  # (N * KB,)
+        zp = rng.uniform(0.0, 15.0, N * KB).astype(np.float32)
+        inits.append(numpy_helper.from_array(zp, "zero_points"))
     node = helper.make_node(
-        "MatMulInt4", ["A", "B", "scales"], ["Y"], domain=OP_DOMAIN, K=K, N=N, bits=4,
-        block_size=block,
+        "MatMulInt4", ["A", "B", "scales"] + (["zero_points"] if zeros != "none" else []), ["Y"],
+        domain=OP_DOMAIN, K=K, N=N, bits=4, block_size=block,
     )  # fmt: skip
     graph = helper.make_graph(
         [node],
         "matmul_int4",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
-        [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")],
+        inits,
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(OP_DOMAIN, 1)]
@@ -154,6 +163,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="ORT intra-op threads (1: steadier on a shared box)"
     )
+    parser.add_argument(
+        "--zeros",
+        choices=["none", "uint8", "float"],
+        default="none",
+        help="zero points of the random weights: none (symmetric), uint8 (4-bit) or float",
+    )
+    parser.add_argument("--shapes", default="", help="comma list of shape names (default all)")
     parser.add_argument("--name", default="matmul_int4", help="results file name")
     args = parser.parse_args()
     rows = [int(m) for m in args.rows.split(",")]
@@ -169,8 +185,9 @@ def main() -> None:
     before = idle_report()
     print(f"load before: {before['loadavg']}, other processes {before['other_processes_cores']}")
     results = []
-    for name, K, N in SHAPES:
-        model = matmul_int4_model(K, N)
+    wanted = [x for x in args.shapes.split(",") if x] or [name for name, _, _ in SHAPES]
+    for name, K, N in [shape for shape in SHAPES if shape[0] in wanted]:
+        model = matmul_int4_model(K, N, zeros=args.zeros)
         sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         baseline = baseline_options and ort.InferenceSession(
             model, baseline_options, providers=["CPUExecutionProvider"]
@@ -214,7 +231,8 @@ def main() -> None:
             "blocks": args.blocks,
             "baseline": args.baseline or None,
             "threads": args.threads,
-            "note": "median ms per call over interleaved blocks; random symmetric codes, "
+            "zeros": args.zeros,
+            "note": "median ms per call over interleaved blocks; random codes, "
             "blocks of 32; one ORT session per shape and library",
             "results": results,
             "verify_ms": verify,

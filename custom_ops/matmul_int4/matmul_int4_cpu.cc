@@ -123,15 +123,23 @@ void group_portable(const PackedInt4& w, const QuantizedRows& a, int64_t g, floa
 #if defined(__x86_64__)
 #define RD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 
+// How a weight's zero points enter the fold, fixed per instantiation so that the kernels for the
+// common symmetric case carry no test for the others, and the float one no integer correction.
+enum class Zeros { kSymmetric, kInteger, kFloat };
+
+Zeros zeros_of(const PackedInt4& w) {
+  return !w.offsets.empty() ? Zeros::kFloat : w.symmetric ? Zeros::kSymmetric : Zeros::kInteger;
+}
+
 // R rows (m0..m0+R-1) times T tiles (t0..t0+T-1 of group g, nt tiles in it). Accumulators stay in
 // registers for the whole of K: R * T integer and R * T float vectors.
-template <int R, int T>
+template <int R, int T, Zeros Z>
 RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t nt,
                         int64_t t0, int64_t m0, float* Y) {
   const uint8_t* codes = w.codes.data() + codes_offset(w, g);
   const float* scales = w.scales.data() + scales_offset(w, g);
-  const uint8_t* zeros = w.symmetric ? nullptr : w.zeros.data() + scales_offset(w, g);
-  const float* offsets = w.offsets.empty() ? nullptr : w.offsets.data() + scales_offset(w, g);
+  const uint8_t* zeros = Z == Zeros::kInteger ? w.zeros.data() + scales_offset(w, g) : nullptr;
+  const float* offsets = Z == Zeros::kFloat ? w.offsets.data() + scales_offset(w, g) : nullptr;
   const int64_t sub_per_block = w.block_size / kSubBlock;
   const __m512i low = _mm512_set1_epi8(15);
   __m512 acc[R][T];
@@ -183,25 +191,34 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
       }
     }
     const int64_t kb = j / sub_per_block;
+    const float* as = &a.scale[static_cast<size_t>(m0 * w.KS + j)];  // row r at as[r * KS]
     for (int t = 0; t < T; ++t) {
       const size_t sidx = static_cast<size_t>((kb * nt + t0 + t) * kTile);
       const __m512 ws = _mm512_loadu_ps(scales + sidx);
-      const __m512i zp =
-          zeros ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + sidx)))
-                : _mm512_set1_epi32(8);
-      for (int r = 0; r < R; ++r) {
-        const size_t ai = static_cast<size_t>((m0 + r) * w.KS + j);
-        // the same integer either way: zp * sum (8 * sum when symmetric, without a vpmulld)
-        const __m512i correction = offsets ? _mm512_setzero_si512()
-                                   : zeros ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(a.sum[ai]))
-                                           : _mm512_set1_epi32(8 * a.sum[ai]);
-        const __m512i d = _mm512_sub_epi32(dot[r][t], correction);
-        const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(a.scale[ai]));
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][t]);
-        if (offsets)
+      if constexpr (Z == Zeros::kFloat) {
+        // d = dot (integer zero 0), then the offset's term: matmul_int4.h's float order
+        for (int r = 0; r < R; ++r) {
+          const size_t ai = static_cast<size_t>((m0 + r) * w.KS + j);
+          const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(a.scale[ai]));
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][t]), s, acc[r][t]);
           acc[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + sidx),
                                       _mm512_set1_ps(a.scale[ai] * static_cast<float>(a.sum[ai])),
                                       acc[r][t]);
+        }
+      } else {
+        __m512i zp = _mm512_set1_epi32(8);
+        if constexpr (Z == Zeros::kInteger)
+          zp = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + sidx)));
+        for (int r = 0; r < R; ++r) {
+          const int32_t sum = a.sum[static_cast<size_t>((m0 + r) * w.KS + j)];
+          // the same integer either way: zp * sum (8 * sum when symmetric, without a vpmulld)
+          const __m512i correction = Z == Zeros::kInteger
+                                         ? _mm512_mullo_epi32(zp, _mm512_set1_epi32(sum))
+                                         : _mm512_set1_epi32(8 * sum);
+          const __m512i d = _mm512_sub_epi32(dot[r][t], correction);
+          const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(as[r * w.KS]));
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][t]);
+        }
       }
     }
   }
@@ -219,29 +236,38 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
 }
 
 // Tiles t0.. of a group for rows m0..m0+R-1, T tiles at a time (as many as the registers hold).
-template <int R, int T>
+template <int R, int T, Zeros Z>
 RD_VNNI void rows_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, int64_t m0,
                        float* Y) {
   const int64_t nt = group_tiles(w, g);
   int64_t t = 0;
-  for (; t + T <= nt; t += T) micro_vnni<R, T>(w, a, g, nt, t, m0, Y);
-  for (; t < nt; ++t) micro_vnni<R, 1>(w, a, g, nt, t, m0, Y);
+  for (; t + T <= nt; t += T) micro_vnni<R, T, Z>(w, a, g, nt, t, m0, Y);
+  for (; t < nt; ++t) micro_vnni<R, 1, Z>(w, a, g, nt, t, m0, Y);
 }
 
 // Rows in passes of up to 8 (each pass unpacks the group's codes once for all its rows); the
 // tile count per micro-kernel keeps R * T integer + R * T float accumulators in 32 registers.
-RD_VNNI void group_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, float* Y) {
+template <Zeros Z>
+RD_VNNI void group_vnni_with(const PackedInt4& w, const QuantizedRows& a, int64_t g, float* Y) {
   for (int64_t m = 0; m < a.M; m += 8) {
     switch (std::min<int64_t>(8, a.M - m)) {
-      case 8: rows_vnni<8, 1>(w, a, g, m, Y); break;
-      case 7: rows_vnni<7, 1>(w, a, g, m, Y); break;
-      case 6: rows_vnni<6, 1>(w, a, g, m, Y); break;
-      case 5: rows_vnni<5, 2>(w, a, g, m, Y); break;
-      case 4: rows_vnni<4, 2>(w, a, g, m, Y); break;
-      case 3: rows_vnni<3, 2>(w, a, g, m, Y); break;
-      case 2: rows_vnni<2, 4>(w, a, g, m, Y); break;
-      default: rows_vnni<1, 8>(w, a, g, m, Y); break;
+      case 8: rows_vnni<8, 1, Z>(w, a, g, m, Y); break;
+      case 7: rows_vnni<7, 1, Z>(w, a, g, m, Y); break;
+      case 6: rows_vnni<6, 1, Z>(w, a, g, m, Y); break;
+      case 5: rows_vnni<5, 2, Z>(w, a, g, m, Y); break;
+      case 4: rows_vnni<4, 2, Z>(w, a, g, m, Y); break;
+      case 3: rows_vnni<3, 2, Z>(w, a, g, m, Y); break;
+      case 2: rows_vnni<2, 4, Z>(w, a, g, m, Y); break;
+      default: rows_vnni<1, 8, Z>(w, a, g, m, Y); break;
     }
+  }
+}
+
+RD_VNNI void group_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, float* Y) {
+  switch (zeros_of(w)) {
+    case Zeros::kSymmetric: return group_vnni_with<Zeros::kSymmetric>(w, a, g, Y);
+    case Zeros::kInteger: return group_vnni_with<Zeros::kInteger>(w, a, g, Y);
+    case Zeros::kFloat: return group_vnni_with<Zeros::kFloat>(w, a, g, Y);
   }
 }
 
