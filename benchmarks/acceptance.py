@@ -4,7 +4,7 @@ the real decode driver on the torch runtime (the numbers of benchmarks/RESULTS.m
     .venv/bin/python -m benchmarks.acceptance DRAFTER [DRAFTER ...] [--widths 1,2,4,8]
         [--lengths 3,4,5] [--prompts 24] [--max-new-tokens 64]
         [--runtime torch|onnxruntime] [--device cpu|cuda] [--prompt-lookup off|on|both]
-        [--quantize none|int4|int8]
+        [--quantize none|int4|int8] [--quantize-method rtn|hqq|gguf]
 
 Prompts come from held-out Jargon File entries and HumanEval tasks
 (`redrafter.demo.heldout_prompts`), never trained on. Greedy fp32 decoding emits the same
@@ -102,23 +102,34 @@ def _runtime_tokens_per_step(
 
 
 def ort_runtime(
-    gguf: Path, drafter: str, beams: list[BeamShape], threads: int, quantize: str = "none"
+    gguf: Path,
+    drafter: str,
+    beams: list[BeamShape],
+    threads: int,
+    quantize: str = "none",
+    method: str = "rtn",
 ) -> Any:
     """An ONNX Runtime runtime for base + drafter with a drafter graph per beam shape, its
-    weights quantized as `quantize` says ('none', 'int4', 'int8': `export --quantize`'s
-    defaults); the bundle is exported next to the drafter, once."""
+    weights quantized as `quantize` and `method` say ('none', 'int4', 'int8'; 'rtn', 'hqq',
+    'gguf': `export --quantize`'s defaults otherwise); the bundle is exported once into the
+    cache (<cache>/acceptance/), keyed by the drafter's path, never into the drafter's folder
+    (the shipped drafters live inside the package)."""
+    import hashlib
+
     from redrafter.build import ExportOptions, export_bundle
     from redrafter.bundle import load_bundle
     from redrafter.export.quantize import quantization
     from redrafter.runtimes.onnxruntime import OnnxRuntime
+    from redrafter.train.recipe import default_cache_dir
 
     tag = "_".join(f"{b.width}x{b.length}" for b in beams)
-    tag += "" if quantize == "none" else f"-{quantize}"
-    out = Path(drafter).with_name(f"{Path(drafter).name}-bundle-{tag}")
+    tag += "" if quantize == "none" else f"-{quantize}" + ("" if method == "rtn" else f"-{method}")
+    key = hashlib.blake2b(str(Path(drafter).resolve()).encode(), digest_size=4).hexdigest()
+    out = default_cache_dir() / "acceptance" / f"{Path(drafter).name}-{key}-bundle-{tag}"
     try:
         bundle = load_bundle(out)
     except RedrafterError:
-        q = None if quantize == "none" else quantization(quantize)
+        q = None if quantize == "none" else quantization(quantize, method=method)
         options = ExportOptions(beam=beams[0], extra_beams=tuple(beams[1:]), quantization=q)
         bundle = export_bundle(gguf, out, drafter_path=drafter, options=options, overwrite=True)
     return OnnxRuntime(bundle, threads=threads)
@@ -148,6 +159,12 @@ def main() -> None:
         help="with --runtime onnxruntime: the bundles' weights (a quantized base answers "
         "otherwise than fp32, so its tokens/step differs) [none]",
     )
+    ap.add_argument(
+        "--quantize-method",
+        choices=["rtn", "hqq", "gguf"],
+        default="rtn",
+        help="with --quantize: how (gguf: keep the demo GGUF's own Q4_1 blocks) [rtn]",
+    )
     args = ap.parse_args()
     if args.quantize != "none" and args.runtime != "onnxruntime":
         ap.error("--quantize needs --runtime onnxruntime")
@@ -166,7 +183,9 @@ def main() -> None:
         runtime = None
         if args.runtime == "onnxruntime":
             shapes = [BeamShape(w, n) for n in lengths for w in widths]
-            runtime = ort_runtime(gguf, path, shapes, args.threads, args.quantize)
+            runtime = ort_runtime(
+                gguf, path, shapes, args.threads, args.quantize, args.quantize_method
+            )
         results[path] = grid(
             base,
             drafter,
@@ -186,6 +205,7 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "prompt_lookup": args.prompt_lookup,
         "quantize": args.quantize,
+        "quantize_method": args.quantize_method,
         "tokens_per_step": results,
     }
     save(args.name, payload)

@@ -581,8 +581,9 @@ def ensure_bundle(args: argparse.Namespace, beams: list[Any]) -> tuple[Path, str
     if args.quantize != "none":
         from redrafter.export.quantize import quantization as make
 
-        quantization = make(args.quantize, accuracy_level=args.accuracy_level)
-        note += f", weights {args.quantize} (accuracy level {args.accuracy_level})"
+        method = args.quantize_method
+        quantization = make(args.quantize, accuracy_level=args.accuracy_level, method=method)
+        note += f", weights {args.quantize} {method} (accuracy level {args.accuracy_level})"
     return demo_bundle(drafter, beams, log=log, quantization=quantization), note
 
 
@@ -729,6 +730,12 @@ def main() -> None:
         choices=["none", "int4", "int8"],
         default="none",
         help="export ours with quantized weights (export --quantize) [none]",
+    )
+    parser.add_argument(
+        "--quantize-method",
+        choices=["rtn", "hqq", "gguf"],
+        default="rtn",
+        help="with --quantize: export --quantize-method (gguf keeps the GGUF's Q4_1 blocks) [rtn]",
     )
     parser.add_argument(
         "--accuracy-level",

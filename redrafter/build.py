@@ -43,7 +43,7 @@ from redrafter.errors import ConfigError
 from redrafter.export.coreml import export_coreml
 from redrafter.export.onnx import SharedWeights, export_base, export_drafter
 from redrafter.export.quantize import quantize_graph
-from redrafter.models.checkpoints import checkpoint_int4_blocks, load_pair
+from redrafter.models.checkpoints import checkpoint_gguf_blocks, load_pair
 from redrafter.models.tokenizer import find_tokenizer, save_tokenizer
 from redrafter.validate.tensors import coreml_export_parity, onnx_export_parity
 
@@ -130,7 +130,7 @@ def export_bundle(
     timings: dict[str, float] = {}
     q = options.quantization
 
-    blocks = checkpoint_int4_blocks(base_path) if q is not None and q.method == "gguf" else []
+    blocks = checkpoint_gguf_blocks(base_path) if q is not None and q.method == "gguf" else []
 
     def quantized(graph: onnx.ModelProto) -> onnx.ModelProto:
         return graph if q is None else quantize_graph(graph, q, blocks=blocks)

@@ -22,7 +22,7 @@ from redrafter.config import BeamShape
 from redrafter.decoding import DecodeOptions, decode
 from redrafter.errors import ConfigError
 from redrafter.export.quantize import quantization
-from redrafter.models.checkpoints import checkpoint_int4_blocks, load_base, save_drafter
+from redrafter.models.checkpoints import checkpoint_gguf_blocks, load_base, save_drafter
 from redrafter.runtimes.onnxruntime import OnnxRuntime
 
 from conftest import collect, tiny_base, tiny_drafter
@@ -33,9 +33,12 @@ SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 
 
 def _gguf_pair(root: Path, q4: str) -> tuple[Path, Path]:
-    base = tiny_base(seed=3, **SHAPE)
+    """Q4_0: an untied head in Q4_0 too; Q4_1: as the demo model, a tied head whose table is
+    Q8_0 (kept exactly as two 4-bit planes)."""
+    tied = q4 == "Q4_1"
+    base = tiny_base(seed=3, tie_word_embeddings=tied, **SHAPE)
     path = root / f"tiny-{q4}.gguf"
-    write_gguf(base, path, q4=q4)
+    write_gguf(base, path, q4=q4, q8_embed=tied)
     save_drafter(tiny_drafter(base, seed=5), root / f"drafter-{q4}")
     return path, root / f"drafter-{q4}"
 
@@ -52,6 +55,9 @@ def gguf_bundle(request, tmp_path_factory) -> tuple[Bundle, Path, str]:
 def _dequantized(model: onnx.ModelProto) -> list[np.ndarray]:
     """Each 4-bit MatMulNBits' weight, (code - zero) * scale, as [N, K]."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    twice = {
+        n.output[0] for n in model.graph.node if n.op_type == "Concat" and n.input[0] == n.input[1]
+    }
     out = []
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
@@ -67,7 +73,10 @@ def _dequantized(model: onnx.ModelProto) -> list[np.ndarray]:
             if zp.dtype == np.uint8:  # RTN's 4-bit zero points, two per byte
                 zp = np.stack([zp & 15, zp >> 4], -1).reshape(N, -1)[:, : K // bs]
             zp = zp.reshape(N, K // bs, 1).astype(np.float32)
-        out.append(((codes - zp) * scales).reshape(N, K))
+        w = ((codes - zp) * scales).reshape(N, K)
+        if node.input[0] in twice:  # an 8-bit matrix as two 4-bit planes over the input twice
+            w = w[:, : K // 2] + w[:, K // 2 :]
+        out.append(w)
     return out
 
 
@@ -97,8 +106,9 @@ def _ort_logits(bundle: Bundle) -> np.ndarray:
 
 
 def test_the_files_blocks_are_kept_not_requantized(gguf_bundle) -> None:
-    """Every block matrix (and the untied 4-bit head) becomes a MatMulNBits whose weights are
-    the loaded model's, to float rounding: q|k|v and gate|up fused, q/k rows un-permuted."""
+    """Every block matrix and the head (Q4_0 untied, or tied to a Q8_0 table) becomes a
+    MatMulNBits whose weights are the loaded model's, to float rounding: q|k|v and gate|up
+    fused, q/k rows un-permuted, 8-bit rows as two exact 4-bit planes."""
     bundle, path, q4 = gguf_bundle
     assert bundle.manifest.quantization is not None
     assert bundle.manifest.quantization.method == "gguf"
@@ -106,7 +116,7 @@ def test_the_files_blocks_are_kept_not_requantized(gguf_bundle) -> None:
     assert [f.name for f in model.functions] == [n.TREE_ATTENTION]
     base = load_base(path)
     sd = {k: v.numpy() for k, v in base.state_dict().items()}
-    wanted = [sd["lm_head.weight"]]
+    wanted = [sd.get("lm_head.weight", sd["model.embed_tokens.weight"])]  # tied: the table
     for i in range(SHAPE["num_hidden_layers"]):
         p = f"model.layers.{i}."
         wanted += [
@@ -123,8 +133,10 @@ def test_the_files_blocks_are_kept_not_requantized(gguf_bundle) -> None:
         for model_init in model.graph.initializer
         if model_init.name == node.input[3]
     }
-    # Q4_1's zeros are the file's floats -m/d, not a 4-bit grid; Q4_0 needs none (zero 8)
-    assert zero_types == ({onnx.TensorProto.FLOAT} if q4 == "Q4_1" else set())
+    # Q4_1's zeros are the file's floats -m/d, not a 4-bit grid; Q4_0 needs none (zero 8); the
+    # Q8_0 head's planes have 4-bit ones (8 and 0)
+    want = {onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8} if q4 == "Q4_1" else set()
+    assert zero_types == want
     assert len(got) == len(wanted) == 4 * SHAPE["num_hidden_layers"] + 1
     for w in wanted:  # each matrix found among the nodes, to the rounding of -m / d * d
         errors = [np.abs(g - w).max() for g in got if g.shape == w.shape]
@@ -185,7 +197,7 @@ def test_gguf_method_refuses_what_it_cannot_keep(tiny_checkpoints, tmp_path) -> 
     f32 = tmp_path / "f32.gguf"
     write_gguf(tiny_base(seed=3, **SHAPE), f32)
     with pytest.raises(ConfigError, match="no Q4_0 or Q4_1 matrices"):
-        checkpoint_int4_blocks(f32)
+        checkpoint_gguf_blocks(f32)
     with pytest.raises(ConfigError, match="int4 only"):
         quantization("int8", method="gguf")
     with pytest.raises(ConfigError, match="keeps GGUF blocks of 32"):

@@ -24,7 +24,7 @@ import onnx
 from redrafter.bundle import Quantization
 from redrafter.errors import ConfigError
 from redrafter.export.onnx import ExportError
-from redrafter.models.gguf import INT4_BLOCK, Int4Blocks
+from redrafter.models.gguf import GGUF_BLOCK, GgufBlocks
 
 WEIGHT_TYPES = {"int4": 4, "int8": 8}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
@@ -68,9 +68,9 @@ def quantization(
         )
     if method in ("hqq", "gguf") and weights != "int4":
         raise ConfigError(f"the {method} method quantizes to int4 only, not {weights}; use rtn")
-    if method == "gguf" and block_size != INT4_BLOCK:
+    if method == "gguf" and block_size != GGUF_BLOCK:
         raise ConfigError(
-            f"the gguf method keeps GGUF blocks of {INT4_BLOCK}; drop --block-size {block_size}"
+            f"the gguf method keeps GGUF blocks of {GGUF_BLOCK}; drop --block-size {block_size}"
         )
     return Quantization(weights, block_size, symmetric, accuracy_level, method)
 
@@ -185,17 +185,20 @@ def fuse_sibling_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def keep_int4_blocks(
-    model: onnx.ModelProto, blocks: Sequence[Int4Blocks], accuracy_level: int
+def keep_gguf_blocks(
+    model: onnx.ModelProto, blocks: Sequence[GgufBlocks], accuracy_level: int
 ) -> tuple[onnx.ModelProto, int]:
     """Turn each MatMul whose constant weight is, column for column, rows of a checkpoint's own
-    4-bit blocks (`gguf_int4_blocks`) into a MatMulNBits over those very codes, scales and zero
+    blocks (`gguf_blocks`) into a 4-bit MatMulNBits over those very codes, scales and zero
     points, in place; returns the model and how many MatMuls were turned.
 
     A column is matched to a row by its exact float32 values (a digest, then compared in
     full), so transposes, fused siblings and un-permuted rows need no bookkeeping, and nothing
     is requantized: the graph computes the checkpoint's weights, not a second rounding of them.
-    A MatMul with any column not found (e.g. a Q8_0 head) is left for the quantizer."""
+    8-bit rows (Q8_0, e.g. a tied head) are kept exactly too, as two 4-bit planes over the input
+    twice (`_two_planes`): the int4 kernels run them, and ORT's own 8-bit MatMulNBits at fp32
+    compute is ~14x slower. A MatMul with any column not found, or with rows of both widths, is
+    left for the quantizer."""
     from onnx import helper, numpy_helper
 
     index: dict[bytes, tuple[int, int]] = {}
@@ -207,7 +210,9 @@ def keep_int4_blocks(
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     turned = 0
+    nodes: list[onnx.NodeProto] = []
     for node in graph.node:
+        nodes.append(node)
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
         if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
             continue
@@ -218,28 +223,30 @@ def keep_int4_blocks(
             if hit is None or not np.array_equal(blocks[hit[0]].values[hit[1]], col):
                 break
             found.append(hit)
-        if len(found) != len(cols):
+        if len(found) != len(cols) or len({blocks[i].bits for i, _ in found}) != 1:
             continue
-        N, K = cols.shape
+        name, x = w.name, node.input[0]
         codes = np.stack([blocks[i].codes[r] for i, r in found])  # [N, K]
         scales = np.stack([blocks[i].scales[r] for i, r in found])  # [N, KB]
-        packed = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(N, K // INT4_BLOCK, -1)
-        name = w.name
+        zeros: np.ndarray | None = None
+        if blocks[found[0][0]].bits == 8:
+            codes, scales, zeros = _two_planes(codes, scales)  # [N, 2K], [N, 2KB], [N, KB]
+            nodes.insert(-1, helper.make_node("Concat", [x, x], [f"{name}_x2"], axis=-1))
+            x = f"{name}_x2"
+        elif any(blocks[i].zeros is not None for i, _ in found):  # Q4_1 rows: float zeros
+            fill = np.full(scales.shape[1], 8.0)  # a Q4_0 row among them: zero 8
+            zeros = np.stack(
+                [blocks[i].zeros[r] if blocks[i].zeros is not None else fill for i, r in found]
+            ).astype(np.float32)
+        N, K = codes.shape
+        packed = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(N, K // GGUF_BLOCK, -1)
         extra = [
             numpy_helper.from_array(packed.astype(np.uint8), f"{name}_Q4"),
             numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_scales"),
         ]
-        inputs = [node.input[0], f"{name}_Q4", f"{name}_scales"]
-        if any(blocks[i].zeros is not None for i, _ in found):  # Q4_1 rows: float zero points
-            zeros = np.stack(
-                [
-                    blocks[i].zeros[r] if blocks[i].zeros is not None else np.full(K // 32, 8.0)
-                    for i, r in found
-                ]
-            )
-            extra.append(
-                numpy_helper.from_array(zeros.reshape(-1).astype(np.float32), f"{name}_zp")
-            )
+        inputs = [x, f"{name}_Q4", f"{name}_scales"]
+        if zeros is not None:
+            extra.append(numpy_helper.from_array(zeros.reshape(-1), f"{name}_zp"))
             inputs.append(f"{name}_zp")
         graph.initializer.extend(extra)
         replacement = helper.make_node(
@@ -251,11 +258,13 @@ def keep_int4_blocks(
             K=K,
             N=N,
             bits=4,
-            block_size=INT4_BLOCK,
+            block_size=GGUF_BLOCK,
             accuracy_level=accuracy_level,
         )
         node.CopyFrom(replacement)
         turned += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
     if turned:
         used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
         for t in [t for t in graph.initializer if t.name not in used]:
@@ -265,19 +274,33 @@ def keep_int4_blocks(
     return model, turned
 
 
+def _two_planes(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, ...]:
+    """8-bit blocks as 4-bit ones over the input twice, exactly: code c = 16 hi + lo, so
+    d (c - 128) = 16d (hi - 8) + d (lo - 0). From `codes` [N, K] (0..255) and `scales`
+    [N, KB]: codes [N, 2K] (the high nibbles, then the low ones), scales [N, 2KB] (16d, then
+    d) and MatMulNBits' packed 4-bit zero points [N, KB] (8 for a high block, 0 for a low one:
+    two blocks a byte, the first in the low nibble)."""
+    N, KB = scales.shape
+    planes = np.concatenate([codes >> 4, codes & 15], axis=1).astype(np.uint8)  # [N, 2K]
+    both = np.concatenate([16 * scales, scales], axis=1).astype(np.float32)  # [N, 2KB]
+    zeros = np.concatenate([np.full((N, KB), 8), np.zeros((N, KB))], axis=1).astype(np.uint8)
+    packed = zeros[:, 0::2] | zeros[:, 1::2] << 4  # [N, KB]: 2KB blocks, two a byte
+    return planes, both, packed
+
+
 def quantize_graph(
     model: onnx.ModelProto,
     q: Quantization,
     *,
     fuse: bool = True,
-    blocks: Sequence[Int4Blocks] = (),
+    blocks: Sequence[GgufBlocks] = (),
 ) -> onnx.ModelProto:
     """`model` with its constant MatMul weights as MatMulNBits and its Gather tables as
     GatherBlockQuantized, blocks of `q.block_size` along the reduction (MatMul) / hidden
     (Gather) axis. Custom-domain nodes and model-local functions are kept as they are.
     `fuse`: MatMuls of one input become one (`fuse_sibling_matmuls`) first. Method "gguf":
     MatMuls whose weights are the checkpoint's own 4-bit `blocks` keep them
-    (`keep_int4_blocks`); the rest are quantized by RTN."""
+    (`keep_gguf_blocks`); the rest are quantized by RTN."""
     with _quiet_quantizer():
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
@@ -292,7 +315,7 @@ def quantize_graph(
         if fuse:
             model = fuse_sibling_matmuls(model)
         if q.method == "gguf":
-            model, _ = keep_int4_blocks(model, blocks, q.accuracy_level)
+            model, _ = keep_gguf_blocks(model, blocks, q.accuracy_level)
         if q.method == "hqq":  # MatMuls by HQQ (float zero points), then the table by RTN
             hqq = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=bits)
             quantizer = MatMulNBitsQuantizer(model, algo_config=hqq)

@@ -42,9 +42,9 @@ from redrafter.files import make_temp_dir, stale_copies, swap_into_place
 from redrafter.models.drafter import Drafter
 from redrafter.models.gguf import (
     GGUF_MAGIC,
-    Int4Blocks,
+    GgufBlocks,
+    gguf_blocks,
     gguf_config,
-    gguf_int4_blocks,
     gguf_reader,
     gguf_weights,
 )
@@ -151,9 +151,9 @@ def load_base_config(path: str | Path) -> BaseModelConfig:
     return llama2c_header(path)[0]
 
 
-def checkpoint_int4_blocks(path: str | Path) -> list[Int4Blocks]:
-    """A GGUF base's own Q4_0/Q4_1 matrices (`gguf_int4_blocks`), for `--quantize-method gguf`;
-    a one-line `ConfigError` for any other checkpoint, or a GGUF without such matrices."""
+def checkpoint_gguf_blocks(path: str | Path) -> list[GgufBlocks]:
+    """A GGUF base's own Q4_0/Q4_1/Q8_0 matrices (`gguf_blocks`), for `--quantize-method gguf`;
+    a one-line `ConfigError` for any other checkpoint, or a GGUF without 4-bit matrices."""
     path = Path(path)
     kind = _checkpoint_format(path)
     if kind != "gguf":
@@ -161,8 +161,8 @@ def checkpoint_int4_blocks(path: str | Path) -> list[Int4Blocks]:
             f"--quantize-method gguf keeps a GGUF base's own 4-bit blocks, and {path} is not a "
             "GGUF file; use --quantize-method rtn"
         )
-    blocks, _ = gguf_int4_blocks(path)
-    if not blocks:
+    blocks, _ = gguf_blocks(path)
+    if not any(b.bits == 4 for b in blocks):
         raise ConfigError(
             f"{path} has no Q4_0 or Q4_1 matrices to keep (other GGUF types, e.g. Q4_K, are "
             "not kept yet); use --quantize-method rtn"

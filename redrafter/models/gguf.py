@@ -262,48 +262,55 @@ def gguf_weights(reader: Any, config: BaseModelConfig) -> dict[str, torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class Int4Blocks:
-    """One GGUF tensor's legacy 4-bit blocks (Q4_0, Q4_1: 32 weights per block), row by row (a
-    row is an output feature): weight = scale * (code - zero), exactly as the file stores them.
+class GgufBlocks:
+    """One GGUF tensor's legacy blocks of 32 weights (Q4_0, Q4_1, Q8_0), row by row (a row is
+    an output feature): weight = scale * (code - zero), exactly as the file stores them.
     `values` is what the loader dequantizes (the same call), so a graph weight can be matched to
     its blocks by value whatever the export did to it (transposed, fused, rows un-permuted)."""
 
     name: str
-    codes: np.ndarray  # [R, K] uint8 in 0..15
+    bits: int  # 4 (Q4_0, Q4_1) or 8 (Q8_0)
+    codes: np.ndarray  # [R, K] uint8: 0..15, or 0..255 for 8 bits (the int8 q + 128)
     scales: np.ndarray  # [R, K / 32] float32: d
-    zeros: np.ndarray | None  # [R, K / 32] float32: -m / d (Q4_1); None: 8 (Q4_0)
+    zeros: np.ndarray | None  # [R, K / 32] float32: -m / d (Q4_1); None: 2^(bits-1)
     values: np.ndarray  # [R, K] float32
 
 
-INT4_BLOCK = 32  # Q4_0 / Q4_1 weights per block
-_INT4_LAYOUT = {"Q4_0": 18, "Q4_1": 20}  # bytes per block: fp16 d [, fp16 m], 16 bytes of codes
+GGUF_BLOCK = 32  # Q4_0 / Q4_1 / Q8_0 weights per block
+# bytes per block: fp16 d [, fp16 m], then the codes (16 bytes of nibbles, or 32 int8)
+_BLOCK_LAYOUT = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
-def gguf_int4_blocks(path: Path) -> tuple[list[Int4Blocks], list[str]]:
-    """The Q4_0 / Q4_1 matrices of the GGUF at `path` as `Int4Blocks`, and the names of its
-    other matrices (other types: e.g. the Q8_0 embedding; they are left to requantization).
+def gguf_blocks(path: Path) -> tuple[list[GgufBlocks], list[str]]:
+    """The Q4_0 / Q4_1 / Q8_0 matrices of the GGUF at `path` as `GgufBlocks`, and the names of
+    its other matrices (other types, e.g. Q4_K or F16: they are left to requantization).
 
     A Q4_1 block is d * code + m; as MatMulNBits' scale * (code - zero) that is zero = -m / d,
-    and a block with d = 0 (all weights equal m) becomes scale m, codes 0, zero -1."""
+    and a block with d = 0 (all weights equal m) becomes scale m, codes 0, zero -1. A Q8_0 block
+    is d * q with q in int8: code q + 128, zero 128."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     reader = gguf_reader(path)
-    blocks: list[Int4Blocks] = []
+    blocks: list[GgufBlocks] = []
     others: list[str] = []
     for t in reader.tensors:
         if len(t.shape) != 2:
             continue
         kind = t.tensor_type.name
-        if kind not in _INT4_LAYOUT:
+        if kind not in _BLOCK_LAYOUT:
             others.append(t.name)
             continue
         rows, K = int(t.shape[1]), int(t.shape[0])
-        raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, K // INT4_BLOCK, _INT4_LAYOUT[kind])
+        raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, K // GGUF_BLOCK, _BLOCK_LAYOUT[kind])
         d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [R, KB]
-        packed = raw[..., -16:]  # byte i: code i (low nibble), code 16 + i (high nibble)
-        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(rows, K)
         zeros = None
+        if kind == "Q8_0":
+            codes = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            codes = codes.reshape(rows, K)
+        else:
+            packed = raw[..., -16:]  # byte i: code i (low nibble), code 16 + i (high nibble)
+            codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(rows, K)
         if kind == "Q4_1":
             m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
             flat = d == 0
@@ -311,9 +318,10 @@ def gguf_int4_blocks(path: Path) -> tuple[list[Int4Blocks], list[str]]:
                 zeros = np.where(flat, np.float32(-1), -m / d).astype(np.float32)
             zeros[flat & (m == 0)] = 0.0
             d = np.where(flat, m, d).astype(np.float32)
-            codes = codes.reshape(rows, -1, INT4_BLOCK)
+            codes = codes.reshape(rows, -1, GGUF_BLOCK)
             codes[flat] = 0
             codes = codes.reshape(rows, K)
         values = dequantize(t.data, GGMLQuantizationType[kind]).astype(np.float32, copy=False)
-        blocks.append(Int4Blocks(t.name, codes, d, zeros, values.reshape(rows, K)))
+        bits = 8 if kind == "Q8_0" else 4
+        blocks.append(GgufBlocks(t.name, bits, codes, d, zeros, values.reshape(rows, K)))
     return blocks, others
