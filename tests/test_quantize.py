@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -120,26 +121,34 @@ def _swap_nibbles(bundle_dir: Path, initializer: str) -> None:
     write_manifest(bundle_dir, load_bundle(bundle_dir, verify_checksums=False).manifest)
 
 
-def test_validate_fails_a_broken_quantization(int4_bundle, tmp_path) -> None:
+def validate_cli(bundle_dir: Path, report: Path) -> tuple[Any, dict]:
+    """`redrafter validate --bundle DIR --json REPORT` through the CLI: the result and report."""
+    result = CliRunner().invoke(
+        main, ["validate", "--bundle", str(bundle_dir), "--json", str(report)]
+    )
+    return result, json.loads(report.read_text()) if report.is_file() else {}
+
+
+def broken_head_copy(bundle_dir: Path, out: Path) -> onnx.NodeProto:
+    """A copy of the bundle at `out` whose last MatMulNBits (the head) has its nibbles
+    swapped (`_swap_nibbles`); returns that node."""
     import shutil
 
-    broken = tmp_path / "broken"
-    shutil.copytree(int4_bundle.root, broken)
-    model = onnx.load(str(broken / n.BASE_ONNX), load_external_data=False)
+    shutil.copytree(bundle_dir, out)
+    model = onnx.load(str(out / n.BASE_ONNX), load_external_data=False)
     head = [node for node in model.graph.node if node.op_type == "MatMulNBits"][-1]
-    _swap_nibbles(broken, head.input[1])
-    runner = CliRunner()
-    ok = runner.invoke(
-        main, ["validate", "--bundle", str(int4_bundle.root), "--json", str(tmp_path / "ok.json")]
-    )
+    _swap_nibbles(out, head.input[1])
+    return head
+
+
+def test_validate_fails_a_broken_quantization(int4_bundle, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    broken_head_copy(int4_bundle.root, broken)
+    ok, report = validate_cli(int4_bundle.root, tmp_path / "ok.json")
     assert ok.exit_code == 0, ok.output
-    report = json.loads((tmp_path / "ok.json").read_text())
     assert report["drift"]["precision"] == "int4" and report["drift"]["passed"]
-    bad = runner.invoke(
-        main, ["validate", "--bundle", str(broken), "--json", str(tmp_path / "bad.json")]
-    )
+    bad, report = validate_cli(broken, tmp_path / "bad.json")
     assert bad.exit_code == 1, bad.output
-    report = json.loads((tmp_path / "bad.json").read_text())
     assert not report["drift"]["passed"] and report["drift"]["mean_kl"] > 1.0
     assert "drift FAIL" in bad.output
 

@@ -30,6 +30,7 @@ from conftest import collect, tiny_base, tiny_drafter
 BEAM = BeamShape(2, 4)
 # K of every block matrix a multiple of 32 (GGUF's 4-bit blocks); q/k rows permuted on disk
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+SHAPE_VOCAB = 61  # tiny_base_config's vocabulary
 
 
 def _gguf_pair(root: Path, q4: str) -> tuple[Path, Path]:
@@ -203,3 +204,20 @@ def test_gguf_method_refuses_what_it_cannot_keep(tiny_checkpoints, tmp_path) -> 
     with pytest.raises(ConfigError, match="keeps GGUF blocks of 32"):
         quantization("int4", method="gguf", block_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f32.gguf"]
+
+
+def test_validate_passes_kept_blocks_and_fails_a_broken_head(gguf_bundle, tmp_path) -> None:
+    """`validate` (tensors, greedy tokens, drift against the fp32 GGUF) passes the kept blocks;
+    swapping the nibbles of the head's codes (a packing bug; for the tied Q8_0 head, in its
+    planes) makes it fail with exit 1."""
+    from test_quantize import broken_head_copy, validate_cli
+
+    bundle, _, q4 = gguf_bundle
+    ok, report = validate_cli(bundle.root, tmp_path / "ok.json")
+    assert ok.exit_code == 0, ok.output
+    assert report["drift"]["precision"] == "int4" and report["drift"]["passed"]
+    head = broken_head_copy(bundle.root, tmp_path / "broken")
+    assert next(a.i for a in head.attribute if a.name == "N") == SHAPE_VOCAB  # the head
+    bad, report = validate_cli(tmp_path / "broken", tmp_path / "bad.json")
+    assert bad.exit_code == 1, bad.output
+    assert not report["drift"]["passed"], q4

@@ -3,7 +3,8 @@
 becomes `com.microsoft::MatMulNBits` (the LM head included: the exporter folds the tied head's
 transpose into a constant) and the embedding Gather becomes `GatherBlockQuantized`. Activations,
 the KV cache and `redrafter::TreeAttention` stay float: the op's nodes and its function body
-pass through untouched (see docs/bundle.md, "Quantized bundles").
+pass through untouched (see docs/bundle.md, "Quantized bundles"). Method "gguf" first keeps a
+GGUF base's own Q4_0/Q4_1/Q8_0 blocks exactly (`keep_gguf_blocks`) and leaves the rest to RTN.
 
 Quantization runs on the in-memory graph right after export, before its weights move to the
 bundle's shared external-data file, so identical quantized tensors of the base and drafter
