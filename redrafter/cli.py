@@ -744,7 +744,7 @@ def _run(
     show_default=True,
     help="--quantize int4 algorithm (ONNX): rtn (round to nearest per block), hqq (fitted "
     "float zero points) or gguf (a GGUF base's own Q4_0/Q4_1/Q8_0 blocks, kept exactly, not "
-    "rounded twice; the embedding and other types by rtn). docs/parity.md compares their drift.",
+    "rounded twice; other types by rtn). docs/parity.md compares their drift.",
 )
 @click.option(
     "--block-size",

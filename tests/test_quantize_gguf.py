@@ -127,6 +127,16 @@ def test_the_files_blocks_are_kept_not_requantized(gguf_bundle) -> None:
             sd[p + "mlp.down_proj.weight"],
         ]
     got = _dequantized(model)
+    # the embedding table: Q8_0 in the file -> kept as an exact 8-bit GatherBlockQuantized;
+    # a float table (the Q4_0 file) -> RTN's 4-bit one
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    (gather,) = [node for node in model.graph.node if node.op_type == "GatherBlockQuantized"]
+    bits = next((a.i for a in gather.attribute if a.name == "bits"), 4)
+    assert bits == (8 if q4 == "Q4_1" else 4)
+    if bits == 8:
+        codes = inits[gather.input[0]].astype(np.float32)  # [V, H]
+        table = (codes - 128) * np.repeat(inits[gather.input[2]], 32, axis=1)
+        assert np.array_equal(table, sd["model.embed_tokens.weight"])
     zero_types = {
         model_init.data_type
         for node in model.graph.node

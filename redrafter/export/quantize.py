@@ -191,14 +191,15 @@ def keep_gguf_blocks(
 ) -> tuple[onnx.ModelProto, int]:
     """Turn each MatMul whose constant weight is, column for column, rows of a checkpoint's own
     blocks (`gguf_blocks`) into a 4-bit MatMulNBits over those very codes, scales and zero
-    points, in place; returns the model and how many MatMuls were turned.
+    points, in place; returns the model and how many MatMuls and Gathers were turned.
 
     A column is matched to a row by its exact float32 values (a digest, then compared in
     full), so transposes, fused siblings and un-permuted rows need no bookkeeping, and nothing
     is requantized: the graph computes the checkpoint's weights, not a second rounding of them.
     8-bit rows (Q8_0, e.g. a tied head) are kept exactly too, as two 4-bit planes over the input
     twice (`_two_planes`): the int4 kernels run them, and ORT's own 8-bit MatMulNBits at fp32
-    compute is ~14x slower. A MatMul with any column not found, or with rows of both widths, is
+    compute is ~14x slower; an 8-bit embedding table becomes an 8-bit GatherBlockQuantized
+    (`_keep_8bit_table`). A MatMul with any column not found, or with rows of both widths, is
     left for the quantizer."""
     from onnx import helper, numpy_helper
 
@@ -214,6 +215,9 @@ def keep_gguf_blocks(
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         nodes.append(node)
+        if _keep_8bit_table(node, inits, blocks, index, graph):
+            turned += 1
+            continue
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
         if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
             continue
@@ -273,6 +277,58 @@ def keep_gguf_blocks(
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model, turned
+
+
+def _keep_8bit_table(
+    node: onnx.NodeProto,
+    inits: dict[str, onnx.TensorProto],
+    blocks: Sequence[GgufBlocks],
+    index: dict[bytes, tuple[int, int]],
+    graph: onnx.GraphProto,
+) -> bool:
+    """Turn `node`, if it is a row Gather of a table whose rows are all 8-bit (Q8_0) rows of
+    `blocks` (an embedding), into a `GatherBlockQuantized` with bits 8 over the file's codes and
+    scales (zero 128, the op's default for 8 bits): exact, where RTN would round the table to 4
+    bits. Returns whether it did."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type != "Gather" or node.domain or node.input[0] not in inits:
+        return False
+    table = inits[node.input[0]]
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    if axis != 0 or len(table.dims) != 2 or table.data_type != onnx.TensorProto.FLOAT:
+        return False
+    rows = numpy_helper.to_array(table)  # [V, H]
+    found = []
+    for row in rows:
+        hit = index.get(hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+        if hit is None or blocks[hit[0]].bits != 8:
+            return False
+        if not np.array_equal(blocks[hit[0]].values[hit[1]], row):
+            return False
+        found.append(hit)
+    codes = np.stack([blocks[i].codes[r] for i, r in found])  # [V, H] uint8
+    scales = np.stack([blocks[i].scales[r] for i, r in found]).astype(np.float32)  # [V, H / 32]
+    name = table.name
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(codes.astype(np.uint8), f"{name}_Q8"),
+            numpy_helper.from_array(scales, f"{name}_scales"),
+        ]
+    )
+    replacement = helper.make_node(
+        "GatherBlockQuantized",
+        [f"{name}_Q8", node.input[1], f"{name}_scales"],
+        list(node.output),
+        name=node.name or f"{name}_GatherBlockQuantized",
+        domain="com.microsoft",
+        bits=8,
+        block_size=GGUF_BLOCK,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    node.CopyFrom(replacement)
+    return True
 
 
 def _two_planes(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, ...]:
