@@ -161,7 +161,7 @@ def checkpoint_gguf_blocks(path: str | Path) -> list[GgufBlocks]:
             f"--quantize-method gguf keeps a GGUF base's own 4-bit blocks, and {path} is not a "
             "GGUF file; use --quantize-method rtn"
         )
-    blocks, _ = gguf_blocks(path)
+    blocks = gguf_blocks(path)
     if not any(b.bits == 4 for b in blocks):
         raise ConfigError(
             f"{path} has no Q4_0 or Q4_1 matrices to keep (other GGUF types, e.g. Q4_K, are "

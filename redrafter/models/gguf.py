@@ -281,9 +281,9 @@ GGUF_BLOCK = 32  # Q4_0 / Q4_1 / Q8_0 weights per block
 _BLOCK_LAYOUT = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
-def gguf_blocks(path: Path) -> tuple[list[GgufBlocks], list[str]]:
-    """The Q4_0 / Q4_1 / Q8_0 matrices of the GGUF at `path` as `GgufBlocks`, and the names of
-    its other matrices (other types, e.g. Q4_K or F16: they are left to requantization).
+def gguf_blocks(path: Path) -> list[GgufBlocks]:
+    """The Q4_0 / Q4_1 / Q8_0 matrices of the GGUF at `path` as `GgufBlocks` (other types,
+    e.g. Q4_K or F16, are left out: the export requantizes them).
 
     A Q4_1 block is d * code + m; as MatMulNBits' scale * (code - zero) that is zero = -m / d,
     and a block with d = 0 (all weights equal m) becomes scale m, codes 0, zero -1. A Q8_0 block
@@ -293,13 +293,11 @@ def gguf_blocks(path: Path) -> tuple[list[GgufBlocks], list[str]]:
 
     reader = gguf_reader(path)
     blocks: list[GgufBlocks] = []
-    others: list[str] = []
     for t in reader.tensors:
         if len(t.shape) != 2:
             continue
         kind = t.tensor_type.name
         if kind not in _BLOCK_LAYOUT:
-            others.append(t.name)
             continue
         rows, K = int(t.shape[1]), int(t.shape[0])
         raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, K // GGUF_BLOCK, _BLOCK_LAYOUT[kind])
@@ -324,4 +322,4 @@ def gguf_blocks(path: Path) -> tuple[list[GgufBlocks], list[str]]:
         values = dequantize(t.data, GGMLQuantizationType[kind]).astype(np.float32, copy=False)
         bits = 8 if kind == "Q8_0" else 4
         blocks.append(GgufBlocks(t.name, bits, codes, d, zeros, values.reshape(rows, K)))
-    return blocks, others
+    return blocks
