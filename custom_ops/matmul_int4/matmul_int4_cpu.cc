@@ -245,21 +245,21 @@ RD_VNNI void rows_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, i
   for (; t < nt; ++t) micro_vnni<R, 1, Z>(w, a, g, nt, t, m0, Y);
 }
 
-// Rows in passes of up to 8 (each pass unpacks the group's codes once for all its rows); the
-// tile count per micro-kernel keeps R * T integer + R * T float accumulators in 32 registers.
+// Rows in passes of 4 (each pass unpacks the group's codes once for all its rows), two tiles at a
+// time, then the 1-3 rows left with as many tiles as the registers hold. Passes of up to 8 rows
+// had to take one tile at a time (16 integer + 16 float accumulators fill the 32 registers), and
+// on the AMD EPYC VM such passes ran a tree verify's matmuls far slower than two 4-row passes
+// (verify of 8 tokens 13.6 against 17.8 ms, of 12 tokens 16.1 against 21.2; a 128-token prefill
+// 4 % faster): benchmarks/RESULTS.md, issue 22. The results are the same bits either way.
 template <Zeros Z>
 RD_VNNI void group_vnni_with(const PackedInt4& w, const QuantizedRows& a, int64_t g, float* Y) {
-  for (int64_t m = 0; m < a.M; m += 8) {
-    switch (std::min<int64_t>(8, a.M - m)) {
-      case 8: rows_vnni<8, 1, Z>(w, a, g, m, Y); break;
-      case 7: rows_vnni<7, 1, Z>(w, a, g, m, Y); break;
-      case 6: rows_vnni<6, 1, Z>(w, a, g, m, Y); break;
-      case 5: rows_vnni<5, 2, Z>(w, a, g, m, Y); break;
-      case 4: rows_vnni<4, 2, Z>(w, a, g, m, Y); break;
-      case 3: rows_vnni<3, 2, Z>(w, a, g, m, Y); break;
-      case 2: rows_vnni<2, 4, Z>(w, a, g, m, Y); break;
-      default: rows_vnni<1, 8, Z>(w, a, g, m, Y); break;
-    }
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) rows_vnni<4, 2, Z>(w, a, g, m, Y);
+  switch (a.M - m) {
+    case 3: rows_vnni<3, 2, Z>(w, a, g, m, Y); break;
+    case 2: rows_vnni<2, 4, Z>(w, a, g, m, Y); break;
+    case 1: rows_vnni<1, 8, Z>(w, a, g, m, Y); break;
+    default: break;
   }
 }
 
