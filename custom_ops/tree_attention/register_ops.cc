@@ -10,11 +10,14 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <functional>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "matmul_int4.h"
@@ -340,8 +343,45 @@ struct KVCommitOp
 
 // ---- MatMulInt4 ------------------------------------------------------------------------------
 
+// Packed weights shared by the nodes that read the same initializers: a drafter graph unrolls its
+// recurrent step L - 1 times over one set of weights, so without sharing each call would stream
+// L - 1 re-laid copies through the caches instead of one. Keyed by the source buffers (alive and
+// unchanged while any node holding the packed copy is, since ORT keeps a session's initializers
+// for the session's life) and the attributes; an entry lasts as long as a kernel holds it.
+class PackedCache {
+ public:
+  using Key = std::tuple<const void*, const void*, const void*, const void*, const void*, int64_t,
+                         int64_t, int64_t>;
+
+  std::shared_ptr<const PackedInt4> get(const Key& key,
+                                        const std::function<PackedInt4()>& build) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end();) {  // drop entries nobody holds
+      if (it->second.expired()) it = entries_.erase(it);
+      else ++it;
+    }
+    auto found = entries_.find(key);
+    if (found != entries_.end())
+      if (auto held = found->second.lock()) return held;
+    auto made = std::make_shared<const PackedInt4>(build());
+    entries_[key] = made;
+    return made;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<Key, std::weak_ptr<const PackedInt4>> entries_;
+};
+
+PackedCache& packed_cache() {
+  // Never destroyed: a session torn down during process exit may still create or drop kernels.
+  static PackedCache* cache = new PackedCache;
+  return *cache;
+}
+
 // MatMulNBits' inputs and attributes (matmul_int4.h). The weight is constant (an initializer):
-// it is re-laid once, on the first call, and again only if ORT hands a different buffer.
+// it is re-laid once, on the first call (or taken from another node over the same initializers),
+// and again only if ORT hands a different buffer.
 struct MatMulInt4Kernel {
   MatMulInt4Kernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo k(info);
@@ -401,8 +441,9 @@ struct MatMulInt4Kernel {
         bias = static_cast<const float*>(bi.data);
       }
       if (!err.empty()) return error_status(err);
-      const PackedInt4& w = packed(b.data, static_cast<const float*>(s.data), zero_points,
-                                   float_zero_points, bias);
+      const std::shared_ptr<const PackedInt4> held =
+          packed(b.data, static_cast<const float*>(s.data), zero_points, float_zero_points, bias);
+      const PackedInt4& w = *held;
       std::vector<int64_t> out_shape = a.shape;
       out_shape.back() = N_;
       const int64_t M = a.shape.size() == 1
@@ -416,12 +457,17 @@ struct MatMulInt4Kernel {
   }
 
  private:
-  const PackedInt4& packed(const void* B, const float* scales, const uint8_t* zero_points,
-                           const float* float_zero_points, const float* bias) {
+  std::shared_ptr<const PackedInt4> packed(const void* B, const float* scales,
+                                           const uint8_t* zero_points,
+                                           const float* float_zero_points, const float* bias) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (source_ != B) {
-      packed_ = pack_int4(K_, N_, block_size_, static_cast<const uint8_t*>(B), scales,
-                          zero_points, float_zero_points, bias);
+    if (source_ != B || !packed_) {
+      const PackedCache::Key key{B, scales, zero_points, float_zero_points, bias, K_, N_,
+                                 block_size_};
+      packed_ = packed_cache().get(key, [&] {
+        return pack_int4(K_, N_, block_size_, static_cast<const uint8_t*>(B), scales,
+                         zero_points, float_zero_points, bias);
+      });
       source_ = B;
     }
     return packed_;
@@ -430,7 +476,7 @@ struct MatMulInt4Kernel {
   int64_t K_ = 0, N_ = 0, block_size_ = 0, bits_ = 0;
   std::mutex mu_;
   const void* source_ = nullptr;
-  PackedInt4 packed_;
+  std::shared_ptr<const PackedInt4> packed_;
 };
 
 struct MatMulInt4Op
