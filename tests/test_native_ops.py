@@ -783,12 +783,15 @@ INT4_ISAS = [
 ]
 
 
-def matmul_int4_model(K: int, N: int, *, block: int, zeros: str, bias: bool) -> bytes:
-    """One redrafter::MatMulInt4 node over random 4-bit codes, scales, zero points (`zeros`:
-    "none", "uint8" packed 4-bit, or "float") and bias (initializers), A (M, K) -> Y (M, N)."""
+def matmul_int4_model(
+    K: int, N: int, *, block: int, zeros: str, bias: bool, seed: int | None = None, nodes: int = 1
+) -> bytes:
+    """`nodes` chained redrafter::MatMulInt4 nodes over the same random 4-bit codes, scales,
+    zero points (`zeros`: "none", "uint8" packed 4-bit, or "float") and bias (initializers),
+    A (M, K) -> Y (M, N) (K == N when chained); `seed` picks the weights (default: from K, N)."""
     from onnx import numpy_helper
 
-    rng = np.random.default_rng(K * 7 + N)
+    rng = np.random.default_rng(K * 7 + N if seed is None else seed)
     KB = -(-K // block)
     weights = {
         "B": rng.integers(0, 256, (N, KB, block // 2), dtype=np.uint8),
@@ -810,11 +813,23 @@ def matmul_int4_model(K: int, N: int, *, block: int, zeros: str, bias: bool) -> 
     ]
     while not names[-1]:
         names.pop()
-    node = helper.make_node(
-        "MatMulInt4", names, ["Y"], domain=OP_DOMAIN, K=K, N=N, bits=4, block_size=block
-    )
+    assert nodes == 1 or K == N
+    links = ["A", *(f"h{i}" for i in range(1, nodes)), "Y"]
+    graph_nodes = [
+        helper.make_node(
+            "MatMulInt4",
+            [x, *names[1:]],
+            [y],
+            domain=OP_DOMAIN,
+            K=K,
+            N=N,
+            bits=4,
+            block_size=block,
+        )
+        for x, y in zip(links, links[1:], strict=False)
+    ]
     graph = helper.make_graph(
-        [node],
+        graph_nodes,
         "matmul_int4",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
@@ -872,6 +887,30 @@ def test_matmul_int4_paths_agree_bit_for_bit_for_every_row_count(
         outputs[isa] = together
     for isa, out in outputs.items():
         np.testing.assert_array_equal(out, outputs["base"], err_msg=f"{isa} vs base")
+
+
+@pytest.mark.parametrize("zeros", ["none", "uint8", "float"])
+def test_matmul_int4_nodes_over_the_same_weights_share_one_packing(lib, zeros) -> None:
+    """Nodes reading the same initializers (a drafter's unrolled steps) share one packed weight
+    and give what the one-node graph gives step by step; sessions over other weights at the same
+    shape, made while the first lives or after it is gone, never reuse its packing."""
+    K = N = 96
+    a = int4_activations(5, K)
+
+    def single(seed: int) -> ort.InferenceSession:
+        return session(matmul_int4_model(K, N, block=32, zeros=zeros, bias=True, seed=seed))
+
+    chained = session(matmul_int4_model(K, N, block=32, zeros=zeros, bias=True, seed=1, nodes=3))
+    one, other = single(1), single(2)
+    want = a
+    for _ in range(3):
+        want = one.run(None, {"A": want})[0]
+    np.testing.assert_array_equal(chained.run(None, {"A": a})[0], want)
+    first, second = one.run(None, {"A": a})[0], other.run(None, {"A": a})[0]
+    assert not np.array_equal(first, second)  # the two weights differ
+    del chained, one, other  # their packed copies go with their kernels
+    for seed, expected in ((2, second), (1, first), (2, second)):
+        np.testing.assert_array_equal(single(seed).run(None, {"A": a})[0], expected)
 
 
 @pytest.mark.parametrize("isa", INT4_ISAS)
