@@ -148,21 +148,22 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
   // With several rows a group takes several passes of T tiles, each reading its tiles' 256
   // bytes per sub-block at a stride of a whole group's: a pattern the hardware prefetchers follow
   // poorly, so a tree verify (2-10 rows) waited on memory for half its matmul time. Each pass
-  // therefore prefetches what the next one reads (the group's next T tiles, or the next group's
-  // first ones, which this thread usually runs next), one sub-block per step of its own loop.
-  // One row reads whole groups in order, which the prefetchers already stream: no hints there
-  // (they made a one-token step slower). Measured: benchmarks/RESULTS.md, issue 22.
+  // therefore prefetches the same T tiles of the NEXT group (which this thread runs next: ORT
+  // hands each thread a contiguous range of groups), one sub-block per step of its own loop, so
+  // the whole next group arrives while this one is computed. (Prefetching only one pass ahead,
+  // the next T tiles of this group, left the first row pass of each group waiting on memory and
+  // the later ones, which hit the cache, with nothing to fetch: 0.3-0.7 ms slower per verify of
+  // 2-8 tokens.) One row reads whole groups in order, which the prefetchers already stream: no
+  // hints there (they made a one-token step slower). Measured: benchmarks/RESULTS.md, issue 22.
   const uint8_t* next = nullptr;
   int64_t next_stride = 0, next_lines = 0;
-  if (R > 1 && t0 + T < nt) {
-    next = codes + (t0 + T) * 256;
-    next_stride = nt * 256;
-    next_lines = 4 * std::min<int64_t>(T, nt - t0 - T);
-  } else if (R > 1 && g + 1 < w.groups) {
+  if (R > 1 && g + 1 < w.groups) {
     const int64_t next_nt = group_tiles(w, g + 1);
-    next = w.codes.data() + codes_offset(w, g + 1);
-    next_stride = next_nt * 256;
-    next_lines = 4 * std::min<int64_t>(T, next_nt);
+    if (t0 < next_nt) {
+      next = w.codes.data() + codes_offset(w, g + 1) + t0 * 256;
+      next_stride = next_nt * 256;
+      next_lines = 4 * std::min<int64_t>(T, next_nt - t0);
+    }
   }
   for (int64_t j = 0; j < w.KS; ++j) {
     for (int64_t l = 0; l < next_lines; ++l)  // to L2: a pass's codes can outgrow L1 (K = 1536)
