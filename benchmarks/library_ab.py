@@ -116,9 +116,10 @@ def main() -> None:
     summary = {}
     for shape in shapes:
         tps = {k: [x["tokens_per_second"] for x in runs[shape][k]] for k in pipes}
+        ratios = [a / b for a, b in zip(tps["library"], tps["baseline"], strict=True)]
         summary[shape] = {
             "tokens_per_second_median": {k: median(v) for k, v in tps.items()},
-            "ratio_per_round": [a / b for a, b in zip(tps["library"], tps["baseline"], strict=True)],
+            "ratio_per_round": ratios,
             "tokens_identical": tokens[shape]["library"] == tokens[shape]["baseline"],
             "tokens_per_step": runs[shape]["library"][0]["tokens_per_step"],
         }
