@@ -5,13 +5,14 @@ digests, never raw token ids), the cached demo bundle. Standard library only at 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,24 @@ def wait_for_idle(max_minutes: float, *, threshold: float = 0.3, log: Any = prin
             f"{report['other_processes_cores']} cores ({waited / 60:.1f}/{max_minutes} min)"
         )
         time.sleep(15)
+
+
+@contextlib.contextmanager
+def native_library(path: str | None) -> Iterator[None]:
+    """Runtimes built inside the block load the native op library at `path` (None: the default
+    build): the runtime reads `redrafter.ops.LIBRARY_ENV` when it is built."""
+    from redrafter import ops
+
+    previous = os.environ.get(ops.LIBRARY_ENV)
+    if path:
+        os.environ[ops.LIBRARY_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ops.LIBRARY_ENV, None)
+        else:
+            os.environ[ops.LIBRARY_ENV] = previous
 
 
 def verify_call(runtime: Any, tokens: int, context: int) -> Callable[[], Any]:

@@ -20,14 +20,20 @@ the script cannot tell apart: on the 2-core VM, paired differences up to ~0.4 ms
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-from benchmarks._common import idle_report, machine, save, time_alternating, verify_call
+from benchmarks._common import (
+    idle_report,
+    machine,
+    native_library,
+    save,
+    time_alternating,
+    verify_call,
+)
 
 
 def verify_step(
@@ -35,19 +41,10 @@ def verify_step(
 ) -> Callable[[], Any]:
     """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime
     (with the native op library at `library`, else the default one)."""
-    from redrafter import ops
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
-    previous = os.environ.get(ops.LIBRARY_ENV)
-    if library:  # the runtime loads the library the environment names when it is built
-        os.environ[ops.LIBRARY_ENV] = library
-    try:
+    with native_library(library):
         return verify_call(OnnxRuntime(bundle, threads=threads), tokens, context)
-    finally:
-        if previous is None:
-            os.environ.pop(ops.LIBRARY_ENV, None)
-        else:
-            os.environ[ops.LIBRARY_ENV] = previous
 
 
 def main() -> None:

@@ -17,29 +17,20 @@ median, with ms per step by phase.
 from __future__ import annotations
 
 import argparse
-import os
 from statistics import median
 from typing import Any
 
-from benchmarks._common import idle_report, machine, save
+from benchmarks._common import idle_report, machine, native_library, save
 
 
 def pipeline_on(bundle: str, library: str, threads: int) -> Any:
     """The bundle's pipeline with its ONNX Runtime built on the native library at `library`."""
-    from redrafter import ops
     from redrafter.pipeline import load
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     pipe = load(bundle, runtime="onnxruntime")
-    previous = os.environ.get(ops.LIBRARY_ENV)
-    os.environ[ops.LIBRARY_ENV] = library  # read when the runtime is built
-    try:
+    with native_library(library):
         pipe.runtime = OnnxRuntime(bundle, threads=threads)
-    finally:
-        if previous is None:
-            os.environ.pop(ops.LIBRARY_ENV, None)
-        else:
-            os.environ[ops.LIBRARY_ENV] = previous
     return pipe
 
 

@@ -152,7 +152,7 @@ RD_VNNI void micro_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, 
   // hands each thread a contiguous range of groups), one sub-block per step of its own loop, so
   // the whole next group arrives while this one is computed. (Prefetching only one pass ahead,
   // the next T tiles of this group, left the first row pass of each group waiting on memory and
-  // the later ones, which hit the cache, with nothing to fetch: 0.3-0.7 ms slower per verify of
+  // the later ones, which hit the cache, with nothing to fetch: 0.1-0.65 ms slower per verify of
   // 2-8 tokens.) One row reads whole groups in order, which the prefetchers already stream: no
   // hints there (they made a one-token step slower). Measured: benchmarks/RESULTS.md, issue 22.
   const uint8_t* next = nullptr;
