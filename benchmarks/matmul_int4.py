@@ -123,17 +123,26 @@ def time_verify(baseline: str, blocks: int, threads: int) -> dict[str, float]:
     return out
 
 
+_USABLE: tuple[str, ...] | None = None  # the answer of the first probe: the CPU does not change
+
+
 def usable_paths(call: Callable[[], Any]) -> tuple[str, ...]:
-    """PATHS without "amx" where the library refuses it (a CPU without AMX-INT8, e.g. AMD)."""
+    """PATHS without "amx" where the library refuses it (a CPU without AMX-INT8, e.g. AMD).
+    Probed once per process: ONNX Runtime logs the refusal, one line rather than one per shape
+    and row count."""
+    global _USABLE
+    if _USABLE is not None:
+        return _USABLE
     try:
         path_call_of(call, "amx")()
-        return PATHS
+        _USABLE = PATHS
     except Exception as e:  # the op's error names the ISA; anything else is a real failure
         if "AMX" not in str(e):
             raise
-        return tuple(p for p in PATHS if p != "amx")
+        _USABLE = tuple(p for p in PATHS if p != "amx")
     finally:
         os.environ.pop("REDRAFTER_CPU_ISA", None)
+    return _USABLE
 
 
 def path_call_of(call: Callable[[], Any], path: str) -> Callable[[], Any]:
