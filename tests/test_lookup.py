@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from redrafter.config import LOG_0, NO_TOKEN, BeamShape, SamplingParams
 from redrafter.decoding import AUTOREGRESSIVE, DecodeOptions, decode
@@ -64,6 +66,36 @@ def test_continuation_span_grows_with_the_match() -> None:
     assert tuple(continuation(text)) == tuple(range(4, 15)) + (1,)  # 3 x 4 = 12 tokens
     # Only the 1-gram `2` recurs: 4 tokens.
     assert tuple(continuation(_ids(*range(1, 15), 9, 2))) == (3, 4, 5, 6)
+
+
+def _continuation_by_definition(history, span, max_ngram, min_ngram):
+    """The docstring's definition, literally: for n from the longest down, the latest start
+    s < T - n with history[s:s+n] == the last n tokens; then span * n tokens copied from s + n
+    with overlap (token t of the copy is history's token t, extended by the copy itself)."""
+    T = len(history)
+    for n in range(min(max_ngram, T - 1), min_ngram - 1, -1):
+        starts = [s for s in range(T - n) if list(history[s : s + n]) == list(history[T - n :])]
+        if starts:
+            text = list(history)
+            for t in range(span * n):
+                text.append(text[starts[-1] + n + t])
+            return text[T:]
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    history=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+    span=st.integers(1, 4),
+    max_ngram=st.integers(1, 5),
+    min_ngram=st.integers(1, 3),
+)
+def test_continuation_is_the_latest_longest_match(history, span, max_ngram, min_ngram) -> None:
+    found = continuation(
+        _ids(*history), span_per_ngram=span, max_ngram=max_ngram, min_ngram=min_ngram
+    )
+    want = _continuation_by_definition(history, span, max_ngram, min_ngram)
+    assert (None if found is None else found.tolist()) == want
 
 
 @pytest.mark.parametrize("history", [(5,), (1, 2, 3, 4)])

@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from redrafter.config import LOG_0, NO_TOKEN
 
@@ -57,16 +56,29 @@ def continuation(
     suffix n-gram (max_ngram down to min_ngram) of `history` (T,) int64, copied with overlap;
     None when no n-gram recurs."""
     T = len(history)
-    for n in range(min(max_ngram, T - 1), min_ngram - 1, -1):
-        # Windows over history[:-1] start at 0..T-1-n: every match is followed by a token and
-        # the suffix itself (start T-n) is excluded.
-        windows = sliding_window_view(history[:-1], n)  # (T-n, n)
-        hits = np.flatnonzero((windows == history[T - n :]).all(axis=1))
+    top = min(max_ngram, T - 1)
+    if top < min_ngram:
+        return None
+    # Every earlier occurrence of the last token (ends at 0..T-2: each match is followed by a
+    # token, and the suffix itself is excluded), then how far back each one keeps matching: one
+    # pass over the text instead of one per n-gram length (this runs every decode step).
+    ends = np.flatnonzero(history[:-1] == history[-1])  # (M,) where matches end
+    if ends.size == 0:
+        return None
+    matched = np.ones(ends.size, dtype=np.int64)  # (M,) suffix tokens matched so far
+    alive = np.ones(ends.size, dtype=bool)  # (M,)
+    for j in range(1, top):
+        back = ends - j  # (M,)
+        alive &= back >= 0
+        alive &= history[np.maximum(back, 0)] == history[T - 1 - j]
+        matched += alive
+    for n in range(top, min_ngram - 1, -1):
+        hits = np.flatnonzero(matched >= n)
         if hits.size:
             # Copy from just after the match, overlapping like LZ77: a copy that reaches the
             # end of the text continues with its own output, so a loop of period p (the match
             # p tokens back) drafts the loop again instead of stopping short.
-            start, want = int(hits[-1]) + n, span_per_ngram * n
+            start, want = int(ends[hits[-1]]) + 1, span_per_ngram * n
             period = T - start  # each copied token comes from `period` tokens before it
             reps = -(-want // period)  # ceil
             return np.tile(history[start:], reps)[:want]
