@@ -372,3 +372,25 @@ def test_device_commit_graph_moves_what_numpy_moves(onnx_bundle, native: bool) -
     np.testing.assert_array_equal(device.arrays[device.live], host.arrays[host.live])
     moved = host.arrays[host.live][:, :, 0, :, 4:8]  # row 0's slots P..P+3
     np.testing.assert_array_equal(moved, start[:, :, 0, :, [4, 6, 9, 10]].transpose(1, 2, 3, 0, 4))
+
+
+def test_a_small_drafter_runs_on_one_thread_a_large_one_on_all() -> None:
+    """drafter_threads: one intra-op thread for a drafter step under ONE_THREAD_DRAFT_MACS on the
+    CPU (SmolLM2-135M's, 2.5 M), the caller's count for a large drafter, on CUDA, or without a
+    drafter config."""
+    from redrafter.config import DrafterConfig
+    from redrafter.runtimes.onnxruntime import ONE_THREAD_DRAFT_MACS, drafter_threads
+
+    small = DrafterConfig(
+        vocab_size=49152, hidden_size=576, exit_dim=576, num_draft_layers=1, draft_vocab_size=2048
+    )
+    large = DrafterConfig(vocab_size=128256, hidden_size=2048, exit_dim=2048, num_draft_layers=1)
+    assert drafter_threads(2, small, 1, "cpu") == 1
+    assert drafter_threads(None, small, 2, "cpu") == 1
+    assert drafter_threads(2, large, 1, "cpu") == 2
+    assert drafter_threads(None, large, 1, "cpu") is None
+    assert drafter_threads(2, small, 1, "cuda") == 2
+    assert drafter_threads(2, None, 1, "cpu") == 2
+    # Width multiplies the step: enough beams of the small drafter get every thread again.
+    per_beam = 576 * 576 * 4 + 576 * 2048
+    assert drafter_threads(2, small, ONE_THREAD_DRAFT_MACS // per_beam + 1, "cpu") == 2

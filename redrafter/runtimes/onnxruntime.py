@@ -22,7 +22,7 @@ import onnxruntime as ort
 from redrafter import ops
 from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle import names as n
-from redrafter.config import BeamShape
+from redrafter.config import BeamShape, DrafterConfig
 from redrafter.decoding.runtime import argmax_tokens, check_rows, drafted_log_probs
 from redrafter.errors import ConfigError, RuntimeUnavailableError
 
@@ -98,6 +98,28 @@ def check_windows(bundle: Bundle) -> None:
         )
 
 
+# A drafter whose beam step takes fewer multiply-adds than this runs on one intra-op thread on
+# the CPU. Its pool never spins (see OnnxRuntime), so every op worth splitting wakes a sleeping
+# thread, which cost more than the split saved: SmolLM2-135M's drafter (2.5 M per step, ~130
+# small ops per W1 L5 draft) took 0.80 ms a draft on one thread against 1.02 ms on two, int4,
+# 2 cores (benchmarks/RESULTS.md, issue 22). A large model's drafter keeps every thread.
+ONE_THREAD_DRAFT_MACS = 8_000_000
+
+
+def drafter_threads(
+    threads: int | None, config: DrafterConfig | None, width: int, device: str
+) -> int | None:
+    """Intra-op threads for a drafter session of beam `width`: 1 for a small drafter on the
+    CPU (ONE_THREAD_DRAFT_MACS), else `threads` (None: ONNX Runtime's default)."""
+    if config is None or device != "cpu":
+        return threads
+    head = config.draft_vocab_size or config.vocab_size
+    H = config.hidden_size
+    # The RNN's two projections, the exit layers' (input twice as wide), the head.
+    per_beam = H * H * (2 + 2 * config.num_draft_layers) + config.exit_dim * head
+    return 1 if width * per_beam < ONE_THREAD_DRAFT_MACS else threads
+
+
 def session_options(threads: int | None, library: Path | None, *, spin: bool) -> ort.SessionOptions:
     """Session options: `threads` intra-op threads, the native op library, thread spinning."""
     options = ort.SessionOptions()
@@ -168,7 +190,7 @@ class OnnxRuntime:
         # own pool, and spinning drafter threads would keep the cores from the verification
         # that follows (on 2 cores that doubled verify time: benchmarks/RESULTS.md).
         options = session_options(threads, library, spin=True)
-        drafter_options = session_options(threads, library, spin=False)
+        self._threads, self._library = threads, library  # for the drafter sessions
         providers = (
             [PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [PROVIDERS["cpu"]]
         )
@@ -181,7 +203,7 @@ class OnnxRuntime:
         self._int4 = self._int4 and self.bundle.dtype == "float32"
         self.int4: str | None = None
         self.base = self._session(self.bundle.path(n.BASE_ONNX), options, providers)
-        self._drafter_options, self._providers = drafter_options, providers
+        self._providers = providers
         self._drafters: dict[BeamShape, ort.InferenceSession] = {}  # opened on first use
         active = self.base.get_providers()[0]
         self.device = "cuda" if active == PROVIDERS["cuda"] else "cpu"
@@ -413,8 +435,12 @@ class OnnxRuntime:
                 f"{beam.width}x{beam.length}; re-export with --beam-width/--beam-length"
             )
         if beam not in self._drafters:
+            threads = drafter_threads(
+                self._threads, self.bundle.drafter_config, beam.width, self.device
+            )
+            options = session_options(threads, self._library, spin=False)
             self._drafters[beam] = self._session(
-                self.bundle.path(graphs[beam]), self._drafter_options, self._providers
+                self.bundle.path(graphs[beam]), options, self._providers
             )
         return self._drafters[beam]
 
