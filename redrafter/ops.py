@@ -77,6 +77,20 @@ def has_cuda_kernels(path: Path | None = None) -> bool:
     return path is not None and bool(load_c_api(path).rd_has_cuda_kernels())
 
 
+def matmul_int4_max_outputs(path: Path | None = None) -> int:
+    """The most outputs a `redrafter::MatMulInt4` node may have in the library at `path`
+    (default: `library_path()`): its `split` attribute's limit, or 1 for a build made before the
+    attribute existed (or no library)."""
+    path = path or library_path()
+    if path is None:
+        return 1
+    probe = getattr(ctypes.CDLL(str(path)), "rd_matmul_int4_max_outputs", None)
+    if probe is None:
+        return 1
+    probe.restype = ctypes.c_int
+    return int(probe())
+
+
 def load_c_api(path: Path | None = None) -> ctypes.CDLL:
     """The library's C ABI (redrafter_ops.h) with argument types declared."""
     path = path or library_path()

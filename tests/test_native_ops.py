@@ -784,11 +784,22 @@ INT4_ISAS = [
 
 
 def matmul_int4_model(
-    K: int, N: int, *, block: int, zeros: str, bias: bool, seed: int | None = None, nodes: int = 1
+    K: int,
+    N: int,
+    *,
+    block: int,
+    zeros: str,
+    bias: bool,
+    seed: int | None = None,
+    nodes: int = 1,
+    split: list[int] | None = None,
+    outputs: int | None = None,
 ) -> bytes:
     """`nodes` chained redrafter::MatMulInt4 nodes over the same random 4-bit codes, scales,
     zero points (`zeros`: "none", "uint8" packed 4-bit, or "float") and bias (initializers),
-    A (M, K) -> Y (M, N) (K == N when chained); `seed` picks the weights (default: from K, N)."""
+    A (M, K) -> Y (M, N) (K == N when chained); `seed` picks the weights (default: from K, N).
+    `split` (one node): the `split` attribute, outputs Y0.. of those widths (`outputs`: how
+    many, default len(split))."""
     from onnx import numpy_helper
 
     rng = np.random.default_rng(K * 7 + N if seed is None else seed)
@@ -828,11 +839,23 @@ def matmul_int4_model(
         )
         for x, y in zip(links, links[1:], strict=False)
     ]
+    graph_outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])]
+    if split is not None or outputs is not None:
+        assert nodes == 1
+        count = len(split or []) if outputs is None else outputs
+        names_out = [f"Y{j}" for j in range(count)]
+        del graph_nodes[0].output[:]
+        graph_nodes[0].output.extend(names_out)
+        if split is not None:
+            graph_nodes[0].attribute.append(helper.make_attribute("split", split))
+        graph_outputs = [
+            helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in names_out
+        ]
     graph = helper.make_graph(
         graph_nodes,
         "matmul_int4",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+        graph_outputs,
         [numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
     model = helper.make_model(
@@ -849,6 +872,44 @@ def int4_activations(M: int, K: int) -> np.ndarray:
     a[min(3, M - 1), :32] = 0.0
     a[M // 2, K // 3] = 50.0
     return a
+
+
+def test_matmul_int4_split_outputs_are_the_columns_bit_for_bit(lib) -> None:
+    """With `split`, one node writes its columns to several outputs: each is exactly its slice of
+    the unsplit product, at every row count; a split that does not match N or the outputs is a
+    one-line error."""
+    import onnxruntime as ort
+
+    K, N = 128, 160
+    sizes = [64, 48, 48]  # q/k/v-like
+    sessions = {}
+    for name, model in {
+        "whole": matmul_int4_model(K, N, block=32, zeros="uint8", bias=True),
+        "split": matmul_int4_model(K, N, block=32, zeros="uint8", bias=True, split=sizes),
+    }.items():
+        options = ort.SessionOptions()
+        ops.register(options, required=True)
+        sessions[name] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for M in (1, 2, 5, 8, 9):
+        a = int4_activations(M, K)
+        (whole,) = sessions["whole"].run(None, {"A": a})
+        parts = sessions["split"].run(None, {"A": a})
+        assert [p.shape for p in parts] == [(M, w) for w in sizes]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+    for bad, outputs, message in [
+        ([64, 48, 40], None, "summing to N = 160"),
+        ([64, 96], 3, "must give 3 positive widths"),
+        (None, 2, "2 outputs need a `split` attribute"),
+    ]:
+        options = ort.SessionOptions()
+        ops.register(options, required=True)
+        model = matmul_int4_model(
+            K, N, block=32, zeros="uint8", bias=True, split=bad, outputs=outputs
+        )
+        sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        with pytest.raises(Exception, match=message):
+            sess.run(None, {"A": int4_activations(2, K)})
+    assert ops.matmul_int4_max_outputs() == 4
 
 
 @pytest.mark.parametrize(

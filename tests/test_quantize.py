@@ -323,18 +323,29 @@ def test_sibling_matmuls_fuse_without_changing_a_bit(tmp_path, symmetric) -> Non
     kernels: list[tuple[str, bool]] = [("onnxruntime", False)]
     if ops.library_path() is not None:
         kernels.append(("redrafter", True))
+        # The native kernel takes a Split's outputs itself (MatMulInt4's `split` attribute).
+        folded = onnx.load_from_string(
+            with_int4_kernel(graphs[True], max_outputs=ops.matmul_int4_max_outputs())
+        )
+        kinds = collections.Counter(node.op_type for node in folded.graph.node)
+        assert (kinds["MatMulInt4"], kinds["Split"]) == (3, 0)
+        widths = [len(node.output) for node in folded.graph.node if node.op_type == "MatMulInt4"]
+        assert widths == [3, 2, 1]  # q/k/v, gate/up, down
     for kernel, native in kernels:
         outs = []
-        for fuse in (False, True):
+        for fuse, fold in ((False, 1), (True, 1), (True, 4)):
+            if fold > 1 and not native:
+                continue
             options = ort.SessionOptions()
             model: str | bytes = str(graphs[fuse])
             if native:
                 ops.register(options, required=True)
-                model = with_int4_kernel(graphs[fuse]) or model
+                model = with_int4_kernel(graphs[fuse], max_outputs=fold) or model
             sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             outs.append(sess.run(None, {"x": x}))
-        for a, b, name in zip(*outs, ("k", "v", "d"), strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"{kernel}: {name}")
+        for got in outs[1:]:
+            for a, b, name in zip(outs[0], got, ("k", "v", "d"), strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"{kernel}: {name}")
 
 
 def test_native_int4_kernel_is_refused_where_it_cannot_run(int4_bundle) -> None:

@@ -29,7 +29,9 @@
 // Shapes: A [..., K] float32 (M = product of the leading dims), B uint8 [N, KB, bs / 2],
 // scales float32 [N * KB] (or [N, KB]), zero_points uint8 [N * ceil(KB / 2)] or float32
 // [N * KB] (optional),
-// g_idx (must be absent), bias float32 [N] (optional); Y [..., N] float32.
+// g_idx (must be absent), bias float32 [N] (optional); Y [..., N] float32, or with the node's
+// `split` attribute (ints: positive widths summing to N, one per output, at most
+// REDRAFTER_MATMUL_INT4_MAX_OUTPUTS) Y_j [..., split[j]]: the columns of Y, in order.
 #pragma once
 
 #include <cstdint>

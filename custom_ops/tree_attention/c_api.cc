@@ -95,6 +95,8 @@ extern "C" {
 
 const char* rd_last_error(void) { return last_error.c_str(); }
 
+int rd_matmul_int4_max_outputs(void) { return REDRAFTER_MATMUL_INT4_MAX_OUTPUTS; }
+
 int rd_has_cuda_kernels(void) {
 #if defined(REDRAFTER_WITH_CUDA)
   return 1;

@@ -11,6 +11,7 @@
 #define REDRAFTER_TREE_ATTENTION_OP "TreeAttention"
 #define REDRAFTER_KV_COMMIT_OP "KVCommit"
 #define REDRAFTER_MATMUL_INT4_OP "MatMulInt4"  // MatMulNBits (bits 4) swapped in on the CPU
+#define REDRAFTER_MATMUL_INT4_MAX_OUTPUTS 4
 #define REDRAFTER_OP_VERSION 2  // the newest TreeAttention version implemented (1 and 2 are)
 
 // Element types, numbered as ONNX's TensorProto.DataType.
@@ -32,6 +33,10 @@ extern "C" {
 
 RD_EXPORT const char* rd_last_error(void);
 RD_EXPORT int rd_has_cuda_kernels(void);  // 1 when the library was built with nvcc
+// The most outputs one MatMulInt4 node may have: with the `split` attribute (ints), its output
+// columns go to that many outputs of those widths, as a Split of the last axis would send them.
+// (Absent from builds before the attribute existed: those take one output.)
+RD_EXPORT int rd_matmul_int4_max_outputs(void);
 
 // The attention functions take the op's attributes as arguments: scale (0: 1/sqrt(D)), window
 // (0: none) and softcap (0: none); tree_attention.h states their semantics.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -38,11 +39,15 @@ MATMUL_INT4 = "MatMulInt4"
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
-def with_int4_kernel(path: Path) -> bytes | None:
+def with_int4_kernel(path: Path, *, max_outputs: int = 1) -> bytes | None:
     """The graph at `path` with every 4-bit `MatMulNBits` the native kernel takes (blocks of a
     multiple of 32, zero points none, packed 4-bit or float32, no act-order `g_idx`) turned into
     `redrafter::MatMulInt4`, serialized with its weights still external; None when it has none.
-    The bundle on disk is never changed: the swap is this runtime's choice of kernel."""
+    The bundle on disk is never changed: the swap is this runtime's choice of kernel.
+
+    `max_outputs` (`ops.matmul_int4_max_outputs()` of the library that will run it): a swapped
+    node whose only reader is a `Split` of the last axis into at most that many outputs takes
+    the Split's outputs itself (its `split` attribute), and the Split goes."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -69,9 +74,59 @@ def with_int4_kernel(path: Path) -> bytes | None:
         swapped += 1
     if not swapped:
         return None
+    if max_outputs > 1:
+        fold_splits(model, max_outputs)
     if not any(o.domain == n.OP_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(n.OP_DOMAIN, 1))
     return model.SerializeToString()
+
+
+def fold_splits(model: Any, max_outputs: int) -> None:
+    """Give each `redrafter::MatMulInt4` read only by a `Split` of its last axis (sizes from a
+    constant; a fused projection's q/k/v or gate/up, `export.quantize.fuse_sibling_matmuls`)
+    the Split's outputs and a `split` attribute, and drop the Split, in place. The kernel writes
+    the same columns to the same outputs: the split is copies, never arithmetic."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    inits = {t.name: t for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    dropped = []
+    for node in graph.node:
+        if node.op_type != MATMUL_INT4 or node.domain != n.OP_DOMAIN:
+            continue
+        y = node.output[0]
+        users = readers.get(y, [])
+        if len(users) != 1 or y in graph_outputs:
+            continue
+        split = users[0]
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        sizes_init = inits.get(split.input[1]) if len(split.input) > 1 else None
+        if (
+            split.op_type != "Split"
+            or split.domain not in ("", "ai.onnx")
+            or axis != -1
+            or sizes_init is None
+            or sizes_init.data_location == TensorProto.EXTERNAL
+        ):
+            continue
+        sizes = [int(v) for v in numpy_helper.to_array(sizes_init).reshape(-1)]
+        N = next(a.i for a in node.attribute if a.name == "N")
+        if len(sizes) != len(split.output) or len(sizes) > max_outputs or sum(sizes) != N:
+            continue
+        del node.output[:]
+        node.output.extend(split.output)
+        node.attribute.append(helper.make_attribute("split", sizes))
+        dropped.append(split)
+    for split in dropped:
+        graph.node.remove(split)
+    used = {name for node in graph.node for name in node.input}
+    for name in {split.input[1] for split in dropped} - used:  # the sizes, now unread
+        graph.initializer.remove(inits[name])
 
 
 def check_windows(bundle: Bundle) -> None:
@@ -449,7 +504,11 @@ class OnnxRuntime:
     ) -> ort.InferenceSession:
         """A session for one graph of the bundle, with the native int4 kernel swapped in when
         this runtime uses it and the graph has 4-bit MatMulNBits nodes."""
-        graph = with_int4_kernel(path) if self._int4 else None
+        graph = (
+            with_int4_kernel(path, max_outputs=ops.matmul_int4_max_outputs(self._library))
+            if self._int4
+            else None
+        )
         if graph is None:
             if self.int4 is None and self.bundle.precision == "int4":
                 self.int4 = "onnxruntime"
