@@ -355,3 +355,63 @@ def test_native_int4_kernel_is_refused_where_it_cannot_run(int4_bundle) -> None:
         OnnxRuntime(int4_bundle, native=False, int4_kernel=True)
     # blocks of 16 are not the kernel's: ONNX Runtime's MatMulNBits runs them
     assert OnnxRuntime(int4_bundle, native=False).int4 == "onnxruntime"
+
+
+def _residual_norm_graph(exponent: float = 2.0, axis: int = -1) -> onnx.ModelProto:
+    """h = x + y; out = w * (h / Sqrt(ReduceMean(Pow(h, exponent), [axis]) + eps)); z = h + out:
+    a pre-norm block's residual add, its RMSNorm as the exporter writes it, the next residual."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    inits = {
+        "w": rng.uniform(0.5, 1.5, 64).astype(np.float32),
+        "two": np.array(exponent, np.float32),
+        "axes": np.array([axis], np.int64),
+        "eps": np.array(1e-5, np.float32),
+    }
+    nodes = [
+        helper.make_node("Add", ["x", "y"], ["h"]),
+        helper.make_node("Pow", ["h", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Div", ["h", "rms"], ["hn"]),
+        helper.make_node("Mul", ["w", "hn"], ["out"]),
+        helper.make_node("Add", ["h", "out"], ["z"]),
+    ]
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", "T", 64]) for x in "xyz"]
+    graph = helper.make_graph(
+        nodes,
+        "residual_norm",
+        io[:2],
+        [io[2]],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
+def test_residual_add_and_rmsnorm_fuse_into_one_skip_norm() -> None:
+    """fuse_residual_norms turns the residual Add + the exported RMSNorm chain into one
+    SkipSimplifiedLayerNormalization whose fourth output feeds the next residual: same values
+    (another kernel's rounding), every row alone as in a batch; other forms are left alone."""
+    import onnxruntime as ort
+
+    from redrafter.runtimes.ort_rewrites import fuse_residual_norms
+
+    fused = _residual_norm_graph()
+    assert fuse_residual_norms(fused) == 1
+    kinds = collections.Counter(node.op_type for node in fused.graph.node)
+    assert kinds == {"SkipSimplifiedLayerNormalization": 1, "Add": 1}
+    rng = np.random.default_rng(2)
+    feeds = {k: rng.standard_normal((3, 5, 64)).astype(np.float32) for k in ("x", "y")}
+    runs = {}
+    for name, model in (("plain", _residual_norm_graph()), ("fused", fused)):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs[name] = sess.run(None, feeds)[0]
+        one = sess.run(None, {k: v[1:2, 2:3] for k, v in feeds.items()})[0]  # a row alone
+        np.testing.assert_array_equal(one, runs[name][1:2, 2:3])
+    np.testing.assert_allclose(runs["fused"], runs["plain"], rtol=1e-5, atol=1e-5)
+    for other in (_residual_norm_graph(exponent=3.0), _residual_norm_graph(axis=0)):
+        assert fuse_residual_norms(other) == 0
