@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,7 +26,6 @@ from redrafter.bundle import names as n
 from redrafter.config import BeamShape, DrafterConfig
 from redrafter.decoding.runtime import argmax_tokens, check_rows, drafted_log_probs
 from redrafter.errors import ConfigError, RuntimeUnavailableError
-from redrafter.runtimes.ort_rewrites import MATMUL_INT4, fold_splits, fuse_residual_norms
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -35,7 +35,7 @@ PREFILL_CHUNK = 128  # prompt tokens per base call: bounds the (B, T, V) logits 
 # redrafter::MatMulInt4 (custom_ops/matmul_int4): the native library's int4 kernel, which takes
 # com.microsoft::MatMulNBits' inputs. ORT's own kernel is not batch-invariant at int8 compute and
 # expands the blocks to fp32 from two rows on at fp32 compute; ours is neither (matmul_int4.h).
-# (MATMUL_INT4, its op name, lives with the graph rewrites in ort_rewrites.)
+MATMUL_INT4 = "MatMulInt4"
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
@@ -47,9 +47,7 @@ def with_int4_kernel(path: Path, *, max_outputs: int = 1) -> bytes | None:
 
     `max_outputs` (`ops.matmul_int4_max_outputs()` of the library that will run it): a swapped
     node whose only reader is a `Split` of the last axis into at most that many outputs takes
-    the Split's outputs itself (its `split` attribute), and the Split goes. Each residual add
-    and the RMSNorm that reads it become one `SkipSimplifiedLayerNormalization` (ort_rewrites:
-    both rewrites cut ONNX Runtime's per-node cost, 120 nodes of a 30-layer step)."""
+    the Split's outputs itself (its `split` attribute), and the Split goes."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -78,10 +76,57 @@ def with_int4_kernel(path: Path, *, max_outputs: int = 1) -> bytes | None:
         return None
     if max_outputs > 1:
         fold_splits(model, max_outputs)
-    fuse_residual_norms(model)
     if not any(o.domain == n.OP_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(n.OP_DOMAIN, 1))
     return model.SerializeToString()
+
+
+def fold_splits(model: Any, max_outputs: int) -> None:
+    """Give each `redrafter::MatMulInt4` read only by a `Split` of its last axis (sizes from a
+    constant; a fused projection's q/k/v or gate/up, `export.quantize.fuse_sibling_matmuls`)
+    the Split's outputs and a `split` attribute, and drop the Split, in place. The kernel writes
+    the same columns to the same outputs: the split is copies, never arithmetic."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    inits = {t.name: t for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    dropped = []
+    for node in graph.node:
+        if node.op_type != MATMUL_INT4 or node.domain != n.OP_DOMAIN:
+            continue
+        y = node.output[0]
+        users = readers.get(y, [])
+        if len(users) != 1 or y in graph_outputs:
+            continue
+        split = users[0]
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        sizes_init = inits.get(split.input[1]) if len(split.input) > 1 else None
+        if (
+            split.op_type != "Split"
+            or split.domain not in ("", "ai.onnx")
+            or axis != -1
+            or sizes_init is None
+            or sizes_init.data_location == TensorProto.EXTERNAL
+        ):
+            continue
+        sizes = [int(v) for v in numpy_helper.to_array(sizes_init).reshape(-1)]
+        N = next(a.i for a in node.attribute if a.name == "N")
+        if len(sizes) != len(split.output) or len(sizes) > max_outputs or sum(sizes) != N:
+            continue
+        del node.output[:]
+        node.output.extend(split.output)
+        node.attribute.append(helper.make_attribute("split", sizes))
+        dropped.append(split)
+    for split in dropped:
+        graph.node.remove(split)
+    used = {name for node in graph.node for name in node.input}
+    for name in {split.input[1] for split in dropped} - used:  # the sizes, now unread
+        graph.initializer.remove(inits[name])
 
 
 def check_windows(bundle: Bundle) -> None:
