@@ -155,9 +155,10 @@ def check_windows(bundle: Bundle) -> None:
 
 # A drafter whose beam step takes fewer multiply-adds than this runs on one intra-op thread on
 # the CPU. Its pool never spins (see OnnxRuntime), so every op worth splitting wakes a sleeping
-# thread, which cost more than the split saved: SmolLM2-135M's drafter (2.5 M per step, ~130
-# small ops per W1 L5 draft) took 0.80 ms a draft on one thread against 1.02 ms on two, int4,
-# 2 cores (benchmarks/RESULTS.md, issue 22). A large model's drafter keeps every thread.
+# thread, which cost more than the split saved: with SmolLM2-135M's drafter (2.5 M per step,
+# ~130 small ops per W1 L5 draft) the draft phase took 1.03 ms a step on one thread against
+# 1.20 ms on two, int4, 2 cores (benchmarks/results/drafter_threads.json). A large model's
+# drafter keeps every thread.
 ONE_THREAD_DRAFT_MACS = 8_000_000
 
 
@@ -286,6 +287,12 @@ class OnnxRuntime:
             for o in self.base.get_outputs()
             if o.name in (n.NEXT_TOKENS, n.LOGITS, n.HIDDEN_STATES)
         }
+        if any(not isinstance(d, int) for _, dims in self._host_outputs.values() for d in dims):
+            raise RuntimeUnavailableError(
+                f"{self.bundle.root}: the base graph's logits/hidden_states have symbolic "
+                "vocabulary or hidden sizes (not an export of this redrafter); re-export the "
+                "bundle with `redrafter export`"
+            )
         self._commit: ort.InferenceSession | None = None
         if device_commit if device_commit is not None else self.device == "cuda":
             graph = commit_graph(self.implementation, self.bundle.dtype)
