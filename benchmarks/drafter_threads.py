@@ -21,21 +21,15 @@ from typing import Any
 from benchmarks._common import idle_report, machine, save
 
 
-def runtime_with_drafter_threads(bundle: str, threads: int, drafter: int | None) -> Any:
-    """A pipeline on the bundle whose drafter sessions get `drafter` intra-op threads (None: the
-    runtime's own choice, `drafter_threads`)."""
-    import redrafter.runtimes.onnxruntime as ort_runtime
+def runtime_with_drafter_threads(bundle: str, threads: int, drafter: int) -> Any:
+    """A pipeline on the bundle whose drafter sessions get `drafter` intra-op threads, the
+    drafter session opened by a short warm-up."""
     from redrafter.pipeline import load
+    from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     pipe = load(bundle, runtime="onnxruntime")
-    chosen = ort_runtime.drafter_threads
-    if drafter is not None:
-        ort_runtime.drafter_threads = lambda *_args: drafter
-    try:
-        pipe.runtime = ort_runtime.OnnxRuntime(bundle, threads=threads)
-        pipe.generate([pipe.encode("warm-up", chat=False)], _options(8))  # opens the drafter
-    finally:
-        ort_runtime.drafter_threads = chosen
+    pipe.runtime = OnnxRuntime(bundle, threads=threads, draft_threads=drafter)
+    pipe.generate([pipe.encode("warm-up", chat=False)], _options(8))
     return pipe
 
 

@@ -394,3 +394,10 @@ def test_a_small_drafter_runs_on_one_thread_a_large_one_on_all() -> None:
     # Width multiplies the step: enough beams of the small drafter get every thread again.
     per_beam = 576 * 576 * 4 + 576 * 2048
     assert drafter_threads(2, small, ONE_THREAD_DRAFT_MACS // per_beam + 1, "cpu") == 2
+
+
+def test_draft_threads_must_be_a_positive_integer(onnx_bundle) -> None:
+    from redrafter.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="draft_threads 0 must be an integer >= 1"):
+        OnnxRuntime(onnx_bundle, draft_threads=0)

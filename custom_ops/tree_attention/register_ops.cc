@@ -402,6 +402,7 @@ struct MatMulInt4Kernel {
       Ort::ThrowOnError(
           api.KernelInfoGetAttributeArray_int64(info, "split", split_.data(), &count));
     }
+    split_error_ = check_split(k.GetOutputCount());  // reported by each call, as a bad input
   }
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
@@ -454,8 +455,7 @@ struct MatMulInt4Kernel {
         bias = static_cast<const float*>(bi.data);
       }
       if (!err.empty()) return error_status(err);
-      err = check_split(ctx.GetOutputCount());
-      if (!err.empty()) return error_status(err);
+      if (!split_error_.empty()) return error_status(split_error_);
       const std::shared_ptr<const PackedInt4> held =
           packed(b.data, static_cast<const float*>(s.data), zero_points, float_zero_points, bias);
       const PackedInt4& w = *held;
@@ -488,6 +488,7 @@ struct MatMulInt4Kernel {
     });
   }
 
+ private:
   // "" when the split attribute (if any) matches N and the node's outputs, else the error.
   std::string check_split(size_t outputs) const {
     std::ostringstream err;
@@ -508,7 +509,6 @@ struct MatMulInt4Kernel {
     return err.str();
   }
 
- private:
   std::shared_ptr<const PackedInt4> packed(const void* B, const float* scales,
                                            const uint8_t* zero_points,
                                            const float* float_zero_points, const float* bias) {
@@ -527,6 +527,7 @@ struct MatMulInt4Kernel {
 
   int64_t K_ = 0, N_ = 0, block_size_ = 0, bits_ = 0;
   std::vector<int64_t> split_;
+  std::string split_error_;
   std::mutex mu_;
   const void* source_ = nullptr;
   std::shared_ptr<const PackedInt4> packed_;

@@ -193,8 +193,10 @@ class OnnxRuntime:
     'native' (the C++/CUDA library) or 'portable' (the ONNX function body).
 
     `threads`: intra-op threads per session (None: ONNX Runtime's default, one per physical
-    core). `device='cuda'` raises `RuntimeUnavailableError` when the CUDA execution provider
-    does not become active, unless `allow_fallback` (then it runs on the CPU with a warning).
+    core). `draft_threads`: the drafter sessions' (None: `drafter_threads`, one thread for a
+    small drafter on the CPU, else `threads`). `device='cuda'` raises `RuntimeUnavailableError`
+    when the CUDA execution provider does not become active, unless `allow_fallback` (then it
+    runs on the CPU with a warning).
 
     `int4_kernel`: run a float32 int4 bundle's MatMulNBits nodes with the native library's
     `redrafter::MatMulInt4` on the CPU (None: whenever the library is loaded; False: ONNX
@@ -216,9 +218,11 @@ class OnnxRuntime:
         allow_fallback: bool = False,
         int4_kernel: bool | None = None,
         device_commit: bool | None = None,
+        draft_threads: int | None = None,
     ) -> None:
-        if threads is not None and (isinstance(threads, bool) or threads < 1):
-            raise ConfigError(f"threads {threads!r} must be an integer >= 1 (e.g. --threads 1)")
+        for name, value in (("threads", threads), ("draft_threads", draft_threads)):
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} {value!r} must be an integer >= 1 (e.g. --threads 1)")
         self.threads = threads
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if device not in PROVIDERS:
@@ -246,7 +250,7 @@ class OnnxRuntime:
         # own pool, and spinning drafter threads would keep the cores from the verification
         # that follows (on 2 cores that doubled verify time: benchmarks/RESULTS.md).
         options = session_options(threads, library, spin=True)
-        self._threads, self._library = threads, library  # for the drafter sessions
+        self._draft_threads, self._library = draft_threads, library  # for the drafter sessions
         providers = (
             [PROVIDERS[device], "CPUExecutionProvider"] if device == "cuda" else [PROVIDERS["cpu"]]
         )
@@ -257,6 +261,8 @@ class OnnxRuntime:
             )
         self._int4 = int4_kernel is not False and library is not None and device == "cpu"
         self._int4 = self._int4 and self.bundle.dtype == "float32"
+        # How many outputs this library's MatMulInt4 takes (its Split folding), asked once.
+        self._int4_outputs = ops.matmul_int4_max_outputs(library) if self._int4 else 1
         self.int4: str | None = None
         self.base = self._session(self.bundle.path(n.BASE_ONNX), options, providers)
         self._providers = providers
@@ -497,8 +503,8 @@ class OnnxRuntime:
                 f"{beam.width}x{beam.length}; re-export with --beam-width/--beam-length"
             )
         if beam not in self._drafters:
-            threads = drafter_threads(
-                self._threads, self.bundle.drafter_config, beam.width, self.device
+            threads = self._draft_threads or drafter_threads(
+                self.threads, self.bundle.drafter_config, beam.width, self.device
             )
             options = session_options(threads, self._library, spin=False)
             self._drafters[beam] = self._session(
@@ -511,11 +517,7 @@ class OnnxRuntime:
     ) -> ort.InferenceSession:
         """A session for one graph of the bundle, with the native int4 kernel swapped in when
         this runtime uses it and the graph has 4-bit MatMulNBits nodes."""
-        graph = (
-            with_int4_kernel(path, max_outputs=ops.matmul_int4_max_outputs(self._library))
-            if self._int4
-            else None
-        )
+        graph = with_int4_kernel(path, max_outputs=self._int4_outputs) if self._int4 else None
         if graph is None:
             if self.int4 is None and self.bundle.precision == "int4":
                 self.int4 = "onnxruntime"
