@@ -230,8 +230,9 @@ def prompt_ids(base: Path, texts: Sequence[Any]) -> tuple[list[list[int]], tuple
 
 
 def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> None:
-    """`--prompt-lookup off|on|both` and `--min-draft-prob FLOORS`, as `redrafter bench` has
-    them (harness.PROMPT_LOOKUP_SETTINGS, decoding/prune.py); `note` ends both helps."""
+    """`--prompt-lookup off|on|both`, `--min-draft-prob FLOORS` and `--lookup-min-ngram N`, as
+    `redrafter bench` has them (harness.PROMPT_LOOKUP_SETTINGS, decoding/prune.py,
+    decoding/lookup.py); `note` ends their helps."""
     parser.add_argument(
         "--prompt-lookup",
         choices=["off", "on", "both"],
@@ -243,6 +244,14 @@ def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> N
         type=lambda t: [float(x) for x in t.split(",")],
         default=[0.0],
         help="comma list of draft-probability floors (decoding/prune.py) [0]" + note,
+    )
+    parser.add_argument(
+        "--lookup-min-ngram",
+        type=int,
+        choices=[1, 2, 3],
+        default=1,
+        help="the prompt-lookup beam drafts from suffix matches of at least this many tokens "
+        "[1]" + note,
     )
 
 

@@ -5,6 +5,7 @@ builds emit the same tokens).
 
     .venv/bin/python -m benchmarks.library_ab --bundle DIR --library NEW.so --baseline-library
         OLD.so [--jargon 4 --code 4 --max-new-tokens 128] [--rounds 3] [--min-draft-prob 0.25]
+        [--lookup-min-ngram 1]
         [--threads 2] [--name library_ab]
 
 `custom_ops/build.sh OUT_DIR` makes the other build. Shapes: autoregressive and W1 L5 with the
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-draft-prob", type=float, default=0.25)
+    ap.add_argument("--lookup-min-ngram", type=int, choices=[1, 2, 3], default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="library_ab")
     args = ap.parse_args()
@@ -63,15 +65,14 @@ def main() -> None:
         for p in heldout_shared_prompts(args.jargon, args.code)
     ]
     n = args.max_new_tokens
-    shapes = {
-        "autoregressive": DecodeOptions(max_new_tokens=n, speculative=False),
-        f"W1 L5 +lookup p>={args.min_draft_prob}": DecodeOptions(
-            max_new_tokens=n,
-            beam=BeamShape(1, 5),
-            prompt_lookup=True,
-            min_draft_prob=args.min_draft_prob,
-        ),
-    }
+    spec = DecodeOptions(
+        max_new_tokens=n,
+        beam=BeamShape(1, 5),
+        prompt_lookup=True,
+        min_draft_prob=args.min_draft_prob,
+        lookup_min_ngram=args.lookup_min_ngram,
+    )
+    shapes = {"autoregressive": DecodeOptions(max_new_tokens=n, speculative=False), spec.name: spec}
     for pipe in pipes.values():  # warm-up: sessions, packed weights, drafter graph
         for options in shapes.values():
             pipe.generate([ids[0]], options)

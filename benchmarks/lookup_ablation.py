@@ -1,10 +1,16 @@
-"""Which prompt-lookup span and draft-probability floor pay off: W1 L5 with the lookup beam at
-several spans (drafts per matched n-gram token, `decoding/lookup.py`) and floors
-(`decoding/prune.py`), against autoregressive decoding and the drafter alone, on ONNX Runtime
-CPU (native kernel), interleaved rounds, paired speed-ups per round.
+"""Which prompt-lookup span, shortest match and draft-probability floor pay off: W1 L5 with the
+lookup beam at several spans (drafts per matched n-gram token, `decoding/lookup.py`), shortest
+matches (`--min-ngrams`) and floors (`decoding/prune.py`), against autoregressive decoding and
+the drafter alone, on ONNX Runtime CPU (native kernel), interleaved rounds, paired speed-ups
+per round.
 
-    .venv/bin/python -m benchmarks.lookup_ablation [--drafter DIR] [--spans 1,2,4]
-        [--floors 0,0.25] [--repeats 4] [--max-new-tokens 128] [--wait-idle 3] [--name NAME]
+    .venv/bin/python -m benchmarks.lookup_ablation [--drafter DIR | --bundle DIR]
+        [--spans 1,2,4] [--min-ngrams 1] [--floors 0,0.25] [--repeats 4]
+        [--max-new-tokens 128] [--wait-idle 3] [--name NAME]
+
+`--bundle` decodes an exported bundle with a 1x5 drafter graph (e.g. the int4 peers bundle,
+whose verification prices tree tokens differently from fp32's) instead of exporting the
+demo bundle for `--drafter`.
 
 The same 8 held-out prompts as benchmarks.peers (4 Jargon chat questions, 4 HumanEval
 tasks, never trained on), stopping at EOS. On a 2-core CPU the verification is compute-bound,
@@ -33,7 +39,9 @@ def main() -> None:
     """W1 L5 alone and with the lookup beam at each span x floor, interleaved rounds."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", help="drafter folder [the trained demo drafter]")
+    parser.add_argument("--bundle", help="an exported bundle with a 1x5 drafter graph")
     parser.add_argument("--spans", default="1,2,4", help="lookup spans [1,2,4]")
+    parser.add_argument("--min-ngrams", default="1", help="lookup shortest matches [1]")
     parser.add_argument("--floors", default="0,0.25", help="draft-probability floors [0,0.25]")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -50,17 +58,26 @@ def main() -> None:
     from redrafter.demo import find_demo_gguf, find_trained_drafter, heldout_shared_prompts
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
-    drafter = Path(args.drafter) if args.drafter else find_trained_drafter()
-    if drafter is None:
-        raise SystemExit("error: no trained drafter found; run `make demo` or pass --drafter DIR")
     beam = BeamShape(1, 5)
-    bundle = demo_bundle(drafter, [beam])
+    if args.bundle:
+        bundle = Path(args.bundle)
+    else:
+        drafter = Path(args.drafter) if args.drafter else find_trained_drafter()
+        if drafter is None:
+            raise SystemExit(
+                "error: no trained drafter found; run `make demo` or pass --drafter DIR"
+            )
+        bundle = demo_bundle(drafter, [beam])
     spans = [int(x) for x in args.spans.split(",")]
+    min_ngrams = [int(x) for x in args.min_ngrams.split(",")]
     floors = [float(x) for x in args.floors.split(",")]
     drafter_only = DecodeOptions(max_new_tokens=args.max_new_tokens, beam=beam)
     spec = [drafter_only] + [
-        drafter_only.replace(prompt_lookup=True, min_draft_prob=floor, lookup_span=span)
+        drafter_only.replace(
+            prompt_lookup=True, min_draft_prob=floor, lookup_span=span, lookup_min_ngram=shortest
+        )
         for span in spans
+        for shortest in min_ngrams
         for floor in floors
     ]
     prompts, eos = prompt_ids(find_demo_gguf(), heldout_shared_prompts(4, 4))

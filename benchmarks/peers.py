@@ -600,6 +600,7 @@ def run_ours(
     portable: bool,
     prompt_lookup: str = "off",
     min_draft_prob: Sequence[float] = (0.0,),
+    lookup_min_ngram: int = 1,
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
 ) -> dict[str, Any]:
@@ -630,6 +631,7 @@ def run_ours(
         packing=bundle.packing,
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
         min_draft_prob=min_draft_prob,
+        lookup_min_ngram=lookup_min_ngram,
     )
     for impl in impls:
         rt = OnnxRuntime(bundle, native=impl == "native", threads=threads)
@@ -867,6 +869,7 @@ def main() -> None:
                     portable=args.portable,
                     prompt_lookup=args.prompt_lookup,
                     min_draft_prob=args.min_draft_prob,
+                    lookup_min_ngram=args.lookup_min_ngram,
                     on_partial=partial,
                     on_tokens=(lambda ids: reference.update(ours=ids)) if first else None,
                     **common,

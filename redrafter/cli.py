@@ -231,6 +231,16 @@ _SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "packing": (("--packing",), {"choices": ["dedup", "full"]}),
     "prompt-lookup": (("--prompt-lookup",), {}),
     "min-draft-prob": (("--min-draft-prob",), {}),
+    "lookup-min-ngram": (
+        ("--lookup-min-ngram",),
+        {
+            "type": click.IntRange(1, 3),
+            "default": 1,
+            "help": "Prompt lookup drafts only from suffix matches of at least this many tokens "
+            "(1-3). A lone recurring token predicts its old continuation poorly: 2 pays where "
+            "tree tokens are dear, e.g. an int4 bundle on a CPU (docs/algorithm.md).",
+        },
+    ),
     "seed": (("--seed",), {"type": int}),
     "json": (("--json", "json_out"), {"type": _PATH}),
     "exit-dim": (("--exit-dim",), {"type": click.IntRange(min=1)}),
@@ -379,6 +389,7 @@ def _option(
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.0,
 )
+@_option("lookup-min-ngram")
 @click.option(
     "--speculate-max-rows",
     type=click.IntRange(min=1),
@@ -449,6 +460,7 @@ def generate(
     packing: str | None,
     prompt_lookup: bool,
     min_draft_prob: float,
+    lookup_min_ngram: int,
     speculate_max_rows: int | None,
     autoregressive: bool,
     runtime: str | None,
@@ -530,6 +542,7 @@ def generate(
         speculative=not autoregressive,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        lookup_min_ngram=lookup_min_ngram,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
@@ -960,6 +973,7 @@ def validate(
     default="0",
     callback=_probs,
 )
+@_option("lookup-min-ngram")
 def bench(
     bundle_path: str,
     runtime: str,
@@ -978,6 +992,7 @@ def bench(
     plot_out: str | None,
     prompt_lookup: str,
     min_draft_prob: list[float],
+    lookup_min_ngram: int,
 ) -> None:
     """Speculative vs autoregressive decoding on the same runtime and prompts, side by side:
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
@@ -1023,6 +1038,7 @@ def bench(
         packing=bundle.packing,
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
         min_draft_prob=min_draft_prob,
+        lookup_min_ngram=lookup_min_ngram,
     )
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarking", total=runs_in(spec, repeats))
@@ -1268,6 +1284,7 @@ def init_drafter_cmd(
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.0,
 )
+@_option("lookup-min-ngram")
 @click.option("--autoregressive", is_flag=True, help="Serve the autoregressive baseline.")
 @click.option(
     "--max-queue",
@@ -1310,6 +1327,7 @@ def serve(
     beam_length: int | None,
     prompt_lookup: bool,
     min_draft_prob: float,
+    lookup_min_ngram: int,
     autoregressive: bool,
     max_queue: int,
     max_batch: int,
@@ -1326,6 +1344,7 @@ def serve(
         beam_length=beam_length,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        lookup_min_ngram=lookup_min_ngram,
         autoregressive=autoregressive,
         max_queue=max_queue,
         max_batch=max_batch,

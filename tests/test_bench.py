@@ -151,6 +151,10 @@ def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
         "1",
         "--min-draft-prob",
         "0,0.2",
+        "--prompt-lookup",
+        "on",
+        "--lookup-min-ngram",
+        "2",
         "--json",
         str(out),
         "--plot",
@@ -158,9 +162,11 @@ def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"autoregressive", "W2 L4", "W2 L4 p>=0.2"}
-    assert results["W2 L4"]["min_draft_prob"] == 0.0
-    assert results["W2 L4 p>=0.2"]["min_draft_prob"] == 0.2
+    spec = ["W2 L4 +lookup >=2gram", "W2 L4 +lookup >=2gram p>=0.2"]
+    assert set(results) == {"autoregressive", *spec}
+    assert results[spec[0]]["min_draft_prob"] == 0.0
+    assert results[spec[1]]["min_draft_prob"] == 0.2
+    assert all(results[name]["lookup_min_ngram"] == 2 for name in spec)
     assert len({r["tokens"] for r in results.values()}) == 1  # greedy: the same tokens
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -193,6 +199,7 @@ def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
         (["--runtime", "torch", "--portable"], "--native/--portable"),
         (["--min-draft-prob", "1.5"], "[0, 1)"),
         (["--min-draft-prob", "a"], "comma-separated"),
+        (["--lookup-min-ngram", "0"], "lookup-min-ngram"),
     ],
 )
 def test_bench_bad_arguments_exit_2(grid_bundle, args, message) -> None:

@@ -158,6 +158,56 @@ def test_add_lookup_beam_pads_the_drafter_beams() -> None:
     assert capped.shape == (1, 3, 4) and list(capped[0, 2]) == [8, 9, 3, 5]
 
 
+def test_add_lookup_beam_drafts_only_from_matches_of_min_ngram_tokens() -> None:
+    """`min_ngram`: a suffix match shorter than it drafts nothing (g0 alone, no tree token)."""
+    two_gram = [5, 8, 9, 3, 5, 8]  # `5 8` recurs, `3 5 8` does not
+    one_gram = [1, 2, 7, 2]  # only `2` recurs
+    for history, shortest, drafted in [
+        (two_gram, 1, [9, 3, 5, 8]),  # the longest match wins: 2 tokens x span 2
+        (two_gram, 2, [9, 3, 5, 8]),
+        (two_gram, 3, []),
+        (one_gram, 1, [7, 2]),
+        (one_gram, 2, []),
+    ]:
+        g0 = history[-1]
+        beams = np.array([[[g0, 1, 2]]])  # (1, 1, 3)
+        out, _ = add_lookup_beam(
+            beams, None, [history], length=9, span_per_ngram=2, min_ngram=shortest
+        )
+        assert [int(t) for t in out[0, 1] if t != NO_TOKEN] == [g0, *drafted]
+
+
+def test_decode_passes_lookup_min_ngram_and_keeps_greedy_output(monkeypatch) -> None:
+    """DecodeOptions.lookup_min_ngram reaches the lookup search; longer minimum matches draft
+    less (fewer tree tokens) and greedy output stays autoregressive decoding's."""
+    import redrafter.decoding.driver as driver
+
+    base = tiny_base(seed=6)  # settles into a loop, so 2- and 3-gram matches recur
+    runtime = TorchRuntime(base, tiny_drafter(base))
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    ar = collect(decode(runtime, prompt, AUTOREGRESSIVE.replace(max_new_tokens=48)), 1)[0]
+    seen: list[int] = []
+    real = driver.add_lookup_beam
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["min_ngram"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "add_lookup_beam", spy)
+    verified = {}
+    for shortest in (1, 3):
+        options = DecodeOptions(
+            max_new_tokens=48, beam=BeamShape(1, 3), prompt_lookup=True, lookup_min_ngram=shortest
+        )
+        run = list(decode(runtime, prompt, options))
+        assert collect(run, 1)[0] == ar
+        assert seen and set(seen) == {shortest}
+        seen.clear()
+        verified[shortest] = sum(int(s.verified.sum()) for s in run[1:])
+        assert sum(int(s.accepted.sum()) for s in run[1:]) >= 10  # loops still copied
+    assert verified[3] < verified[1]
+
+
 def test_lookup_drafts_are_accepted_on_repetitive_text() -> None:
     """This tiny base (seed 6) settles into repeating one token under greedy decoding; its random
     drafter never guesses right, but the lookup beam copies the repeats and is accepted."""

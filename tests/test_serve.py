@@ -641,6 +641,7 @@ def test_models_health_and_metrics(server: LiveServer, client: Any) -> None:
         ["--max-queue", "0"],
         ["--beam-width", "0"],
         ["--min-draft-prob", "1.5"],
+        ["--lookup-min-ngram", "4"],
         ["--runtime", "coreml"],
         ["--max-batch", "0"],
         ["--speculate-max-rows", "0"],

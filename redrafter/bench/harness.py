@@ -18,6 +18,7 @@ import numpy as np
 
 from redrafter.config import BeamShape
 from redrafter.decoding.driver import decode
+from redrafter.decoding.lookup import MIN_NGRAM
 from redrafter.decoding.options import AUTOREGRESSIVE, DecodeOptions
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
@@ -120,9 +121,11 @@ def speculative_grid(
     packing: Packing = "dedup",
     prompt_lookup: Sequence[bool] = (False,),
     min_draft_prob: Sequence[float] = (0.0,),
+    lookup_min_ngram: int = MIN_NGRAM,
 ) -> list[DecodeOptions]:
     """Every beam shape once per value in `prompt_lookup` (without and/or with the
-    prompt-lookup beam) and per draft-probability floor in `min_draft_prob` (greedy)."""
+    prompt-lookup beam, its matches at least `lookup_min_ngram` tokens long) and per
+    draft-probability floor in `min_draft_prob` (greedy)."""
     return [
         DecodeOptions(
             max_new_tokens=max_new_tokens,
@@ -130,6 +133,7 @@ def speculative_grid(
             packing=packing,
             prompt_lookup=lookup,
             min_draft_prob=floor,
+            lookup_min_ngram=lookup_min_ngram,
         )
         for b in beams
         for lookup in prompt_lookup
@@ -179,6 +183,7 @@ def run_configs(
         entry["min_draft_prob"] = c.min_draft_prob
         if c.prompt_lookup:
             entry["lookup_span"] = c.lookup_span
+            entry["lookup_min_ngram"] = c.lookup_min_ngram
         entry["speedup"] = entry["tokens_per_second"] / base if base else 0.0
         # Paired per repeat (the rounds interleave): the spread shows the machine's noise.
         entry["speedup_repeats"] = [

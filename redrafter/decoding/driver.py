@@ -130,7 +130,12 @@ class SpeculativeBatch(DecodeBatch):
         if o.prompt_lookup:  # one more beam (B, W+1, K)
             histories = [[*self.prompts[b], *self.out.tokens[b]] for b in range(B)]
             beams, q = add_lookup_beam(
-                beams, q, histories, length=self.K, span_per_ngram=o.lookup_span
+                beams,
+                q,
+                histories,
+                length=self.K,
+                span_per_ngram=o.lookup_span,
+                min_ngram=o.lookup_min_ngram,
             )
         clock.lap("draft")
         tree = pack(beams, packing=o.packing)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from redrafter.decoding.lookup import MIN_NGRAM
 from redrafter.decoding.options import DecodeOptions
 from redrafter.errors import ConfigError
 from redrafter.pipeline import Pipeline, check_options, decode_options, open_pipeline
@@ -30,6 +31,7 @@ class ServeOptions:
     beam_length: int | None = None
     prompt_lookup: bool = False
     min_draft_prob: float = 0.0
+    lookup_min_ngram: int = MIN_NGRAM
     autoregressive: bool = False
     max_queue: int = 64
     max_batch: int = 4
@@ -66,6 +68,7 @@ def server_decode_options(pipe: Pipeline, serve: ServeOptions) -> DecodeOptions:
         speculative=pipe.defaults.speculative and not serve.autoregressive,
         prompt_lookup=serve.prompt_lookup,
         min_draft_prob=serve.min_draft_prob,
+        lookup_min_ngram=serve.lookup_min_ngram,
     )
     limit = serve.speculate_max_rows
     if limit is None:
