@@ -252,10 +252,21 @@ RD_VNNI void rows_vnni(const PackedInt4& w, const QuantizedRows& a, int64_t g, i
 // on the AMD EPYC VM such passes ran a tree verify's matmuls far slower than two 4-row passes
 // (verify of 8 tokens 13.6 against 17.8 ms, of 12 tokens 16.1 against 21.2; a 128-token prefill
 // 4 % faster): benchmarks/RESULTS.md, issue 22. The results are the same bits either way.
+//
+// A row count of 4k + 1 (5, 9, 13: the commonest tree sizes of a pruned W1 L5 + lookup draft)
+// ends with one pass of 5 rows instead of 4 + 1: the lone row's pass unpacked the whole group
+// again for one row, a one-token matmul's work on top (a verify of 5 tokens cost 1.2x one of 4).
+// Five rows, two tiles: 10 integer + 10 float accumulators, 4 unpacked code vectors and the
+// broadcasts still fit the 32 registers.
 template <Zeros Z>
 RD_VNNI void group_vnni_with(const PackedInt4& w, const QuantizedRows& a, int64_t g, float* Y) {
   int64_t m = 0;
-  for (; m + 4 <= a.M; m += 4) rows_vnni<4, 2, Z>(w, a, g, m, Y);
+  const int64_t fours = a.M % 4 == 1 && a.M >= 5 ? a.M - 5 : a.M - a.M % 4;
+  for (; m < fours; m += 4) rows_vnni<4, 2, Z>(w, a, g, m, Y);
+  if (a.M - m == 5) {
+    rows_vnni<5, 2, Z>(w, a, g, m, Y);
+    return;
+  }
   switch (a.M - m) {
     case 3: rows_vnni<3, 2, Z>(w, a, g, m, Y); break;
     case 2: rows_vnni<2, 4, Z>(w, a, g, m, Y); break;
