@@ -4,7 +4,7 @@ with `--baseline-library`, for a kernel change (one bundle on two builds of the 
 library: `custom_ops/build.sh OUT_DIR` makes the other build).
 
     .venv/bin/python -m benchmarks.bundle_ab --bundle NEW [--baseline OLD] [--tokens 1,8]
-        [--library NEW.so] [--baseline-library OLD.so]
+        [--library NEW.so] [--baseline-library OLD.so] [--baseline-unfolded]
         [--context 128] [--blocks 60] [--block 10] [--threads 2] [--name bundle_ab]
 
 Both run through `OnnxRuntime.verify` (IO binding, native kernel when built) on a causal chain
@@ -37,14 +37,22 @@ from benchmarks._common import (
 
 
 def verify_step(
-    bundle: Path, tokens: int, context: int, threads: int, library: str | None = None
+    bundle: Path,
+    tokens: int,
+    context: int,
+    threads: int,
+    library: str | None = None,
+    *,
+    fold_int4: bool = True,
 ) -> Callable[[], Any]:
     """A verify of `tokens` chained new tokens at `context` past ones, on a fresh runtime
-    (with the native op library at `library`, else the default one)."""
+    (with the native op library at `library`, else the default one; `fold_int4`: as
+    `OnnxRuntime` takes it)."""
     from redrafter.runtimes.onnxruntime import OnnxRuntime
 
     with native_library(library):
-        return verify_call(OnnxRuntime(bundle, threads=threads), tokens, context)
+        runtime = OnnxRuntime(bundle, threads=threads, fold_int4=fold_int4)
+        return verify_call(runtime, tokens, context)
 
 
 def main() -> None:
@@ -54,6 +62,12 @@ def main() -> None:
     ap.add_argument("--baseline", help="the other bundle [--bundle]")
     ap.add_argument("--library", help="native op library for --bundle [the default build]")
     ap.add_argument("--baseline-library", help="native op library for the baseline [default]")
+    ap.add_argument(
+        "--baseline-unfolded",
+        action="store_true",
+        help="the baseline keeps the Splits, residual Adds and SwiGLU Muls around MatMulInt4 as "
+        "nodes (OnnxRuntime(fold_int4=False)): the A/B of those folds",
+    )
     ap.add_argument("--tokens", default="1,8", help="comma list of verify widths")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=60, help="blocks per bundle and width")
@@ -61,8 +75,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="bundle_ab")
     args = ap.parse_args()
-    if not args.baseline and not args.baseline_library:
-        ap.error("give --baseline (another bundle) and/or --baseline-library (another build)")
+    if not (args.baseline or args.baseline_library or args.baseline_unfolded):
+        ap.error(
+            "give --baseline (another bundle), --baseline-library (another build) and/or "
+            "--baseline-unfolded"
+        )
     baseline = args.baseline or args.bundle
     idle = idle_report(2.0)
     rows = {}
@@ -72,7 +89,12 @@ def main() -> None:
                 Path(args.bundle), tokens, args.context, args.threads, args.library
             ),
             "baseline": verify_step(
-                Path(baseline), tokens, args.context, args.threads, args.baseline_library
+                Path(baseline),
+                tokens,
+                args.context,
+                args.threads,
+                args.baseline_library,
+                fold_int4=not args.baseline_unfolded,
             ),
         }
         ms = time_alternating(steps, args.blocks, args.block)
@@ -96,6 +118,7 @@ def main() -> None:
             "baseline": baseline,
             "library": args.library,
             "baseline_library": args.baseline_library,
+            "baseline_unfolded": args.baseline_unfolded,
             "context": args.context,
             "threads": args.threads,
             "tokens": rows,

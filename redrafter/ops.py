@@ -91,6 +91,21 @@ def matmul_int4_max_outputs(path: Path | None = None) -> int:
     return int(probe())
 
 
+def matmul_int4_max_inputs(path: Path | None = None) -> int:
+    """The most inputs a `redrafter::MatMulInt4` node may have in the library at `path`
+    (default: `library_path()`): 8 where it takes `residual` and `gate` (a residual Add and a
+    SwiGLU Mul folded in), 6 (MatMulNBits' inputs) for a build made before them, or no
+    library."""
+    path = path or library_path()
+    if path is None:
+        return 6
+    probe = getattr(ctypes.CDLL(str(path)), "rd_matmul_int4_max_inputs", None)
+    if probe is None:
+        return 6
+    probe.restype = ctypes.c_int
+    return int(probe())
+
+
 def load_c_api(path: Path | None = None) -> ctypes.CDLL:
     """The library's C ABI (redrafter_ops.h) with argument types declared."""
     path = path or library_path()

@@ -912,6 +912,73 @@ def test_matmul_int4_split_outputs_are_the_columns_bit_for_bit(lib) -> None:
     assert ops.matmul_int4_max_outputs() == 4
 
 
+def _with_folds(model: bytes, K: int, N: int, *, folded: bool, split: bool = False) -> bytes:
+    """matmul_int4_model's one node with the float steps around a projection: Y = MatMulInt4(A
+    * G) + R, either as standard Mul and Add nodes (folded=False) or in the node itself, its
+    inputs 7 (`gate`) and 6 (`residual`). `split`: a split node (residual with it: an error)."""
+    m = onnx.load_from_string(model)
+    g = m.graph
+    node = g.node[0]
+    g.input.extend(
+        [
+            # shapes unstated, so a wrong one reaches the kernel's own check
+            helper.make_tensor_value_info("G", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("R", TensorProto.FLOAT, None),
+        ]
+    )
+    if folded:
+        node.input.extend([""] * (6 - len(node.input)) + ["R", "G"])
+        return m.SerializeToString()
+    node.input[0] = "AG"
+    node.output[0] = "P"
+    g.node.insert(0, helper.make_node("Mul", ["A", "G"], ["AG"]))
+    g.node.append(helper.make_node("Add", ["P", "R"], ["Y"]))
+    return m.SerializeToString()
+
+
+def test_matmul_int4_residual_and_gate_inputs_keep_the_bits_of_add_and_mul_nodes(lib) -> None:
+    """Inputs 6 (`residual`) and 7 (`gate`) do inside the node what a residual Add after it and
+    a SwiGLU Mul before it did: the same bits at every row count; a residual or gate of another
+    shape, or a residual on a split node, is a one-line error."""
+    import onnxruntime as ort
+
+    K, N = 96, 80
+    base = matmul_int4_model(K, N, block=32, zeros="uint8", bias=True)
+    sessions = {}
+    for folded in (False, True):
+        options = ort.SessionOptions()
+        ops.register(options, required=True)
+        sessions[folded] = ort.InferenceSession(
+            _with_folds(base, K, N, folded=folded), options, providers=["CPUExecutionProvider"]
+        )
+    rng = np.random.default_rng(8)
+    for M in (1, 4, 5, 9):
+        feeds = {
+            "A": int4_activations(M, K),
+            "G": rng.standard_normal((M, K)).astype(np.float32),
+            "R": rng.standard_normal((M, N)).astype(np.float32) * 3,
+        }
+        (want,) = sessions[False].run(None, feeds)
+        (got,) = sessions[True].run(None, feeds)
+        np.testing.assert_array_equal(got, want)
+    feeds = {"A": int4_activations(2, K), "G": np.ones((2, K), np.float32)}
+    with pytest.raises(Exception, match="input 'residual' has shape"):
+        sessions[True].run(None, {**feeds, "R": np.ones((2, N - 1), np.float32)})
+    with pytest.raises(Exception, match="input 'gate' has shape"):
+        sessions[True].run(
+            None, {**feeds, "G": np.ones((1, K), np.float32), "R": np.ones((2, N), np.float32)}
+        )
+    options = ort.SessionOptions()
+    ops.register(options, required=True)
+    split = matmul_int4_model(K, N, block=32, zeros="uint8", bias=True, split=[40, 40])
+    sess = ort.InferenceSession(
+        _with_folds(split, K, N, folded=True), options, providers=["CPUExecutionProvider"]
+    )
+    with pytest.raises(Exception, match="residual needs a single output"):
+        sess.run(None, {**feeds, "R": np.ones((2, N), np.float32)})
+    assert ops.matmul_int4_max_inputs() == 8
+
+
 @pytest.mark.parametrize(
     "K, N, block, zeros, bias",
     [

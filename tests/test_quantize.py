@@ -299,6 +299,78 @@ def _sibling_matmuls() -> onnx.ModelProto:
     return model
 
 
+def _residual_block() -> onnx.ModelProto:
+    """A decoder layer's float steps around its projections, shapes inferred as the exporter's
+    graphs record them: h = x + o_proj(x); y = h + down(act(gate(h)) * up(h)); then two Adds
+    that must not fold: a bias (an initializer) and a broadcast ([M, 64] + [M, 1])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    shapes = {"wo": (64, 64), "wg": (64, 96), "wu": (64, 96), "wd": (96, 64), "wb": (64, 64)}
+    shapes["wc"] = (64, 64)
+    weights = {k: rng.standard_normal(v).astype(np.float32) * 0.1 for k, v in shapes.items()}
+    weights["bias"] = rng.standard_normal(64).astype(np.float32)
+    weights["zero"], weights["one"] = np.array([0]), np.array([1])
+    nodes = [
+        helper.make_node("MatMul", ["x", "wo"], ["o"]),
+        helper.make_node("Add", ["x", "o"], ["h"]),
+        helper.make_node("MatMul", ["h", "wg"], ["g"]),
+        helper.make_node("MatMul", ["h", "wu"], ["u"]),
+        helper.make_node("Sigmoid", ["g"], ["s"]),
+        helper.make_node("Mul", ["g", "s"], ["a"]),
+        helper.make_node("Mul", ["a", "u"], ["au"]),
+        helper.make_node("MatMul", ["au", "wd"], ["d"]),
+        helper.make_node("Add", ["h", "d"], ["y"]),
+        helper.make_node("MatMul", ["y", "wb"], ["b"]),
+        helper.make_node("Add", ["b", "bias"], ["z"]),
+        helper.make_node("MatMul", ["z", "wc"], ["c"]),
+        helper.make_node("Slice", ["y", "zero", "one", "one"], ["y0"]),  # [M, 1]
+        helper.make_node("Add", ["c", "y0"], ["e"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 64])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", 64]) for o in ("z", "e")],
+        [numpy_helper.from_array(w, k) for k, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_residual_adds_and_gate_muls_fold_into_the_int4_kernel_bit_for_bit(tmp_path) -> None:
+    """With a library whose MatMulInt4 takes `residual` and `gate`, the runtime's swap folds a
+    residual Add after a projection and a SwiGLU Mul before one into the node; outputs are the
+    unfolded graph's bit for bit; an Add of a bias or a broadcast stays a node."""
+    import onnxruntime as ort
+
+    from redrafter import ops
+    from redrafter.export.quantize import quantize_graph
+    from redrafter.runtimes.onnxruntime import with_int4_kernel
+
+    if ops.library_path() is None:
+        pytest.skip("the native op library is not built (`make ops`)")
+    path = tmp_path / "block.onnx"
+    onnx.save(quantize_graph(_residual_block(), quantization("int4", block_size=32)), str(path))
+    x = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
+    outs, kinds = {}, {}
+    for inputs in (6, ops.matmul_int4_max_inputs()):
+        graph = with_int4_kernel(path, max_inputs=inputs)
+        assert graph is not None
+        model = onnx.load_from_string(graph)
+        kinds[inputs] = collections.Counter(node.op_type for node in model.graph.node)
+        options = ort.SessionOptions()
+        ops.register(options, required=True)
+        sess = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        outs[inputs] = sess.run(None, {"x": x})
+    assert (kinds[6]["Add"], kinds[6]["Mul"]) == (4, 2)
+    assert (kinds[8]["Add"], kinds[8]["Mul"]) == (2, 1)  # bias and broadcast Adds; act's Mul
+    assert kinds[8]["MatMulInt4"] == kinds[6]["MatMulInt4"] == 5  # gate/up: one, and a Split
+    for got, want in zip(outs[8], outs[6], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_sibling_matmuls_fuse_without_changing_a_bit(tmp_path, symmetric) -> None:
     """q/k/v and gate/up, each one MatMul of one input, quantize as one wider MatMulNBits and a

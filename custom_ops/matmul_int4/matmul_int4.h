@@ -32,6 +32,12 @@
 // g_idx (must be absent), bias float32 [N] (optional); Y [..., N] float32, or with the node's
 // `split` attribute (ints: positive widths summing to N, one per output, at most
 // REDRAFTER_MATMUL_INT4_MAX_OUTPUTS) Y_j [..., split[j]]: the columns of Y, in order.
+// Two more optional inputs fold the float steps around a projection into the node, each the
+// one IEEE operation the folded node did, so the bits are those of the unfolded graph:
+//   residual float32 [..., N] (input 6; one output only): Y = (A x W + bias) + residual, the
+//     Add of a residual stream;
+//   gate float32 [..., K] (input 7, A's shape): the product takes A * gate (elementwise) in
+//     place of A, the Mul of a SwiGLU's two halves before its down projection.
 #pragma once
 
 #include <cstdint>

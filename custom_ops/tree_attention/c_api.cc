@@ -97,6 +97,8 @@ const char* rd_last_error(void) { return last_error.c_str(); }
 
 int rd_matmul_int4_max_outputs(void) { return REDRAFTER_MATMUL_INT4_MAX_OUTPUTS; }
 
+int rd_matmul_int4_max_inputs(void) { return REDRAFTER_MATMUL_INT4_MAX_INPUTS; }
+
 int rd_has_cuda_kernels(void) {
 #if defined(REDRAFTER_WITH_CUDA)
   return 1;

@@ -12,6 +12,8 @@
 #define REDRAFTER_KV_COMMIT_OP "KVCommit"
 #define REDRAFTER_MATMUL_INT4_OP "MatMulInt4"  // MatMulNBits (bits 4) swapped in on the CPU
 #define REDRAFTER_MATMUL_INT4_MAX_OUTPUTS 4
+// MatMulNBits' 6 inputs, then `residual` (added to Y) and `gate` (multiplies A): matmul_int4.h
+#define REDRAFTER_MATMUL_INT4_MAX_INPUTS 8
 #define REDRAFTER_OP_VERSION 2  // the newest TreeAttention version implemented (1 and 2 are)
 
 // Element types, numbered as ONNX's TensorProto.DataType.
@@ -37,6 +39,10 @@ RD_EXPORT int rd_has_cuda_kernels(void);  // 1 when the library was built with n
 // columns go to that many outputs of those widths, as a Split of the last axis would send them.
 // (Absent from builds before the attribute existed: those take one output.)
 RD_EXPORT int rd_matmul_int4_max_outputs(void);
+// The most inputs a MatMulInt4 node may have: 8 when it takes `residual` (input 6: Y + residual,
+// a residual Add folded in) and `gate` (input 7: A * gate before the product, a SwiGLU's Mul
+// folded in). (Absent from builds before those inputs existed: those take MatMulNBits' 6.)
+RD_EXPORT int rd_matmul_int4_max_inputs(void);
 
 // The attention functions take the op's attributes as arguments: scale (0: 1/sqrt(D)), window
 // (0: none) and softcap (0: none); tree_attention.h states their semantics.

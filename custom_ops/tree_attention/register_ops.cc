@@ -454,27 +454,52 @@ struct MatMulInt4Kernel {
         if (err.empty()) err = expect_shape(op, "bias", bi, {N_});
         bias = static_cast<const float*>(bi.data);
       }
+      std::vector<int64_t> out_shape = a.shape;
+      out_shape.back() = N_;
+      const float* residual = nullptr;
+      if (ctx.GetInputCount() > 6 && ctx.GetInput(6)) {
+        const Input re = get_input(ctx, 6);
+        if (err.empty()) err = expect_shape(op, "residual", re, out_shape);
+        if (err.empty() && !split_.empty())
+          err = std::string(op) + ": residual needs a single output (no `split`)";
+        residual = static_cast<const float*>(re.data);
+      }
+      const float* activation = static_cast<const float*>(a.data);
+      if (ctx.GetInputCount() > 7 && ctx.GetInput(7)) {
+        const Input ga = get_input(ctx, 7);
+        if (err.empty()) err = expect_shape(op, "gate", ga, a.shape);
+        if (err.empty()) {
+          // A * gate, as the folded Mul node computed it: one rounding per element.
+          const float* g = static_cast<const float*>(ga.data);
+          const int64_t count = std::accumulate(a.shape.begin(), a.shape.end(), int64_t{1},
+                                                std::multiplies<int64_t>());
+          thread_local std::vector<float> gated;
+          gated.resize(static_cast<size_t>(count));
+          for (int64_t i = 0; i < count; ++i) gated[i] = activation[i] * g[i];
+          activation = gated.data();
+        }
+      }
       if (!err.empty()) return error_status(err);
       if (!split_error_.empty()) return error_status(split_error_);
       const std::shared_ptr<const PackedInt4> held =
           packed(b.data, static_cast<const float*>(s.data), zero_points, float_zero_points, bias);
       const PackedInt4& w = *held;
-      std::vector<int64_t> out_shape = a.shape;
-      out_shape.back() = N_;
       const int64_t M = a.shape.size() == 1
                             ? 1
                             : std::accumulate(a.shape.begin(), a.shape.end() - 1, int64_t{1},
                                               std::multiplies<int64_t>());
       if (split_.empty()) {
         float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
-        matmul_int4_cpu(w, static_cast<const float*>(a.data), M, y, OrtRunner(ctx));
+        matmul_int4_cpu(w, activation, M, y, OrtRunner(ctx));
+        if (residual)  // (A x W + bias) + residual, as the folded Add computed it
+          for (int64_t i = 0; i < M * N_; ++i) y[i] = y[i] + residual[i];
         return nullptr;
       }
       // Split outputs: the whole product into scratch, then each output's columns row by row
       // (M x N floats: a few microseconds against the ~10 us of a Split node's dispatch).
       thread_local std::vector<float> scratch;
       scratch.resize(static_cast<size_t>(M * N_));
-      matmul_int4_cpu(w, static_cast<const float*>(a.data), M, scratch.data(), OrtRunner(ctx));
+      matmul_int4_cpu(w, activation, M, scratch.data(), OrtRunner(ctx));
       int64_t first = 0;
       for (size_t j = 0; j < split_.size(); ++j) {
         const int64_t width = split_[j];
@@ -543,8 +568,9 @@ struct MatMulInt4Op
   }
   const char* GetName() const { return REDRAFTER_MATMUL_INT4_OP; }
   const char* GetExecutionProviderType() const { return kCpuProvider; }
-  // A, B, scales, zero_points, g_idx, bias: MatMulNBits' inputs, in its order
-  size_t GetInputTypeCount() const { return 6; }
+  // A, B, scales, zero_points, g_idx, bias: MatMulNBits' inputs, in its order; then residual
+  // and gate (matmul_int4.h)
+  size_t GetInputTypeCount() const { return REDRAFTER_MATMUL_INT4_MAX_INPUTS; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }

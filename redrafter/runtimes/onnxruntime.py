@@ -39,7 +39,7 @@ MATMUL_INT4 = "MatMulInt4"
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
-def with_int4_kernel(path: Path, *, max_outputs: int = 1) -> bytes | None:
+def with_int4_kernel(path: Path, *, max_outputs: int = 1, max_inputs: int = 6) -> bytes | None:
     """The graph at `path` with every 4-bit `MatMulNBits` the native kernel takes (blocks of a
     multiple of 32, zero points none, packed 4-bit or float32, no act-order `g_idx`) turned into
     `redrafter::MatMulInt4`, serialized with its weights still external; None when it has none.
@@ -47,7 +47,9 @@ def with_int4_kernel(path: Path, *, max_outputs: int = 1) -> bytes | None:
 
     `max_outputs` (`ops.matmul_int4_max_outputs()` of the library that will run it): a swapped
     node whose only reader is a `Split` of the last axis into at most that many outputs takes
-    the Split's outputs itself (its `split` attribute), and the Split goes."""
+    the Split's outputs itself (its `split` attribute), and the Split goes. `max_inputs`
+    (`ops.matmul_int4_max_inputs()`): from 8, a residual Add after a swapped node and a SwiGLU
+    Mul before one fold into it too (`fold_residuals`, `fold_gates`)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -76,6 +78,9 @@ def with_int4_kernel(path: Path, *, max_outputs: int = 1) -> bytes | None:
         return None
     if max_outputs > 1:
         fold_splits(model, max_outputs)
+    if max_inputs >= 8:
+        fold_residuals(model)
+        fold_gates(model)
     if not any(o.domain == n.OP_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(n.OP_DOMAIN, 1))
     return model.SerializeToString()
@@ -127,6 +132,102 @@ def fold_splits(model: Any, max_outputs: int) -> None:
     used = {name for node in graph.node for name in node.input}
     for name in {split.input[1] for split in dropped} - used:  # the sizes, now unread
         graph.initializer.remove(inits[name])
+
+
+def _same_shape(graph: Any, a: str, b: str) -> bool:
+    """Whether the graph's shape records give tensors `a` and `b` one and the same shape (every
+    dimension the same number or the same symbol): an elementwise node over them broadcasts
+    nothing. Unrecorded or unknown dimensions count as different."""
+    shapes = {
+        v.name: v.type.tensor_type.shape for v in (*graph.value_info, *graph.input, *graph.output)
+    }
+    if a not in shapes or b not in shapes:
+        return False
+    dims = [[d.dim_param or d.dim_value or None for d in shapes[x].dim] for x in (a, b)]
+    return bool(dims[0]) and dims[0] == dims[1] and None not in dims[0]
+
+
+def _readers(graph: Any) -> dict[str, list[Any]]:
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _elementwise(node: Any, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in ("", "ai.onnx") and len(node.input) == 2
+
+
+def fold_residuals(model: Any) -> None:
+    """Hand each residual `Add(stream, y)` whose `y` is a one-output `redrafter::MatMulInt4`'s,
+    read by that Add alone, to the MatMulInt4 (its input 6, `residual`), and drop the Add, in
+    place: the kernel adds the stream to its product with the same one rounding. Only an Add
+    whose inputs have the same recorded shape folds (no broadcast), and only one reading no
+    initializer (a bias stays a bias)."""
+    graph = model.graph
+    readers = _readers(graph)
+    made_by = {o: node for node in graph.node for o in node.output}
+    inits = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    dropped = []
+    for add in graph.node:
+        if not _elementwise(add, "Add") or any(i in inits for i in add.input):
+            continue
+        for side in (0, 1):
+            y, stream = add.input[side], add.input[1 - side]
+            mm = made_by.get(y)
+            if (
+                mm is None
+                or mm.op_type != MATMUL_INT4
+                or mm.domain != n.OP_DOMAIN
+                or len(mm.output) != 1
+                or any(a.name == "split" for a in mm.attribute)
+                or len(mm.input) > 6
+                or readers.get(y) != [add]
+                or y in graph_outputs
+                or not _same_shape(graph, y, stream)
+            ):
+                continue
+            mm.input.extend([""] * (6 - len(mm.input)) + [stream])
+            del mm.output[:]
+            mm.output.extend(add.output)
+            dropped.append(add)
+            break
+    for add in dropped:
+        graph.node.remove(add)
+
+
+def fold_gates(model: Any) -> None:
+    """Hand each `Mul(a, b)` read only by a `redrafter::MatMulInt4` as its A (a SwiGLU's
+    act(gate) * up before the down projection) to that MatMulInt4 (A = a, input 7 `gate` = b),
+    and drop the Mul, in place: the kernel forms the product with the same one rounding. Only a
+    Mul of two same-shaped activations (no initializer, no broadcast) folds."""
+    graph = model.graph
+    readers = _readers(graph)
+    made_by = {o: node for node in graph.node for o in node.output}
+    inits = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    dropped = []
+    for mm in graph.node:
+        if mm.op_type != MATMUL_INT4 or mm.domain != n.OP_DOMAIN or len(mm.input) > 7:
+            continue
+        mul = made_by.get(mm.input[0])
+        if (
+            mul is None
+            or not _elementwise(mul, "Mul")
+            or any(i in inits for i in mul.input)
+            or readers.get(mul.output[0]) != [mm]
+            or mul.output[0] in graph_outputs
+            or not _same_shape(graph, mul.input[0], mul.input[1])
+            or not _same_shape(graph, mul.input[0], mul.output[0])
+        ):
+            continue
+        mm.input[0] = mul.input[0]
+        mm.input.extend([""] * (7 - len(mm.input)) + [mul.input[1]])
+        dropped.append(mul)
+    for mul in dropped:
+        graph.node.remove(mul)
 
 
 def check_windows(bundle: Bundle) -> None:
@@ -201,6 +302,9 @@ class OnnxRuntime:
     `int4_kernel`: run a float32 int4 bundle's MatMulNBits nodes with the native library's
     `redrafter::MatMulInt4` on the CPU (None: whenever the library is loaded; False: ONNX
     Runtime's own kernel). `self.int4` says which ran: 'redrafter', 'onnxruntime' or None.
+    `fold_int4`: let that kernel take in the Splits, residual Adds and SwiGLU Muls around it, as
+    far as the library can (`with_int4_kernel`; the same bits either way); False keeps them as
+    nodes (the baseline of `benchmarks.bundle_ab --baseline-unfolded`).
 
     `device_commit`: move accepted cache rows with a commit graph run by ONNX Runtime where the
     caches live (`commit_graph`) instead of numpy on the host (None: on CUDA only, where the
@@ -219,6 +323,7 @@ class OnnxRuntime:
         int4_kernel: bool | None = None,
         device_commit: bool | None = None,
         draft_threads: int | None = None,
+        fold_int4: bool = True,
     ) -> None:
         for name, value in (("threads", threads), ("draft_threads", draft_threads)):
             if value is not None and (isinstance(value, bool) or value < 1):
@@ -261,8 +366,11 @@ class OnnxRuntime:
             )
         self._int4 = int4_kernel is not False and library is not None and device == "cpu"
         self._int4 = self._int4 and self.bundle.dtype == "float32"
-        # How many outputs this library's MatMulInt4 takes (its Split folding), asked once.
-        self._int4_outputs = ops.matmul_int4_max_outputs(library) if self._int4 else 1
+        # How many outputs (its Split folding) and inputs (residual, gate) this library's
+        # MatMulInt4 takes, asked once.
+        fold = self._int4 and fold_int4
+        self._int4_outputs = ops.matmul_int4_max_outputs(library) if fold else 1
+        self._int4_inputs = ops.matmul_int4_max_inputs(library) if fold else 6
         self.int4: str | None = None
         self.base = self._session(self.bundle.path(n.BASE_ONNX), options, providers)
         self._providers = providers
@@ -517,7 +625,11 @@ class OnnxRuntime:
     ) -> ort.InferenceSession:
         """A session for one graph of the bundle, with the native int4 kernel swapped in when
         this runtime uses it and the graph has 4-bit MatMulNBits nodes."""
-        graph = with_int4_kernel(path, max_outputs=self._int4_outputs) if self._int4 else None
+        graph = (
+            with_int4_kernel(path, max_outputs=self._int4_outputs, max_inputs=self._int4_inputs)
+            if self._int4
+            else None
+        )
         if graph is None:
             if self.int4 is None and self.bundle.precision == "int4":
                 self.int4 = "onnxruntime"
