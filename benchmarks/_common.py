@@ -230,7 +230,8 @@ def prompt_ids(base: Path, texts: Sequence[Any]) -> tuple[list[list[int]], tuple
 
 
 def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> None:
-    """`--prompt-lookup off|on|both`, `--min-draft-prob FLOORS` and `--lookup-min-ngram N`, as
+    """`--prompt-lookup off|on|both`, `--min-draft-prob FLOORS`, `--lookup-min-ngram N` and
+    `--lookup-max-ngram N`, as
     `redrafter bench` has them (harness.PROMPT_LOOKUP_SETTINGS, decoding/prune.py,
     decoding/lookup.py); `note` ends their helps."""
     parser.add_argument(
@@ -248,10 +249,15 @@ def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> N
     parser.add_argument(
         "--lookup-min-ngram",
         type=int,
-        choices=[1, 2, 3],
         default=1,
         help="the prompt-lookup beam drafts from suffix matches of at least this many tokens "
         "[1]" + note,
+    )
+    parser.add_argument(
+        "--lookup-max-ngram",
+        type=int,
+        default=3,
+        help="the longest suffix match the prompt-lookup beam seeks [3]" + note,
     )
 
 

@@ -4,7 +4,8 @@ with `--baseline-library`, for a kernel change (one bundle on two builds of the 
 library: `custom_ops/build.sh OUT_DIR` makes the other build).
 
     .venv/bin/python -m benchmarks.bundle_ab --bundle NEW [--baseline OLD] [--tokens 1,8]
-        [--library NEW.so] [--baseline-library OLD.so] [--baseline-unfolded]
+        [--library NEW.so] [--baseline-library OLD.so]
+        [--baseline-unfolded | --bundle-unfolded]
         [--context 128] [--blocks 60] [--block 10] [--threads 2] [--name bundle_ab]
 
 Both run through `OnnxRuntime.verify` (IO binding, native kernel when built) on a causal chain
@@ -68,6 +69,11 @@ def main() -> None:
         help="the baseline keeps the Splits, residual Adds and SwiGLU Muls around MatMulInt4 as "
         "nodes (OnnxRuntime(fold_int4=False)): the A/B of those folds",
     )
+    ap.add_argument(
+        "--bundle-unfolded",
+        action="store_true",
+        help="--bundle keeps them as nodes instead (the same A/B the other way round)",
+    )
     ap.add_argument("--tokens", default="1,8", help="comma list of verify widths")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=60, help="blocks per bundle and width")
@@ -75,10 +81,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="bundle_ab")
     args = ap.parse_args()
-    if not (args.baseline or args.baseline_library or args.baseline_unfolded):
+    if not (
+        args.baseline or args.baseline_library or args.baseline_unfolded != args.bundle_unfolded
+    ):
         ap.error(
-            "give --baseline (another bundle), --baseline-library (another build) and/or "
-            "--baseline-unfolded"
+            "give --baseline (another bundle), --baseline-library (another build) and/or one of "
+            "--baseline-unfolded and --bundle-unfolded"
         )
     baseline = args.baseline or args.bundle
     idle = idle_report(2.0)
@@ -86,7 +94,12 @@ def main() -> None:
     for tokens in (int(t) for t in args.tokens.split(",")):
         steps = {
             "bundle": verify_step(
-                Path(args.bundle), tokens, args.context, args.threads, args.library
+                Path(args.bundle),
+                tokens,
+                args.context,
+                args.threads,
+                args.library,
+                fold_int4=not args.bundle_unfolded,
             ),
             "baseline": verify_step(
                 Path(baseline),
@@ -119,6 +132,7 @@ def main() -> None:
             "library": args.library,
             "baseline_library": args.baseline_library,
             "baseline_unfolded": args.baseline_unfolded,
+            "bundle_unfolded": args.bundle_unfolded,
             "context": args.context,
             "threads": args.threads,
             "tokens": rows,

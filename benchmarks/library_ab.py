@@ -5,7 +5,7 @@ builds emit the same tokens).
 
     .venv/bin/python -m benchmarks.library_ab --bundle DIR --library NEW.so --baseline-library
         OLD.so [--jargon 4 --code 4 --max-new-tokens 128] [--rounds 3] [--min-draft-prob 0.25]
-        [--lookup-min-ngram 1]
+        [--lookup-min-ngram 1] [--lookup-max-ngram 3]
         [--threads 2] [--name library_ab]
 
 `custom_ops/build.sh OUT_DIR` makes the other build. Shapes: autoregressive and W1 L5 with the
@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-draft-prob", type=float, default=0.25)
-    ap.add_argument("--lookup-min-ngram", type=int, choices=[1, 2, 3], default=1)
+    ap.add_argument("--lookup-min-ngram", type=int, default=1)
+    ap.add_argument("--lookup-max-ngram", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="library_ab")
     args = ap.parse_args()
@@ -71,6 +72,7 @@ def main() -> None:
         prompt_lookup=True,
         min_draft_prob=args.min_draft_prob,
         lookup_min_ngram=args.lookup_min_ngram,
+        lookup_max_ngram=args.lookup_max_ngram,
     )
     shapes = {"autoregressive": DecodeOptions(max_new_tokens=n, speculative=False), spec.name: spec}
     for pipe in pipes.values():  # warm-up: sessions, packed weights, drafter graph

@@ -601,6 +601,7 @@ def run_ours(
     prompt_lookup: str = "off",
     min_draft_prob: Sequence[float] = (0.0,),
     lookup_min_ngram: int = 1,
+    lookup_max_ngram: int = 3,
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
 ) -> dict[str, Any]:
@@ -632,6 +633,7 @@ def run_ours(
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
         min_draft_prob=min_draft_prob,
         lookup_min_ngram=lookup_min_ngram,
+        lookup_max_ngram=lookup_max_ngram,
     )
     for impl in impls:
         rt = OnnxRuntime(bundle, native=impl == "native", threads=threads)
@@ -870,6 +872,7 @@ def main() -> None:
                     prompt_lookup=args.prompt_lookup,
                     min_draft_prob=args.min_draft_prob,
                     lookup_min_ngram=args.lookup_min_ngram,
+                    lookup_max_ngram=args.lookup_max_ngram,
                     on_partial=partial,
                     on_tokens=(lambda ids: reference.update(ours=ids)) if first else None,
                     **common,

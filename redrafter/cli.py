@@ -234,11 +234,20 @@ _SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "lookup-min-ngram": (
         ("--lookup-min-ngram",),
         {
-            "type": click.IntRange(1, 3),
+            "type": click.IntRange(1, 32),
             "default": 1,
-            "help": "Prompt lookup drafts only from suffix matches of at least this many tokens "
-            "(1-3). A lone recurring token predicts its old continuation poorly: 2 pays where "
-            "tree tokens are dear, e.g. an int4 bundle on a CPU (docs/algorithm.md).",
+            "help": "Prompt lookup drafts only from suffix matches of at least this many tokens. "
+            "A lone recurring token predicts its old continuation poorly: 2 pays where tree "
+            "tokens are dear, e.g. an int4 bundle on a CPU (docs/algorithm.md).",
+        },
+    ),
+    "lookup-max-ngram": (
+        ("--lookup-max-ngram",),
+        {
+            "type": click.IntRange(1, 32),
+            "default": 3,
+            "help": "The longest suffix match prompt lookup seeks: a match of n tokens drafts "
+            "lookup-span x n, so a longer limit drafts further into a repeated passage.",
         },
     ),
     "seed": (("--seed",), {"type": int}),
@@ -390,6 +399,7 @@ def _option(
     default=0.0,
 )
 @_option("lookup-min-ngram")
+@_option("lookup-max-ngram")
 @click.option(
     "--speculate-max-rows",
     type=click.IntRange(min=1),
@@ -461,6 +471,7 @@ def generate(
     prompt_lookup: bool,
     min_draft_prob: float,
     lookup_min_ngram: int,
+    lookup_max_ngram: int,
     speculate_max_rows: int | None,
     autoregressive: bool,
     runtime: str | None,
@@ -543,6 +554,7 @@ def generate(
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
         lookup_min_ngram=lookup_min_ngram,
+        lookup_max_ngram=lookup_max_ngram,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
@@ -974,6 +986,7 @@ def validate(
     callback=_probs,
 )
 @_option("lookup-min-ngram")
+@_option("lookup-max-ngram")
 def bench(
     bundle_path: str,
     runtime: str,
@@ -993,6 +1006,7 @@ def bench(
     prompt_lookup: str,
     min_draft_prob: list[float],
     lookup_min_ngram: int,
+    lookup_max_ngram: int,
 ) -> None:
     """Speculative vs autoregressive decoding on the same runtime and prompts, side by side:
     tokens/s, tokens/step, ms/step by phase, latency percentiles, peak RSS, speed-up."""
@@ -1039,6 +1053,7 @@ def bench(
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
         min_draft_prob=min_draft_prob,
         lookup_min_ngram=lookup_min_ngram,
+        lookup_max_ngram=lookup_max_ngram,
     )
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarking", total=runs_in(spec, repeats))
@@ -1285,6 +1300,7 @@ def init_drafter_cmd(
     default=0.0,
 )
 @_option("lookup-min-ngram")
+@_option("lookup-max-ngram")
 @click.option("--autoregressive", is_flag=True, help="Serve the autoregressive baseline.")
 @click.option(
     "--max-queue",
@@ -1328,6 +1344,7 @@ def serve(
     prompt_lookup: bool,
     min_draft_prob: float,
     lookup_min_ngram: int,
+    lookup_max_ngram: int,
     autoregressive: bool,
     max_queue: int,
     max_batch: int,
@@ -1345,6 +1362,7 @@ def serve(
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
         lookup_min_ngram=lookup_min_ngram,
+        lookup_max_ngram=lookup_max_ngram,
         autoregressive=autoregressive,
         max_queue=max_queue,
         max_batch=max_batch,

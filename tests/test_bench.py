@@ -155,6 +155,8 @@ def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
         "on",
         "--lookup-min-ngram",
         "2",
+        "--lookup-max-ngram",
+        "5",
         "--json",
         str(out),
         "--plot",
@@ -162,11 +164,12 @@ def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())["results"]
-    spec = ["W2 L4 +lookup >=2gram", "W2 L4 +lookup >=2gram p>=0.2"]
+    spec = ["W2 L4 +lookup 2-5gram", "W2 L4 +lookup 2-5gram p>=0.2"]
     assert set(results) == {"autoregressive", *spec}
     assert results[spec[0]]["min_draft_prob"] == 0.0
     assert results[spec[1]]["min_draft_prob"] == 0.2
     assert all(results[name]["lookup_min_ngram"] == 2 for name in spec)
+    assert all(results[name]["lookup_max_ngram"] == 5 for name in spec)
     assert len({r["tokens"] for r in results.values()}) == 1  # greedy: the same tokens
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -200,6 +203,7 @@ def test_bench_on_the_torch_reference_any_beam(grid_bundle) -> None:
         (["--min-draft-prob", "1.5"], "[0, 1)"),
         (["--min-draft-prob", "a"], "comma-separated"),
         (["--lookup-min-ngram", "0"], "lookup-min-ngram"),
+        (["--prompt-lookup", "on", "--lookup-min-ngram", "4"], "lookup_min_ngram 4 is above"),
     ],
 )
 def test_bench_bad_arguments_exit_2(grid_bundle, args, message) -> None:

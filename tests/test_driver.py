@@ -204,7 +204,8 @@ def test_decode_options_name_the_configuration_and_check_their_values() -> None:
     options = DecodeOptions(beam=BeamShape(1, 5), prompt_lookup=True, min_draft_prob=0.25)
     assert options.name == "W1 L5 +lookup p>=0.25" and options.beam_length == 5
     assert options.replace(lookup_span=2).name == "W1 L5 +lookup span2 p>=0.25"
-    assert options.replace(lookup_min_ngram=2).name == "W1 L5 +lookup >=2gram p>=0.25"
+    assert options.replace(lookup_min_ngram=2).name == "W1 L5 +lookup 2-3gram p>=0.25"
+    assert options.replace(lookup_max_ngram=8).name == "W1 L5 +lookup 1-8gram p>=0.25"
     assert options.replace(prompt_lookup=False, lookup_min_ngram=2).name == "W1 L5 p>=0.25"
     for bad in (dict(max_new_tokens=0), dict(packing="tree"), dict(min_draft_prob=1.0)):
         with pytest.raises(ConfigError):
@@ -214,6 +215,10 @@ def test_decode_options_name_the_configuration_and_check_their_values() -> None:
     for shortest in (0, 4, True, 2.0):
         with pytest.raises(ConfigError, match="lookup_min_ngram"):
             options.replace(lookup_min_ngram=shortest)
+    for longest in (0, 33, False):
+        with pytest.raises(ConfigError, match="lookup_max_ngram"):
+            options.replace(lookup_max_ngram=longest)
+    assert options.replace(lookup_min_ngram=4, lookup_max_ngram=6).lookup_max_ngram == 6
 
 
 def test_phase_clock_charges_each_lap_to_its_phase() -> None:

@@ -177,35 +177,42 @@ def test_add_lookup_beam_drafts_only_from_matches_of_min_ngram_tokens() -> None:
         assert [int(t) for t in out[0, 1] if t != NO_TOKEN] == [g0, *drafted]
 
 
-def test_decode_passes_lookup_min_ngram_and_keeps_greedy_output(monkeypatch) -> None:
-    """DecodeOptions.lookup_min_ngram reaches the lookup search; longer minimum matches draft
-    less (fewer tree tokens) and greedy output stays autoregressive decoding's."""
+def test_decode_passes_the_lookup_ngram_range_and_keeps_greedy_output(monkeypatch) -> None:
+    """DecodeOptions.lookup_min_ngram / lookup_max_ngram reach the lookup search: a longer
+    minimum match drafts less (fewer tree tokens), a longer maximum drafts further into a
+    repeat (bigger trees: span x n tokens for a match of n); greedy output stays autoregressive
+    decoding's either way."""
     import redrafter.decoding.driver as driver
 
-    base = tiny_base(seed=6)  # settles into a loop, so 2- and 3-gram matches recur
+    base = tiny_base(seed=6)  # settles into a loop, so long matches recur
     runtime = TorchRuntime(base, tiny_drafter(base))
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
-    ar = collect(decode(runtime, prompt, AUTOREGRESSIVE.replace(max_new_tokens=48)), 1)[0]
-    seen: list[int] = []
+    ar = collect(decode(runtime, prompt, AUTOREGRESSIVE.replace(max_new_tokens=64)), 1)[0]
+    seen: list[tuple[int, int]] = []
     real = driver.add_lookup_beam
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(kwargs["min_ngram"])
+        seen.append((kwargs["min_ngram"], kwargs["max_ngram"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(driver, "add_lookup_beam", spy)
-    verified = {}
-    for shortest in (1, 3):
+    verified, largest = {}, {}
+    for ngrams in ((1, 3), (3, 3), (1, 8)):
         options = DecodeOptions(
-            max_new_tokens=48, beam=BeamShape(1, 3), prompt_lookup=True, lookup_min_ngram=shortest
+            max_new_tokens=64,
+            beam=BeamShape(1, 3),
+            prompt_lookup=True,
+            lookup_min_ngram=ngrams[0],
+            lookup_max_ngram=ngrams[1],
         )
         run = list(decode(runtime, prompt, options))
         assert collect(run, 1)[0] == ar
-        assert seen and set(seen) == {shortest}
+        assert seen and set(seen) == {ngrams}
         seen.clear()
-        verified[shortest] = sum(int(s.verified.sum()) for s in run[1:])
-        assert sum(int(s.accepted.sum()) for s in run[1:]) >= 10  # loops still copied
-    assert verified[3] < verified[1]
+        verified[ngrams] = sum(int(s.verified.sum()) for s in run[1:])
+        largest[ngrams] = max(int(s.verified.max()) for s in run[1:])
+    assert verified[3, 3] < verified[1, 3]
+    assert largest[1, 3] <= 3 + 4 * 3 < largest[1, 8]  # W L - 1 drafts + span x 3 at most
 
 
 def test_lookup_drafts_are_accepted_on_repetitive_text() -> None:

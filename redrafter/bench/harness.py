@@ -18,7 +18,7 @@ import numpy as np
 
 from redrafter.config import BeamShape
 from redrafter.decoding.driver import decode
-from redrafter.decoding.lookup import MIN_NGRAM
+from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM
 from redrafter.decoding.options import AUTOREGRESSIVE, DecodeOptions
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
@@ -122,9 +122,10 @@ def speculative_grid(
     prompt_lookup: Sequence[bool] = (False,),
     min_draft_prob: Sequence[float] = (0.0,),
     lookup_min_ngram: int = MIN_NGRAM,
+    lookup_max_ngram: int = MAX_NGRAM,
 ) -> list[DecodeOptions]:
     """Every beam shape once per value in `prompt_lookup` (without and/or with the
-    prompt-lookup beam, its matches at least `lookup_min_ngram` tokens long) and per
+    prompt-lookup beam, from matches of `lookup_min_ngram` to `lookup_max_ngram` tokens) and per
     draft-probability floor in `min_draft_prob` (greedy)."""
     return [
         DecodeOptions(
@@ -134,6 +135,7 @@ def speculative_grid(
             prompt_lookup=lookup,
             min_draft_prob=floor,
             lookup_min_ngram=lookup_min_ngram,
+            lookup_max_ngram=lookup_max_ngram,
         )
         for b in beams
         for lookup in prompt_lookup
@@ -184,6 +186,7 @@ def run_configs(
         if c.prompt_lookup:
             entry["lookup_span"] = c.lookup_span
             entry["lookup_min_ngram"] = c.lookup_min_ngram
+            entry["lookup_max_ngram"] = c.lookup_max_ngram
         entry["speedup"] = entry["tokens_per_second"] / base if base else 0.0
         # Paired per repeat (the rounds interleave): the spread shows the machine's noise.
         entry["speedup_repeats"] = [

@@ -89,7 +89,10 @@ class SpeculativeBatch(DecodeBatch):
         self.K = o.beam.length  # the beams' length, once the lookup beam (if any) is added
         if o.prompt_lookup:  # capped where the runtime's commit takes only so many rows (Core ML)
             self.K = padded_length(
-                self.K, max_length=runtime.max_beam_length, span_per_ngram=o.lookup_span
+                self.K,
+                max_length=runtime.max_beam_length,
+                span_per_ngram=o.lookup_span,
+                max_ngram=o.lookup_max_ngram,
             )
         self.context: np.ndarray | None = None  # (B, E) hidden state at each row's last token
         super().__init__(
@@ -136,6 +139,7 @@ class SpeculativeBatch(DecodeBatch):
                 length=self.K,
                 span_per_ngram=o.lookup_span,
                 min_ngram=o.lookup_min_ngram,
+                max_ngram=o.lookup_max_ngram,
             )
         clock.lap("draft")
         tree = pack(beams, packing=o.packing)

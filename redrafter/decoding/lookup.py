@@ -37,8 +37,13 @@ import numpy as np
 
 from redrafter.config import LOG_0, NO_TOKEN
 
-MAX_NGRAM = 3  # longer suffixes rarely match more often than 3-grams and cost more to search
+# The suffix lengths sought by default (DecodeOptions.lookup_min_ngram / lookup_max_ngram change
+# them). Where tree tokens are dear (int4 on a CPU: each costs ~1/8 of a one-token verify) a
+# 1-gram match's drafts are mostly waste (its k-th token accepted 27, 16, 6, 2 % of the time on
+# the int4 demo model's held-out text) and 2 pays; benchmarks/RESULTS.md, issue 22.
+MAX_NGRAM = 3
 MIN_NGRAM = 1
+LONGEST_NGRAM = 32  # the most `max_ngram` may be (DecodeOptions checks it)
 # Drafts per matched n-gram token: a longer match predicts a longer copy. Each drafted token
 # costs the verification compute whether or not it is accepted; on held-out text span 4 beats
 # 2 and 1 in every round (benchmarks/RESULTS.md, "Lookup span and draft-probability floor").
@@ -104,12 +109,16 @@ def lookup_length(max_ngram: int = MAX_NGRAM, span_per_ngram: int = SPAN_PER_NGR
 
 
 def padded_length(
-    L: int, *, max_length: int | None = None, span_per_ngram: int = SPAN_PER_NGRAM
+    L: int,
+    *,
+    max_length: int | None = None,
+    span_per_ngram: int = SPAN_PER_NGRAM,
+    max_ngram: int = MAX_NGRAM,
 ) -> int:
     """K, the length of every beam once the lookup beam is added: the drafter's L or the
     longest lookup beam, capped at `max_length` (the longest beam the runtime can commit;
     None: no limit) but never below L."""
-    K = lookup_length(span_per_ngram=span_per_ngram)
+    K = lookup_length(max_ngram, span_per_ngram)
     return max(L, K if max_length is None else min(K, max_length))
 
 

@@ -9,7 +9,7 @@ import numbers
 from collections.abc import Sequence
 
 from redrafter.config import BeamShape, SamplingParams
-from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM, SPAN_PER_NGRAM
+from redrafter.decoding.lookup import LONGEST_NGRAM, MAX_NGRAM, MIN_NGRAM, SPAN_PER_NGRAM
 from redrafter.decoding.tree import Packing
 from redrafter.errors import ConfigError
 
@@ -18,11 +18,11 @@ from redrafter.errors import ConfigError
 class DecodeOptions:
     """How to decode: speculative (ReDrafter, the default) or the autoregressive baseline.
 
-    `beam`, `packing`, `prompt_lookup`, `min_draft_prob`, `lookup_span` and `lookup_min_ngram`
-    apply to speculative decoding only: `prompt_lookup` adds an n-gram draft of the row's own
-    text as one more beam, `lookup_span` tokens per matched n-gram token, from matches of at
-    least `lookup_min_ngram` tokens (lookup.py: a lone recurring token predicts its old
-    continuation poorly, so where tree tokens are dear, e.g. int4 on a CPU, 2 pays);
+    `beam`, `packing`, `prompt_lookup`, `min_draft_prob`, `lookup_span`, `lookup_min_ngram` and
+    `lookup_max_ngram` apply to speculative decoding only: `prompt_lookup` adds an n-gram draft
+    of the row's own text as one more beam, `lookup_span` tokens per matched n-gram token, from
+    the longest suffix match of `lookup_min_ngram` to `lookup_max_ngram` tokens (lookup.py: a
+    lone recurring token predicts its old continuation poorly, a long match a long one);
     `min_draft_prob` > 0 cuts each drafter beam where its cumulative draft probability falls
     below it (prune.py).
     `stop_token_ids` end a row as EOS does and `ignore_eos` stops EOS from ending one, the same
@@ -42,6 +42,7 @@ class DecodeOptions:
     min_draft_prob: float = 0.0
     lookup_span: int = SPAN_PER_NGRAM
     lookup_min_ngram: int = MIN_NGRAM  # shorter suffix matches draft nothing
+    lookup_max_ngram: int = MAX_NGRAM  # the longest suffix match sought (sizes the beam)
     stop_token_ids: tuple[int, ...] = ()  # stop a row like EOS does (the id is kept)
     ignore_eos: bool = False  # EOS ids no longer stop a row; stop_token_ids still do
     logprobs: bool = False  # Step.logprobs: each emitted token's log-probability (costs a pass)
@@ -89,14 +90,20 @@ class DecodeOptions:
             raise ConfigError("sampling must be a SamplingParams and beam a BeamShape")
         if not isinstance(self.lookup_span, numbers.Integral) or self.lookup_span < 1:
             raise ConfigError(f"lookup_span {self.lookup_span!r} must be an integer >= 1")
-        if (
-            not isinstance(self.lookup_min_ngram, numbers.Integral)
-            or isinstance(self.lookup_min_ngram, bool)
-            or not MIN_NGRAM <= self.lookup_min_ngram <= MAX_NGRAM
-        ):
+        for name in ("lookup_min_ngram", "lookup_max_ngram"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, numbers.Integral)
+                or isinstance(value, bool)
+                or not MIN_NGRAM <= value <= LONGEST_NGRAM
+            ):
+                raise ConfigError(
+                    f"{name} {value!r} must be an integer from {MIN_NGRAM} to {LONGEST_NGRAM}"
+                )
+        if self.lookup_min_ngram > self.lookup_max_ngram:
             raise ConfigError(
-                f"lookup_min_ngram {self.lookup_min_ngram!r} must be an integer from "
-                f"{MIN_NGRAM} to {MAX_NGRAM}"
+                f"lookup_min_ngram {self.lookup_min_ngram} is above lookup_max_ngram "
+                f"{self.lookup_max_ngram}"
             )
 
     @property
@@ -112,8 +119,11 @@ class DecodeOptions:
         lookup = " +lookup" if self.prompt_lookup else ""
         if self.prompt_lookup and self.lookup_span != SPAN_PER_NGRAM:
             lookup += f" span{self.lookup_span}"
-        if self.prompt_lookup and self.lookup_min_ngram != MIN_NGRAM:
-            lookup += f" >={self.lookup_min_ngram}gram"
+        if self.prompt_lookup and (self.lookup_min_ngram, self.lookup_max_ngram) != (
+            MIN_NGRAM,
+            MAX_NGRAM,
+        ):
+            lookup += f" {self.lookup_min_ngram}-{self.lookup_max_ngram}gram"
         floor = f" p>={self.min_draft_prob:g}" if self.min_draft_prob > 0 else ""
         rows = "" if self.speculate_max_rows is None else f" trees<={self.speculate_max_rows}rows"
         return f"W{self.beam.width} L{self.beam.length}{lookup}{floor}{rows}"

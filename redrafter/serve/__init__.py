@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from redrafter.decoding.lookup import MIN_NGRAM
+from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM
 from redrafter.decoding.options import DecodeOptions
 from redrafter.errors import ConfigError
 from redrafter.pipeline import Pipeline, check_options, decode_options, open_pipeline
@@ -32,6 +32,7 @@ class ServeOptions:
     prompt_lookup: bool = False
     min_draft_prob: float = 0.0
     lookup_min_ngram: int = MIN_NGRAM
+    lookup_max_ngram: int = MAX_NGRAM
     autoregressive: bool = False
     max_queue: int = 64
     max_batch: int = 4
@@ -69,6 +70,7 @@ def server_decode_options(pipe: Pipeline, serve: ServeOptions) -> DecodeOptions:
         prompt_lookup=serve.prompt_lookup,
         min_draft_prob=serve.min_draft_prob,
         lookup_min_ngram=serve.lookup_min_ngram,
+        lookup_max_ngram=serve.lookup_max_ngram,
     )
     limit = serve.speculate_max_rows
     if limit is None:
