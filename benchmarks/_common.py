@@ -230,8 +230,8 @@ def prompt_ids(base: Path, texts: Sequence[Any]) -> tuple[list[list[int]], tuple
 
 
 def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> None:
-    """`--prompt-lookup off|on|both`, `--min-draft-prob FLOORS`, `--lookup-min-ngram N` and
-    `--lookup-max-ngram N`, as
+    """`--prompt-lookup off|on|both`, `--min-draft-prob FLOORS`, `--lookup-span N`,
+    `--lookup-min-ngram N` and `--lookup-max-ngram N`, as
     `redrafter bench` has them (harness.PROMPT_LOOKUP_SETTINGS, decoding/prune.py,
     decoding/lookup.py); `note` ends their helps."""
     parser.add_argument(
@@ -245,6 +245,12 @@ def add_tree_arguments(parser: Any, *, lookup_default: str, note: str = "") -> N
         type=lambda t: [float(x) for x in t.split(",")],
         default=[0.0],
         help="comma list of draft-probability floors (decoding/prune.py) [0]" + note,
+    )
+    parser.add_argument(
+        "--lookup-span",
+        type=int,
+        default=4,
+        help="prompt-lookup drafts per matched token (decoding/lookup.py) [4]" + note,
     )
     parser.add_argument(
         "--lookup-min-ngram",

@@ -5,7 +5,7 @@ builds emit the same tokens).
 
     .venv/bin/python -m benchmarks.library_ab --bundle DIR --library NEW.so --baseline-library
         OLD.so [--jargon 4 --code 4 --max-new-tokens 128] [--rounds 3] [--min-draft-prob 0.25]
-        [--lookup-min-ngram 1] [--lookup-max-ngram 3]
+        [--lookup-span 4] [--lookup-min-ngram 1] [--lookup-max-ngram 3]
         [--threads 2] [--name library_ab]
 
 `custom_ops/build.sh OUT_DIR` makes the other build. Shapes: autoregressive and W1 L5 with the
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-draft-prob", type=float, default=0.25)
+    ap.add_argument("--lookup-span", type=int, default=4)
     ap.add_argument("--lookup-min-ngram", type=int, default=1)
     ap.add_argument("--lookup-max-ngram", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -71,6 +72,7 @@ def main() -> None:
         beam=BeamShape(1, 5),
         prompt_lookup=True,
         min_draft_prob=args.min_draft_prob,
+        lookup_span=args.lookup_span,
         lookup_min_ngram=args.lookup_min_ngram,
         lookup_max_ngram=args.lookup_max_ngram,
     )

@@ -600,6 +600,7 @@ def run_ours(
     portable: bool,
     prompt_lookup: str = "off",
     min_draft_prob: Sequence[float] = (0.0,),
+    lookup_span: int = 4,
     lookup_min_ngram: int = 1,
     lookup_max_ngram: int = 3,
     on_partial: Callable[[dict[str, Any]], None] = lambda out: None,
@@ -632,6 +633,7 @@ def run_ours(
         packing=bundle.packing,
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
         min_draft_prob=min_draft_prob,
+        lookup_span=lookup_span,
         lookup_min_ngram=lookup_min_ngram,
         lookup_max_ngram=lookup_max_ngram,
     )
@@ -871,6 +873,7 @@ def main() -> None:
                     portable=args.portable,
                     prompt_lookup=args.prompt_lookup,
                     min_draft_prob=args.min_draft_prob,
+                    lookup_span=args.lookup_span,
                     lookup_min_ngram=args.lookup_min_ngram,
                     lookup_max_ngram=args.lookup_max_ngram,
                     on_partial=partial,

@@ -241,6 +241,15 @@ _SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
             "tokens are dear, e.g. an int4 bundle on a CPU (docs/algorithm.md).",
         },
     ),
+    "lookup-span": (
+        ("--lookup-span",),
+        {
+            "type": click.IntRange(1, 64),
+            "default": 4,
+            "help": "Prompt-lookup drafts per matched token: a suffix match of n tokens drafts "
+            "span x n of what followed it.",
+        },
+    ),
     "lookup-max-ngram": (
         ("--lookup-max-ngram",),
         {
@@ -398,6 +407,7 @@ def _option(
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.0,
 )
+@_option("lookup-span")
 @_option("lookup-min-ngram")
 @_option("lookup-max-ngram")
 @click.option(
@@ -470,6 +480,7 @@ def generate(
     packing: str | None,
     prompt_lookup: bool,
     min_draft_prob: float,
+    lookup_span: int,
     lookup_min_ngram: int,
     lookup_max_ngram: int,
     speculate_max_rows: int | None,
@@ -553,6 +564,7 @@ def generate(
         speculative=not autoregressive,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        lookup_span=lookup_span,
         lookup_min_ngram=lookup_min_ngram,
         lookup_max_ngram=lookup_max_ngram,
         top_k=top_k,
@@ -985,6 +997,7 @@ def validate(
     default="0",
     callback=_probs,
 )
+@_option("lookup-span")
 @_option("lookup-min-ngram")
 @_option("lookup-max-ngram")
 def bench(
@@ -1005,6 +1018,7 @@ def bench(
     plot_out: str | None,
     prompt_lookup: str,
     min_draft_prob: list[float],
+    lookup_span: int,
     lookup_min_ngram: int,
     lookup_max_ngram: int,
 ) -> None:
@@ -1052,6 +1066,7 @@ def bench(
         packing=bundle.packing,
         prompt_lookup=PROMPT_LOOKUP_SETTINGS[prompt_lookup],
         min_draft_prob=min_draft_prob,
+        lookup_span=lookup_span,
         lookup_min_ngram=lookup_min_ngram,
         lookup_max_ngram=lookup_max_ngram,
     )
@@ -1299,6 +1314,7 @@ def init_drafter_cmd(
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.0,
 )
+@_option("lookup-span")
 @_option("lookup-min-ngram")
 @_option("lookup-max-ngram")
 @click.option("--autoregressive", is_flag=True, help="Serve the autoregressive baseline.")
@@ -1343,6 +1359,7 @@ def serve(
     beam_length: int | None,
     prompt_lookup: bool,
     min_draft_prob: float,
+    lookup_span: int,
     lookup_min_ngram: int,
     lookup_max_ngram: int,
     autoregressive: bool,
@@ -1361,6 +1378,7 @@ def serve(
         beam_length=beam_length,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        lookup_span=lookup_span,
         lookup_min_ngram=lookup_min_ngram,
         lookup_max_ngram=lookup_max_ngram,
         autoregressive=autoregressive,

@@ -21,7 +21,7 @@ from redrafter.bundle import Bundle, load_bundle
 from redrafter.bundle.names import TOKENIZER_DIR
 from redrafter.config import TOP_K, BeamShape, SamplingParams
 from redrafter.decoding.driver import decode
-from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM
+from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM, SPAN_PER_NGRAM
 from redrafter.decoding.options import DecodeOptions
 from redrafter.decoding.output import Step
 from redrafter.decoding.runtime import Runtime
@@ -414,6 +414,7 @@ def decode_options(
     speculative: bool = True,
     prompt_lookup: bool = False,
     min_draft_prob: float = 0.0,
+    lookup_span: int = SPAN_PER_NGRAM,
     lookup_min_ngram: int = MIN_NGRAM,
     lookup_max_ngram: int = MAX_NGRAM,
     top_k: int | None = None,
@@ -448,6 +449,7 @@ def decode_options(
         speculative=speculative,
         prompt_lookup=prompt_lookup,
         min_draft_prob=min_draft_prob,
+        lookup_span=lookup_span,
         lookup_min_ngram=lookup_min_ngram,
         lookup_max_ngram=lookup_max_ngram,
         stop_token_ids=tuple(stop_token_ids),

@@ -157,6 +157,8 @@ def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
         "2",
         "--lookup-max-ngram",
         "5",
+        "--lookup-span",
+        "3",
         "--json",
         str(out),
         "--plot",
@@ -164,12 +166,13 @@ def test_bench_draft_probability_floors(grid_bundle, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())["results"]
-    spec = ["W2 L4 +lookup 2-5gram", "W2 L4 +lookup 2-5gram p>=0.2"]
+    spec = ["W2 L4 +lookup span3 2-5gram", "W2 L4 +lookup span3 2-5gram p>=0.2"]
     assert set(results) == {"autoregressive", *spec}
     assert results[spec[0]]["min_draft_prob"] == 0.0
     assert results[spec[1]]["min_draft_prob"] == 0.2
     assert all(results[name]["lookup_min_ngram"] == 2 for name in spec)
     assert all(results[name]["lookup_max_ngram"] == 5 for name in spec)
+    assert all(results[name]["lookup_span"] == 3 for name in spec)
     assert len({r["tokens"] for r in results.values()}) == 1  # greedy: the same tokens
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -73,6 +73,7 @@ def test_init_drafter_writes_apple_layout(checkpoints) -> None:
         ["--beam-width", "2", "--beam-length", "4", "--prompt-lookup", "--min-draft-prob", "0.1"],
         ["--beam-width", "1", "--beam-length", "4", "--prompt-lookup", "--lookup-min-ngram", "2"],
         ["--beam-width", "1", "--beam-length", "3", "--prompt-lookup", "--lookup-max-ngram", "6"],
+        ["--beam-width", "1", "--beam-length", "3", "--prompt-lookup", "--lookup-span", "2"],
     ],
 )
 def test_generate_json_speculative_equals_autoregressive(checkpoints, beam) -> None:
@@ -176,6 +177,7 @@ def test_generate_sampling_is_seeded(checkpoints) -> None:
         (["--prompt-ids", "1", "--autoregressive", "--min-draft-prob", "1.5"], "min-draft-prob"),
         (["--prompt-ids", "1", "--autoregressive", "--lookup-min-ngram", "0"], "lookup-min-ngram"),
         (["--prompt-ids", "1", "--autoregressive", "--lookup-max-ngram", "33"], "lookup-max-ngram"),
+        (["--prompt-ids", "1", "--autoregressive", "--lookup-span", "0"], "lookup-span"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(checkpoints, args, message) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from redrafter.config import BeamShape
 from redrafter.decoding.driver import decode
-from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM
+from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM, SPAN_PER_NGRAM
 from redrafter.decoding.options import AUTOREGRESSIVE, DecodeOptions
 from redrafter.decoding.runtime import Runtime
 from redrafter.decoding.tree import Packing
@@ -121,11 +121,13 @@ def speculative_grid(
     packing: Packing = "dedup",
     prompt_lookup: Sequence[bool] = (False,),
     min_draft_prob: Sequence[float] = (0.0,),
+    lookup_span: int = SPAN_PER_NGRAM,
     lookup_min_ngram: int = MIN_NGRAM,
     lookup_max_ngram: int = MAX_NGRAM,
 ) -> list[DecodeOptions]:
     """Every beam shape once per value in `prompt_lookup` (without and/or with the
-    prompt-lookup beam, from matches of `lookup_min_ngram` to `lookup_max_ngram` tokens) and per
+    prompt-lookup beam: `lookup_span` drafts per token of a match of `lookup_min_ngram` to
+    `lookup_max_ngram` tokens) and per
     draft-probability floor in `min_draft_prob` (greedy)."""
     return [
         DecodeOptions(
@@ -134,6 +136,7 @@ def speculative_grid(
             packing=packing,
             prompt_lookup=lookup,
             min_draft_prob=floor,
+            lookup_span=lookup_span,
             lookup_min_ngram=lookup_min_ngram,
             lookup_max_ngram=lookup_max_ngram,
         )

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM
+from redrafter.decoding.lookup import MAX_NGRAM, MIN_NGRAM, SPAN_PER_NGRAM
 from redrafter.decoding.options import DecodeOptions
 from redrafter.errors import ConfigError
 from redrafter.pipeline import Pipeline, check_options, decode_options, open_pipeline
@@ -31,6 +31,7 @@ class ServeOptions:
     beam_length: int | None = None
     prompt_lookup: bool = False
     min_draft_prob: float = 0.0
+    lookup_span: int = SPAN_PER_NGRAM
     lookup_min_ngram: int = MIN_NGRAM
     lookup_max_ngram: int = MAX_NGRAM
     autoregressive: bool = False
@@ -69,6 +70,7 @@ def server_decode_options(pipe: Pipeline, serve: ServeOptions) -> DecodeOptions:
         speculative=pipe.defaults.speculative and not serve.autoregressive,
         prompt_lookup=serve.prompt_lookup,
         min_draft_prob=serve.min_draft_prob,
+        lookup_span=serve.lookup_span,
         lookup_min_ngram=serve.lookup_min_ngram,
         lookup_max_ngram=serve.lookup_max_ngram,
     )
