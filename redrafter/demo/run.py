@@ -26,6 +26,11 @@ LOOKUP = True  # add the prompt-lookup beam (decoding/lookup.py) in the headline
 # Every speculative run cuts drafter beams below 25 % cumulative draft probability
 # (decoding/prune.py): +0.1-0.2x on this CPU, where each verified token costs ~1 ms.
 MIN_DRAFT_PROB = 0.25
+# An int4 bundle's tree tokens are dearer (a one-token step costs ~1/4 of fp32's, a tree token
+# about as much as on fp32): drafter beams cut below 40 %, no lookup drafts from a lone matching
+# token, 3 drafts per matched token. 1.06x the fp32 settings' speed on the int4 demo bundle
+# (benchmarks/RESULTS.md, issue 22, "Tree settings for int4").
+INT4_TREE = {"min_draft_prob": 0.4, "lookup_span": 3, "lookup_min_ngram": 2}
 DEMO_PROMPTS = (  # none of these, nor their templates, is in the training prompts
     "Write a Python function that returns the factorial of n.",
     "Why is the sky blue?",
@@ -202,10 +207,11 @@ def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any,
 
     int4 = ensure_bundle(gguf, drafter, cache, quantize="int4")
     q_pipe = load(int4.root, runtime="onnxruntime")
-    ar, spec = _options(None, False), _options(BEAM, LOOKUP)
-    _warm_up(q_pipe, [ar, spec])  # pipe, the fp32 one, ran these options already
+    ar, spec_fp32 = _options(None, False), _options(BEAM, LOOKUP)
+    spec_int4 = spec_fp32.replace(**INT4_TREE)
+    _warm_up(q_pipe, [ar, spec_int4])  # pipe, the fp32 one, ran its options already
     texts, rows = [], []
-    for p, bundle in ((pipe, fp32), (q_pipe, int4)):
+    for p, bundle, spec in ((pipe, fp32, spec_fp32), (q_pipe, int4, spec_int4)):
         runs: dict[str, list[Any]] = {"ar": [], "spec": []}
         for prompt in DEMO_PROMPTS:
             runs["ar"].append(p.generate([prompt], ar, chat=True))
@@ -216,22 +222,22 @@ def show_int4(gguf: Path, drafter: Path, cache: Path, fp32: Any, reference: Any,
         same = all(a.token_ids == s.token_ids for a, s in pairs)
         steps = sum(r.stats["steps"] for r in runs["spec"])
         per_step = sum(r.stats["tokens_per_step"] * r.stats["steps"] for r in runs["spec"]) / steps
-        rows.append((bundle, _rate(runs["ar"]), _rate(runs["spec"]), per_step, same))
+        rows.append((bundle, _rate(runs["ar"]), _rate(runs["spec"]), per_step, same, spec.name))
     drift = measure_drift(q_pipe.runtime, reference, texts, precision="int4")
     click.echo(
         f"\nint4 weights (export --quantize int4), {MAX_NEW_TOKENS} new tokens at most, greedy, "
-        f"ReDrafter {_label(BEAM, LOOKUP)}; the int4 bundle's drafter {drafter.name}: "
+        f"ReDrafter; the int4 bundle's drafter {drafter.name}: "
         f"{describe(drafter)}, distilled from the int4 model's own answers:"
     )
     click.echo(
         f"{'bundle':>8} {'size MB':>8} {'AR tok/s':>9} {'spec tok/s':>10} {'tokens/step':>11} "
-        f"{'speed-up':>8}  speculative tokens"
+        f"{'speed-up':>8}  speculative tokens; settings"
     )
-    for bundle, ar_rate, spec_rate, per_step, same in rows:
+    for bundle, ar_rate, spec_rate, per_step, same, name in rows:
         click.echo(
             f"{bundle.precision:>8} {bundle.manifest.total_bytes / 1e6:>8.1f} {ar_rate:>9.1f} "
             f"{spec_rate:>10.1f} {per_step:>11.2f} {spec_rate / max(ar_rate, 1e-9):>7.2f}x  "
-            f"{'identical to' if same else 'DIFFERENT from'} its autoregressive"
+            f"{'identical to' if same else 'DIFFERENT from'} its autoregressive; {name}"
         )
     click.echo(
         f"int4 drift against the fp32 reference over {drift.positions} positions (the prompts "
