@@ -77,18 +77,22 @@ def has_cuda_kernels(path: Path | None = None) -> bool:
     return path is not None and bool(load_c_api(path).rd_has_cuda_kernels())
 
 
+def _probe(path: Path | None, function: str, absent: int) -> int:
+    """The int that the library at `path` (default: `library_path()`) returns from the C
+    function `function`, or `absent` without a library or in a build made before it existed."""
+    path = path or library_path()
+    probe = None if path is None else getattr(ctypes.CDLL(str(path)), function, None)
+    if probe is None:
+        return absent
+    probe.restype = ctypes.c_int
+    return int(probe())
+
+
 def matmul_int4_max_outputs(path: Path | None = None) -> int:
     """The most outputs a `redrafter::MatMulInt4` node may have in the library at `path`
     (default: `library_path()`): its `split` attribute's limit, or 1 for a build made before the
     attribute existed (or no library)."""
-    path = path or library_path()
-    if path is None:
-        return 1
-    probe = getattr(ctypes.CDLL(str(path)), "rd_matmul_int4_max_outputs", None)
-    if probe is None:
-        return 1
-    probe.restype = ctypes.c_int
-    return int(probe())
+    return _probe(path, "rd_matmul_int4_max_outputs", 1)
 
 
 def matmul_int4_max_inputs(path: Path | None = None) -> int:
@@ -96,14 +100,7 @@ def matmul_int4_max_inputs(path: Path | None = None) -> int:
     (default: `library_path()`): 8 where it takes `residual` and `gate` (a residual Add and a
     SwiGLU Mul folded in), 6 (MatMulNBits' inputs) for a build made before them, or no
     library."""
-    path = path or library_path()
-    if path is None:
-        return 6
-    probe = getattr(ctypes.CDLL(str(path)), "rd_matmul_int4_max_inputs", None)
-    if probe is None:
-        return 6
-    probe.restype = ctypes.c_int
-    return int(probe())
+    return _probe(path, "rd_matmul_int4_max_inputs", 6)
 
 
 def load_c_api(path: Path | None = None) -> ctypes.CDLL:

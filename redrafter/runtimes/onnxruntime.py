@@ -13,6 +13,7 @@ it ping-pongs between two buffers and copies the cache once per call.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,47 @@ def with_int4_kernel(path: Path, *, max_outputs: int = 1, max_inputs: int = 6) -
     return model.SerializeToString()
 
 
+def _same_shape(graph: Any, a: str, b: str) -> bool:
+    """Whether the graph's shape records give tensors `a` and `b` one and the same shape (every
+    dimension the same number or the same symbol): an elementwise node over them broadcasts
+    nothing. Unrecorded or unknown dimensions count as different."""
+    shapes = {
+        v.name: v.type.tensor_type.shape for v in (*graph.value_info, *graph.input, *graph.output)
+    }
+    if a not in shapes or b not in shapes:
+        return False
+    dims = [[d.dim_param or d.dim_value or None for d in shapes[x].dim] for x in (a, b)]
+    return bool(dims[0]) and dims[0] == dims[1] and None not in dims[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _GraphIndex:
+    """Who reads and who makes each tensor of a graph, its initializers and its outputs, taken
+    once before a fold pass changes the graph (a pass reads them for nodes it has not touched)."""
+
+    readers: dict[str, list[Any]]
+    made_by: dict[str, Any]
+    inits: set[str]
+    outputs: set[str]
+
+    @classmethod
+    def of(cls, graph: Any) -> _GraphIndex:
+        readers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        return cls(
+            readers,
+            {o: node for node in graph.node for o in node.output},
+            {t.name for t in graph.initializer},
+            {o.name for o in graph.output},
+        )
+
+
+def _elementwise(node: Any, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in ("", "ai.onnx") and len(node.input) == 2
+
+
 def fold_splits(model: Any, max_outputs: int) -> None:
     """Give each `redrafter::MatMulInt4` read only by a `Split` of its last axis (sizes from a
     constant; a fused projection's q/k/v or gate/up, `export.quantize.fuse_sibling_matmuls`)
@@ -94,19 +136,15 @@ def fold_splits(model: Any, max_outputs: int) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    index = _GraphIndex.of(graph)
     inits = {t.name: t for t in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
     dropped = []
     for node in graph.node:
         if node.op_type != MATMUL_INT4 or node.domain != n.OP_DOMAIN:
             continue
         y = node.output[0]
-        users = readers.get(y, [])
-        if len(users) != 1 or y in graph_outputs:
+        users = index.readers.get(y, [])
+        if len(users) != 1 or y in index.outputs:
             continue
         split = users[0]
         axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
@@ -134,31 +172,6 @@ def fold_splits(model: Any, max_outputs: int) -> None:
         graph.initializer.remove(inits[name])
 
 
-def _same_shape(graph: Any, a: str, b: str) -> bool:
-    """Whether the graph's shape records give tensors `a` and `b` one and the same shape (every
-    dimension the same number or the same symbol): an elementwise node over them broadcasts
-    nothing. Unrecorded or unknown dimensions count as different."""
-    shapes = {
-        v.name: v.type.tensor_type.shape for v in (*graph.value_info, *graph.input, *graph.output)
-    }
-    if a not in shapes or b not in shapes:
-        return False
-    dims = [[d.dim_param or d.dim_value or None for d in shapes[x].dim] for x in (a, b)]
-    return bool(dims[0]) and dims[0] == dims[1] and None not in dims[0]
-
-
-def _readers(graph: Any) -> dict[str, list[Any]]:
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
-def _elementwise(node: Any, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in ("", "ai.onnx") and len(node.input) == 2
-
-
 def fold_residuals(model: Any) -> None:
     """Hand each residual `Add(stream, y)` whose `y` is a one-output `redrafter::MatMulInt4`'s,
     read by that Add alone, to the MatMulInt4 (its input 6, `residual`), and drop the Add, in
@@ -166,17 +179,14 @@ def fold_residuals(model: Any) -> None:
     whose inputs have the same recorded shape folds (no broadcast), and only one reading no
     initializer (a bias stays a bias)."""
     graph = model.graph
-    readers = _readers(graph)
-    made_by = {o: node for node in graph.node for o in node.output}
-    inits = {t.name for t in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
+    index = _GraphIndex.of(graph)
     dropped = []
     for add in graph.node:
-        if not _elementwise(add, "Add") or any(i in inits for i in add.input):
+        if not _elementwise(add, "Add") or any(i in index.inits for i in add.input):
             continue
         for side in (0, 1):
             y, stream = add.input[side], add.input[1 - side]
-            mm = made_by.get(y)
+            mm = index.made_by.get(y)
             if (
                 mm is None
                 or mm.op_type != MATMUL_INT4
@@ -184,8 +194,8 @@ def fold_residuals(model: Any) -> None:
                 or len(mm.output) != 1
                 or any(a.name == "split" for a in mm.attribute)
                 or len(mm.input) > 6
-                or readers.get(y) != [add]
-                or y in graph_outputs
+                or index.readers.get(y) != [add]
+                or y in index.outputs
                 or not _same_shape(graph, y, stream)
             ):
                 continue
@@ -204,21 +214,18 @@ def fold_gates(model: Any) -> None:
     and drop the Mul, in place: the kernel forms the product with the same one rounding. Only a
     Mul of two same-shaped activations (no initializer, no broadcast) folds."""
     graph = model.graph
-    readers = _readers(graph)
-    made_by = {o: node for node in graph.node for o in node.output}
-    inits = {t.name for t in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
+    index = _GraphIndex.of(graph)
     dropped = []
     for mm in graph.node:
         if mm.op_type != MATMUL_INT4 or mm.domain != n.OP_DOMAIN or len(mm.input) > 7:
             continue
-        mul = made_by.get(mm.input[0])
+        mul = index.made_by.get(mm.input[0])
         if (
             mul is None
             or not _elementwise(mul, "Mul")
-            or any(i in inits for i in mul.input)
-            or readers.get(mul.output[0]) != [mm]
-            or mul.output[0] in graph_outputs
+            or any(i in index.inits for i in mul.input)
+            or index.readers.get(mul.output[0]) != [mm]
+            or mul.output[0] in index.outputs
             or not _same_shape(graph, mul.input[0], mul.input[1])
             or not _same_shape(graph, mul.input[0], mul.output[0])
         ):
