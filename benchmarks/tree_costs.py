@@ -11,7 +11,8 @@ sides of the tree settings (`--min-draft-prob`, `--lookup-span`, `--lookup-min-n
 2. **Worth**: the held-out prompts decoded greedily (autoregressive: the text every greedy
    setting emits); at every position, the lookup continuation of each matched length n
    (`decoding/lookup.py`'s `continuation`, `--span` drafts per matched token) against the text
-   that follows. Reported per n: how many positions match, and the fraction whose k-th draft
+   that follows (n up to LONGEST_MATCH = 8: longer matches count as 8). Reported per n: how
+   many positions match, and the fraction whose k-th draft
    token is accepted (all of the first k equal the text), k = 1 .. span x n. Positions whose
    remaining text is shorter than the draft and all of it matched are left out (their fate
    past the text is unknown). No timing: the same bundle gives the same figures.
@@ -30,6 +31,8 @@ from statistics import median
 from typing import Any
 
 from benchmarks._common import idle_report, machine, save
+
+LONGEST_MATCH = 8  # the longest suffix match scored; longer ones count as this long
 
 
 def verify_curve(runtime: Any, widths: list[int], context: int, rounds: int) -> dict[int, float]:
@@ -64,13 +67,12 @@ def lookup_worth(texts: list[tuple[list[int], list[int]]], span: int) -> dict[in
 
     from redrafter.decoding.lookup import continuation
 
-    longest = 8
     accepted: dict[int, list[int]] = {}  # n -> accepted drafts per position
     for prompt, generated in texts:
         text = np.array([*prompt, *generated], dtype=np.int64)
         for t in range(len(prompt), len(text) - 1):  # text[t] is the step's g0
             history = text[: t + 1]
-            for n in range(min(longest, t), 0, -1):  # the longest match, as the search takes it
+            for n in range(min(LONGEST_MATCH, t), 0, -1):  # the longest match first
                 draft = continuation(history, span_per_ngram=span, max_ngram=n, min_ngram=n)
                 if draft is not None:
                     break
